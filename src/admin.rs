@@ -1,0 +1,148 @@
+//! The admin endpoint: `/healthz`, `/readyz`, `/backends` and a plain status page at `/`.
+//! Served over HTTP/1.1 by pingora's small `ServeHttp` app; none of it is on the call path.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::{Response, StatusCode};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use serde::Serialize;
+
+use crate::balance::BackendSnapshot;
+use crate::proxy::Router;
+use crate::server::Lifecycle;
+
+pub struct Admin {
+    pub router: Arc<ArcSwap<Router>>,
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+/// `/backends`: every cluster in config order, each with its backends.
+#[derive(Serialize)]
+struct BackendsView {
+    clusters: Vec<ClusterView>,
+}
+
+#[derive(Serialize)]
+struct ClusterView {
+    name: String,
+    backends: Vec<BackendSnapshot>,
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        match path.as_str() {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => match self.not_ready_reason() {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{reason}\n")),
+            },
+            "/backends" => {
+                let body = serde_json::to_vec_pretty(&self.backends()).unwrap_or_default();
+                respond(StatusCode::OK, "application/json", body)
+            }
+            "/" => respond(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                self.status_page().into_bytes(),
+            ),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /healthz /readyz /backends or /\n",
+            ),
+        }
+    }
+}
+
+impl Admin {
+    /// `None` when ready: listeners bound, every cluster has had its first discovery result,
+    /// and not draining.
+    fn not_ready_reason(&self) -> Option<String> {
+        if self.lifecycle.is_draining() {
+            return Some("draining".into());
+        }
+        if !self.lifecycle.listeners_bound() {
+            return Some("listeners not bound yet".into());
+        }
+        let router = self.router.load();
+        let waiting: Vec<&str> = router
+            .clusters()
+            .iter()
+            .filter(|c| !c.is_ready())
+            .map(|c| c.name.as_str())
+            .collect();
+        (!waiting.is_empty())
+            .then(|| format!("waiting for first discovery result: {}", waiting.join(", ")))
+    }
+
+    fn backends(&self) -> BackendsView {
+        let router = self.router.load();
+        BackendsView {
+            clusters: router
+                .clusters()
+                .iter()
+                .map(|c| ClusterView {
+                    name: c.name.clone(),
+                    backends: c.backends().backends.iter().map(|b| b.snapshot()).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// A minimal server-rendered page, refreshed by the browser every 2 s.
+    fn status_page(&self) -> String {
+        let mut html = String::from(
+            "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=2>\
+             <title>sluice</title><style>body{font:14px sans-serif;margin:2em}\
+             table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}\
+             </style><h1>sluice</h1>",
+        );
+        for cluster in self.backends().clusters {
+            html.push_str(&format!(
+                "<h2>{}</h2><table><tr><th>backend<th>state<th>in flight<th>EWMA ms<th>requests<th>failures<th>weight<th>source</tr>",
+                escape(&cluster.name)
+            ));
+            for b in cluster.backends {
+                html.push_str(&format!(
+                    "<tr><td>{}<td>{}<td>{}<td>{:.2}<td>{}<td>{}<td>{}<td>{}</tr>",
+                    escape(&b.address),
+                    b.state,
+                    b.in_flight,
+                    b.ewma_latency_ms,
+                    b.requests,
+                    b.failures,
+                    b.weight,
+                    b.source
+                ));
+            }
+            html.push_str("</table>");
+        }
+        html
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Vec<u8>> {
+    respond(status, "text/plain; charset=utf-8", body.as_bytes().to_vec())
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut response = Response::new(Vec::new());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    if let Ok(value) = content_type.parse() {
+        headers.insert(http::header::CONTENT_TYPE, value);
+    }
+    headers.insert(http::header::CONTENT_LENGTH, body.len().into());
+    *response.body_mut() = body;
+    response
+}

@@ -1,0 +1,364 @@
+//! `sluice demo`: three built-in echo backends on loopback and the proxy in front of them, with
+//! no etcd and nothing else to install. The same echo backend serves the integration tests
+//! (in-process) and `sluice echo-backend` (as its own process, for tests that kill it).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::server::BoxError;
+
+/// The generated code for `proto/echo.proto`.
+pub mod pb {
+    tonic::include_proto!("echo.v1");
+}
+
+use pb::echo_server::{Echo, EchoServer};
+use pb::{EchoRequest, EchoResponse};
+
+/// Large enough for the 16 MiB messages the tests send through the proxy.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+
+/// What a backend saw, for tests to assert on.
+#[derive(Debug, Default)]
+pub struct EchoStats {
+    /// Calls that reached a handler.
+    pub calls: AtomicU64,
+    /// Unary calls whose handler was dropped before it answered (the client cancelled, or a
+    /// deadline passed).
+    pub cancelled: AtomicU64,
+    /// The `grpc-timeout` of the latest call, verbatim.
+    pub last_grpc_timeout: Mutex<Option<String>>,
+    /// Woken whenever `calls` or `cancelled` changes.
+    pub changed: Notify,
+}
+
+/// The echo service. `delay` is added to every call, to play a slow backend.
+#[derive(Debug, Clone)]
+pub struct EchoService {
+    pub id: String,
+    pub delay: Duration,
+    pub stats: Arc<EchoStats>,
+}
+
+impl EchoService {
+    pub fn new(id: impl Into<String>) -> EchoService {
+        EchoService {
+            id: id.into(),
+            delay: Duration::ZERO,
+            stats: Arc::default(),
+        }
+    }
+
+    fn arrived(&self, metadata: &MetadataMap) -> String {
+        let timeout = metadata
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if let Ok(mut last) = self.stats.last_grpc_timeout.lock() {
+            last.clone_from(&timeout);
+        }
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        self.stats.changed.notify_waiters();
+        timeout.unwrap_or_default()
+    }
+
+    fn reply(&self, request: &EchoRequest, grpc_timeout: String, count: u32) -> EchoResponse {
+        EchoResponse {
+            message: request.message.clone(),
+            payload: request.payload.clone(),
+            backend_id: self.id.clone(),
+            grpc_timeout,
+            count,
+        }
+    }
+
+    /// The response headers: `x-backend-id`, and every `x-*` request header echoed back
+    /// (`-bin` ones included) so tests can check metadata both ways.
+    fn headers(&self, request: &MetadataMap) -> MetadataMap {
+        let mut headers = MetadataMap::new();
+        if let Ok(id) = MetadataValue::try_from(self.id.as_str()) {
+            headers.insert("x-backend-id", id);
+        }
+        for entry in request.iter() {
+            match entry {
+                KeyAndValueRef::Ascii(key, value) if key.as_str().starts_with("x-") => {
+                    headers.insert(key.clone(), value.clone());
+                }
+                KeyAndValueRef::Binary(key, value) if key.as_str().starts_with("x-") => {
+                    headers.insert_bin(key.clone(), value.clone());
+                }
+                _ => {}
+            }
+        }
+        headers
+    }
+
+    fn with_headers<T>(&self, request: &MetadataMap, message: T) -> Response<T> {
+        let mut response = Response::new(message);
+        *response.metadata_mut() = self.headers(request);
+        response
+    }
+}
+
+/// The status a request asks to fail with, with a custom trailer and details attached.
+fn failure(request: &EchoRequest) -> Option<Status> {
+    if request.fail_code == 0 {
+        return None;
+    }
+    let mut trailers = MetadataMap::new();
+    trailers.insert("x-trailer", MetadataValue::from_static("custom"));
+    Some(Status::with_details_and_metadata(
+        tonic::Code::from(request.fail_code),
+        request.fail_message.clone(),
+        bytes::Bytes::from_static(b"\x01details\xff"),
+        trailers,
+    ))
+}
+
+/// Counts a unary handler dropped before it finished.
+struct CancelGuard<'a> {
+    stats: &'a EchoStats,
+    finished: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            self.stats.changed.notify_waiters();
+        }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<EchoResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
+        let timeout = self.arrived(request.metadata());
+        let mut guard = CancelGuard {
+            stats: &self.stats,
+            finished: false,
+        };
+        let body = request.get_ref();
+        tokio::time::sleep(self.delay + Duration::from_millis(body.sleep_ms.into())).await;
+        guard.finished = true;
+        if let Some(status) = failure(body) {
+            return Err(status);
+        }
+        let reply = self.reply(body, timeout, 1);
+        Ok(self.with_headers(request.metadata(), reply))
+    }
+
+    async fn client_stream(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoResponse>, Status> {
+        let timeout = self.arrived(request.metadata());
+        let metadata = request.metadata().clone();
+        let mut stream = request.into_inner();
+        let mut count = 0;
+        let mut last = EchoRequest::default();
+        while let Some(message) = stream.next().await {
+            last = message?;
+            count += 1;
+        }
+        tokio::time::sleep(self.delay).await;
+        let reply = self.reply(&last, timeout, count);
+        Ok(self.with_headers(&metadata, reply))
+    }
+
+    type ServerStreamStream = ResponseStream;
+
+    async fn server_stream(
+        &self,
+        request: Request<EchoRequest>,
+    ) -> Result<Response<Self::ServerStreamStream>, Status> {
+        let timeout = self.arrived(request.metadata());
+        let body = request.get_ref().clone();
+        let (tx, rx) = mpsc::channel(4);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let repeat = body.repeat.max(1);
+            for i in 0..repeat {
+                tokio::time::sleep(service.delay + Duration::from_millis(body.sleep_ms.into()))
+                    .await;
+                let reply = service.reply(&body, timeout.clone(), i + 1);
+                if tx.send(Ok(reply)).await.is_err() {
+                    return;
+                }
+            }
+            // With fail_after_headers the status follows messages, so it travels in trailers.
+            if let Some(status) = failure(&body) {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        let stream: ResponseStream = Box::pin(ReceiverStream::new(rx));
+        Ok(self.with_headers(request.metadata(), stream))
+    }
+
+    type BidiStream = ResponseStream;
+
+    async fn bidi(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<Self::BidiStream>, Status> {
+        let timeout = self.arrived(request.metadata());
+        let metadata = request.metadata().clone();
+        let mut incoming = request.into_inner();
+        let service = self.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut count = 0;
+            while let Some(message) = incoming.next().await {
+                count += 1;
+                let reply = message.map(|m| service.reply(&m, timeout.clone(), count));
+                if tx.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stream: ResponseStream = Box::pin(ReceiverStream::new(rx));
+        Ok(self.with_headers(&metadata, stream))
+    }
+}
+
+/// Serves the echo service and `grpc.health.v1.Health` (SERVING) on `listener` until the
+/// future is dropped.
+pub async fn serve_echo(listener: TcpListener, service: EchoService) -> Result<(), BoxError> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<EchoServer<EchoService>>()
+        .await;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(
+            EchoServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        )
+        .serve_with_incoming(TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+/// `sluice echo-backend`: one echo backend as its own process.
+pub fn run_echo_backend(listen: SocketAddr, id: String, delay: Duration) -> Result<(), BoxError> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(listen).await?;
+        tracing::info!(address = %listener.local_addr()?, %id, "echo backend listening");
+        let mut service = EchoService::new(id);
+        service.delay = delay;
+        serve_echo(listener, service).await
+    })
+}
+
+/// The demo's addresses.
+pub const DEMO_LISTEN: &str = "127.0.0.1:50051";
+pub const DEMO_ADMIN: &str = "127.0.0.1:9901";
+const DEMO_BACKEND_PORTS: [u16; 3] = [50061, 50062, 50063];
+
+/// `sluice demo`: starts the three backends on a thread of their own, then the proxy.
+pub fn run_demo() -> Result<(), BoxError> {
+    let mut listeners = Vec::new();
+    for port in DEMO_BACKEND_PORTS {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+            .map_err(|e| format!("demo backend: cannot listen on 127.0.0.1:{port}: {e}"))?;
+        listener.set_nonblocking(true)?;
+        listeners.push(listener);
+    }
+    std::thread::Builder::new()
+        .name("demo-backends".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::error!(%error, "demo backends cannot start");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let mut tasks = Vec::new();
+                for (i, listener) in listeners.into_iter().enumerate() {
+                    let id = format!("backend-{}", i + 1);
+                    tasks.push(tokio::spawn(async move {
+                        let listener = TcpListener::from_std(listener)?;
+                        serve_echo(listener, EchoService::new(id)).await
+                    }));
+                }
+                for task in tasks {
+                    if let Ok(Err(error)) = task.await {
+                        tracing::error!(%error, "demo backend stopped");
+                    }
+                }
+            });
+        })?;
+
+    let backends: Vec<String> = DEMO_BACKEND_PORTS
+        .iter()
+        .map(|p| format!("\"127.0.0.1:{p}\""))
+        .collect();
+    let yaml = format!(
+        "listeners:\n  - name: grpc\n    address: \"{DEMO_LISTEN}\"\n\
+         admin:\n  address: \"{DEMO_ADMIN}\"\n\
+         clusters:\n  - name: echo\n    discovery:\n      static: [{}]\n",
+        backends.join(", ")
+    );
+    let config = crate::config::Config::parse(&yaml, "demo config")?;
+    eprintln!(
+        "\nsluice demo: gRPC on {DEMO_LISTEN}, admin on http://{DEMO_ADMIN}, \
+         3 echo backends on 127.0.0.1:{}-{}\n\n\
+         See calls spread across the backends, 30 calls on ONE connection:\n\
+         \x20   cargo run --release -- demo-client --calls 30\n\
+         Live backend state:\n\
+         \x20   curl -s http://{DEMO_ADMIN}/backends\n\
+         With grpcurl, if you have it:\n\
+         \x20   grpcurl -plaintext -proto proto/echo.proto -d '{{\"message\":\"hi\"}}' {DEMO_LISTEN} echo.v1.Echo/Unary\n\
+         Stop with Ctrl-C.\n",
+        DEMO_BACKEND_PORTS[0], DEMO_BACKEND_PORTS[2]
+    );
+    crate::server::run(config, None)
+}
+
+/// `sluice demo-client`: `calls` unary calls on one HTTP/2 connection, then how many each
+/// backend answered. Under an L4 balancer one backend would get them all.
+pub fn run_demo_client(target: &str, calls: u32) -> Result<(), BoxError> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
+            .connect()
+            .await?;
+        let mut client = pb::echo_client::EchoClient::new(channel);
+        let mut per_backend = std::collections::BTreeMap::<String, u32>::new();
+        for i in 0..calls {
+            let request = EchoRequest {
+                message: format!("hello {i}"),
+                ..Default::default()
+            };
+            let response = client.unary(request).await?;
+            *per_backend
+                .entry(response.into_inner().backend_id)
+                .or_default() += 1;
+        }
+        println!("{calls} calls on one connection to {target}:");
+        for (backend, count) in per_backend {
+            println!("  {backend}: {count}");
+        }
+        Ok(())
+    })
+}

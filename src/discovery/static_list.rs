@@ -1,0 +1,15 @@
+//! `discovery: { static: [...] }`: a fixed list, applied once.
+
+use crate::balance::{Cluster, Endpoint};
+use crate::config::BackendAddr;
+
+pub(super) fn apply(cluster: &Cluster, list: &[BackendAddr]) {
+    let endpoints: Vec<Endpoint> = list
+        .iter()
+        .map(|address| Endpoint {
+            address: address.clone(),
+            weight: 1,
+        })
+        .collect();
+    cluster.update(&endpoints, "static");
+}

@@ -1,0 +1,19 @@
+//! sluice: a gRPC-aware HTTP/2 proxy that balances every gRPC stream across backends.
+//!
+//! The modules, in the order a call meets them:
+//! - [`server`]: process lifecycle: the pingora `Server`, listeners, signals, readiness.
+//! - [`proxy`]: one call's life: accept, route, pick, forward, answer (gRPC rules in
+//!   `proxy::grpc`, stream piping in `proxy::forward`, upstream connections in `proxy::pool`).
+//! - [`balance`]: clusters, backends and the pick algorithms.
+//! - [`discovery`]: sources that feed backend sets into clusters.
+//! - [`config`]: the YAML config, validated once at load.
+//! - [`admin`]: `/healthz`, `/readyz`, `/backends` and the status page.
+//! - [`demo`]: the built-in echo backends of `sluice demo` and of the tests.
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod proxy;
+pub mod server;

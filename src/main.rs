@@ -1,0 +1,102 @@
+//! The `sluice` command line (SPEC.md "Command line").
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice::config::{parse_duration, Config};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "A gRPC-aware HTTP/2 proxy that balances every gRPC stream")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Config file for `run` (the default command).
+    #[arg(long, global = true, default_value = "config/sluice.yaml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the config file: print problems, exit 0 (valid) or 1 (invalid).
+    Check,
+    /// The proxy plus three built-in echo backends on loopback; no etcd needed.
+    Demo,
+    /// Call the demo (or any echo.v1 proxy) on one connection and count answers per backend.
+    DemoClient {
+        #[arg(long, default_value = sluice::demo::DEMO_LISTEN)]
+        target: String,
+        #[arg(long, default_value_t = 30)]
+        calls: u32,
+    },
+    /// One echo backend (echo.v1.Echo and grpc.health.v1), for tests and experiments.
+    EchoBackend {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        id: String,
+        /// Added to every call, e.g. `50ms`, to play a slow backend.
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        delay: std::time::Duration,
+    },
+}
+
+fn init_logging(config_level: Option<&str>) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(config_level.unwrap_or("info")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => match Config::load(&cli.config) {
+            Ok(config) => {
+                init_logging(config.log.level.as_deref());
+                sluice::server::run(config, Some(cli.config))
+            }
+            Err(error) => {
+                init_logging(None);
+                Err(error.into())
+            }
+        },
+        Command::Check => match Config::load(&cli.config) {
+            Ok(_) => {
+                println!("{}: valid", cli.config.display());
+                return ExitCode::SUCCESS;
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Demo => {
+            init_logging(None);
+            sluice::demo::run_demo()
+        }
+        Command::DemoClient { target, calls } => {
+            init_logging(Some("warn"));
+            sluice::demo::run_demo_client(&target, calls)
+        }
+        Command::EchoBackend { listen, id, delay } => {
+            init_logging(None);
+            sluice::demo::run_echo_backend(listen, id, delay)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            eprintln!("sluice: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

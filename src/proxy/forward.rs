@@ -1,0 +1,205 @@
+//! Piping one h2 stream into another: DATA with flow control, trailers, and resets.
+//!
+//! Two facts measured on the prototype (design.md) shape this file:
+//! - h2 (0.4.16+) closes a connection on the 101st empty DATA frame without END_STREAM, and
+//!   tonic clients end every request with one. So END_STREAM rides on the last real chunk, and
+//!   empty chunks are dropped.
+//! - `send_data` without reserved capacity buffers without limit. So capacity is reserved and
+//!   awaited first, and the source's receive window is released only as bytes are forwarded:
+//!   a slow reader slows its writer instead of filling the proxy's memory.
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+
+use bytes::Bytes;
+use h2::{Reason, RecvStream, SendStream};
+use http::HeaderMap;
+
+/// Why a pipe stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum PipeError {
+    /// The source stream failed: reset by its peer, or its connection broke.
+    #[error("reading: {0}")]
+    Source(h2::Error),
+    /// The sink stream was reset by its peer (or closed under us) with this reason.
+    #[error("writing: stream reset ({0:?})")]
+    Sink(Reason),
+}
+
+/// How the source ended, so a retry can end the stream the same way.
+#[derive(Debug, Clone)]
+pub enum End {
+    /// END_STREAM on a DATA frame.
+    Data,
+    /// Trailers, which carried END_STREAM.
+    Trailers(HeaderMap),
+}
+
+/// Request DATA kept until the backend answers, so an attempt that never reached the backend's
+/// application (REFUSED_STREAM, GOAWAY) can be replayed on another. Past `REPLAY_LIMIT` bytes
+/// the call is no longer retryable.
+#[derive(Debug, Default)]
+pub struct Replay {
+    chunks: Vec<Bytes>,
+    bytes: usize,
+    overflowed: bool,
+    end: Option<End>,
+}
+
+/// Covers unary and small streaming calls; bigger requests are not retried after their first
+/// byte left. Bytes are shared with h2's receive buffer, not copied.
+const REPLAY_LIMIT: usize = 256 * 1024;
+
+impl Replay {
+    /// True while everything the client sent so far is held, so a retry loses nothing.
+    pub fn is_complete(&self) -> bool {
+        !self.overflowed
+    }
+
+    fn record(&mut self, chunk: &Bytes) {
+        if self.overflowed {
+            return;
+        }
+        self.bytes += chunk.len();
+        if self.bytes > REPLAY_LIMIT {
+            self.release();
+            self.overflowed = true;
+        } else {
+            self.chunks.push(chunk.clone());
+        }
+    }
+
+    /// Frees the held chunks: the backend answered, no retry can follow.
+    pub fn release(&mut self) {
+        self.chunks = Vec::new();
+        self.overflowed = true;
+    }
+}
+
+/// Forwards the downstream request body to the upstream stream, first replaying what earlier
+/// attempts already read. Records into `replay` until `answered` is set (the backend sent its
+/// response headers, so no retry can follow), then frees what it held.
+pub async fn upload(
+    source: &mut RecvStream,
+    sink: &mut SendStream<Bytes>,
+    replay: &mut Replay,
+    answered: &AtomicBool,
+) -> Result<(), PipeError> {
+    if !replay.chunks.is_empty() || replay.end.is_some() {
+        for chunk in replay.chunks.clone() {
+            send_all(sink, chunk, false).await?;
+        }
+        match replay.end.clone() {
+            Some(End::Data) => return send_end(sink),
+            Some(End::Trailers(trailers)) => {
+                return sink.send_trailers(trailers).map_err(sink_error)
+            }
+            None => {}
+        }
+    }
+    let end = pipe(source, sink, |chunk| {
+        if answered.load(Ordering::Relaxed) {
+            if !replay.overflowed {
+                replay.release();
+            }
+        } else {
+            replay.record(chunk);
+        }
+    })
+    .await?;
+    if !replay.overflowed {
+        replay.end = Some(end);
+    }
+    Ok(())
+}
+
+/// Forwards DATA and trailers from `source` to `sink` until the source ends, and returns how
+/// it ended. Notices a reset of the sink while it waits on the source.
+pub async fn pipe(
+    source: &mut RecvStream,
+    sink: &mut SendStream<Bytes>,
+    mut on_chunk: impl FnMut(&Bytes),
+) -> Result<End, PipeError> {
+    enum Event {
+        Data(Option<Result<Bytes, h2::Error>>),
+        SinkReset(Result<Reason, h2::Error>),
+    }
+    loop {
+        let event = poll_fn(|cx| {
+            if let Poll::Ready(reset) = sink.poll_reset(cx) {
+                return Poll::Ready(Event::SinkReset(reset));
+            }
+            source.poll_data(cx).map(Event::Data)
+        })
+        .await;
+        match event {
+            Event::SinkReset(Ok(reason)) => return Err(PipeError::Sink(reason)),
+            Event::SinkReset(Err(e)) => return Err(sink_error(e)),
+            Event::Data(Some(Ok(chunk))) => {
+                let len = chunk.len();
+                let end = source.is_end_stream();
+                if len == 0 {
+                    // Empty DATA: forward only the END_STREAM it may carry.
+                    if end {
+                        send_end(sink)?;
+                        return Ok(End::Data);
+                    }
+                    continue;
+                }
+                on_chunk(&chunk);
+                send_all(sink, chunk, end).await?;
+                // Forwarded: now the source may send that much more.
+                let _ = source.flow_control().release_capacity(len);
+                if end {
+                    return Ok(End::Data);
+                }
+            }
+            Event::Data(Some(Err(e))) => return Err(PipeError::Source(e)),
+            Event::Data(None) => {
+                let trailers = poll_fn(|cx| source.poll_trailers(cx))
+                    .await
+                    .map_err(PipeError::Source)?;
+                return match trailers {
+                    Some(trailers) => {
+                        sink.send_trailers(trailers.clone()).map_err(sink_error)?;
+                        Ok(End::Trailers(trailers))
+                    }
+                    None => {
+                        send_end(sink)?;
+                        Ok(End::Data)
+                    }
+                };
+            }
+        }
+    }
+}
+
+/// Sends one chunk as the peer's flow-control window allows, END_STREAM on its last piece.
+async fn send_all(sink: &mut SendStream<Bytes>, mut chunk: Bytes, end: bool) -> Result<(), PipeError> {
+    loop {
+        sink.reserve_capacity(chunk.len());
+        let granted = match poll_fn(|cx| sink.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(sink_error(e)),
+            None => return Err(PipeError::Sink(Reason::CANCEL)),
+        };
+        if granted == 0 {
+            continue;
+        }
+        let piece = chunk.split_to(granted.min(chunk.len()));
+        let last = chunk.is_empty();
+        sink.send_data(piece, end && last).map_err(sink_error)?;
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+fn send_end(sink: &mut SendStream<Bytes>) -> Result<(), PipeError> {
+    sink.send_data(Bytes::new(), true).map_err(sink_error)
+}
+
+fn sink_error(e: h2::Error) -> PipeError {
+    PipeError::Sink(e.reason().unwrap_or(Reason::CANCEL))
+}

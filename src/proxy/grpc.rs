@@ -1,0 +1,231 @@
+//! gRPC rules the proxy applies: `:path` parsing, `grpc-timeout` encoding, status codes and the
+//! trailers-only replies sluice sends for its own errors.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+
+/// gRPC status codes (only those the proxy itself produces or inspects are named).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Ok = 0,
+    Cancelled = 1,
+    DeadlineExceeded = 4,
+    ResourceExhausted = 8,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+}
+
+/// A status the proxy answers with itself: always HTTP 200, trailers-only (SPEC.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyStatus {
+    pub code: Code,
+    pub message: String,
+}
+
+impl ProxyStatus {
+    pub fn new(code: Code, message: impl Into<String>) -> ProxyStatus {
+        ProxyStatus {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> ProxyStatus {
+        ProxyStatus::new(Code::Unavailable, message)
+    }
+
+    pub fn deadline_exceeded(message: impl Into<String>) -> ProxyStatus {
+        ProxyStatus::new(Code::DeadlineExceeded, message)
+    }
+
+    /// The `grpc-status` / `grpc-message` pair, for trailers or a trailers-only HEADERS frame.
+    pub fn to_trailers(&self) -> HeaderMap {
+        let mut trailers = HeaderMap::with_capacity(2);
+        trailers.insert("grpc-status", HeaderValue::from(self.code as u16));
+        // Percent-encoding leaves only visible ASCII, which is always a valid header value.
+        let message = utf8_percent_encode(&self.message, GRPC_MESSAGE).to_string();
+        if let Ok(value) = HeaderValue::from_str(&message) {
+            trailers.insert("grpc-message", value);
+        }
+        trailers
+    }
+
+    /// A trailers-only response: one HEADERS frame with END_STREAM, status 200.
+    pub fn to_response(&self) -> Response<()> {
+        let mut response = Response::new(());
+        *response.status_mut() = StatusCode::OK;
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.extend(self.to_trailers());
+        response
+    }
+}
+
+/// What gRPC's spec says to percent-encode in `grpc-message`: controls, `%`, and anything
+/// outside visible ASCII (the last is done by `utf8_percent_encode` for non-ASCII bytes).
+const GRPC_MESSAGE: &AsciiSet = &CONTROLS.add(b'%');
+
+/// The parts of `:path` = `/package.Service/Method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcPath<'a> {
+    pub service: &'a str,
+    pub method: &'a str,
+}
+
+impl<'a> GrpcPath<'a> {
+    /// `None` when the path is not of the `/service/method` shape.
+    pub fn parse(path: &'a str) -> Option<GrpcPath<'a>> {
+        let rest = path.strip_prefix('/')?;
+        let (service, method) = rest.split_once('/')?;
+        if service.is_empty() || method.is_empty() || method.contains('/') {
+            return None;
+        }
+        Some(GrpcPath { service, method })
+    }
+}
+
+/// Parses a `grpc-timeout` value: 1 to 8 ASCII digits and a unit (`H M S m u n`).
+pub fn parse_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    // At most 8 digits: always fits in u64.
+    let amount: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(amount * 3600),
+        b'M' => Duration::from_secs(amount * 60),
+        b'S' => Duration::from_secs(amount),
+        b'm' => Duration::from_millis(amount),
+        b'u' => Duration::from_micros(amount),
+        b'n' => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// Encodes a remaining budget as `grpc-timeout`, in the finest unit that fits 8 digits.
+/// Rounds down, so the backend never believes it has more time than the caller gave.
+pub fn encode_timeout(remaining: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let nanos = remaining.as_nanos();
+    let (amount, unit) = if nanos <= MAX {
+        (nanos, 'n')
+    } else if nanos / 1_000 <= MAX {
+        (nanos / 1_000, 'u')
+    } else if nanos / 1_000_000 <= MAX {
+        (nanos / 1_000_000, 'm')
+    } else if nanos / 1_000_000_000 <= MAX {
+        (nanos / 1_000_000_000, 'S')
+    } else if nanos / 60_000_000_000 <= MAX {
+        (nanos / 60_000_000_000, 'M')
+    } else {
+        ((nanos / 3_600_000_000_000).min(MAX), 'H')
+    };
+    // Digits and one ASCII letter: always a valid header value.
+    HeaderValue::from_str(&format!("{amount}{unit}")).expect("digits and a unit are valid")
+}
+
+/// True for `application/grpc` and its `+proto`, `+json`, `;charset` variants.
+pub fn is_grpc_content_type(value: Option<&HeaderValue>) -> bool {
+    match value.map(HeaderValue::as_bytes) {
+        Some(v) => {
+            v.starts_with(b"application/grpc")
+                && matches!(v.get(16), None | Some(b'+') | Some(b';'))
+        }
+        None => false,
+    }
+}
+
+/// Hop-by-hop headers that must not cross the proxy (RFC 9113 §8.2.2). `te: trailers` does.
+pub fn strip_connection_headers(headers: &mut HeaderMap) {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+    if headers
+        .get(http::header::TE)
+        .is_some_and(|te| te.as_bytes() != b"trailers")
+    {
+        headers.remove(http::header::TE);
+    }
+}
+
+/// The `grpc-status` of a response's trailers (or of a trailers-only response's headers).
+pub fn status_of(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|s| s.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_parses_service_and_method() {
+        let p = GrpcPath::parse("/echo.v1.Echo/Unary").unwrap();
+        assert_eq!((p.service, p.method), ("echo.v1.Echo", "Unary"));
+        assert!(GrpcPath::parse("/echo.v1.Echo").is_none());
+        assert!(GrpcPath::parse("/a/b/c").is_none());
+        assert!(GrpcPath::parse("//b").is_none());
+    }
+
+    #[test]
+    fn timeout_parses_strictly() {
+        assert_eq!(parse_timeout(b"5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_timeout(b"250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_timeout(b"99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(parse_timeout(b"123456789n"), None, "more than 8 digits");
+        assert_eq!(parse_timeout(b"5"), None);
+        assert_eq!(parse_timeout(b"S"), None);
+        assert_eq!(parse_timeout(b"5s"), None, "lowercase s is not a unit");
+        assert_eq!(parse_timeout(b"-5S"), None);
+    }
+
+    #[test]
+    fn timeout_encodes_within_8_digits_rounding_down() {
+        assert_eq!(encode_timeout(Duration::from_nanos(1500)), "1500n");
+        assert_eq!(encode_timeout(Duration::from_millis(4999)), "4999000u");
+        assert_eq!(encode_timeout(Duration::from_secs(60)), "60000000u");
+        assert_eq!(encode_timeout(Duration::from_secs(600)), "600000m");
+        assert_eq!(encode_timeout(Duration::from_secs(200_000)), "200000S");
+        for d in [1u64, 999, 123_456_789, 99_999_999_999] {
+            let encoded = encode_timeout(Duration::from_micros(d));
+            assert!(encoded.len() <= 9, "{encoded:?}");
+            assert!(parse_timeout(encoded.as_bytes()).unwrap() <= Duration::from_micros(d));
+        }
+    }
+
+    #[test]
+    fn content_type_must_be_grpc() {
+        let ok = |s: &'static str| is_grpc_content_type(Some(&HeaderValue::from_static(s)));
+        assert!(ok("application/grpc"));
+        assert!(ok("application/grpc+proto"));
+        assert!(!ok("application/grpc-web"));
+        assert!(!ok("application/json"));
+        assert!(!is_grpc_content_type(None));
+    }
+
+    #[test]
+    fn proxy_status_is_trailers_only_with_encoded_message() {
+        let response = ProxyStatus::new(Code::Unavailable, "no backend: 100% ✗").to_response();
+        assert_eq!(response.status(), 200);
+        let h = response.headers();
+        assert_eq!(h["grpc-status"], "14");
+        assert_eq!(h["grpc-message"], "no backend: 100%25 %E2%9C%97");
+        assert_eq!(h["content-type"], "application/grpc");
+    }
+}

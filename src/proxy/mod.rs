@@ -1,0 +1,590 @@
+//! One call's life: accept the stream, route it, pick a backend, lend an upstream stream,
+//! forward both ways, and answer with a gRPC status when the proxy itself must.
+//!
+//! Each downstream connection is an `h2::server` connection driven by its own task; each
+//! accepted stream gets one task ([`Proxy::serve_call`]) that runs the whole call, both
+//! directions included, so a call costs one spawn.
+
+pub mod coalesce;
+pub mod forward;
+pub mod grpc;
+pub mod pool;
+
+use std::future::poll_fn;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream, SendStream};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::Stream;
+use pingora_core::server::ShutdownWatch;
+use tokio::io::AsyncWriteExt;
+use tokio::time::{sleep_until, Instant};
+use tracing::debug;
+
+use crate::balance::{Backend, Cluster};
+use crate::config::{Config, RouteMatch};
+use crate::server::Lifecycle;
+use coalesce::CoalescingIo;
+use forward::{PipeError, Replay};
+use grpc::{Code, GrpcPath, ProxyStatus};
+use pool::ConnectError;
+
+/// HTTP/2 settings for both sides. Windows are larger than the 64 KiB default so one stream
+/// can move a 16 MiB message at loopback speed; receive capacity is released only as bytes
+/// are forwarded (forward.rs), so memory stays bounded by these windows.
+#[derive(Debug, Clone, Copy)]
+pub struct H2Settings {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS we advertise to clients.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        H2Settings {
+            stream_window: 1 << 20,
+            connection_window: 4 << 20,
+            max_frame_size: 16 * 1024,
+            max_concurrent_streams: 10_000,
+        }
+    }
+}
+
+/// How long a new connection may take to send its first bytes.
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+// === Router ===
+
+/// The clusters, and the routes to them in config order (first match wins). Swapped whole on
+/// reload.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<(Option<RouteMatch>, Arc<Cluster>)>,
+    clusters: Vec<Arc<Cluster>>,
+}
+
+impl Router {
+    pub fn new(config: &Config, clusters: Vec<Arc<Cluster>>) -> Router {
+        let by_name = |name: &str| clusters.iter().find(|c| c.name == name).cloned();
+        let routes = match &config.routes {
+            Some(routes) => routes
+                .iter()
+                // Validation guarantees every route names a cluster.
+                .filter_map(|r| Some((r.match_.clone(), by_name(&r.cluster)?)))
+                .collect(),
+            None => clusters.iter().map(|c| (None, Arc::clone(c))).collect(),
+        };
+        Router { routes, clusters }
+    }
+
+    pub fn clusters(&self) -> &[Arc<Cluster>] {
+        &self.clusters
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    pub fn route(&self, path: &str) -> Option<&Arc<Cluster>> {
+        self.routes.iter().find_map(|(m, cluster)| {
+            let hit = match m {
+                None => true,
+                Some(RouteMatch {
+                    service: Some(service),
+                    ..
+                }) => GrpcPath::parse(path).is_some_and(|p| p.service == service),
+                Some(RouteMatch {
+                    prefix: Some(prefix),
+                    ..
+                }) => path.starts_with(prefix.as_str()),
+                Some(_) => false,
+            };
+            hit.then_some(cluster)
+        })
+    }
+}
+
+// === Proxy ===
+
+/// The data plane of one listener, hosted by pingora as a [`ServerApp`].
+pub struct Proxy {
+    pub listener: String,
+    pub router: Arc<ArcSwap<Router>>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub h2: H2Settings,
+}
+
+#[async_trait]
+impl ServerApp for Proxy {
+    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        self.serve_connection(io, shutdown.clone()).await;
+        // An HTTP/2 connection is never handed back for reuse: it lived its whole life here.
+        None
+    }
+}
+
+impl Proxy {
+    /// Serves one downstream connection until it closes. On drain (SIGTERM, or pingora's own
+    /// shutdown during an upgrade) it sends GOAWAY and keeps serving the streams in flight.
+    async fn serve_connection(self: &Arc<Self>, mut io: Stream, mut shutdown: ShutdownWatch) {
+        let _open = self.lifecycle.connection_opened();
+        // Anything but the HTTP/2 preface is a client speaking HTTP/1: tell it plainly.
+        let mut first = [0u8; 4];
+        match tokio::time::timeout(PREFACE_TIMEOUT, io.try_peek(&mut first)).await {
+            Ok(Ok(true)) if &first != b"PRI " => {
+                reply_not_http2(&mut io).await;
+                return;
+            }
+            Ok(Ok(_)) => {}
+            // Closed or silent before sending anything: nothing to answer.
+            Ok(Err(_)) | Err(_) => return,
+        }
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(self.h2.stream_window)
+            .initial_connection_window_size(self.h2.connection_window)
+            .max_frame_size(self.h2.max_frame_size)
+            .max_concurrent_streams(self.h2.max_concurrent_streams)
+            .handshake::<_, Bytes>(CoalescingIo::new(io));
+        let mut connection = match handshake.await {
+            Ok(connection) => connection,
+            Err(error) => {
+                // A bad client, not a proxy fault: debug only, the accept loop goes on.
+                debug!(%error, listener = %self.listener, "downstream handshake failed");
+                return;
+            }
+        };
+        let mut draining = self.lifecycle.draining();
+        let mut goaway_sent = false;
+        loop {
+            tokio::select! {
+                // Ends when the client closes, the connection fails, or (after GOAWAY) the
+                // last stream finishes.
+                next = connection.accept() => match next {
+                    Some(Ok((request, respond))) => {
+                        let proxy = Arc::clone(self);
+                        tokio::spawn(async move { proxy.serve_call(request, respond).await });
+                    }
+                    Some(Err(error)) => {
+                        debug!(%error, listener = %self.listener, "downstream connection error");
+                        break;
+                    }
+                    None => break,
+                },
+                // Fires once, when draining starts.
+                _ = async {
+                    tokio::select! {
+                        _ = draining.wait_for(|d| *d) => {}
+                        _ = shutdown.wait_for(|s| *s) => {}
+                    }
+                }, if !goaway_sent => {
+                    connection.graceful_shutdown();
+                    goaway_sent = true;
+                }
+            }
+        }
+    }
+
+    /// Runs one gRPC call from its request headers to its last frame.
+    async fn serve_call(&self, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+        let started = Instant::now();
+        let (parts, body) = request.into_parts();
+        if parts.method != Method::POST
+            || !grpc::is_grpc_content_type(parts.headers.get(http::header::CONTENT_TYPE))
+        {
+            reply_not_grpc(&mut respond, &parts);
+            return;
+        }
+        let router = self.router.load();
+        let path = parts.uri.path();
+        let Some(cluster) = router.route(path) else {
+            let message = format!("sluice: no route for {path}");
+            reply(&mut respond, ProxyStatus::new(Code::Unimplemented, message));
+            return;
+        };
+        // The effective deadline: the client's grpc-timeout, capped by max_deadline, which
+        // also applies when the client sent none.
+        let budget = match parts.headers.get("grpc-timeout") {
+            None => cluster.settings.max_deadline,
+            Some(value) => match grpc::parse_timeout(value.as_bytes()) {
+                Some(timeout) => timeout.min(cluster.settings.max_deadline),
+                None => {
+                    let message = format!("sluice: malformed grpc-timeout {value:?}");
+                    reply(&mut respond, ProxyStatus::new(Code::Internal, message));
+                    return;
+                }
+            },
+        };
+        let call = Call {
+            cluster: Arc::clone(cluster),
+            h2: self.h2,
+            deadline: started + budget,
+            request: parts,
+            body,
+            respond,
+        };
+        call.run().await;
+    }
+}
+
+// === Call ===
+
+/// One call in flight: the downstream stream and what an attempt needs to reach a backend.
+struct Call {
+    cluster: Arc<Cluster>,
+    h2: H2Settings,
+    deadline: Instant,
+    /// Kept whole so a retry can resend the headers.
+    request: http::request::Parts,
+    body: RecvStream,
+    respond: SendResponse<Bytes>,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    /// The response went to the client, or the call ended in a way already handled.
+    Done,
+    /// The request never reached the backend's application: another backend may take it.
+    Retry(RetryReason),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RetryReason {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("backend {0} refused the stream (REFUSED_STREAM)")]
+    Refused(String),
+    #[error("backend {0} sent GOAWAY before processing the stream")]
+    GoAway(String),
+}
+
+/// What the attempt's wait loops saw, acted on once the futures borrowing the streams end.
+enum Outcome {
+    /// The response, trailers included, reached the client.
+    Finished,
+    Retry(RetryReason),
+    /// The client reset the stream or went away: reset upstream with the same reason.
+    ClientGone(Reason),
+    /// The deadline passed; `answered` tells whether response headers went out already.
+    DeadlineExceeded { answered: bool },
+    /// The backend failed before its response headers: answer with this status.
+    FailedBeforeHeaders(ProxyStatus),
+    /// The backend reset the stream after its response headers: pass the reset on.
+    UpstreamReset(Reason),
+    /// The backend's connection broke after its response headers.
+    UpstreamLost(String),
+}
+
+impl Call {
+    async fn run(mut self) {
+        self.cluster.retry_budget.on_request();
+        let mut tried: Vec<Arc<Backend>> = Vec::new();
+        let mut replay = Replay::default();
+        loop {
+            if Instant::now() >= self.deadline {
+                let message = "sluice: deadline exceeded before the call reached a backend";
+                reply(&mut self.respond, ProxyStatus::deadline_exceeded(message));
+                return;
+            }
+            let Some(backend) = self.cluster.pick(&tried) else {
+                let message = format!("sluice: cluster {} has no backends", self.cluster.name);
+                reply(&mut self.respond, ProxyStatus::unavailable(message));
+                return;
+            };
+            tried.push(Arc::clone(&backend));
+            let reason = match self.attempt(&backend, &mut replay).await {
+                Attempt::Done => return,
+                Attempt::Retry(reason) => reason,
+            };
+            let attempts = tried.len() as u32;
+            let can_retry = attempts < self.cluster.settings.max_attempts
+                && replay.is_complete()
+                && Instant::now() < self.deadline;
+            if can_retry && self.cluster.retry_budget.try_withdraw() {
+                debug!(%reason, attempt = attempts, "retrying on another backend");
+                continue;
+            }
+            if Instant::now() >= self.deadline {
+                let message = format!("sluice: deadline exceeded after {reason}");
+                reply(&mut self.respond, ProxyStatus::deadline_exceeded(message));
+            } else if let RetryReason::Refused(_) = reason {
+                // gRPC clients retry REFUSED_STREAM on their own: pass it through unchanged.
+                self.respond.send_reset(Reason::REFUSED_STREAM);
+            } else {
+                let message = format!("sluice: {reason} (after {attempts} attempts)");
+                reply(&mut self.respond, ProxyStatus::unavailable(message));
+            }
+            return;
+        }
+    }
+
+    /// Sends the call to one backend and forwards it to the end, unless it must be retried.
+    async fn attempt(&mut self, backend: &Arc<Backend>, replay: &mut Replay) -> Attempt {
+        let settings = &self.cluster.settings;
+        let in_flight = backend.start_stream();
+        let sent_at = Instant::now();
+
+        // Lend a stream on a pooled connection; the client may leave while we connect.
+        let acquire = backend.pool.acquire(
+            &backend.address.0,
+            settings.connect_timeout,
+            self.deadline,
+            &self.h2,
+        );
+        let acquired = tokio::select! {
+            acquired = acquire => acquired,
+            reset = poll_fn(|cx| self.respond.poll_reset(cx)) => {
+                debug!(reason = ?reset.ok(), "client left while connecting");
+                return Attempt::Done;
+            }
+        };
+        let (sender, slot) = match acquired {
+            Ok(lent) => {
+                backend.record_connect_success();
+                lent
+            }
+            Err(error) => {
+                backend.record_connect_failure();
+                return Attempt::Retry(error.into());
+            }
+        };
+        let mut sender = match sender.ready().await {
+            Ok(sender) => sender,
+            Err(_) => {
+                slot.mark_broken();
+                return Attempt::Retry(RetryReason::GoAway(backend.address.to_string()));
+            }
+        };
+
+        // The upstream request: same headers, hop-by-hop ones stripped, and the remaining
+        // budget as grpc-timeout.
+        let mut upstream = Request::from_parts(self.request.clone(), ());
+        let headers = upstream.headers_mut();
+        grpc::strip_connection_headers(headers);
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        headers.insert("grpc-timeout", grpc::encode_timeout(remaining));
+        let request_ended = self.body.is_end_stream();
+        let (response, mut up_send) = match sender.send_request(upstream, request_ended) {
+            Ok(sent) => sent,
+            Err(error) => {
+                slot.mark_broken();
+                debug!(%error, backend = %backend.address, "send_request failed");
+                return Attempt::Retry(RetryReason::GoAway(backend.address.to_string()));
+            }
+        };
+
+        let answered = AtomicBool::new(false);
+        let mut down_send: Option<SendStream<Bytes>> = None;
+        let outcome = {
+            let mut upload = pin!(forward::upload(&mut self.body, &mut up_send, replay, &answered));
+            let mut upload_done = request_ended;
+            let mut deadline = pin!(sleep_until(self.deadline));
+            let mut response = pin!(response);
+
+            // Phase 1: until the backend's response headers.
+            let response = loop {
+                tokio::select! {
+                    biased;
+                    reset = poll_fn(|cx| self.respond.poll_reset(cx)) => {
+                        break Err(Outcome::ClientGone(reset.unwrap_or(Reason::CANCEL)));
+                    }
+                    _ = &mut deadline => break Err(Outcome::DeadlineExceeded { answered: false }),
+                    result = &mut upload, if !upload_done => {
+                        upload_done = true;
+                        if let Err(PipeError::Source(error)) = result {
+                            break Err(Outcome::ClientGone(client_reason(&error)));
+                        }
+                        // An upstream failure shows on the response future too.
+                    }
+                    result = &mut response => break Ok(result),
+                }
+            };
+            match response {
+                Err(outcome) => outcome,
+                Ok(Err(error)) => classify_before_headers(&error, backend, &slot),
+                Ok(Ok(response)) => {
+                    answered.store(true, Ordering::Relaxed);
+                    backend.observe_latency(sent_at.elapsed());
+                    let (mut parts, mut up_recv) = response.into_parts();
+                    grpc::strip_connection_headers(&mut parts.headers);
+                    let trailers_only = up_recv.is_end_stream();
+                    let head = Response::from_parts(parts, ());
+                    match self.respond.send_response(head, trailers_only) {
+                        Err(error) => Outcome::ClientGone(client_reason(&error)),
+                        Ok(_) if trailers_only => Outcome::Finished,
+                        Ok(stream) => {
+                            let down = down_send.insert(stream);
+                            // Phase 2: stream the response; the upload goes on beside it.
+                            let mut download = pin!(forward::pipe(&mut up_recv, down, |_| {}));
+                            loop {
+                                tokio::select! {
+                                    biased;
+                                    _ = &mut deadline => {
+                                        break Outcome::DeadlineExceeded { answered: true };
+                                    }
+                                    result = &mut upload, if !upload_done => {
+                                        upload_done = true;
+                                        if let Err(PipeError::Source(error)) = result {
+                                            break Outcome::ClientGone(client_reason(&error));
+                                        }
+                                    }
+                                    result = &mut download => break match result {
+                                        Ok(_) => Outcome::Finished,
+                                        Err(PipeError::Sink(reason)) => Outcome::ClientGone(reason),
+                                        Err(PipeError::Source(error)) if error.is_reset() => {
+                                            Outcome::UpstreamReset(
+                                                error.reason().unwrap_or(Reason::CANCEL),
+                                            )
+                                        }
+                                        Err(PipeError::Source(error)) => {
+                                            Outcome::UpstreamLost(error.to_string())
+                                        }
+                                    },
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+
+        drop(in_flight);
+        match outcome {
+            Outcome::Finished => {}
+            Outcome::Retry(reason) => return Attempt::Retry(reason),
+            Outcome::ClientGone(reason) => {
+                debug!(?reason, backend = %backend.address, "client reset; resetting upstream");
+                up_send.send_reset(reason);
+            }
+            Outcome::DeadlineExceeded { answered } => {
+                // The backend must stop working on a call nobody waits for.
+                up_send.send_reset(Reason::CANCEL);
+                backend.record_failure();
+                let status = ProxyStatus::deadline_exceeded(format!(
+                    "sluice: deadline exceeded while backend {} was working",
+                    backend.address
+                ));
+                match down_send.as_mut() {
+                    Some(down) if answered => {
+                        let _ = down.send_trailers(status.to_trailers());
+                    }
+                    _ => reply(&mut self.respond, status),
+                }
+            }
+            Outcome::FailedBeforeHeaders(status) => {
+                backend.record_failure();
+                reply(&mut self.respond, status);
+            }
+            Outcome::UpstreamReset(reason) => {
+                backend.record_failure();
+                if let Some(down) = down_send.as_mut() {
+                    down.send_reset(reason);
+                }
+            }
+            Outcome::UpstreamLost(error) => {
+                backend.record_failure();
+                slot.mark_broken();
+                if let Some(down) = down_send.as_mut() {
+                    let status = ProxyStatus::unavailable(format!(
+                        "sluice: connection to backend {} lost: {error}",
+                        backend.address
+                    ));
+                    let _ = down.send_trailers(status.to_trailers());
+                }
+            }
+        }
+        Attempt::Done
+    }
+}
+
+/// Sorts an upstream failure before any response header: retry what the backend cannot have
+/// processed, answer UNAVAILABLE for the rest. Uses `is_reset()`, not `reason()`: a GOAWAY
+/// error carries a reason too (design.md).
+fn classify_before_headers(error: &h2::Error, backend: &Backend, slot: &pool::StreamSlot) -> Outcome {
+    let address = backend.address.to_string();
+    if error.is_reset() && error.reason() == Some(Reason::REFUSED_STREAM) {
+        return Outcome::Retry(RetryReason::Refused(address));
+    }
+    // A graceful GOAWAY fails only the streams above its last-stream-id: unprocessed.
+    if error.is_go_away() && error.is_remote() && error.reason() == Some(Reason::NO_ERROR) {
+        slot.mark_broken();
+        return Outcome::Retry(RetryReason::GoAway(address));
+    }
+    let message = if error.is_reset() {
+        format!(
+            "sluice: backend {address} reset the stream before replying ({:?})",
+            error.reason().unwrap_or(Reason::INTERNAL_ERROR)
+        )
+    } else {
+        slot.mark_broken();
+        format!("sluice: connection to backend {address} failed: {error}")
+    };
+    Outcome::FailedBeforeHeaders(ProxyStatus::unavailable(message))
+}
+
+/// The reason to pass upstream when the client side failed: its reset reason, else CANCEL
+/// (the client's connection went away).
+fn client_reason(error: &h2::Error) -> Reason {
+    if error.is_reset() {
+        error.reason().unwrap_or(Reason::CANCEL)
+    } else {
+        Reason::CANCEL
+    }
+}
+
+/// Answers with a proxy-made gRPC status, trailers-only.
+fn reply(respond: &mut SendResponse<Bytes>, status: ProxyStatus) {
+    debug!(code = ?status.code, message = %status.message, "proxy reply");
+    // Fails only if the client already reset the stream: then nobody is waiting.
+    let _ = respond.send_response(status.to_response(), true);
+}
+
+/// A request that is not gRPC (wrong method or content-type): a plain HTTP error that says so,
+/// on this stream only.
+fn reply_not_grpc(respond: &mut SendResponse<Bytes>, request: &http::request::Parts) {
+    let (status, text) = if request.method != Method::POST {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("sluice: {} is not gRPC: gRPC calls use POST\n", request.method),
+        )
+    } else {
+        let content_type = request
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_else(|| "none".into());
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("sluice: content-type {content_type:?} is not gRPC: expected application/grpc\n"),
+        )
+    };
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(mut stream) = respond.send_response(response, false) {
+        let _ = stream.send_data(Bytes::from(text), true);
+    }
+}
+
+/// An HTTP/1 client on a gRPC listener gets a readable answer instead of a dropped connection.
+async fn reply_not_http2(io: &mut Stream) {
+    const BODY: &str = "sluice: this port serves gRPC over HTTP/2 only (h2c with prior knowledge, or TLS with ALPN h2)\n";
+    let response = format!(
+        "HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = io.write_all(response.as_bytes()).await;
+    let _ = io.flush().await;
+}

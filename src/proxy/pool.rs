@@ -1,0 +1,232 @@
+//! Upstream HTTP/2 connections to one backend: a few shared connections, reused by every call.
+//!
+//! A new connection is opened only when every open one is at the peer's
+//! SETTINGS_MAX_CONCURRENT_STREAMS (h2 would otherwise queue the stream silently, design.md),
+//! and only one opener runs at a time, so a burst of calls cannot open a connection each
+//! (pingora's ProxyHttp opened 12–24 per backend that way). Each connection's driver task
+//! publishes the peer's current stream limit and removes the connection when it ends.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use h2::client::SendRequest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::coalesce::CoalescingIo;
+use super::H2Settings;
+
+/// Why no stream could be had from a backend. None of these reached the backend's application,
+/// so each may be retried elsewhere.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {addr} failed: {source}")]
+    Refused {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("HTTP/2 handshake with {addr} failed: {source}")]
+    Handshake { addr: String, source: h2::Error },
+}
+
+/// The connections to one backend.
+#[derive(Debug, Default)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+#[derive(Debug, Default)]
+struct PoolInner {
+    connections: ArcSwap<Vec<Arc<Connection>>>,
+    /// Held while a connection is being opened: concurrent callers wait for it, then share it.
+    opening: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug)]
+struct Connection {
+    sender: SendRequest<Bytes>,
+    /// Streams open on it, counted by us: h2 does not say when the peer's limit is reached.
+    streams: AtomicUsize,
+    /// The peer's SETTINGS_MAX_CONCURRENT_STREAMS, published by the driver task.
+    max_streams: AtomicUsize,
+    /// Set by the driver task when the connection ended, or by a caller that saw it fail.
+    closed: AtomicBool,
+}
+
+/// Streams we put on one connection even if the peer allows more: beyond this, a second
+/// connection spreads the load over another socket (and another backend worker thread).
+const STREAMS_PER_CONNECTION_CAP: usize = 1000;
+
+/// A stream slot on a connection; dropping it frees the slot.
+#[derive(Debug)]
+pub struct StreamSlot {
+    connection: Arc<Connection>,
+}
+
+impl StreamSlot {
+    /// The connection failed to open a stream (GOAWAY, closed): stop handing it out.
+    pub fn mark_broken(&self) {
+        self.connection.closed.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.connection.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pool {
+    pub fn new() -> Pool {
+        Pool::default()
+    }
+
+    /// Open connections (for `/backends`).
+    pub fn connections(&self) -> usize {
+        self.inner.connections.load().len()
+    }
+
+    /// Lends a ready stream sender on a connection with a free stream slot, opening a
+    /// connection if none has one. `connect_timeout` bounds the connect and handshake, and so
+    /// does `deadline`, whichever comes first.
+    pub async fn acquire(
+        &self,
+        addr: &str,
+        connect_timeout: Duration,
+        deadline: Instant,
+        settings: &H2Settings,
+    ) -> Result<(SendRequest<Bytes>, StreamSlot), ConnectError> {
+        if let Some(lent) = self.inner.try_reserve() {
+            return Ok(lent);
+        }
+        let _opening = self.inner.opening.lock().await;
+        // Another caller may have opened one while we waited.
+        if let Some(lent) = self.inner.try_reserve() {
+            return Ok(lent);
+        }
+        let timeout = connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
+        let (sender, upstream) = tokio::time::timeout(timeout, connect(addr, settings))
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                addr: addr.to_string(),
+                timeout,
+            })??;
+        let connection = Arc::new(Connection {
+            sender,
+            // The slot lent below.
+            streams: AtomicUsize::new(1),
+            max_streams: AtomicUsize::new(STREAMS_PER_CONNECTION_CAP),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(drive(
+            upstream,
+            Arc::clone(&connection),
+            Arc::downgrade(&self.inner),
+        ));
+        let sender = connection.sender.clone();
+        let slot = StreamSlot {
+            connection: Arc::clone(&connection),
+        };
+        self.inner.connections.rcu(|current| {
+            let mut next: Vec<_> = current
+                .iter()
+                .filter(|c| !c.closed.load(Ordering::Relaxed))
+                .cloned()
+                .collect();
+            next.push(Arc::clone(&connection));
+            next
+        });
+        Ok((sender, slot))
+    }
+}
+
+impl PoolInner {
+    fn try_reserve(&self) -> Option<(SendRequest<Bytes>, StreamSlot)> {
+        let connections = self.connections.load();
+        for connection in connections.iter() {
+            if connection.closed.load(Ordering::Relaxed) {
+                continue;
+            }
+            let max = connection.max_streams.load(Ordering::Relaxed);
+            let reserved = connection
+                .streams
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok();
+            if reserved {
+                return Some((
+                    connection.sender.clone(),
+                    StreamSlot {
+                        connection: Arc::clone(connection),
+                    },
+                ));
+            }
+        }
+        None
+    }
+
+    fn remove(&self, gone: &Arc<Connection>) {
+        self.connections.rcu(|current| {
+            current
+                .iter()
+                .filter(|c| !Arc::ptr_eq(c, gone))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+}
+
+type Upstream = h2::client::Connection<CoalescingIo<TcpStream>, Bytes>;
+
+async fn connect(
+    addr: &str,
+    settings: &H2Settings,
+) -> Result<(SendRequest<Bytes>, Upstream), ConnectError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| ConnectError::Refused {
+            addr: addr.to_string(),
+            source,
+        })?;
+    // Small frames (HEADERS, WINDOW_UPDATE) must not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
+    h2::client::Builder::new()
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_frame_size(settings.max_frame_size)
+        .handshake::<_, Bytes>(CoalescingIo::new(tcp))
+        .await
+        .map_err(|source| ConnectError::Handshake {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Drives one upstream connection's I/O until it closes, publishing the peer's stream limit
+/// after every poll (only this task can read it), then takes the connection out of the pool.
+async fn drive(mut upstream: Upstream, connection: Arc<Connection>, pool: Weak<PoolInner>) {
+    let result = poll_fn(|cx| {
+        let poll = Pin::new(&mut upstream).poll(cx);
+        let max = upstream
+            .max_concurrent_send_streams()
+            .min(STREAMS_PER_CONNECTION_CAP);
+        connection.max_streams.store(max, Ordering::Relaxed);
+        poll
+    })
+    .await;
+    connection.closed.store(true, Ordering::Relaxed);
+    if let Err(error) = result {
+        tracing::debug!(%error, "upstream connection ended");
+    }
+    if let Some(pool) = pool.upgrade() {
+        pool.remove(&connection);
+    }
+}
