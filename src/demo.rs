@@ -247,7 +247,12 @@ pub async fn serve_echo(listener: TcpListener, service: EchoService) -> Result<(
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         )
-        .serve_with_incoming(TcpListenerStream::new(listener))
+        // `serve_with_incoming` leaves Nagle on; small replies would wait ~40 ms on delayed ACKs.
+        .serve_with_incoming(TcpListenerStream::new(listener).map(|accepted| {
+            accepted.inspect(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            })
+        }))
         .await?;
     Ok(())
 }

@@ -491,8 +491,8 @@ mod tests {
         let slow_picks = (0..1000)
             .filter(|_| c.pick(&[]).unwrap().address.0 == "slow:1")
             .count();
-        // Two candidates from two backends: the slow one wins only when drawn twice.
-        assert!(slow_picks < 350, "slow picked {slow_picks} of 1000");
+        // 50x slower: it wins about 1 draw in 51.
+        assert!(slow_picks < 60, "slow picked {slow_picks} of 1000");
     }
 
     #[test]

@@ -331,7 +331,6 @@ impl Call {
     async fn attempt(&mut self, backend: &Arc<Backend>, replay: &mut Replay) -> Attempt {
         let settings = &self.cluster.settings;
         let in_flight = backend.start_stream();
-        let sent_at = Instant::now();
 
         // Lend a stream on a pooled connection; the client may leave while we connect.
         let acquire = backend.pool.acquire(
@@ -373,6 +372,8 @@ impl Call {
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         headers.insert("grpc-timeout", grpc::encode_timeout(remaining));
         let request_ended = self.body.is_end_stream();
+        // Latency is measured from here: connect time is not the backend's slowness.
+        let sent_at = Instant::now();
         let (response, mut up_send) = match sender.send_request(upstream, request_ended) {
             Ok(sent) => sent,
             Err(error) => {

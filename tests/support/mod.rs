@@ -1,0 +1,434 @@
+//! Test harness: real sluice processes, real tonic backends (in-process, or as processes for
+//! tests that kill them), and a scripted raw-h2 backend for wire-level checks. Everything
+//! listens on 127.0.0.1; every wait is bounded.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice::demo::pb::echo_client::EchoClient;
+use sluice::demo::{EchoService, EchoStats, MAX_MESSAGE_SIZE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+pub use sluice::demo::pb::EchoRequest;
+
+/// A port nothing listens on right now (bind, read, release).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `condition` every 10 ms until it holds or `budget` passes.
+pub async fn wait_until(budget: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + budget;
+    while Instant::now() < end {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    condition()
+}
+
+// === in-process tonic echo backend ===
+
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub stats: Arc<EchoStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Echo {
+    pub async fn start(id: &str) -> Echo {
+        Echo::start_with_delay(id, Duration::ZERO).await
+    }
+
+    /// A backend that adds `delay` to every call.
+    pub async fn start_with_delay(id: &str, delay: Duration) -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let addr = listener.local_addr().expect("echo addr");
+        let mut service = EchoService::new(id);
+        service.delay = delay;
+        let stats = Arc::clone(&service.stats);
+        let task = tokio::spawn(async move {
+            if let Err(error) = sluice::demo::serve_echo(listener, service).await {
+                tracing::error!(%error, "echo backend failed");
+            }
+        });
+        Echo { addr, stats, task }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// === echo backend as a process (for SIGKILL) ===
+
+pub struct EchoProcess {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl EchoProcess {
+    pub async fn start(id: &str) -> EchoProcess {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["echo-backend", "--listen", &addr.to_string(), "--id", id])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn echo-backend");
+        let up = wait_for_port(addr, Duration::from_secs(20)).await;
+        assert!(up, "echo-backend {id} never listened on {addr}");
+        EchoProcess { addr, child }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn wait_for_port(addr: SocketAddr, budget: Duration) -> bool {
+    let end = Instant::now() + budget;
+    while Instant::now() < end {
+        if TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+// === sluice as a process ===
+
+pub struct Sluice {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sluice {
+    /// Starts `sluice run` with a listener and admin on free ports and `rest` (clusters,
+    /// routes, ...) appended to the config; returns once `/readyz` answers 200.
+    pub async fn start(rest: &str) -> Sluice {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            "listeners:\n  - name: grpc\n    address: \"{addr}\"\nadmin:\n  address: \"{admin}\"\nthreads: 2\nshutdown:\n  drain_timeout: 5s\n{rest}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("sluice.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = dir.path().join("sluice.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info,sluice=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn sluice");
+        let mut sluice = Sluice {
+            addr,
+            admin,
+            child,
+            log,
+            _dir: dir,
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = http_get(admin, "/readyz").await {
+                break;
+            }
+            if let Ok(Some(status)) = sluice.child.try_wait() {
+                panic!("sluice exited early ({status}):\n{}", sluice.log());
+            }
+            assert!(Instant::now() < end, "sluice not ready in 30 s:\n{}", sluice.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sluice
+    }
+
+    /// A static cluster named `echo` over `backends`, with extra cluster keys.
+    pub fn cluster(backends: &[SocketAddr], extra: &str) -> String {
+        let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+        format!(
+            "clusters:\n  - name: echo\n    discovery:\n      static: [{}]\n{extra}",
+            list.join(", ")
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A client on ONE HTTP/2 connection to sluice.
+    pub async fn client(&self) -> EchoClient<Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to sluice");
+        EchoClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `budget`.
+    pub async fn wait_exit(&mut self, budget: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + budget;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- sluice log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut raw))
+        .await
+        .map_err(|_| std::io::Error::other("admin read timed out"))??;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {text}")))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((status, body))
+}
+
+pub fn request(message: &str) -> EchoRequest {
+    EchoRequest {
+        message: message.to_string(),
+        ..Default::default()
+    }
+}
+
+// === a scripted raw-h2 backend ===
+
+/// What the silent backend saw of one stream.
+#[derive(Debug)]
+pub struct SeenStream {
+    pub grpc_timeout: Option<String>,
+    /// The RST_STREAM reason the proxy sent, or `None` if none came within the budget.
+    pub reset: Option<h2::Reason>,
+    pub arrived: Instant,
+    pub reset_at: Option<Instant>,
+}
+
+/// An HTTP/2 backend that accepts every stream and never answers: it reports what it saw,
+/// including the reset the proxy sends when the call's deadline passes or the client leaves.
+pub struct SilentBackend {
+    pub addr: SocketAddr,
+    pub arrivals: mpsc::UnboundedReceiver<()>,
+    pub seen: mpsc::UnboundedReceiver<SeenStream>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentBackend {
+    pub async fn start() -> SilentBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (arrived_tx, arrivals) = mpsc::unbounded_channel();
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let arrived_tx = arrived_tx.clone();
+                let seen_tx = seen_tx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        let arrived_tx = arrived_tx.clone();
+                        let seen_tx = seen_tx.clone();
+                        tokio::spawn(async move {
+                            let arrived = Instant::now();
+                            let grpc_timeout = request
+                                .headers()
+                                .get("grpc-timeout")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string);
+                            let _ = arrived_tx.send(());
+                            let reset = tokio::time::timeout(
+                                Duration::from_secs(10),
+                                std::future::poll_fn(|cx| respond.poll_reset(cx)),
+                            )
+                            .await;
+                            let reset = reset.ok().and_then(Result::ok);
+                            let _ = seen_tx.send(SeenStream {
+                                grpc_timeout,
+                                reset_at: reset.map(|_| Instant::now()),
+                                reset,
+                                arrived,
+                            });
+                            drop(request);
+                        });
+                    }
+                });
+            }
+        });
+        SilentBackend {
+            addr,
+            arrivals,
+            seen,
+            task,
+        }
+    }
+
+    /// The next stream's report, within `budget`.
+    pub async fn next_seen(&mut self, budget: Duration) -> SeenStream {
+        tokio::time::timeout(budget, self.seen.recv())
+            .await
+            .expect("the backend reports within the budget")
+            .expect("the backend is running")
+    }
+}
+
+impl Drop for SilentBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// === a raw h2 client, for what tonic hides or enforces itself ===
+
+/// One HTTP/2 connection, driven in the background.
+pub struct RawClient {
+    sender: h2::client::SendRequest<bytes::Bytes>,
+}
+
+/// A finished raw call: response status and headers, DATA bytes, trailers.
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+    pub trailers: Option<http::HeaderMap>,
+}
+
+impl RawReply {
+    /// `grpc-status` from the trailers, or from the headers of a trailers-only reply.
+    pub fn grpc_status(&self) -> Option<String> {
+        self.trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| self.headers.get("grpc-status"))
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+    }
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr) -> RawClient {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let (sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        RawClient { sender }
+    }
+
+    /// Sends one request with `body` and reads the whole reply (bounded by 10 s).
+    pub async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> RawReply {
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(format!("http://sluice{path}"));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder.body(()).expect("request");
+        let sender = self.sender.clone().ready().await.expect("ready");
+        let mut sender = sender;
+        let (response, mut stream) = sender.send_request(request, false).expect("send");
+        stream
+            .send_data(bytes::Bytes::from(body), true)
+            .expect("send body");
+        let reply = async {
+            let response = response.await.expect("response");
+            let (parts, mut body) = response.into_parts();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("body chunk");
+                let _ = body.flow_control().release_capacity(chunk.len());
+                bytes.extend_from_slice(&chunk);
+            }
+            let trailers = body.trailers().await.expect("trailers");
+            RawReply {
+                status: parts.status,
+                headers: parts.headers,
+                body: bytes,
+                trailers,
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), reply)
+            .await
+            .expect("reply within 10 s")
+    }
+}
+
+/// A gRPC-framed EchoRequest: 1 flag byte, 4 length bytes, the protobuf.
+pub fn grpc_frame(message: &EchoRequest) -> Vec<u8> {
+    use prost::Message;
+    let encoded = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&encoded);
+    frame
+}
+
+pub const GRPC_HEADERS: [(&str, &str); 2] =
+    [("content-type", "application/grpc"), ("te", "trailers")];
