@@ -57,6 +57,11 @@ impl Replay {
         !self.overflowed
     }
 
+    /// True when no attempt has read anything of the request body yet.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0 && self.end.is_none()
+    }
+
     fn record(&mut self, chunk: &Bytes) {
         if self.overflowed {
             return;

@@ -371,7 +371,8 @@ impl Call {
         grpc::strip_connection_headers(headers);
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         headers.insert("grpc-timeout", grpc::encode_timeout(remaining));
-        let request_ended = self.body.is_end_stream();
+        // Ended only if no earlier attempt read part of the body: that part is replayed first.
+        let request_ended = replay.is_empty() && self.body.is_end_stream();
         // Latency is measured from here: connect time is not the backend's slowness.
         let sent_at = Instant::now();
         let (response, mut up_send) = match sender.send_request(upstream, request_ended) {

@@ -144,7 +144,7 @@ impl Sluice {
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", "--config"])
             .arg(&config_path)
-            .env("RUST_LOG", "info,sluice=debug")
+            .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info,sluice=debug".into()))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
@@ -432,3 +432,51 @@ pub fn grpc_frame(message: &EchoRequest) -> Vec<u8> {
 
 pub const GRPC_HEADERS: [(&str, &str); 2] =
     [("content-type", "application/grpc"), ("te", "trailers")];
+
+/// An HTTP/2 backend that refuses every stream with REFUSED_STREAM (as a server at its
+/// stream limit does), after reading the request body so the proxy must replay it.
+pub struct RefusingBackend {
+    pub addr: SocketAddr,
+    pub refused: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RefusingBackend {
+    pub async fn start() -> RefusingBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&refused);
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        let counter = Arc::clone(&counter);
+                        // Its own task: the connection is driven only while `accept` is polled.
+                        tokio::spawn(async move {
+                            let mut body = request.into_body();
+                            let _ = body.data().await;
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        });
+                    }
+                });
+            }
+        });
+        RefusingBackend {
+            addr,
+            refused,
+            task,
+        }
+    }
+}
+
+impl Drop for RefusingBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,125 @@
+//! Backends that die, refuse, or slow down: callers must not notice more than they must.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use support::{request, Echo, EchoProcess, RefusingBackend, Sluice};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_after_a_backend_is_killed_all_succeed() {
+    let mut backends = vec![
+        EchoProcess::start("b1").await,
+        EchoProcess::start("b2").await,
+        EchoProcess::start("b3").await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    let mut client = sluice.client().await;
+    // Warm up: every backend has a pooled connection when the kill comes.
+    let mut seen = HashMap::<String, u32>::new();
+    for i in 0..60 {
+        let reply = client.unary(request(&format!("warm {i}"))).await.unwrap();
+        *seen.entry(reply.into_inner().backend_id).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+
+    backends[1].kill();
+    let mut after = HashMap::<String, u32>::new();
+    for i in 0..100 {
+        match client.unary(request(&format!("after {i}"))).await {
+            Ok(reply) => *after.entry(reply.into_inner().backend_id).or_default() += 1,
+            Err(status) => panic!("call {i} after the kill failed: {status:?}"),
+        }
+    }
+    assert!(!after.contains_key("b2"), "{after:?}");
+    assert_eq!(after.values().sum::<u32>(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_streams_are_retried_on_another_backend_with_the_body_replayed() {
+    let refusing = RefusingBackend::start().await;
+    let healthy = Echo::start("healthy").await;
+    let config = Sluice::cluster(
+        &[refusing.addr, healthy.addr],
+        "    balancer: round_robin\n    retry: { max_attempts: 2, budget_ratio: 1.0 }\n",
+    );
+    let sluice = Sluice::start(&config).await;
+    let mut client = sluice.client().await;
+    for i in 0..10 {
+        let mut ask = request(&format!("call {i}"));
+        ask.payload = vec![i as u8; 1000];
+        let reply = client.unary(ask).await.unwrap().into_inner();
+        assert_eq!(reply.backend_id, "healthy");
+        assert_eq!(reply.message, format!("call {i}"));
+        assert_eq!(reply.payload, vec![i as u8; 1000], "the replayed body changed");
+    }
+    // Round robin sent about half of the first attempts to the refusing backend.
+    assert!(refusing.refused.load(Ordering::Relaxed) >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_retries_off_a_refused_stream_reaches_the_client_as_unavailable() {
+    let refusing = RefusingBackend::start().await;
+    let config = Sluice::cluster(&[refusing.addr], "    retry: { max_attempts: 1 }\n");
+    let sluice = Sluice::start(&config).await;
+    let status = sluice.client().await.unary(request("x")).await.unwrap_err();
+    // REFUSED_STREAM passes through as a reset; gRPC clients report it as UNAVAILABLE.
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+/// The incident's third fact: a slow machine must be routed around.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_ewma_sends_a_slow_backend_well_under_its_share() {
+    let fast1 = Echo::start("fast1").await;
+    let fast2 = Echo::start("fast2").await;
+    let slow = Echo::start_with_delay("slow", Duration::from_millis(50)).await;
+    let sluice = Sluice::start(&Sluice::cluster(&[fast1.addr, fast2.addr, slow.addr], "")).await;
+    let client = sluice.client().await;
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut slow_calls = 0;
+            for i in 0..60 {
+                let reply = client.unary(request(&format!("{worker}-{i}"))).await.unwrap();
+                if reply.into_inner().backend_id == "slow" {
+                    slow_calls += 1;
+                }
+            }
+            slow_calls
+        }));
+    }
+    let mut slow_calls = 0;
+    for task in tasks {
+        slow_calls += task.await.unwrap();
+    }
+    // Round robin would give it 80 of 240.
+    assert!(slow_calls < 24, "the slow backend served {slow_calls} of 240 calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_calls_then_exits_zero() {
+    let backend = Echo::start("b1").await;
+    let mut sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
+    let mut client = sluice.client().await;
+    let mut ask = request("long");
+    ask.sleep_ms = 800;
+    let call = tokio::spawn(async move { client.unary(ask).await });
+    let stats = &backend.stats;
+    assert!(support::wait_until(Duration::from_secs(5), || stats.calls.load(Ordering::Relaxed) == 1).await);
+    let signalled = Instant::now();
+    sluice.signal("TERM");
+    // While draining, readiness fails so a load balancer stops sending new connections.
+    let (status, body) = support::http_get(sluice.admin, "/readyz").await.unwrap();
+    assert_eq!((status, body.trim()), (503, "draining"));
+
+    let reply = call.await.unwrap().expect("the in-flight call completes during the drain");
+    assert_eq!(reply.into_inner().message, "long");
+    let exit = sluice.wait_exit(Duration::from_secs(10)).await.expect("sluice exits");
+    assert!(exit.success(), "{exit:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(5), "drain took {:?}", signalled.elapsed());
+}
