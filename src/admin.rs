@@ -132,7 +132,11 @@ fn escape(text: &str) -> String {
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Vec<u8>> {
-    respond(status, "text/plain; charset=utf-8", body.as_bytes().to_vec())
+    respond(
+        status,
+        "text/plain; charset=utf-8",
+        body.as_bytes().to_vec(),
+    )
 }
 
 fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {

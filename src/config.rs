@@ -206,7 +206,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let bad = || format!("invalid duration {text:?}: expected an integer and a unit (ms, s, m, h), such as \"250ms\" or \"5s\"");
+    let bad = || {
+        format!("invalid duration {text:?}: expected an integer and a unit (ms, s, m, h), such as \"250ms\" or \"5s\"")
+    };
     let number: u64 = number.parse().map_err(|_| bad())?;
     let millis_per_unit = match unit {
         "ms" => 1,
@@ -242,7 +244,11 @@ pub struct BackendAddr(pub String);
 
 impl BackendAddr {
     pub fn parse(text: &str) -> Result<BackendAddr, String> {
-        let bad = || format!("invalid backend address {text:?}: expected HOST:PORT, such as \"10.0.0.7:50051\"");
+        let bad = || {
+            format!(
+                "invalid backend address {text:?}: expected HOST:PORT, such as \"10.0.0.7:50051\""
+            )
+        };
         let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.contains(char::is_whitespace) {
@@ -295,15 +301,8 @@ impl Config {
     /// Parses and validates config text; `origin` names it in errors (usually the file path).
     pub fn parse(source: &str, origin: &str) -> Result<Config, ConfigError> {
         let deserializer = serde_yaml::Deserializer::from_str(source);
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." || path.is_empty() {
-                ConfigError(format!("{origin}: {inner}"))
-            } else {
-                ConfigError(format!("{origin}: {path}: {inner}"))
-            }
-        })?;
+        let config: Config = serde_path_to_error::deserialize(deserializer)
+            .map_err(|e| ConfigError(format!("{origin}: {}", describe(e, source))))?;
         config
             .validate(source)
             .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
@@ -390,9 +389,7 @@ impl Config {
         }
         match &self.routes {
             None if self.clusters.len() > 1 => {
-                return Err(
-                    "routes: required when more than one cluster is configured".to_string()
-                )
+                return Err("routes: required when more than one cluster is configured".to_string())
             }
             None => {}
             Some(routes) => {
@@ -435,6 +432,69 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Formats a parse error as `path: message at line N`. serde_yaml puts its own (shorter) path
+/// in front of the message, and for a bad value or a rejected key it often points at the start
+/// of the enclosing mapping. So the full path comes from serde_path_to_error, and the line is
+/// the first one, from where serde_yaml pointed, that holds the key (and the quoted bad value).
+fn describe(error: serde_path_to_error::Error<serde_yaml::Error>, source: &str) -> String {
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    let mut message = inner.to_string();
+    if let Some((prefix, rest)) = message.split_once(": ") {
+        if !prefix.contains(' ') && path.starts_with(prefix) {
+            message = rest.to_string();
+        }
+    }
+    let reported = inner.location().map(|l| (l.line(), l.column()));
+    if let Some((line, column)) = reported {
+        if let Some(stripped) = message.strip_suffix(&format!(" at line {line} column {column}")) {
+            message = stripped.to_string();
+        }
+    }
+    // The key the error is about: `max_deadline` of `clusters[0].max_deadline`, `static` of
+    // `clusters[0].discovery.static[0]`.
+    let key = path
+        .rsplit('.')
+        .next()
+        .unwrap_or("")
+        .split('[')
+        .next()
+        .unwrap_or("");
+    let value = quoted_value(&message);
+    let from = reported.map_or(0, |(line, _)| line.saturating_sub(1));
+    let lines: Vec<(usize, &str)> = source.lines().enumerate().skip(from).collect();
+    let holds_key = |line: &str| {
+        let line = line.trim_start().trim_start_matches("- ");
+        !key.is_empty()
+            && line
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.starts_with(':'))
+    };
+    let holds_value = |line: &str| value.as_deref().is_some_and(|v| line.contains(v));
+    let found = lines
+        .iter()
+        .find(|(_, l)| holds_key(l) && (value.is_none() || holds_value(l)))
+        .or_else(|| lines.iter().find(|(_, l)| holds_value(l)))
+        .or_else(|| lines.iter().find(|(_, l)| holds_key(l)))
+        .map(|(index, _)| index + 1)
+        .or(reported.map(|(line, _)| line));
+    if let Some(line) = found {
+        message = format!("{message} at line {line}");
+    }
+    if path == "." || path.is_empty() {
+        message
+    } else {
+        format!("{path}: {message}")
+    }
+}
+
+/// The first `"..."` in a message (our value errors quote the offending value).
+fn quoted_value(message: &str) -> Option<String> {
+    let start = message.find('"')? + 1;
+    let end = start + message[start..].find('"')?;
+    (end > start).then(|| message[start..end].to_string())
 }
 
 fn line_of(source: &str, needle: &str) -> Option<usize> {
@@ -499,7 +559,10 @@ clusters:
     #[test]
     fn route_to_missing_cluster_is_an_error() {
         let e = err(&format!("{MINIMAL}routes:\n  - cluster: nosuch\n"));
-        assert!(e.contains("routes[0].cluster: no cluster is named \"nosuch\""), "{e}");
+        assert!(
+            e.contains("routes[0].cluster: no cluster is named \"nosuch\""),
+            "{e}"
+        );
         assert!(e.contains("line 10"), "{e}");
     }
 }

@@ -9,7 +9,11 @@ use sluice::config::{parse_duration, Config};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "A gRPC-aware HTTP/2 proxy that balances every gRPC stream")]
+#[command(
+    name = "sluice",
+    version,
+    about = "A gRPC-aware HTTP/2 proxy that balances every gRPC stream"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -193,7 +193,11 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), BoxError>
         Reload {
             path: config_path,
             router: Arc::clone(&router),
-            listeners: config.listeners.iter().map(|l| (l.name.clone(), l.address.0)).collect(),
+            listeners: config
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.address.0))
+                .collect(),
         },
     ));
 
@@ -254,7 +258,10 @@ impl ShutdownSignalWatch for SignalWatch {
         match left {
             0 => info!("drained: all connections closed"),
             usize::MAX => warn!("second signal: stopping without waiting"),
-            n => warn!(connections = n, "drain timeout passed; closing what is left"),
+            n => warn!(
+                connections = n,
+                "drain timeout passed; closing what is left"
+            ),
         }
         ShutdownSignal::FastShutdown
     }
@@ -291,7 +298,9 @@ impl BackgroundService for Readiness {
                 return;
             }
         }
-        self.lifecycle.listeners_bound.store(true, Ordering::Release);
+        self.lifecycle
+            .listeners_bound
+            .store(true, Ordering::Release);
     }
 }
 

@@ -19,7 +19,12 @@ async fn deadline_answers_deadline_exceeded_and_cancels_the_backend() {
     let headers = [GRPC_HEADERS[0], GRPC_HEADERS[1], ("grpc-timeout", "400m")];
     let started = Instant::now();
     let reply = client
-        .call("POST", "/echo.v1.Echo/Unary", &headers, grpc_frame(&request("slow")))
+        .call(
+            "POST",
+            "/echo.v1.Echo/Unary",
+            &headers,
+            grpc_frame(&request("slow")),
+        )
         .await;
     let waited = started.elapsed();
 
@@ -27,43 +32,78 @@ async fn deadline_answers_deadline_exceeded_and_cancels_the_backend() {
     assert!(reply.trailers.is_none(), "a trailers-only reply");
     assert_eq!(reply.grpc_status().as_deref(), Some("4"), "{reply:?}");
     let message = reply.headers["grpc-message"].to_str().unwrap();
-    assert!(message.starts_with("sluice: deadline exceeded"), "{message}");
-    assert!(waited >= Duration::from_millis(390), "answered early: {waited:?}");
+    assert!(
+        message.starts_with("sluice: deadline exceeded"),
+        "{message}"
+    );
+    assert!(
+        waited >= Duration::from_millis(390),
+        "answered early: {waited:?}"
+    );
     assert!(waited < Duration::from_secs(3), "answered late: {waited:?}");
 
     let seen = backend.next_seen(Duration::from_secs(5)).await;
-    assert_eq!(seen.reset, Some(h2::Reason::CANCEL), "the backend's stream was not reset");
+    assert_eq!(
+        seen.reset,
+        Some(h2::Reason::CANCEL),
+        "the backend's stream was not reset"
+    );
     let forwarded = parse_timeout(seen.grpc_timeout.as_deref().unwrap().as_bytes()).unwrap();
-    assert!(forwarded <= Duration::from_millis(400), "forwarded {forwarded:?}");
-    assert!(forwarded > Duration::from_millis(200), "forwarded {forwarded:?}");
+    assert!(
+        forwarded <= Duration::from_millis(400),
+        "forwarded {forwarded:?}"
+    );
+    assert!(
+        forwarded > Duration::from_millis(200),
+        "forwarded {forwarded:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_deadline_applies_when_the_client_sends_none() {
     let mut backend = SilentBackend::start().await;
-    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "    max_deadline: 300ms\n")).await;
+    let sluice = Sluice::start(&Sluice::cluster(
+        &[backend.addr],
+        "    max_deadline: 300ms\n",
+    ))
+    .await;
     let started = Instant::now();
-    let status = sluice.client().await.unary(request("no deadline")).await.unwrap_err();
+    let status = sluice
+        .client()
+        .await
+        .unary(request("no deadline"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
 
     let seen = backend.next_seen(Duration::from_secs(5)).await;
     let forwarded = parse_timeout(seen.grpc_timeout.as_deref().unwrap().as_bytes()).unwrap();
-    assert!(forwarded <= Duration::from_millis(300), "forwarded {forwarded:?}");
+    assert!(
+        forwarded <= Duration::from_millis(300),
+        "forwarded {forwarded:?}"
+    );
     assert_eq!(seen.reset, Some(h2::Reason::CANCEL));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_deadline_longer_than_max_deadline_is_capped() {
     let mut backend = SilentBackend::start().await;
-    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "    max_deadline: 300ms\n")).await;
+    let sluice = Sluice::start(&Sluice::cluster(
+        &[backend.addr],
+        "    max_deadline: 300ms\n",
+    ))
+    .await;
     let mut call = tonic::Request::new(request("long"));
     call.set_timeout(Duration::from_secs(30));
     let status = sluice.client().await.unary(call).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded);
     let seen = backend.next_seen(Duration::from_secs(5)).await;
     let forwarded = parse_timeout(seen.grpc_timeout.as_deref().unwrap().as_bytes()).unwrap();
-    assert!(forwarded <= Duration::from_millis(300), "forwarded {forwarded:?}");
+    assert!(
+        forwarded <= Duration::from_millis(300),
+        "forwarded {forwarded:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,7 +120,10 @@ async fn client_cancel_resets_the_upstream_stream_at_once() {
     let seen = backend.next_seen(Duration::from_secs(5)).await;
     assert_eq!(seen.reset, Some(h2::Reason::CANCEL));
     let delay = seen.reset_at.unwrap() - cancelled_at;
-    assert!(delay < Duration::from_secs(1), "reset reached the backend after {delay:?}");
+    assert!(
+        delay < Duration::from_secs(1),
+        "reset reached the backend after {delay:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +145,10 @@ async fn a_real_backend_sees_its_handler_cancelled_when_the_client_leaves() {
         stats.cancelled.load(std::sync::atomic::Ordering::Relaxed) == 1
     })
     .await;
-    assert!(cancelled, "the backend handler kept running after the client left");
+    assert!(
+        cancelled,
+        "the backend handler kept running after the client left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,10 +156,21 @@ async fn malformed_grpc_timeout_is_an_error_not_a_default() {
     let backend = support::Echo::start("b1").await;
     let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
     let mut call = tonic::Request::new(request("bad"));
-    call.metadata_mut()
-        .insert("grpc-timeout", tonic::metadata::MetadataValue::from_static("5 seconds"));
+    call.metadata_mut().insert(
+        "grpc-timeout",
+        tonic::metadata::MetadataValue::from_static("5 seconds"),
+    );
     let status = sluice.client().await.unary(call).await.unwrap_err();
     assert_eq!(status.code(), Code::Internal, "{status:?}");
-    assert!(status.message().contains("malformed grpc-timeout"), "{status:?}");
-    assert_eq!(backend.stats.calls.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(
+        status.message().contains("malformed grpc-timeout"),
+        "{status:?}"
+    );
+    assert_eq!(
+        backend
+            .stats
+            .calls
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }

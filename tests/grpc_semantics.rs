@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use support::{request, Echo, EchoRequest, Sluice};
 use tokio_stream::StreamExt;
-use tonic::metadata::{MetadataValue, BinaryMetadataValue};
+use tonic::metadata::{BinaryMetadataValue, MetadataValue};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,7 +23,10 @@ async fn all_four_call_types_pass_through() {
 
     let outbound = tokio_stream::iter((0..5).map(|i| request(&format!("m{i}"))));
     let client_stream = client.client_stream(outbound).await.unwrap().into_inner();
-    assert_eq!((client_stream.count, client_stream.message.as_str()), (5, "m4"));
+    assert_eq!(
+        (client_stream.count, client_stream.message.as_str()),
+        (5, "m4")
+    );
 
     let mut ask = request("many");
     ask.repeat = 7;
@@ -72,7 +75,11 @@ async fn every_status_code_passes_through_in_both_forms() {
         ask.fail_message = message.clone();
 
         let status = client.unary(ask.clone()).await.unwrap_err();
-        assert_eq!(status.code(), Code::from(code), "trailers-only, code {code}");
+        assert_eq!(
+            status.code(),
+            Code::from(code),
+            "trailers-only, code {code}"
+        );
         assert_eq!(status.message(), message);
         assert_eq!(status.metadata().get("x-trailer").unwrap(), "custom");
         assert_eq!(status.details(), b"\x01details\xff");
@@ -81,7 +88,11 @@ async fn every_status_code_passes_through_in_both_forms() {
         let mut stream = client.server_stream(ask).await.unwrap().into_inner();
         assert_eq!(stream.next().await.unwrap().unwrap().message, "x");
         let status = stream.next().await.unwrap().unwrap_err();
-        assert_eq!(status.code(), Code::from(code), "after headers, code {code}");
+        assert_eq!(
+            status.code(),
+            Code::from(code),
+            "after headers, code {code}"
+        );
         assert_eq!(status.message(), message);
         assert_eq!(status.metadata().get("x-trailer").unwrap(), "custom");
         assert_eq!(status.details(), b"\x01details\xff");
@@ -108,18 +119,27 @@ async fn binary_and_text_metadata_pass_both_ways() {
 /// The incident's first fact: one long-lived connection must still reach every backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_on_one_connection_spread_over_all_backends() {
-    let backends = [Echo::start("b1").await, Echo::start("b2").await, Echo::start("b3").await];
+    let backends = [
+        Echo::start("b1").await,
+        Echo::start("b2").await,
+        Echo::start("b3").await,
+    ];
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
     let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
     let mut client = sluice.client().await;
     let mut per_backend: HashMap<String, u32> = HashMap::new();
     for i in 0..300 {
         let reply = client.unary(request(&format!("{i}"))).await.unwrap();
-        *per_backend.entry(reply.into_inner().backend_id).or_default() += 1;
+        *per_backend
+            .entry(reply.into_inner().backend_id)
+            .or_default() += 1;
     }
     assert_eq!(per_backend.len(), 3, "{per_backend:?}");
     for (backend, count) in &per_backend {
-        assert!(*count >= 30, "{backend} got only {count} of 300: {per_backend:?}");
+        assert!(
+            *count >= 30,
+            "{backend} got only {count} of 300: {per_backend:?}"
+        );
     }
 }
 
@@ -130,7 +150,12 @@ async fn unknown_route_is_unimplemented() {
     let sluice = Sluice::start(&format!("{}{routes}", Sluice::cluster(&[backend.addr], ""))).await;
     let status = sluice.client().await.unary(request("x")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("no route for /echo.v1.Echo/Unary"), "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("no route for /echo.v1.Echo/Unary"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,7 +187,12 @@ async fn no_backend_reachable_is_unavailable_not_a_bare_http_error() {
     let started = std::time::Instant::now();
     let status = sluice.client().await.unary(request("x")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(status.message().starts_with("sluice: connect to 127.0.0.1:"), "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with("sluice: connect to 127.0.0.1:"),
+        "{status:?}"
+    );
     assert!(status.message().contains("after 2 attempts"), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }

@@ -11,7 +11,7 @@ use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_after_a_backend_is_killed_all_succeed() {
-    let mut backends = vec![
+    let mut backends = [
         EchoProcess::start("b1").await,
         EchoProcess::start("b2").await,
         EchoProcess::start("b3").await,
@@ -55,7 +55,11 @@ async fn refused_streams_are_retried_on_another_backend_with_the_body_replayed()
         let reply = client.unary(ask).await.unwrap().into_inner();
         assert_eq!(reply.backend_id, "healthy");
         assert_eq!(reply.message, format!("call {i}"));
-        assert_eq!(reply.payload, vec![i as u8; 1000], "the replayed body changed");
+        assert_eq!(
+            reply.payload,
+            vec![i as u8; 1000],
+            "the replayed body changed"
+        );
     }
     // Round robin sent about half of the first attempts to the refusing backend.
     assert!(refusing.refused.load(Ordering::Relaxed) >= 3);
@@ -85,7 +89,10 @@ async fn p2c_ewma_sends_a_slow_backend_well_under_its_share() {
         tasks.push(tokio::spawn(async move {
             let mut slow_calls = 0;
             for i in 0..60 {
-                let reply = client.unary(request(&format!("{worker}-{i}"))).await.unwrap();
+                let reply = client
+                    .unary(request(&format!("{worker}-{i}")))
+                    .await
+                    .unwrap();
                 if reply.into_inner().backend_id == "slow" {
                     slow_calls += 1;
                 }
@@ -98,7 +105,10 @@ async fn p2c_ewma_sends_a_slow_backend_well_under_its_share() {
         slow_calls += task.await.unwrap();
     }
     // Round robin would give it 80 of 240.
-    assert!(slow_calls < 24, "the slow backend served {slow_calls} of 240 calls");
+    assert!(
+        slow_calls < 24,
+        "the slow backend served {slow_calls} of 240 calls"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,16 +120,32 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     ask.sleep_ms = 800;
     let call = tokio::spawn(async move { client.unary(ask).await });
     let stats = &backend.stats;
-    assert!(support::wait_until(Duration::from_secs(5), || stats.calls.load(Ordering::Relaxed) == 1).await);
+    assert!(
+        support::wait_until(Duration::from_secs(5), || stats
+            .calls
+            .load(Ordering::Relaxed)
+            == 1)
+        .await
+    );
     let signalled = Instant::now();
     sluice.signal("TERM");
     // While draining, readiness fails so a load balancer stops sending new connections.
     let (status, body) = support::http_get(sluice.admin, "/readyz").await.unwrap();
     assert_eq!((status, body.trim()), (503, "draining"));
 
-    let reply = call.await.unwrap().expect("the in-flight call completes during the drain");
+    let reply = call
+        .await
+        .unwrap()
+        .expect("the in-flight call completes during the drain");
     assert_eq!(reply.into_inner().message, "long");
-    let exit = sluice.wait_exit(Duration::from_secs(10)).await.expect("sluice exits");
+    let exit = sluice
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("sluice exits");
     assert!(exit.success(), "{exit:?}");
-    assert!(signalled.elapsed() < Duration::from_secs(5), "drain took {:?}", signalled.elapsed());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "drain took {:?}",
+        signalled.elapsed()
+    );
 }

@@ -335,11 +335,8 @@ impl Cluster {
     /// Returns whether anything changed.
     pub fn update(&self, endpoints: &[Endpoint], source: &'static str) -> bool {
         let current = self.backends.load();
-        let mut existing: HashMap<&BackendAddr, &Arc<Backend>> = current
-            .backends
-            .iter()
-            .map(|b| (&b.address, b))
-            .collect();
+        let mut existing: HashMap<&BackendAddr, &Arc<Backend>> =
+            current.backends.iter().map(|b| (&b.address, b)).collect();
         let mut changed = endpoints.len() != current.backends.len();
         let mut next = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
@@ -365,7 +362,8 @@ impl Cluster {
     /// backoff when another choice exists.
     pub fn pick(&self, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
         let set = self.backends.load();
-        let usable = |b: &Arc<Backend>| b.is_available() && !tried.iter().any(|t| Arc::ptr_eq(t, b));
+        let usable =
+            |b: &Arc<Backend>| b.is_available() && !tried.iter().any(|t| Arc::ptr_eq(t, b));
         if let Some(i) = self.balancer.pick(&set) {
             let chosen = &set.backends[i];
             if usable(chosen) {
@@ -419,7 +417,9 @@ impl RetryBudget {
     /// Takes one retry from the budget; false when it is spent.
     pub fn try_withdraw(&self) -> bool {
         self.balance
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1000))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                b.checked_sub(1000)
+            })
             .is_ok()
     }
 }
@@ -476,7 +476,11 @@ mod tests {
             c.update(&endpoints(&[("a:1", 1), ("b:1", 1)]), "static");
             let a = Arc::clone(&c.backends().backends[0]);
             for _ in 0..50 {
-                assert_eq!(c.pick(&[Arc::clone(&a)]).unwrap().address.0, "b:1", "{kind}");
+                assert_eq!(
+                    c.pick(&[Arc::clone(&a)]).unwrap().address.0,
+                    "b:1",
+                    "{kind}"
+                );
             }
         }
     }

@@ -31,7 +31,10 @@ pub(super) fn schedule(backends: &[Arc<Backend>]) -> Vec<u32> {
         for (c, b) in current.iter_mut().zip(backends) {
             *c += b.weight as i64;
         }
-        let Some((best, _)) = current.iter().enumerate().max_by_key(|(i, c)| (**c, -(*i as i64)))
+        let Some((best, _)) = current
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, c)| (**c, -(*i as i64)))
         else {
             break;
         };

@@ -181,7 +181,11 @@ pub async fn pipe(
 }
 
 /// Sends one chunk as the peer's flow-control window allows, END_STREAM on its last piece.
-async fn send_all(sink: &mut SendStream<Bytes>, mut chunk: Bytes, end: bool) -> Result<(), PipeError> {
+async fn send_all(
+    sink: &mut SendStream<Bytes>,
+    mut chunk: Bytes,
+    end: bool,
+) -> Result<(), PipeError> {
     loop {
         sink.reserve_capacity(chunk.len());
         let granted = match poll_fn(|cx| sink.poll_capacity(cx)).await {

@@ -187,7 +187,10 @@ mod tests {
         assert_eq!(parse_timeout(b"5S"), Some(Duration::from_secs(5)));
         assert_eq!(parse_timeout(b"250m"), Some(Duration::from_millis(250)));
         assert_eq!(parse_timeout(b"1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_timeout(b"99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(
+            parse_timeout(b"99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
         assert_eq!(parse_timeout(b"123456789n"), None, "more than 8 digits");
         assert_eq!(parse_timeout(b"5"), None);
         assert_eq!(parse_timeout(b"S"), None);

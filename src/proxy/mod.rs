@@ -25,7 +25,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{sleep_until, Instant};
 use tracing::debug;
 
@@ -275,7 +275,9 @@ enum Outcome {
     /// The client reset the stream or went away: reset upstream with the same reason.
     ClientGone(Reason),
     /// The deadline passed; `answered` tells whether response headers went out already.
-    DeadlineExceeded { answered: bool },
+    DeadlineExceeded {
+        answered: bool,
+    },
     /// The backend failed before its response headers: answer with this status.
     FailedBeforeHeaders(ProxyStatus),
     /// The backend reset the stream after its response headers: pass the reset on.
@@ -387,7 +389,12 @@ impl Call {
         let answered = AtomicBool::new(false);
         let mut down_send: Option<SendStream<Bytes>> = None;
         let outcome = {
-            let mut upload = pin!(forward::upload(&mut self.body, &mut up_send, replay, &answered));
+            let mut upload = pin!(forward::upload(
+                &mut self.body,
+                &mut up_send,
+                replay,
+                &answered
+            ));
             let mut upload_done = request_ended;
             let mut deadline = pin!(sleep_until(self.deadline));
             let mut response = pin!(response);
@@ -511,7 +518,11 @@ impl Call {
 /// Sorts an upstream failure before any response header: retry what the backend cannot have
 /// processed, answer UNAVAILABLE for the rest. Uses `is_reset()`, not `reason()`: a GOAWAY
 /// error carries a reason too (design.md).
-fn classify_before_headers(error: &h2::Error, backend: &Backend, slot: &pool::StreamSlot) -> Outcome {
+fn classify_before_headers(
+    error: &h2::Error,
+    backend: &Backend,
+    slot: &pool::StreamSlot,
+) -> Outcome {
     let address = backend.address.to_string();
     if error.is_reset() && error.reason() == Some(Reason::REFUSED_STREAM) {
         return Outcome::Retry(RetryReason::Refused(address));
@@ -556,7 +567,10 @@ fn reply_not_grpc(respond: &mut SendResponse<Bytes>, request: &http::request::Pa
     let (status, text) = if request.method != Method::POST {
         (
             StatusCode::METHOD_NOT_ALLOWED,
-            format!("sluice: {} is not gRPC: gRPC calls use POST\n", request.method),
+            format!(
+                "sluice: {} is not gRPC: gRPC calls use POST\n",
+                request.method
+            ),
         )
     } else {
         let content_type = request
@@ -566,7 +580,9 @@ fn reply_not_grpc(respond: &mut SendResponse<Bytes>, request: &http::request::Pa
             .unwrap_or_else(|| "none".into());
         (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("sluice: content-type {content_type:?} is not gRPC: expected application/grpc\n"),
+            format!(
+                "sluice: content-type {content_type:?} is not gRPC: expected application/grpc\n"
+            ),
         )
     };
     let mut response = Response::new(());
@@ -588,5 +604,18 @@ async fn reply_not_http2(io: &mut Stream) {
         BODY.len()
     );
     let _ = io.write_all(response.as_bytes()).await;
-    let _ = io.flush().await;
+    let _ = io.shutdown().await;
+    // Read what the client sent before closing: closing with unread bytes makes the kernel
+    // send a RST, and the client may lose the answer. Bounded: 1 s and 64 KiB.
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut total = 0;
+        while total < 64 * 1024 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }

@@ -144,7 +144,10 @@ impl Sluice {
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", "--config"])
             .arg(&config_path)
-            .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info,sluice=debug".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info,sluice=debug".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
@@ -164,7 +167,11 @@ impl Sluice {
             if let Ok(Some(status)) = sluice.child.try_wait() {
                 panic!("sluice exited early ({status}):\n{}", sluice.log());
             }
-            assert!(Instant::now() < end, "sluice not ready in 30 s:\n{}", sluice.log());
+            assert!(
+                Instant::now() < end,
+                "sluice not ready in 30 s:\n{}",
+                sluice.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         sluice
@@ -241,7 +248,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad response: {text}")))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
     Ok((status, body))
 }
 
