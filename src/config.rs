@@ -40,6 +40,14 @@ pub struct Config {
     pub threads: Option<usize>,
     #[serde(default)]
     pub access_log: Option<NotSupportedYet>,
+    /// The Unix socket a graceful upgrade hands the listening sockets over (SIGQUIT to the
+    /// old process, `sluice run --upgrade` for the new one).
+    #[serde(default = "default_upgrade_sock")]
+    pub upgrade_sock: String,
+}
+
+fn default_upgrade_sock() -> String {
+    "/tmp/sluice_upgrade.sock".to_string()
 }
 
 #[derive(Debug, Deserialize)]

@@ -337,7 +337,7 @@ pub fn run_demo() -> Result<(), BoxError> {
          Stop with Ctrl-C.\n",
         DEMO_BACKEND_PORTS[0], DEMO_BACKEND_PORTS[2]
     );
-    crate::server::run(config, None)
+    crate::server::run(config, crate::server::RunOptions::default())
 }
 
 /// `sluice demo-client`: `calls` unary calls on one HTTP/2 connection, then how many each

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice::config::{parse_duration, Config};
+use sluice::server::RunOptions;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -17,17 +18,28 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Config file for `run` (the default command).
-    #[arg(long, global = true, default_value = "config/sluice.yaml")]
+    /// Config file, when no subcommand is given (`run` is the default).
+    #[arg(long, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
 }
+
+const DEFAULT_CONFIG: &str = "config/sluice.yaml";
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default).
-    Run,
+    Run {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Take the listening sockets over from a running sluice, then send it SIGQUIT.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate the config file: print problems, exit 0 (valid) or 1 (invalid).
-    Check,
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// The proxy plus three built-in echo backends on loopback; no etcd needed.
     Demo,
     /// Call the demo (or any echo.v1 proxy) on one connection and count answers per backend.
@@ -61,20 +73,31 @@ fn init_logging(config_level: Option<&str>) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => match Config::load(&cli.config) {
+    let command = cli.command.unwrap_or(Command::Run {
+        config: cli.config,
+        upgrade: false,
+    });
+    let result = match command {
+        Command::Run {
+            config: path,
+            upgrade,
+        } => match Config::load(&path) {
             Ok(config) => {
                 init_logging(config.log.level.as_deref());
-                sluice::server::run(config, Some(cli.config))
+                let options = RunOptions {
+                    config_path: Some(path),
+                    upgrade,
+                };
+                sluice::server::run(config, options)
             }
             Err(error) => {
                 init_logging(None);
                 Err(error.into())
             }
         },
-        Command::Check => match Config::load(&cli.config) {
+        Command::Check { config: path } => match Config::load(&path) {
             Ok(_) => {
-                println!("{}: valid", cli.config.display());
+                println!("{}: valid", path.display());
                 return ExitCode::SUCCESS;
             }
             Err(error) => {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig as PingoraListener};
-use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
@@ -122,15 +122,27 @@ fn build_router(config: &Config, previous: Option<&Router>) -> Router {
     Router::new(config, clusters)
 }
 
+/// How the process starts.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// The file to re-read on SIGHUP (`None` in demo mode).
+    pub config_path: Option<PathBuf>,
+    /// Take the listening sockets over from a running sluice (which gets SIGQUIT) instead of
+    /// binding them.
+    pub upgrade: bool,
+}
+
 /// Runs the proxy until a shutdown signal; returns once it has drained.
-pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), BoxError> {
+pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
     // pingora panics in a service thread when a listener cannot bind; check first, so the
-    // operator gets one clear error and exit 1 instead.
-    for listener in &config.listeners {
-        check_bindable(listener.address.0, &format!("listener {:?}", listener.name))?;
-    }
-    if let Some(admin) = &config.admin {
-        check_bindable(admin.address.0, "admin")?;
+    // operator gets one clear error and exit 1 instead. An upgrade inherits bound sockets.
+    if !options.upgrade {
+        for listener in &config.listeners {
+            check_bindable(listener.address.0, &format!("listener {:?}", listener.name))?;
+        }
+        if let Some(admin) = &config.admin {
+            check_bindable(admin.address.0, "admin")?;
+        }
     }
 
     let lifecycle = Lifecycle::new();
@@ -146,9 +158,14 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), BoxError>
         // what lets the old process finish its streams.
         grace_period_seconds: Some(drain_timeout.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: config.upgrade_sock.clone(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     let h2 = H2Settings::default();
@@ -177,6 +194,8 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), BoxError>
             lifecycle: Arc::clone(&lifecycle),
         };
         let mut service = Service::new("admin".to_string(), app);
+        // Off the call path: one thread is plenty.
+        service.threads = Some(1);
         service.add_tcp(&admin.address.0.to_string());
         server.add_service(service);
         info!(address = %admin.address.0, "admin endpoint");
@@ -191,13 +210,9 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), BoxError>
     server.add_service(background_service(
         "reload",
         Reload {
-            path: config_path,
+            path: options.config_path,
             router: Arc::clone(&router),
-            listeners: config
-                .listeners
-                .iter()
-                .map(|l| (l.name.clone(), l.address.0))
-                .collect(),
+            restart_only: RestartOnly::of(&config),
         },
     ));
 
@@ -243,8 +258,10 @@ impl ShutdownSignalWatch for SignalWatch {
             _ = term.recv() => {}
             _ = int.recv() => {}
             _ = quit.recv() => {
-                info!("SIGQUIT: handing listeners to the new process");
-                self.lifecycle.draining.send_replace(true);
+                // pingora sends the sockets, waits 5 s for the new process to take them, then
+                // flips its shutdown watch: our connections send GOAWAY and get its grace
+                // period (drain_timeout) to finish.
+                info!("SIGQUIT: handing the listening sockets to the new process");
                 return ShutdownSignal::GracefulUpgrade;
             }
         }
@@ -309,7 +326,35 @@ impl BackgroundService for Readiness {
 struct Reload {
     path: Option<PathBuf>,
     router: Arc<ArcSwap<Router>>,
+    restart_only: RestartOnly,
+}
+
+/// The settings a reload cannot change: they are read once, at start.
+#[derive(Debug, PartialEq)]
+struct RestartOnly {
     listeners: Vec<(String, SocketAddr)>,
+    admin: Option<SocketAddr>,
+    threads: Option<usize>,
+    drain_timeout: Duration,
+    log_level: Option<String>,
+    upgrade_sock: String,
+}
+
+impl RestartOnly {
+    fn of(config: &Config) -> RestartOnly {
+        RestartOnly {
+            listeners: config
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.address.0))
+                .collect(),
+            admin: config.admin.as_ref().map(|a| a.address.0),
+            threads: config.threads,
+            drain_timeout: config.shutdown.drain_timeout.0,
+            log_level: config.log.level.clone(),
+            upgrade_sock: config.upgrade_sock.clone(),
+        }
+    }
 }
 
 #[async_trait]
@@ -344,13 +389,11 @@ impl Reload {
                 return;
             }
         };
-        let listeners: Vec<_> = config
-            .listeners
-            .iter()
-            .map(|l| (l.name.clone(), l.address.0))
-            .collect();
-        if listeners != self.listeners {
-            warn!("SIGHUP: listener changes need a restart (or an upgrade); they are ignored");
+        if RestartOnly::of(&config) != self.restart_only {
+            warn!(
+                "SIGHUP: changes to listeners, admin, threads, shutdown, log or upgrade_sock \
+                 need a restart (or an upgrade); they are ignored"
+            );
         }
         let next = build_router(&config, Some(&self.router.load()));
         self.router.store(Arc::new(next));

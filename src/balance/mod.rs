@@ -89,7 +89,7 @@ impl Backend {
         }
     }
 
-    /// Records the time to the backend's response headers (or to its failure).
+    /// Records the time from sending the request to the backend's response headers.
     pub fn observe_latency(&self, rtt: Duration) {
         self.latency.observe(rtt);
     }

@@ -598,7 +598,8 @@ fn reply_not_grpc(respond: &mut SendResponse<Bytes>, request: &http::request::Pa
 
 /// An HTTP/1 client on a gRPC listener gets a readable answer instead of a dropped connection.
 async fn reply_not_http2(io: &mut Stream) {
-    const BODY: &str = "sluice: this port serves gRPC over HTTP/2 only (h2c with prior knowledge, or TLS with ALPN h2)\n";
+    const BODY: &str =
+        "sluice: this port serves gRPC over HTTP/2 only (cleartext h2c with prior knowledge)\n";
     let response = format!(
         "HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
         BODY.len()

@@ -123,27 +123,49 @@ async fn wait_for_port(addr: SocketAddr, budget: Duration) -> bool {
 pub struct Sluice {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    pub config_path: PathBuf,
     child: Child,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    /// Shared with an upgraded successor, which reads the same config and socket path.
+    dir: Arc<tempfile::TempDir>,
 }
 
-impl Sluice {
-    /// Starts `sluice run` with a listener and admin on free ports and `rest` (clusters,
-    /// routes, ...) appended to the config; returns once `/readyz` answers 200.
-    pub async fn start(rest: &str) -> Sluice {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+/// Where an instance's files live, and the addresses its config names.
+struct Layout {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    dir: Arc<tempfile::TempDir>,
+}
+
+impl Layout {
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("sluice.yaml")
+    }
+
+    fn upgrade_sock(&self) -> PathBuf {
+        self.dir.path().join("upgrade.sock")
+    }
+
+    /// The config: this instance's listener and admin, then `rest`.
+    fn write_config(&self, rest: &str) {
         let config = format!(
-            "listeners:\n  - name: grpc\n    address: \"{addr}\"\nadmin:\n  address: \"{admin}\"\nthreads: 2\nshutdown:\n  drain_timeout: 5s\n{rest}"
+            "listeners:\n  - name: grpc\n    address: \"{}\"\nadmin:\n  address: \"{}\"\nthreads: 2\n\
+             upgrade_sock: \"{}\"\nshutdown:\n  drain_timeout: 5s\n{rest}",
+            self.addr,
+            self.admin,
+            self.upgrade_sock().display()
         );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("sluice.yaml");
-        std::fs::write(&config_path, config).expect("write config");
-        let log = dir.path().join("sluice.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--config"])
-            .arg(&config_path)
+        std::fs::write(self.config_path(), config).expect("write config");
+    }
+
+    fn launch(self, upgrade: bool, log_name: &str) -> Sluice {
+        let log = self.dir.path().join(log_name);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command.args(["run", "--config"]).arg(self.config_path());
+        if upgrade {
+            command.arg("--upgrade");
+        }
+        let child = command
             .env(
                 "RUST_LOG",
                 std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info,sluice=debug".into()),
@@ -152,29 +174,77 @@ impl Sluice {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn sluice");
-        let mut sluice = Sluice {
-            addr,
-            admin,
+        Sluice {
+            addr: self.addr,
+            admin: self.admin,
+            config_path: self.config_path(),
             child,
             log,
-            _dir: dir,
+            dir: self.dir,
+        }
+    }
+}
+
+impl Sluice {
+    /// Starts `sluice run` with a listener and admin on free ports and `rest` (clusters,
+    /// routes, ...) appended to the config; returns once `/readyz` answers 200.
+    pub async fn start(rest: &str) -> Sluice {
+        let layout = Layout {
+            addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            dir: Arc::new(tempfile::tempdir().expect("tempdir")),
         };
+        layout.write_config(rest);
+        let mut sluice = layout.launch(false, "sluice.log");
+        sluice.wait_ready().await;
+        sluice
+    }
+
+    /// Rewrites the config file (same listener and admin) with a new `rest`.
+    pub fn rewrite_config(&self, rest: &str) {
+        self.layout().write_config(rest);
+    }
+
+    fn layout(&self) -> Layout {
+        Layout {
+            addr: self.addr,
+            admin: self.admin,
+            dir: Arc::clone(&self.dir),
+        }
+    }
+
+    async fn wait_ready(&mut self) {
         let end = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok((200, _)) = http_get(admin, "/readyz").await {
-                break;
+            if let Ok((200, _)) = http_get(self.admin, "/readyz").await {
+                return;
             }
-            if let Ok(Some(status)) = sluice.child.try_wait() {
-                panic!("sluice exited early ({status}):\n{}", sluice.log());
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("sluice exited early ({status}):\n{}", self.log());
             }
             assert!(
                 Instant::now() < end,
                 "sluice not ready in 30 s:\n{}",
-                sluice.log()
+                self.log()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        sluice
+    }
+
+    /// Starts a second sluice with the same config and `--upgrade`, and returns once it
+    /// waits for the listening sockets (send this one SIGQUIT next).
+    pub async fn start_upgrade(&self) -> Sluice {
+        let layout = self.layout();
+        let socket = layout.upgrade_sock();
+        let next = layout.launch(true, "sluice-upgraded.log");
+        let waiting = wait_until(Duration::from_secs(20), || socket.exists()).await;
+        assert!(
+            waiting,
+            "the new process never opened {}:\n{}",
+            socket.display(),
+            next.log()
+        );
+        next
     }
 
     /// A static cluster named `echo` over `backends`, with extra cluster keys.
@@ -228,7 +298,7 @@ impl Drop for Sluice {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("--- sluice log ---\n{}", self.log());
+            eprintln!("--- sluice log {} ---\n{}", self.log.display(), self.log());
         }
     }
 }

@@ -1,0 +1,147 @@
+//! Process lifecycle: SIGTERM drains, SIGHUP reloads, SIGQUIT hands the listening sockets to a
+//! new process. None of them may fail a call in flight.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use support::{request, Echo, Sluice};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_calls_then_exits_zero() {
+    let backend = Echo::start("b1").await;
+    let mut sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
+    let mut client = sluice.client().await;
+    let mut ask = request("long");
+    ask.sleep_ms = 800;
+    let call = tokio::spawn(async move { client.unary(ask).await });
+    let stats = &backend.stats;
+    assert!(
+        support::wait_until(Duration::from_secs(5), || stats
+            .calls
+            .load(Ordering::Relaxed)
+            == 1)
+        .await
+    );
+    let signalled = Instant::now();
+    sluice.signal("TERM");
+    // While draining, readiness fails so a load balancer stops sending new connections.
+    let (status, body) = support::http_get(sluice.admin, "/readyz").await.unwrap();
+    assert_eq!((status, body.trim()), (503, "draining"));
+
+    let reply = call
+        .await
+        .unwrap()
+        .expect("the in-flight call completes during the drain");
+    assert_eq!(reply.into_inner().message, "long");
+    let exit = sluice
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("sluice exits");
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "drain took {:?}",
+        signalled.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_clusters_and_keeps_calls_in_flight() {
+    let old = Echo::start("old").await;
+    let new = Echo::start("new").await;
+    let sluice = Sluice::start(&Sluice::cluster(&[old.addr], "")).await;
+    let mut client = sluice.client().await;
+    let mut long = request("spans the reload");
+    long.sleep_ms = 600;
+    let mut in_flight_client = client.clone();
+    let in_flight = tokio::spawn(async move { in_flight_client.unary(long).await });
+    let stats = &old.stats;
+    assert!(
+        support::wait_until(Duration::from_secs(5), || stats
+            .calls
+            .load(Ordering::Relaxed)
+            == 1)
+        .await
+    );
+
+    sluice.rewrite_config(&Sluice::cluster(&[new.addr], ""));
+    sluice.signal("HUP");
+    let mut served_by_new = false;
+    for _ in 0..250 {
+        let reply = client.unary(request("after")).await.unwrap().into_inner();
+        if reply.backend_id == "new" {
+            served_by_new = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        served_by_new,
+        "the reloaded cluster never took traffic:\n{}",
+        sluice.log()
+    );
+    let reply = in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight survives the reload");
+    assert_eq!(reply.into_inner().backend_id, "old");
+
+    // An invalid file is rejected and the running config stays.
+    std::fs::write(&sluice.config_path, "listeners: [").unwrap();
+    sluice.signal("HUP");
+    let rejected = support::wait_until(Duration::from_secs(5), || {
+        sluice.log().contains("SIGHUP: config rejected")
+    })
+    .await;
+    assert!(rejected, "{}", sluice.log());
+    for _ in 0..10 {
+        let reply = client.unary(request("still")).await.unwrap().into_inner();
+        assert_eq!(reply.backend_id, "new");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_hands_the_listeners_to_an_upgraded_process_without_failing_calls() {
+    let backend = Echo::start("b1").await;
+    let mut old = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
+    let mut old_client = old.client().await;
+    let mut long = request("started before the upgrade");
+    long.sleep_ms = 2_000;
+    let in_flight = tokio::spawn(async move { old_client.unary(long).await });
+
+    let mut new = old.start_upgrade().await;
+    old.signal("QUIT");
+    // Throughout the hand-over, new connections keep getting answers.
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut calls = 0;
+    while Instant::now() < end {
+        let mut client = new.client().await;
+        client
+            .unary(request("during"))
+            .await
+            .expect("a call during the upgrade");
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(calls > 10);
+    let reply = in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight finishes on the old process");
+    assert_eq!(reply.into_inner().message, "started before the upgrade");
+
+    // The old process leaves after pingora's 5 s hand-over wait and its drain; the new one serves.
+    let exit = old
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the old process exits");
+    assert!(exit.success(), "{exit:?}");
+    let reply = new.client().await.unary(request("after")).await.unwrap();
+    assert_eq!(reply.into_inner().message, "after");
+    assert!(
+        new.wait_exit(Duration::from_millis(10)).await.is_none(),
+        "the new process still runs"
+    );
+}
