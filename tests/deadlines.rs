@@ -174,3 +174,44 @@ async fn malformed_grpc_timeout_is_an_error_not_a_default() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passes_while_connecting_is_deadline_exceeded() {
+    let blackhole = support::BlackholeBackend::start().await;
+    let sluice = Sluice::start(&Sluice::cluster(
+        &[blackhole.addr],
+        "    connect_timeout: 10s\n    max_deadline: 400ms\n",
+    ))
+    .await;
+    let started = Instant::now();
+    let status = sluice.client().await.unary(request("x")).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("while connecting"), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_timeout_is_retried_then_unavailable() {
+    let blackhole = support::BlackholeBackend::start().await;
+    let sluice = Sluice::start(&Sluice::cluster(
+        &[blackhole.addr],
+        "    connect_timeout: 200ms\n",
+    ))
+    .await;
+    let started = Instant::now();
+    let status = sluice.client().await.unary(request("x")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("timed out after 200ms"),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}

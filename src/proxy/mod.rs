@@ -334,36 +334,47 @@ impl Call {
         let settings = &self.cluster.settings;
         let in_flight = backend.start_stream();
 
-        // Lend a stream on a pooled connection; the client may leave while we connect.
-        let acquire = backend.pool.acquire(
-            &backend.address.0,
-            settings.connect_timeout,
-            self.deadline,
-            &self.h2,
-        );
-        let acquired = tokio::select! {
-            acquired = acquire => acquired,
+        // Lend a ready stream on a pooled connection, bounded by the deadline; the client may
+        // leave meanwhile. `ready` waits only if h2 counts the peer's stream limit lower than
+        // we do (before its SETTINGS arrive).
+        let lend = async {
+            let (sender, slot) = backend
+                .pool
+                .acquire(
+                    &backend.address.0,
+                    settings.connect_timeout,
+                    self.deadline,
+                    &self.h2,
+                )
+                .await
+                .inspect_err(|_| backend.record_connect_failure())?;
+            backend.record_connect_success();
+            match sender.ready().await {
+                Ok(sender) => Ok((sender, slot)),
+                Err(_) => {
+                    slot.mark_broken();
+                    Err(RetryReason::GoAway(backend.address.to_string()))
+                }
+            }
+        };
+        let lent = tokio::select! {
+            lent = lend => lent,
+            _ = sleep_until(self.deadline) => {
+                let message = format!(
+                    "sluice: deadline exceeded while connecting to backend {}",
+                    backend.address
+                );
+                reply(&mut self.respond, ProxyStatus::deadline_exceeded(message));
+                return Attempt::Done;
+            }
             reset = poll_fn(|cx| self.respond.poll_reset(cx)) => {
                 debug!(reason = ?reset.ok(), "client left while connecting");
                 return Attempt::Done;
             }
         };
-        let (sender, slot) = match acquired {
-            Ok(lent) => {
-                backend.record_connect_success();
-                lent
-            }
-            Err(error) => {
-                backend.record_connect_failure();
-                return Attempt::Retry(error.into());
-            }
-        };
-        let mut sender = match sender.ready().await {
-            Ok(sender) => sender,
-            Err(_) => {
-                slot.mark_broken();
-                return Attempt::Retry(RetryReason::GoAway(backend.address.to_string()));
-            }
+        let (mut sender, slot) = match lent {
+            Ok(lent) => lent,
+            Err(reason) => return Attempt::Retry(reason),
         };
 
         // The upstream request: same headers, hop-by-hop ones stripped, and the remaining

@@ -34,6 +34,8 @@ pub enum ConnectError {
     Timeout { addr: String, timeout: Duration },
     #[error("HTTP/2 handshake with {addr} failed: {source}")]
     Handshake { addr: String, source: h2::Error },
+    #[error("connect to {addr} failed moments ago (a concurrent attempt)")]
+    JustFailed { addr: String },
 }
 
 /// The connections to one backend.
@@ -47,6 +49,9 @@ struct PoolInner {
     connections: ArcSwap<Vec<Arc<Connection>>>,
     /// Held while a connection is being opened: concurrent callers wait for it, then share it.
     opening: tokio::sync::Mutex<()>,
+    /// Failed connects so far. A caller that waited on `opening` while one failed fails too,
+    /// instead of queueing another connect timeout behind it.
+    connect_failures: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -106,18 +111,29 @@ impl Pool {
         if let Some(lent) = self.inner.try_reserve() {
             return Ok(lent);
         }
+        let failures_before = self.inner.connect_failures.load(Ordering::Relaxed);
         let _opening = self.inner.opening.lock().await;
-        // Another caller may have opened one while we waited.
+        // Another caller may have opened one while we waited, or failed to.
         if let Some(lent) = self.inner.try_reserve() {
             return Ok(lent);
         }
-        let timeout = connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
-        let (sender, upstream) = tokio::time::timeout(timeout, connect(addr, settings))
-            .await
-            .map_err(|_| ConnectError::Timeout {
+        if self.inner.connect_failures.load(Ordering::Relaxed) != failures_before {
+            return Err(ConnectError::JustFailed {
                 addr: addr.to_string(),
-                timeout,
-            })??;
+            });
+        }
+        let timeout = connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
+        let connected = tokio::time::timeout(timeout, connect(addr, settings))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ConnectError::Timeout {
+                    addr: addr.to_string(),
+                    timeout,
+                })
+            });
+        let (sender, upstream) = connected.inspect_err(|_| {
+            self.inner.connect_failures.fetch_add(1, Ordering::Relaxed);
+        })?;
         let connection = Arc::new(Connection {
             sender,
             // The slot lent below.

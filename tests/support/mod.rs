@@ -560,3 +560,34 @@ impl Drop for RefusingBackend {
         self.task.abort();
     }
 }
+
+/// A backend whose accept queue is full and never drained: connects to it hang (the kernel
+/// drops the SYNs), as they do to a machine that stopped answering.
+pub struct BlackholeBackend {
+    pub addr: SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _queued: Vec<TcpStream>,
+}
+
+impl BlackholeBackend {
+    pub async fn start() -> BlackholeBackend {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+        let listener = socket.listen(1).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        // Fill the accept queue (backlog 1 holds 2 on Linux); later connects hang.
+        let mut queued = Vec::new();
+        for _ in 0..2 {
+            queued.push(TcpStream::connect(addr).await.expect("fill the queue"));
+        }
+        let hangs = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr))
+            .await
+            .is_err();
+        assert!(hangs, "connects to a full accept queue should hang");
+        BlackholeBackend {
+            addr,
+            _listener: listener,
+            _queued: queued,
+        }
+    }
+}
