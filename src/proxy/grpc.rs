@@ -128,7 +128,13 @@ pub fn encode_timeout(remaining: Duration) -> HeaderValue {
         ((nanos / 3_600_000_000_000).min(MAX), 'H')
     };
     // Digits and one ASCII letter: always a valid header value.
-    HeaderValue::from_str(&format!("{amount}{unit}")).expect("digits and a unit are valid")
+    let mut value =
+        HeaderValue::from_str(&format!("{amount}{unit}")).expect("digits and a unit are valid");
+    // The remaining budget differs on every call: HPACK-indexing it would insert a new entry
+    // in the upstream connection's dynamic table per call and evict useful ones. "Sensitive"
+    // makes h2 send it as never-indexed.
+    value.set_sensitive(true);
+    value
 }
 
 /// True for `application/grpc` and its `+proto`, `+json`, `;charset` variants.

@@ -12,7 +12,7 @@ pub mod pool;
 
 use std::future::poll_fn;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -149,12 +149,15 @@ impl Proxy {
             // Closed or silent before sending anything: nothing to answer.
             Ok(Err(_)) | Err(_) => return,
         }
+        // Calls in flight on this connection: write coalescing waits only when there are
+        // several (coalesce.rs).
+        let streams = Arc::new(AtomicUsize::new(0));
         let handshake = h2::server::Builder::new()
             .initial_window_size(self.h2.stream_window)
             .initial_connection_window_size(self.h2.connection_window)
             .max_frame_size(self.h2.max_frame_size)
             .max_concurrent_streams(self.h2.max_concurrent_streams)
-            .handshake::<_, Bytes>(CoalescingIo::new(io));
+            .handshake::<_, Bytes>(CoalescingIo::new(io, Arc::clone(&streams)));
         let mut connection = match handshake.await {
             Ok(connection) => connection,
             Err(error) => {
@@ -172,7 +175,13 @@ impl Proxy {
                 next = connection.accept() => match next {
                     Some(Ok((request, respond))) => {
                         let proxy = Arc::clone(self);
-                        tokio::spawn(async move { proxy.serve_call(request, respond).await });
+                        let open = StreamCount::open(&streams);
+                        // Boxed: tokio copies a task's future when it spawns and finishes it
+                        // (7 memcpys); a call's state machine is kilobytes, a box is a pointer.
+                        tokio::spawn(Box::pin(async move {
+                            proxy.serve_call(request, respond).await;
+                            drop(open);
+                        }));
                     }
                     Some(Err(error)) => {
                         debug!(%error, listener = %self.listener, "downstream connection error");
@@ -233,6 +242,22 @@ impl Proxy {
             respond,
         };
         call.run().await;
+    }
+}
+
+/// One call counted in its connection's stream count, until dropped.
+struct StreamCount(Arc<AtomicUsize>);
+
+impl StreamCount {
+    fn open(streams: &Arc<AtomicUsize>) -> StreamCount {
+        streams.fetch_add(1, Ordering::Relaxed);
+        StreamCount(Arc::clone(streams))
+    }
+}
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -58,7 +58,8 @@ struct PoolInner {
 struct Connection {
     sender: SendRequest<Bytes>,
     /// Streams open on it, counted by us: h2 does not say when the peer's limit is reached.
-    streams: AtomicUsize,
+    /// Shared with the connection's `CoalescingIo`.
+    streams: Arc<AtomicUsize>,
     /// The peer's SETTINGS_MAX_CONCURRENT_STREAMS, published by the driver task.
     max_streams: AtomicUsize,
     /// Set by the driver task when the connection ended, or by a caller that saw it fail.
@@ -131,13 +132,12 @@ impl Pool {
                     timeout,
                 })
             });
-        let (sender, upstream) = connected.inspect_err(|_| {
+        let (sender, upstream, streams) = connected.inspect_err(|_| {
             self.inner.connect_failures.fetch_add(1, Ordering::Relaxed);
         })?;
         let connection = Arc::new(Connection {
             sender,
-            // The slot lent below.
-            streams: AtomicUsize::new(1),
+            streams,
             max_streams: AtomicUsize::new(STREAMS_PER_CONNECTION_CAP),
             closed: AtomicBool::new(false),
         });
@@ -205,7 +205,7 @@ type Upstream = h2::client::Connection<CoalescingIo<TcpStream>, Bytes>;
 async fn connect(
     addr: &str,
     settings: &H2Settings,
-) -> Result<(SendRequest<Bytes>, Upstream), ConnectError> {
+) -> Result<(SendRequest<Bytes>, Upstream, Arc<AtomicUsize>), ConnectError> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|source| ConnectError::Refused {
@@ -214,16 +214,19 @@ async fn connect(
         })?;
     // Small frames (HEADERS, WINDOW_UPDATE) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
-    h2::client::Builder::new()
+    // One: the stream slot lent to the caller that opens the connection.
+    let streams = Arc::new(AtomicUsize::new(1));
+    let (sender, upstream) = h2::client::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_frame_size(settings.max_frame_size)
-        .handshake::<_, Bytes>(CoalescingIo::new(tcp))
+        .handshake::<_, Bytes>(CoalescingIo::new(tcp, Arc::clone(&streams)))
         .await
         .map_err(|source| ConnectError::Handshake {
             addr: addr.to_string(),
             source,
-        })
+        })?;
+    Ok((sender, upstream, streams))
 }
 
 /// Drives one upstream connection's I/O until it closes, publishing the peer's stream limit
