@@ -148,25 +148,6 @@ pub fn is_grpc_content_type(value: Option<&HeaderValue>) -> bool {
     }
 }
 
-/// Hop-by-hop headers that must not cross the proxy (RFC 9113 §8.2.2). `te: trailers` does.
-pub fn strip_connection_headers(headers: &mut HeaderMap) {
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(name);
-    }
-    if headers
-        .get(http::header::TE)
-        .is_some_and(|te| te.as_bytes() != b"trailers")
-    {
-        headers.remove(http::header::TE);
-    }
-}
-
 /// The `grpc-status` of a response's trailers (or of a trailers-only response's headers).
 pub fn status_of(headers: &HeaderMap) -> Option<u32> {
     headers

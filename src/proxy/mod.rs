@@ -402,13 +402,15 @@ impl Call {
             Err(reason) => return Attempt::Retry(reason),
         };
 
-        // The upstream request: same headers, hop-by-hop ones stripped, and the remaining
-        // budget as grpc-timeout.
+        // The upstream request: the same headers, and the remaining budget as grpc-timeout.
+        // Hop-by-hop headers (connection, upgrade, te other than trailers, ...) need no
+        // stripping: h2 rejects a header block that carries them as malformed before we see
+        // it (h2 frame/headers.rs, load_hpack), in requests and responses alike.
         let mut upstream = Request::from_parts(self.request.clone(), ());
-        let headers = upstream.headers_mut();
-        grpc::strip_connection_headers(headers);
         let remaining = self.deadline.saturating_duration_since(Instant::now());
-        headers.insert("grpc-timeout", grpc::encode_timeout(remaining));
+        upstream
+            .headers_mut()
+            .insert("grpc-timeout", grpc::encode_timeout(remaining));
         // Ended only if no earlier attempt read part of the body: that part is replayed first.
         let request_ended = replay.is_empty() && self.body.is_end_stream();
         // Latency is measured from here: connect time is not the backend's slowness.
@@ -459,8 +461,7 @@ impl Call {
                 Ok(Ok(response)) => {
                     answered.store(true, Ordering::Relaxed);
                     backend.observe_latency(sent_at.elapsed());
-                    let (mut parts, mut up_recv) = response.into_parts();
-                    grpc::strip_connection_headers(&mut parts.headers);
+                    let (parts, mut up_recv) = response.into_parts();
                     let trailers_only = up_recv.is_end_stream();
                     let head = Response::from_parts(parts, ());
                     match self.respond.send_response(head, trailers_only) {
