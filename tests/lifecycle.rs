@@ -145,3 +145,54 @@ async fn sigquit_hands_the_listeners_to_an_upgraded_process_without_failing_call
         "the new process still runs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reports_health_readiness_and_live_backend_state() {
+    let b1 = Echo::start("b1").await;
+    let b2 = Echo::start("b2").await;
+    let sluice = Sluice::start(&Sluice::cluster(
+        &[b1.addr, b2.addr],
+        "    balancer: round_robin\n",
+    ))
+    .await;
+    assert_eq!(
+        support::http_get(sluice.admin, "/healthz").await.unwrap().0,
+        200
+    );
+    assert_eq!(
+        support::http_get(sluice.admin, "/readyz").await.unwrap(),
+        (200, "ready\n".into())
+    );
+    let mut client = sluice.client().await;
+    for i in 0..10 {
+        client.unary(request(&format!("{i}"))).await.unwrap();
+    }
+    let (status, body) = support::http_get(sluice.admin, "/backends").await.unwrap();
+    assert_eq!(status, 200);
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let cluster = &view["clusters"][0];
+    assert_eq!(cluster["name"], "echo");
+    let backends = cluster["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 2);
+    for (backend, addr) in backends.iter().zip([b1.addr, b2.addr]) {
+        assert_eq!(backend["address"], addr.to_string());
+        assert_eq!(backend["state"], "healthy");
+        assert_eq!(backend["requests"], 5, "round robin: 5 each of 10");
+        assert_eq!(backend["failures"], 0);
+        assert_eq!(backend["in_flight"], 0);
+        assert_eq!(backend["weight"], 1);
+        assert_eq!(backend["source"], "static");
+        assert_eq!(backend["upstream_connections"], 1);
+        assert!(backend["ewma_latency_ms"].as_f64().unwrap() > 0.0);
+    }
+    let (status, page) = support::http_get(sluice.admin, "/").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        page.contains(&b1.addr.to_string()) && page.contains("healthy"),
+        "{page}"
+    );
+    assert_eq!(
+        support::http_get(sluice.admin, "/nope").await.unwrap().0,
+        404
+    );
+}

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::{request, Echo, EchoProcess, RefusingBackend, Sluice};
+use support::{request, Echo, EchoProcess, GoawayBackend, RefusingBackend, Sluice};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,5 +108,30 @@ async fn p2c_ewma_sends_a_slow_backend_well_under_its_share() {
     assert!(
         slow_calls < 24,
         "the slow backend served {slow_calls} of 240 calls"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goaway_that_processed_nothing_is_retried_on_another_backend() {
+    let goaway = GoawayBackend::start().await;
+    let healthy = Echo::start("healthy").await;
+    let config = Sluice::cluster(
+        &[goaway.addr, healthy.addr],
+        "    balancer: round_robin\n    retry: { max_attempts: 2, budget_ratio: 1.0 }\n",
+    );
+    let sluice = Sluice::start(&config).await;
+    let mut client = sluice.client().await;
+    for i in 0..10 {
+        let reply = client
+            .unary(request(&format!("call {i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.backend_id, "healthy");
+        assert_eq!(reply.message, format!("call {i}"));
+    }
+    assert!(
+        goaway.goaways.load(Ordering::Relaxed) >= 3,
+        "the GOAWAY backend was not tried"
     );
 }

@@ -591,3 +591,71 @@ impl BlackholeBackend {
         }
     }
 }
+
+/// An HTTP/2 backend scripted frame by frame: it answers the connection preface with SETTINGS,
+/// acknowledges the client's SETTINGS, and meets the first HEADERS with
+/// GOAWAY(last-stream-id 0, NO_ERROR): "I processed nothing". A stream refused that way never
+/// reached the application, so the proxy may send it elsewhere.
+pub struct GoawayBackend {
+    pub addr: SocketAddr,
+    pub goaways: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GoawayBackend {
+    pub async fn start() -> GoawayBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let goaways = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&goaways);
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(GoawayBackend::serve(tcp, Arc::clone(&counter)));
+            }
+        });
+        GoawayBackend {
+            addr,
+            goaways,
+            task,
+        }
+    }
+
+    async fn serve(mut tcp: TcpStream, goaways: Arc<std::sync::atomic::AtomicU64>) {
+        const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+        const SETTINGS_ACK: [u8; 9] = [0, 0, 0, 4, 1, 0, 0, 0, 0];
+        const GOAWAY_NOTHING_PROCESSED: [u8; 17] =
+            [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut preface = [0u8; 24];
+        if tcp.read_exact(&mut preface).await.is_err() || tcp.write_all(&SETTINGS).await.is_err() {
+            return;
+        }
+        loop {
+            let mut head = [0u8; 9];
+            if tcp.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; length];
+            if tcp.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let reply: &[u8] = match (head[3], head[4] & 1) {
+                (4, 0) => &SETTINGS_ACK,
+                (1, _) => {
+                    goaways.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    &GOAWAY_NOTHING_PROCESSED
+                }
+                _ => continue,
+            };
+            if tcp.write_all(reply).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for GoawayBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
