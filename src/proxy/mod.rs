@@ -358,6 +358,8 @@ impl Call {
     async fn attempt(&mut self, backend: &Arc<Backend>, replay: &mut Replay) -> Attempt {
         let settings = &self.cluster.settings;
         let in_flight = backend.start_stream();
+        // One timer for the whole attempt: connecting, waiting, streaming.
+        let mut deadline = pin!(sleep_until(self.deadline));
 
         // Lend a ready stream on a pooled connection, bounded by the deadline; the client may
         // leave meanwhile. `ready` waits only if h2 counts the peer's stream limit lower than
@@ -384,7 +386,7 @@ impl Call {
         };
         let lent = tokio::select! {
             lent = lend => lent,
-            _ = sleep_until(self.deadline) => {
+            _ = &mut deadline => {
                 let message = format!(
                     "sluice: deadline exceeded while connecting to backend {}",
                     backend.address
@@ -434,7 +436,6 @@ impl Call {
                 &answered
             ));
             let mut upload_done = request_ended;
-            let mut deadline = pin!(sleep_until(self.deadline));
             let mut response = pin!(response);
 
             // Phase 1: until the backend's response headers.

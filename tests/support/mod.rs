@@ -334,6 +334,38 @@ pub fn request(message: &str) -> EchoRequest {
 
 // === a scripted raw-h2 backend ===
 
+// === scripted backends ===
+
+/// A loopback listener whose every accepted connection runs `serve` in its own task; the
+/// accept loop stops when this is dropped.
+pub struct ScriptedListener {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptedListener {
+    pub async fn start<F, Fut>(serve: F) -> ScriptedListener
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(serve(tcp));
+            }
+        });
+        ScriptedListener { addr, task }
+    }
+}
+
+impl Drop for ScriptedListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// What the silent backend saw of one stream.
 #[derive(Debug)]
 pub struct SeenStream {
@@ -350,57 +382,53 @@ pub struct SilentBackend {
     pub addr: SocketAddr,
     pub arrivals: mpsc::UnboundedReceiver<()>,
     pub seen: mpsc::UnboundedReceiver<SeenStream>,
-    task: tokio::task::JoinHandle<()>,
+    _listener: ScriptedListener,
 }
 
 impl SilentBackend {
     pub async fn start() -> SilentBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let (arrived_tx, arrivals) = mpsc::unbounded_channel();
         let (seen_tx, seen) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let arrived_tx = arrived_tx.clone();
-                let seen_tx = seen_tx.clone();
-                tokio::spawn(async move {
-                    let Ok(mut connection) = h2::server::handshake(tcp).await else {
-                        return;
-                    };
-                    while let Some(Ok((request, mut respond))) = connection.accept().await {
-                        let arrived_tx = arrived_tx.clone();
-                        let seen_tx = seen_tx.clone();
-                        tokio::spawn(async move {
-                            let arrived = Instant::now();
-                            let grpc_timeout = request
-                                .headers()
-                                .get("grpc-timeout")
-                                .and_then(|v| v.to_str().ok())
-                                .map(str::to_string);
-                            let _ = arrived_tx.send(());
-                            let reset = tokio::time::timeout(
-                                Duration::from_secs(10),
-                                std::future::poll_fn(|cx| respond.poll_reset(cx)),
-                            )
-                            .await;
-                            let reset = reset.ok().and_then(Result::ok);
-                            let _ = seen_tx.send(SeenStream {
-                                grpc_timeout,
-                                reset_at: reset.map(|_| Instant::now()),
-                                reset,
-                                arrived,
-                            });
-                            drop(request);
+        let listener = ScriptedListener::start(move |tcp| {
+            let (arrived_tx, seen_tx) = (arrived_tx.clone(), seen_tx.clone());
+            async move {
+                let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let (arrived_tx, seen_tx) = (arrived_tx.clone(), seen_tx.clone());
+                    // Its own task: the connection is driven only while `accept` is polled.
+                    tokio::spawn(async move {
+                        let arrived = Instant::now();
+                        let grpc_timeout = request
+                            .headers()
+                            .get("grpc-timeout")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        let _ = arrived_tx.send(());
+                        let reset = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            std::future::poll_fn(|cx| respond.poll_reset(cx)),
+                        )
+                        .await;
+                        let reset = reset.ok().and_then(Result::ok);
+                        let _ = seen_tx.send(SeenStream {
+                            grpc_timeout,
+                            reset_at: reset.map(|_| Instant::now()),
+                            reset,
+                            arrived,
                         });
-                    }
-                });
+                        drop(request);
+                    });
+                }
             }
-        });
+        })
+        .await;
         SilentBackend {
-            addr,
+            addr: listener.addr,
             arrivals,
             seen,
-            task,
+            _listener: listener,
         }
     }
 
@@ -410,12 +438,6 @@ impl SilentBackend {
             .await
             .expect("the backend reports within the budget")
             .expect("the backend is running")
-    }
-}
-
-impl Drop for SilentBackend {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -518,46 +540,37 @@ pub const GRPC_HEADERS: [(&str, &str); 2] =
 pub struct RefusingBackend {
     pub addr: SocketAddr,
     pub refused: Arc<std::sync::atomic::AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
+    _listener: ScriptedListener,
 }
 
 impl RefusingBackend {
     pub async fn start() -> RefusingBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = Arc::clone(&refused);
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let counter = Arc::clone(&counter);
-                tokio::spawn(async move {
-                    let Ok(mut connection) = h2::server::handshake(tcp).await else {
-                        return;
-                    };
-                    while let Some(Ok((request, mut respond))) = connection.accept().await {
-                        let counter = Arc::clone(&counter);
-                        // Its own task: the connection is driven only while `accept` is polled.
-                        tokio::spawn(async move {
-                            let mut body = request.into_body();
-                            let _ = body.data().await;
-                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        });
-                    }
-                });
+        let listener = ScriptedListener::start(move |tcp| {
+            let counter = Arc::clone(&counter);
+            async move {
+                let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let counter = Arc::clone(&counter);
+                    // Its own task: the connection is driven only while `accept` is polled.
+                    tokio::spawn(async move {
+                        let mut body = request.into_body();
+                        let _ = body.data().await;
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    });
+                }
             }
-        });
+        })
+        .await;
         RefusingBackend {
-            addr,
+            addr: listener.addr,
             refused,
-            task,
+            _listener: listener,
         }
-    }
-}
-
-impl Drop for RefusingBackend {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -599,24 +612,20 @@ impl BlackholeBackend {
 pub struct GoawayBackend {
     pub addr: SocketAddr,
     pub goaways: Arc<std::sync::atomic::AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
+    _listener: ScriptedListener,
 }
 
 impl GoawayBackend {
     pub async fn start() -> GoawayBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let goaways = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = Arc::clone(&goaways);
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                tokio::spawn(GoawayBackend::serve(tcp, Arc::clone(&counter)));
-            }
-        });
+        let listener =
+            ScriptedListener::start(move |tcp| GoawayBackend::serve(tcp, Arc::clone(&counter)))
+                .await;
         GoawayBackend {
-            addr,
+            addr: listener.addr,
             goaways,
-            task,
+            _listener: listener,
         }
     }
 
@@ -651,11 +660,5 @@ impl GoawayBackend {
                 return;
             }
         }
-    }
-}
-
-impl Drop for GoawayBackend {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
