@@ -27,8 +27,17 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     let signalled = Instant::now();
     sluice.signal("TERM");
     // While draining, readiness fails so a load balancer stops sending new connections.
-    let (status, body) = support::http_get(sluice.admin, "/readyz").await.unwrap();
-    assert_eq!((status, body.trim()), (503, "draining"));
+    // (Polled: the signal is handled asynchronously.)
+    let mut readiness = None;
+    for _ in 0..100 {
+        let (status, body) = support::http_get(sluice.admin, "/readyz").await.unwrap();
+        if status == 503 {
+            readiness = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(readiness.as_deref().map(str::trim), Some("draining"));
 
     let reply = call
         .await

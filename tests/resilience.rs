@@ -28,6 +28,30 @@ async fn calls_after_a_backend_is_killed_all_succeed() {
     assert_eq!(seen.len(), 3, "{seen:?}");
 
     backends[1].kill();
+    // Wait until sluice has read the dead connection's EOF (microseconds in practice). A call
+    // sent on it before then fails with a broken pipe and is rightly not retried: for all
+    // sluice can tell, the backend died while processing it.
+    let dead = backends[1].addr.to_string();
+    let mut noticed = false;
+    for _ in 0..500 {
+        let (_, body) = support::http_get(sluice.admin, "/backends").await.unwrap();
+        let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let connections = view["clusters"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == dead.as_str())
+            .map(|b| b["upstream_connections"].as_u64().unwrap());
+        if connections == Some(0) {
+            noticed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        noticed,
+        "sluice never noticed the killed backend's connection close"
+    );
     let mut after = HashMap::<String, u32>::new();
     for i in 0..100 {
         match client.unary(request(&format!("after {i}"))).await {
@@ -80,7 +104,8 @@ async fn with_retries_off_a_refused_stream_reaches_the_client_as_unavailable() {
 async fn p2c_ewma_sends_a_slow_backend_well_under_its_share() {
     let fast1 = Echo::start("fast1").await;
     let fast2 = Echo::start("fast2").await;
-    let slow = Echo::start_with_delay("slow", Duration::from_millis(50)).await;
+    // 200 ms: well apart from the fast ones even when a loaded CI machine slows them.
+    let slow = Echo::start_with_delay("slow", Duration::from_millis(200)).await;
     let sluice = Sluice::start(&Sluice::cluster(&[fast1.addr, fast2.addr, slow.addr], "")).await;
     let client = sluice.client().await;
     let mut tasks = Vec::new();

@@ -367,12 +367,7 @@ impl Call {
         let lend = async {
             let (sender, slot) = backend
                 .pool
-                .acquire(
-                    &backend.address.0,
-                    settings.connect_timeout,
-                    self.deadline,
-                    &self.h2,
-                )
+                .acquire(&backend.address.0, settings.connect_timeout, &self.h2)
                 .await
                 .inspect_err(|_| backend.record_connect_failure())?;
             backend.record_connect_success();
@@ -385,7 +380,9 @@ impl Call {
             }
         };
         let lent = tokio::select! {
-            lent = lend => lent,
+            // The deadline first: when it and a connect timeout fire together, the deadline
+            // is the answer.
+            biased;
             _ = &mut deadline => {
                 let message = format!(
                     "sluice: deadline exceeded while connecting to backend {}",
@@ -398,6 +395,7 @@ impl Call {
                 debug!(reason = ?reset.ok(), "client left while connecting");
                 return Attempt::Done;
             }
+            lent = lend => lent,
         };
         let (mut sender, slot) = match lent {
             Ok(lent) => lent,

@@ -16,7 +16,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use super::coalesce::CoalescingIo;
 use super::H2Settings;
@@ -100,13 +99,13 @@ impl Pool {
     }
 
     /// Lends a ready stream sender on a connection with a free stream slot, opening a
-    /// connection if none has one. `connect_timeout` bounds the connect and handshake, and so
-    /// does `deadline`, whichever comes first.
+    /// connection if none has one. `connect_timeout` bounds the connect and handshake; the
+    /// call's deadline is the caller's to race (one timer owns it, so the outcome of a
+    /// deadline that passes while connecting does not depend on which timer fires first).
     pub async fn acquire(
         &self,
         addr: &str,
         connect_timeout: Duration,
-        deadline: Instant,
         settings: &H2Settings,
     ) -> Result<(SendRequest<Bytes>, StreamSlot), ConnectError> {
         if let Some(lent) = self.inner.try_reserve() {
@@ -123,7 +122,7 @@ impl Pool {
                 addr: addr.to_string(),
             });
         }
-        let timeout = connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
+        let timeout = connect_timeout;
         let connected = tokio::time::timeout(timeout, connect(addr, settings))
             .await
             .unwrap_or_else(|_| {
