@@ -9,7 +9,7 @@
 //!   a slow reader slows its writer instead of filling the proxy's memory.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -37,12 +37,16 @@ pub enum End {
 }
 
 /// Request DATA kept until the backend answers, so an attempt that never reached the backend's
-/// application (REFUSED_STREAM, GOAWAY) can be replayed on another. Past `REPLAY_LIMIT` bytes
-/// the call is no longer retryable.
+/// application (REFUSED_STREAM, GOAWAY) can be replayed on another. Past `REPLAY_LIMIT` bytes,
+/// or when the whole process already holds `REPLAY_HELD_LIMIT`, the call is no longer
+/// retryable.
 #[derive(Debug, Default)]
 pub struct Replay {
     chunks: Vec<Bytes>,
+    /// Request bytes read so far.
     bytes: usize,
+    /// Bytes in `chunks`, counted in `REPLAY_HELD` until released.
+    held: usize,
     overflowed: bool,
     end: Option<End>,
 }
@@ -50,6 +54,12 @@ pub struct Replay {
 /// Covers unary and small streaming calls; bigger requests are not retried after their first
 /// byte left. Bytes are shared with h2's receive buffer, not copied.
 const REPLAY_LIMIT: usize = 256 * 1024;
+
+/// Request bytes held for replay by all calls together. Flow control does not bound them
+/// (capacity is released as bytes are forwarded), so without this cap many calls whose
+/// backends are slow to answer could pin `calls × REPLAY_LIMIT` of memory.
+static REPLAY_HELD: AtomicUsize = AtomicUsize::new(0);
+const REPLAY_HELD_LIMIT: usize = 64 * 1024 * 1024;
 
 impl Replay {
     /// True while everything the client sent so far is held, so a retry loses nothing.
@@ -66,19 +76,30 @@ impl Replay {
         if self.overflowed {
             return;
         }
-        self.bytes += chunk.len();
-        if self.bytes > REPLAY_LIMIT {
+        let len = chunk.len();
+        self.bytes += len;
+        let held_before = REPLAY_HELD.fetch_add(len, Ordering::Relaxed);
+        if self.bytes > REPLAY_LIMIT || held_before + len > REPLAY_HELD_LIMIT {
+            REPLAY_HELD.fetch_sub(len, Ordering::Relaxed);
             self.release();
-            self.overflowed = true;
         } else {
+            self.held += len;
             self.chunks.push(chunk.clone());
         }
     }
 
-    /// Frees the held chunks: the backend answered, no retry can follow.
+    /// Frees the held chunks: the backend answered (no retry can follow), or a limit passed.
     pub fn release(&mut self) {
+        REPLAY_HELD.fetch_sub(self.held, Ordering::Relaxed);
+        self.held = 0;
         self.chunks = Vec::new();
         self.overflowed = true;
+    }
+}
+
+impl Drop for Replay {
+    fn drop(&mut self) {
+        REPLAY_HELD.fetch_sub(self.held, Ordering::Relaxed);
     }
 }
 
@@ -211,4 +232,31 @@ fn send_end(sink: &mut SendStream<Bytes>) -> Result<(), PipeError> {
 
 fn sink_error(e: h2::Error) -> PipeError {
     PipeError::Sink(e.reason().unwrap_or(Reason::CANCEL))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_holds_up_to_its_limit_and_returns_what_it_held() {
+        // Other tests in this process may hold replay bytes too: compare deltas only.
+        let before = REPLAY_HELD.load(Ordering::Relaxed);
+        let chunk = Bytes::from(vec![7u8; 100 * 1024]);
+        let mut replay = Replay::default();
+        assert!(replay.is_empty());
+        replay.record(&chunk);
+        replay.record(&chunk);
+        assert!(replay.is_complete() && !replay.is_empty());
+        assert_eq!(REPLAY_HELD.load(Ordering::Relaxed) - before, 200 * 1024);
+        replay.record(&chunk); // 300 KiB > REPLAY_LIMIT: no longer retryable
+        assert!(!replay.is_complete());
+        assert!(replay.chunks.is_empty());
+        assert_eq!(REPLAY_HELD.load(Ordering::Relaxed), before);
+
+        let mut held = Replay::default();
+        held.record(&chunk);
+        drop(held);
+        assert_eq!(REPLAY_HELD.load(Ordering::Relaxed), before);
+    }
 }
