@@ -27,13 +27,19 @@ pub enum PipeError {
     Sink(Reason),
 }
 
-/// How the source ended, so a retry can end the stream the same way.
+/// How a request ended, so a retry can end the stream the same way.
 #[derive(Debug, Clone)]
-pub enum End {
+enum End {
     /// END_STREAM on a DATA frame.
     Data,
     /// Trailers, which carried END_STREAM.
     Trailers(HeaderMap),
+}
+
+/// What a pipe shows its observer as it forwards.
+pub enum Seen<'a> {
+    Data(&'a Bytes),
+    Trailers(&'a HeaderMap),
 }
 
 /// Request DATA kept until the backend answers, so an attempt that never reached the backend's
@@ -124,29 +130,36 @@ pub async fn upload(
             None => {}
         }
     }
-    let end = pipe(source, sink, |chunk| {
+    pipe(source, sink, |seen| {
         if answered.load(Ordering::Relaxed) {
             if !replay.overflowed {
                 replay.release();
             }
-        } else {
-            replay.record(chunk);
+            return;
+        }
+        match seen {
+            Seen::Data(chunk) => replay.record(chunk),
+            // Request trailers are rare in gRPC; they are copied only while a retry may follow.
+            Seen::Trailers(trailers) if !replay.overflowed => {
+                replay.end = Some(End::Trailers(trailers.clone()));
+            }
+            Seen::Trailers(_) => {}
         }
     })
     .await?;
-    if !replay.overflowed {
-        replay.end = Some(end);
+    if !replay.overflowed && replay.end.is_none() {
+        replay.end = Some(End::Data);
     }
     Ok(())
 }
 
-/// Forwards DATA and trailers from `source` to `sink` until the source ends, and returns how
-/// it ended. Notices a reset of the sink while it waits on the source.
+/// Forwards DATA and trailers from `source` to `sink` until the source ends, showing each to
+/// `observe` first. Notices a reset of the sink while it waits on the source.
 pub async fn pipe(
     source: &mut RecvStream,
     sink: &mut SendStream<Bytes>,
-    mut on_chunk: impl FnMut(&Bytes),
-) -> Result<End, PipeError> {
+    mut observe: impl FnMut(Seen<'_>),
+) -> Result<(), PipeError> {
     enum Event {
         Data(Option<Result<Bytes, h2::Error>>),
         SinkReset(Result<Reason, h2::Error>),
@@ -168,17 +181,16 @@ pub async fn pipe(
                 if len == 0 {
                     // Empty DATA: forward only the END_STREAM it may carry.
                     if end {
-                        send_end(sink)?;
-                        return Ok(End::Data);
+                        return send_end(sink);
                     }
                     continue;
                 }
-                on_chunk(&chunk);
+                observe(Seen::Data(&chunk));
                 send_all(sink, chunk, end).await?;
                 // Forwarded: now the source may send that much more.
                 let _ = source.flow_control().release_capacity(len);
                 if end {
-                    return Ok(End::Data);
+                    return Ok(());
                 }
             }
             Event::Data(Some(Err(e))) => return Err(PipeError::Source(e)),
@@ -188,13 +200,10 @@ pub async fn pipe(
                     .map_err(PipeError::Source)?;
                 return match trailers {
                     Some(trailers) => {
-                        sink.send_trailers(trailers.clone()).map_err(sink_error)?;
-                        Ok(End::Trailers(trailers))
+                        observe(Seen::Trailers(&trailers));
+                        sink.send_trailers(trailers).map_err(sink_error)
                     }
-                    None => {
-                        send_end(sink)?;
-                        Ok(End::Data)
-                    }
+                    None => send_end(sink),
                 };
             }
         }

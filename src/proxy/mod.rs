@@ -299,10 +299,8 @@ enum Outcome {
     Retry(RetryReason),
     /// The client reset the stream or went away: reset upstream with the same reason.
     ClientGone(Reason),
-    /// The deadline passed; `answered` tells whether response headers went out already.
-    DeadlineExceeded {
-        answered: bool,
-    },
+    /// The deadline passed (before or after the response headers went out).
+    DeadlineExceeded,
     /// The backend failed before its response headers: answer with this status.
     FailedBeforeHeaders(ProxyStatus),
     /// The backend reset the stream after its response headers: pass the reset on.
@@ -443,13 +441,12 @@ impl Call {
                     reset = poll_fn(|cx| self.respond.poll_reset(cx)) => {
                         break Err(Outcome::ClientGone(reset.unwrap_or(Reason::CANCEL)));
                     }
-                    _ = &mut deadline => break Err(Outcome::DeadlineExceeded { answered: false }),
+                    _ = &mut deadline => break Err(Outcome::DeadlineExceeded),
                     result = &mut upload, if !upload_done => {
                         upload_done = true;
-                        if let Err(PipeError::Source(error)) = result {
-                            break Err(Outcome::ClientGone(client_reason(&error)));
+                        if let Some(outcome) = upload_ended(result) {
+                            break Err(outcome);
                         }
-                        // An upstream failure shows on the response future too.
                     }
                     result = &mut response => break Ok(result),
                 }
@@ -473,13 +470,11 @@ impl Call {
                             loop {
                                 tokio::select! {
                                     biased;
-                                    _ = &mut deadline => {
-                                        break Outcome::DeadlineExceeded { answered: true };
-                                    }
+                                    _ = &mut deadline => break Outcome::DeadlineExceeded,
                                     result = &mut upload, if !upload_done => {
                                         upload_done = true;
-                                        if let Err(PipeError::Source(error)) = result {
-                                            break Outcome::ClientGone(client_reason(&error));
+                                        if let Some(outcome) = upload_ended(result) {
+                                            break outcome;
                                         }
                                     }
                                     result = &mut download => break match result {
@@ -510,7 +505,7 @@ impl Call {
                 debug!(?reason, backend = %backend.address, "client reset; resetting upstream");
                 up_send.send_reset(reason);
             }
-            Outcome::DeadlineExceeded { answered } => {
+            Outcome::DeadlineExceeded => {
                 // The backend must stop working on a call nobody waits for.
                 up_send.send_reset(Reason::CANCEL);
                 backend.record_failure();
@@ -518,11 +513,12 @@ impl Call {
                     "sluice: deadline exceeded while backend {} was working",
                     backend.address
                 ));
+                // After response headers the status can only travel in trailers.
                 match down_send.as_mut() {
-                    Some(down) if answered => {
+                    Some(down) => {
                         let _ = down.send_trailers(status.to_trailers());
                     }
-                    _ => reply(&mut self.respond, status),
+                    None => reply(&mut self.respond, status),
                 }
             }
             Outcome::FailedBeforeHeaders(status) => {
@@ -548,6 +544,15 @@ impl Call {
             }
         }
         Attempt::Done
+    }
+}
+
+/// What the end of the upload means for the attempt: the client leaving ends it; a finished
+/// upload does not, and neither does an upstream failure, which shows on the response too.
+fn upload_ended(result: Result<(), PipeError>) -> Option<Outcome> {
+    match result {
+        Err(PipeError::Source(error)) => Some(Outcome::ClientGone(client_reason(&error))),
+        Ok(()) | Err(PipeError::Sink(_)) => None,
     }
 }
 

@@ -65,6 +65,18 @@ struct Connection {
     closed: AtomicBool,
 }
 
+impl Connection {
+    /// A sender and the slot it holds; the caller has already counted the slot in `streams`.
+    fn lend(self: &Arc<Self>) -> (SendRequest<Bytes>, StreamSlot) {
+        (
+            self.sender.clone(),
+            StreamSlot {
+                connection: Arc::clone(self),
+            },
+        )
+    }
+}
+
 /// Streams we put on one connection even if the peer allows more: beyond this, a second
 /// connection spreads the load over another socket (and another backend worker thread).
 const STREAMS_PER_CONNECTION_CAP: usize = 1000;
@@ -122,13 +134,12 @@ impl Pool {
                 addr: addr.to_string(),
             });
         }
-        let timeout = connect_timeout;
-        let connected = tokio::time::timeout(timeout, connect(addr, settings))
+        let connected = tokio::time::timeout(connect_timeout, connect(addr, settings))
             .await
             .unwrap_or_else(|_| {
                 Err(ConnectError::Timeout {
                     addr: addr.to_string(),
-                    timeout,
+                    timeout: connect_timeout,
                 })
             });
         let (sender, upstream, streams) = connected.inspect_err(|_| {
@@ -145,10 +156,7 @@ impl Pool {
             Arc::clone(&connection),
             Arc::downgrade(&self.inner),
         ));
-        let sender = connection.sender.clone();
-        let slot = StreamSlot {
-            connection: Arc::clone(&connection),
-        };
+        let lent = connection.lend();
         self.inner.connections.rcu(|current| {
             let mut next: Vec<_> = current
                 .iter()
@@ -158,7 +166,7 @@ impl Pool {
             next.push(Arc::clone(&connection));
             next
         });
-        Ok((sender, slot))
+        Ok(lent)
     }
 }
 
@@ -177,12 +185,7 @@ impl PoolInner {
                 })
                 .is_ok();
             if reserved {
-                return Some((
-                    connection.sender.clone(),
-                    StreamSlot {
-                        connection: Arc::clone(connection),
-                    },
-                ));
+                return Some(connection.lend());
             }
         }
         None
