@@ -1,4 +1,5 @@
-//! The admin endpoint: `/healthz`, `/readyz`, `/backends` and a plain status page at `/`.
+//! The admin endpoint: `/metrics`, `/healthz`, `/readyz`, `/backends` and a plain status page
+//! at `/`.
 //! Served over HTTP/1.1 by pingora's small `ServeHttp` app; none of it is on the call path.
 
 use std::sync::Arc;
@@ -11,6 +12,8 @@ use pingora_core::protocols::http::ServerSession;
 use serde::Serialize;
 
 use crate::balance::BackendSnapshot;
+use crate::discovery::DiscoveryView;
+use crate::metrics::metrics;
 use crate::proxy::Router;
 use crate::server::Lifecycle;
 
@@ -28,6 +31,7 @@ struct BackendsView {
 #[derive(Serialize)]
 struct ClusterView {
     name: String,
+    discovery: DiscoveryView,
     backends: Vec<BackendSnapshot>,
 }
 
@@ -37,6 +41,11 @@ impl ServeHttp for Admin {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
             "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/metrics" => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics().encode(),
+            ),
             "/readyz" => match self.not_ready_reason() {
                 None => text(StatusCode::OK, "ready\n"),
                 Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{reason}\n")),
@@ -52,7 +61,7 @@ impl ServeHttp for Admin {
             ),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /healthz /readyz /backends or /\n",
+                "not found; try /metrics /healthz /readyz /backends or /\n",
             ),
         }
     }
@@ -87,6 +96,7 @@ impl Admin {
                 .iter()
                 .map(|c| ClusterView {
                     name: c.name.clone(),
+                    discovery: c.discovery.view(),
                     backends: c.backends().backends.iter().map(|b| b.snapshot()).collect(),
                 })
                 .collect(),
@@ -102,8 +112,18 @@ impl Admin {
              </style><h1>sluice</h1>",
         );
         for cluster in self.backends().clusters {
+            let d = &cluster.discovery;
+            let source = match (&d.prefix, d.connected) {
+                (Some(prefix), true) => format!("etcd {}/ (watching)", escape(prefix)),
+                (Some(prefix), false) => format!(
+                    "etcd {}/ <b>unreachable: routing on the last known set</b> ({})",
+                    escape(prefix),
+                    escape(d.last_error.as_deref().unwrap_or("connecting"))
+                ),
+                (None, _) => d.source.to_string(),
+            };
             html.push_str(&format!(
-                "<h2>{}</h2><table><tr><th>backend<th>state<th>in flight<th>EWMA ms<th>requests<th>failures<th>weight<th>source</tr>",
+                "<h2>{}</h2><p>discovery: {source}</p><table><tr><th>backend<th>state<th>in flight<th>EWMA ms<th>requests<th>failures<th>weight<th>source</tr>",
                 escape(&cluster.name)
             ));
             for b in cluster.backends {

@@ -25,8 +25,9 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// The etcd cluster that `discovery: { etcd: ... }` clusters watch.
     #[serde(default)]
-    pub etcd: Option<NotSupportedYet>,
+    pub etcd: Option<EtcdConfig>,
     pub clusters: Vec<ClusterConfig>,
     /// Absent: with a single cluster, everything routes to it.
     #[serde(default)]
@@ -126,14 +127,133 @@ fn default_max_deadline() -> DurationValue {
     DurationValue(Duration::from_secs(60))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
     /// `static` in YAML (a Rust keyword, hence the field name).
     #[serde(default, rename = "static")]
     pub static_: Option<Vec<BackendAddr>>,
     #[serde(default)]
-    pub etcd: Option<NotSupportedYet>,
+    pub etcd: Option<EtcdDiscovery>,
+}
+
+/// `discovery: { etcd: { prefix, format } }`: every key under `PREFIX/` is one backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdDiscovery {
+    /// Without the trailing slash; sluice watches `PREFIX/`.
+    #[serde(deserialize_with = "deserialize_prefix")]
+    pub prefix: String,
+    #[serde(default)]
+    pub format: EtcdFormat,
+}
+
+/// How a value under the prefix is decoded (SPEC.md "etcd discovery").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EtcdFormat {
+    /// Detect per value: JSON with `endpoints` is kratos, JSON with `Addr` is etcd-naming,
+    /// anything else is plain.
+    #[default]
+    Auto,
+    EtcdNaming,
+    Plain,
+    Kratos,
+}
+
+fn deserialize_prefix<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    let prefix = text.trim_end_matches('/');
+    if prefix.is_empty() || prefix.contains(char::is_whitespace) {
+        return Err(de::Error::custom(format!(
+            "invalid etcd prefix {text:?}: expected a key prefix such as \"services/echo\""
+        )));
+    }
+    Ok(prefix.to_string())
+}
+
+/// The top-level `etcd:` block.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<EtcdEndpoint>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub tls: Option<EtcdTlsConfig>,
+    /// Bounds connecting to etcd and each list or watch set-up.
+    #[serde(default = "default_dial_timeout")]
+    pub dial_timeout: DurationValue,
+}
+
+fn default_dial_timeout() -> DurationValue {
+    DurationValue(Duration::from_secs(5))
+}
+
+/// TLS to etcd. Paths are relative to the working directory. The files are read at load, so
+/// a missing or unreadable one is a config error, not a watch that never connects.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsConfig {
+    pub ca_file: PemFile,
+    #[serde(default)]
+    pub cert_file: Option<PemFile>,
+    #[serde(default)]
+    pub key_file: Option<PemFile>,
+}
+
+/// An etcd client URL: `http://HOST:PORT` or `https://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdEndpoint(pub String);
+
+impl EtcdEndpoint {
+    pub fn parse(text: &str) -> Result<EtcdEndpoint, String> {
+        let bad = || {
+            format!(
+                "invalid etcd endpoint {text:?}: expected http://HOST:PORT or https://HOST:PORT, such as \"http://127.0.0.1:2379\""
+            )
+        };
+        let rest = text
+            .strip_prefix("http://")
+            .or_else(|| text.strip_prefix("https://"))
+            .ok_or_else(bad)?;
+        BackendAddr::parse(rest.trim_end_matches('/')).map_err(|_| bad())?;
+        Ok(EtcdEndpoint(text.trim_end_matches('/').to_string()))
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.0.starts_with("https://")
+    }
+}
+
+impl<'de> Deserialize<'de> for EtcdEndpoint {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        EtcdEndpoint::parse(&text).map_err(de::Error::custom)
+    }
+}
+
+/// A PEM file, read and checked while the config loads; holds the path and the contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PemFile {
+    pub path: String,
+    pub pem: Vec<u8>,
+}
+
+impl<'de> Deserialize<'de> for PemFile {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let path = String::deserialize(deserializer)?;
+        let pem = std::fs::read(&path)
+            .map_err(|e| de::Error::custom(format!("cannot read \"{path}\": {e}")))?;
+        if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+            return Err(de::Error::custom(format!(
+                "\"{path}\" is not a PEM file (no \"-----BEGIN\" line)"
+            )));
+        }
+        Ok(PemFile { path, pem })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -363,6 +483,13 @@ impl Config {
                     ))
                 }
                 (Some(_), None) => {}
+                (None, Some(_)) if self.etcd.is_none() => {
+                    return Err(format!(
+                        "etcd: required, because clusters[{i}] ({:?}) uses etcd discovery; add `etcd: {{ endpoints: [\"http://127.0.0.1:2379\"] }}`",
+                        cluster.name
+                    ))
+                }
+                (None, Some(_)) => {}
                 _ => {
                     return Err(format!(
                         "clusters[{i}].discovery: exactly one of `static` or `etcd` is required"
@@ -433,6 +560,9 @@ impl Config {
                 }
             }
         }
+        if let Some(etcd) = &self.etcd {
+            validate_etcd(etcd, &at)?;
+        }
         if let Some(threads) = self.threads {
             if threads == 0 {
                 return Err("threads: must be at least 1".into());
@@ -440,6 +570,63 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn validate_etcd(etcd: &EtcdConfig, at: &dyn Fn(&str) -> String) -> Result<(), String> {
+    if etcd.endpoints.is_empty() {
+        return Err(format!(
+            "etcd.endpoints: list at least one endpoint{}",
+            at("endpoints")
+        ));
+    }
+    for (i, endpoint) in etcd.endpoints.iter().enumerate() {
+        match (endpoint.is_https(), etcd.tls.is_some()) {
+            (true, false) => {
+                return Err(format!(
+                    "etcd.endpoints[{i}]: {:?} is https, so `etcd.tls` (at least `ca_file`) is required{}",
+                    endpoint.0,
+                    at(&endpoint.0)
+                ))
+            }
+            (false, true) => {
+                return Err(format!(
+                    "etcd.endpoints[{i}]: {:?} is plain http but `etcd.tls` is set; use https://{}",
+                    endpoint.0,
+                    at(&endpoint.0)
+                ))
+            }
+            _ => {}
+        }
+    }
+    if etcd.username.is_some() != etcd.password.is_some() {
+        return Err(format!(
+            "etcd: `username` and `password` go together; set both or neither{}",
+            at(if etcd.username.is_some() {
+                "username"
+            } else {
+                "password"
+            })
+        ));
+    }
+    if let Some(tls) = &etcd.tls {
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return Err(format!(
+                "etcd.tls: `cert_file` and `key_file` go together (a client certificate and its key){}",
+                at(if tls.cert_file.is_some() {
+                    "cert_file"
+                } else {
+                    "key_file"
+                })
+            ));
+        }
+    }
+    if etcd.dial_timeout.0.is_zero() {
+        return Err(format!(
+            "etcd.dial_timeout: must be greater than 0{}",
+            at("dial_timeout")
+        ));
+    }
+    Ok(())
 }
 
 /// Formats a parse error as `path: message at line N`. serde_yaml puts its own (shorter) path

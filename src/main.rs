@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice::config::{parse_duration, Config};
+use sluice::register::Registration;
 use sluice::server::RunOptions;
 use tracing_subscriber::EnvFilter;
 
@@ -45,6 +46,28 @@ enum Command {
     Check {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+    /// Register one backend in etcd under a lease, keep it alive, delete it on SIGINT/SIGTERM
+    /// (for services that cannot register themselves).
+    Register {
+        /// etcd client URL(s), comma-separated: http://HOST:PORT
+        #[arg(long)]
+        etcd: String,
+        /// Key prefix the cluster watches, e.g. `services/echo` (the key goes under `PREFIX/`).
+        #[arg(long)]
+        prefix: String,
+        /// The backend's address, HOST:PORT.
+        #[arg(long)]
+        addr: String,
+        /// Lease TTL: how long the key outlives this process if it dies without deregistering.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        /// JSON metadata (etcd-naming only), e.g. '{"weight":3}'.
+        #[arg(long)]
+        metadata: Option<String>,
+        /// Value format: etcd-naming (JSON, key PREFIX/ADDR) or plain (address, key PREFIX/LEASE).
+        #[arg(long, default_value = "etcd-naming")]
+        format: String,
     },
     /// The proxy plus three built-in echo backends on loopback; no etcd needed.
     Demo,
@@ -111,6 +134,20 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
+        Command::Register {
+            etcd,
+            prefix,
+            addr,
+            ttl,
+            metadata,
+            format,
+        } => {
+            init_logging(None);
+            match Registration::new(&etcd, &prefix, &addr, ttl, metadata.as_deref(), &format) {
+                Ok(registration) => sluice::register::run(registration),
+                Err(error) => Err(error.into()),
+            }
+        }
         Command::Demo => {
             init_logging(None);
             sluice::demo::run_demo()

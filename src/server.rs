@@ -24,8 +24,9 @@ use tracing::{error, info, warn};
 
 use crate::admin::Admin;
 use crate::balance::Cluster;
-use crate::config::Config;
-use crate::discovery;
+use crate::config::{ClusterConfig, Config};
+use crate::discovery::{self, Watchers};
+use crate::metrics::metrics;
 use crate::proxy::{H2Settings, Proxy, Router};
 
 /// Everything a boxed cold-path error needs (config, CLI, start-up).
@@ -104,22 +105,29 @@ impl Drop for OpenConnection {
 
 // === start-up ===
 
-/// Builds the clusters and router for a config, adopting the backends (and their live
-/// connections) of same-named clusters in `previous`.
-fn build_router(config: &Config, previous: Option<&Router>) -> Router {
-    let clusters: Vec<Arc<Cluster>> = config
+/// Builds the clusters and router for a config and starts their discovery. Same-named
+/// clusters of `previous` hand over their backends (and live connections) when the discovery
+/// source is unchanged, or is a static list that replaces them at once. The returned
+/// [`Watchers`] keep the etcd watches running.
+fn build_router(config: &Config, previous: Option<&Router>) -> (Router, Watchers) {
+    let clusters: Vec<(Arc<Cluster>, &ClusterConfig)> = config
         .clusters
         .iter()
         .map(|c| {
             let cluster = Arc::new(Cluster::new(c));
             if let Some(old) = previous.and_then(|r| r.cluster(&c.name)) {
-                cluster.adopt_backends(old);
+                let same_source = old.discovery.source == cluster.discovery.source
+                    && old.discovery.prefix == cluster.discovery.prefix;
+                if same_source || c.discovery.static_.is_some() {
+                    cluster.adopt_backends(old);
+                }
             }
-            discovery::start(&cluster, c);
-            cluster
+            (cluster, c)
         })
         .collect();
-    Router::new(config, clusters)
+    let watchers = discovery::start(&clusters, config.etcd.as_ref());
+    let router = Router::new(config, clusters.into_iter().map(|(c, _)| c).collect());
+    (router, watchers)
 }
 
 /// How the process starts.
@@ -146,7 +154,8 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
     }
 
     let lifecycle = Lifecycle::new();
-    let router = Arc::new(ArcSwap::from_pointee(build_router(&config, None)));
+    let (router, watchers) = build_router(&config, None);
+    let router = Arc::new(ArcSwap::from_pointee(router));
     let drain_timeout = config.shutdown.drain_timeout.0;
 
     let conf = ServerConf {
@@ -212,6 +221,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
         Reload {
             path: options.config_path,
             router: Arc::clone(&router),
+            watchers: std::sync::Mutex::new(watchers),
             restart_only: RestartOnly::of(&config),
         },
     ));
@@ -326,6 +336,8 @@ impl BackgroundService for Readiness {
 struct Reload {
     path: Option<PathBuf>,
     router: Arc<ArcSwap<Router>>,
+    /// The etcd watches feeding the current router's clusters.
+    watchers: std::sync::Mutex<Watchers>,
     restart_only: RestartOnly,
 }
 
@@ -395,8 +407,16 @@ impl Reload {
                  need a restart (or an upgrade); they are ignored"
             );
         }
-        let next = build_router(&config, Some(&self.router.load()));
+        let previous = self.router.load_full();
+        let (next, watchers) = build_router(&config, Some(&previous));
         self.router.store(Arc::new(next));
+        // The new watches run; the old ones stop (their clusters are no longer routed to).
+        *self.watchers.lock().unwrap_or_else(|e| e.into_inner()) = watchers;
+        for cluster in previous.clusters() {
+            if config.clusters.iter().all(|c| c.name != cluster.name) {
+                metrics().forget_cluster(&cluster.name);
+            }
+        }
         info!(path = %path.display(), "SIGHUP: config reloaded");
     }
 }

@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::config::{BackendAddr, BalancerKind, ClusterConfig};
+use crate::discovery::DiscoveryStatus;
 use crate::proxy::pool::Pool;
 
 /// One discovered backend: where it is and how much it may take.
@@ -298,6 +299,8 @@ pub struct Cluster {
     pub retry_budget: RetryBudget,
     /// Set once the first discovery result arrived (`/readyz`).
     ready: std::sync::atomic::AtomicBool,
+    /// Where the backends come from, and whether that source answers.
+    pub discovery: DiscoveryStatus,
 }
 
 impl Cluster {
@@ -313,6 +316,7 @@ impl Cluster {
             backends: ArcSwap::from_pointee(BackendSet::default()),
             retry_budget: RetryBudget::new(config.retry.budget_ratio),
             ready: Default::default(),
+            discovery: DiscoveryStatus::new(&config.discovery),
         }
     }
 
@@ -325,9 +329,13 @@ impl Cluster {
     }
 
     /// Takes over another cluster's backends (on reload), so those that stay keep their
-    /// connections and statistics when the next `update` runs.
+    /// connections and statistics when the next `update` runs. A cluster that was ready stays
+    /// ready: its set is known while the new watch lists again.
     pub fn adopt_backends(&self, previous: &Cluster) {
         self.backends.store(previous.backends.load_full());
+        if previous.is_ready() {
+            self.ready.store(true, Ordering::Release);
+        }
     }
 
     /// Replaces the backend set. Backends that stay keep their state and connections; new

@@ -1,16 +1,178 @@
 //! Discovery sources push whole backend sets into clusters ([`Cluster::update`]).
 //!
-//! A closed set, one file each: `static` lists come from the config. etcd comes with its own
-//! issue; its config key is rejected as "not supported yet" until then.
+//! A closed set, one file each: `static` lists come from the config and are applied once;
+//! `etcd` prefixes are watched by a task each ([`etcd`]), decoded by [`formats`]. The watch
+//! tasks run on one small runtime of their own, off the data plane's threads, and stop when
+//! the [`Watchers`] handle that started them is dropped (on reload, after the new ones start).
 
+mod etcd;
+pub mod formats;
 mod static_list;
 
-use crate::balance::Cluster;
-use crate::config::ClusterConfig;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// Starts feeding `cluster` from the source its config names.
-pub fn start(cluster: &Cluster, config: &ClusterConfig) {
-    if let Some(list) = &config.discovery.static_ {
-        static_list::apply(cluster, list);
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::balance::{Cluster, Endpoint};
+use crate::config::{ClusterConfig, DiscoveryConfig, EtcdConfig};
+use crate::metrics::metrics;
+
+pub use etcd::connect as etcd_connect;
+
+/// Where a cluster's backends come from and how that source is doing, for `/backends`.
+#[derive(Debug)]
+pub struct DiscoveryStatus {
+    /// `static` or `etcd`.
+    pub source: &'static str,
+    /// The etcd prefix watched, without the trailing slash.
+    pub prefix: Option<String>,
+    /// The source answers (always true for `static`).
+    connected: AtomicBool,
+    /// The etcd revision the backend set reflects.
+    revision: AtomicI64,
+    /// Why the source last failed, kept until it answers again (cold path).
+    last_error: Mutex<Option<String>>,
+}
+
+/// What `/backends` shows of a cluster's discovery.
+#[derive(Debug, Serialize)]
+pub struct DiscoveryView {
+    pub source: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    pub connected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl DiscoveryStatus {
+    pub fn new(config: &DiscoveryConfig) -> DiscoveryStatus {
+        let (source, prefix) = match &config.etcd {
+            Some(etcd) => ("etcd", Some(etcd.prefix.clone())),
+            None => ("static", None),
+        };
+        DiscoveryStatus {
+            source,
+            prefix,
+            connected: AtomicBool::new(source == "static"),
+            revision: AtomicI64::new(0),
+            last_error: Mutex::new(None),
+        }
     }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    fn set_connected(&self, cluster: &str) {
+        self.connected.store(true, Ordering::Release);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        metrics()
+            .discovery_connected
+            .with_label_values(&[cluster, self.source])
+            .set(1);
+    }
+
+    fn set_failed(&self, cluster: &str, error: String) {
+        self.connected.store(false, Ordering::Release);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+        let m = metrics();
+        m.discovery_connected
+            .with_label_values(&[cluster, self.source])
+            .set(0);
+        m.discovery_errors
+            .with_label_values(&[cluster, self.source])
+            .inc();
+    }
+
+    fn set_revision(&self, revision: i64) {
+        self.revision.store(revision, Ordering::Release);
+    }
+
+    pub fn view(&self) -> DiscoveryView {
+        let revision = self.revision.load(Ordering::Acquire);
+        DiscoveryView {
+            source: self.source,
+            prefix: self.prefix.clone(),
+            connected: self.is_connected(),
+            revision: (revision > 0).then_some(revision),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+}
+
+/// Applies a whole backend set to a cluster, with its log line and metrics.
+fn apply(cluster: &Cluster, endpoints: &[Endpoint]) {
+    let source = cluster.discovery.source;
+    let before = cluster.backends().backends.len();
+    if cluster.update(endpoints, source) {
+        info!(
+            cluster = %cluster.name,
+            source,
+            backends = endpoints.len(),
+            before,
+            "backend set updated"
+        );
+        metrics()
+            .discovery_updates
+            .with_label_values(&[&cluster.name, source])
+            .inc();
+    }
+    metrics()
+        .backends
+        .with_label_values(&[&cluster.name])
+        .set(endpoints.len() as i64);
+}
+
+/// The running watch tasks of one config generation; dropping it stops them.
+#[derive(Debug, Default)]
+pub struct Watchers {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts feeding each cluster from the source its config names: a static list at once, an
+/// etcd prefix from a watch task.
+pub fn start(clusters: &[(Arc<Cluster>, &ClusterConfig)], etcd: Option<&EtcdConfig>) -> Watchers {
+    let mut watchers = Watchers::default();
+    for (cluster, config) in clusters {
+        if let Some(list) = &config.discovery.static_ {
+            static_list::apply(cluster, list);
+        }
+        if let (Some(source), Some(etcd)) = (&config.discovery.etcd, etcd) {
+            let task = etcd::watch(Arc::clone(cluster), etcd.clone(), source.clone());
+            watchers.tasks.push(runtime().spawn(task));
+        }
+    }
+    watchers
+}
+
+/// The runtime the watch tasks run on: one worker thread, created on first use.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sluice-discovery")
+            .enable_all()
+            .build()
+            // Creating a one-thread runtime fails only when the OS refuses a thread at start-up.
+            .expect("cannot start the discovery runtime")
+    })
 }

@@ -11,5 +11,5 @@ pub(super) fn apply(cluster: &Cluster, list: &[BackendAddr]) {
             weight: 1,
         })
         .collect();
-    cluster.update(&endpoints, "static");
+    super::apply(cluster, &endpoints);
 }

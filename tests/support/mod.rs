@@ -3,6 +3,8 @@
 //! listens on 127.0.0.1; every wait is bounded.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod etcd;
+
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -189,15 +191,20 @@ impl Sluice {
     /// Starts `sluice run` with a listener and admin on free ports and `rest` (clusters,
     /// routes, ...) appended to the config; returns once `/readyz` answers 200.
     pub async fn start(rest: &str) -> Sluice {
+        let mut sluice = Sluice::start_unready(rest);
+        sluice.wait_ready().await;
+        sluice
+    }
+
+    /// Like [`Sluice::start`], without waiting for `/readyz`.
+    pub fn start_unready(rest: &str) -> Sluice {
         let layout = Layout {
             addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             dir: Arc::new(tempfile::tempdir().expect("tempdir")),
         };
         layout.write_config(rest);
-        let mut sluice = layout.launch(false, "sluice.log");
-        sluice.wait_ready().await;
-        sluice
+        layout.launch(false, "sluice.log")
     }
 
     /// Rewrites the config file (same listener and admin) with a new `rest`.
@@ -213,7 +220,97 @@ impl Sluice {
         }
     }
 
-    async fn wait_ready(&mut self) {
+    /// `/backends`, parsed.
+    pub async fn backends_view(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.admin, "/backends")
+            .await
+            .expect("GET /backends");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("/backends is JSON")
+    }
+
+    /// The addresses (with weights) of cluster `name`, sorted.
+    pub async fn backends_of(&self, name: &str) -> Vec<(String, u64)> {
+        let view = self.backends_view().await;
+        let mut list: Vec<(String, u64)> = view["clusters"]
+            .as_array()
+            .expect("clusters")
+            .iter()
+            .filter(|c| c["name"] == name)
+            .flat_map(|c| c["backends"].as_array().cloned().unwrap_or_default())
+            .map(|b| {
+                let address = b["address"].as_str().unwrap_or_default().to_string();
+                (address, b["weight"].as_u64().unwrap_or_default())
+            })
+            .collect();
+        list.sort();
+        list
+    }
+
+    /// Polls `/backends` until cluster `name` has exactly `addresses` (any order), at most
+    /// `budget`; returns whether it did.
+    pub async fn wait_backends(
+        &self,
+        name: &str,
+        addresses: &[SocketAddr],
+        budget: Duration,
+    ) -> bool {
+        let mut want: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+        want.sort();
+        let end = Instant::now() + budget;
+        loop {
+            let have: Vec<String> = self
+                .backends_of(name)
+                .await
+                .into_iter()
+                .map(|(a, _)| a)
+                .collect();
+            if have == want {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The `discovery` object `/backends` shows for cluster `name`.
+    pub async fn discovery_of(&self, name: &str) -> serde_json::Value {
+        let view = self.backends_view().await;
+        view["clusters"]
+            .as_array()
+            .expect("clusters")
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| c["discovery"].clone())
+            .unwrap_or_default()
+    }
+
+    /// Polls until cluster `name`'s discovery reports `connected == want`.
+    pub async fn wait_discovery_connected(&self, name: &str, want: bool, budget: Duration) -> bool {
+        let end = Instant::now() + budget;
+        loop {
+            if self.discovery_of(name).await["connected"] == want {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let (status, body) = http_get(self.admin, "/metrics")
+            .await
+            .expect("GET /metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub async fn wait_ready(&mut self) {
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok((200, _)) = http_get(self.admin, "/readyz").await {

@@ -1,0 +1,312 @@
+//! `discovery: { etcd: { prefix, format } }`: one watch task per cluster keeps its backend set
+//! equal to the keys under `PREFIX/`.
+//!
+//! The task lists the prefix, then watches from the next revision. Each watch response is
+//! applied as one atomic set swap. When etcd goes away the task reconnects with backoff and
+//! resumes from the last revision it saw; if etcd compacted that revision meanwhile, it lists
+//! again. Until the first list the cluster is not ready (`/readyz` 503); after it, an outage
+//! changes nothing: calls keep going to the last known set, `sluice_discovery_connected` is 0
+//! and a warning is logged.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
+    WatchResponse,
+};
+use tokio::time::timeout;
+use tracing::{debug, info, warn};
+
+use super::formats::{self, Decoded};
+use crate::balance::{Cluster, Endpoint};
+use crate::config::{BackendAddr, EtcdConfig, EtcdDiscovery, EtcdFormat};
+use crate::metrics::metrics;
+
+/// HTTP/2 pings on the etcd connection, so a peer that vanished without a FIN (a partition, a
+/// powered-off host) is noticed. etcd refuses pings more often than every 5 s by default.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reconnect backoff: from 100 ms, doubling, up to 5 s, with jitter.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// While etcd stays unreachable, a warning every this many failed attempts (about a minute at
+/// the longest backoff); the rest go to debug.
+const WARN_EVERY: u32 = 12;
+
+/// Opens an etcd client with the config's endpoints, credentials, TLS and dial timeout.
+pub async fn connect(etcd: &EtcdConfig) -> Result<Client, String> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(etcd.dial_timeout.0)
+        .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+        .with_keep_alive_while_idle(true);
+    if let (Some(user), Some(password)) = (&etcd.username, &etcd.password) {
+        options = options
+            .with_user(user.clone(), password.clone())
+            .with_auto_token_refresh(true);
+    }
+    if let Some(tls) = &etcd.tls {
+        let mut tls_options =
+            TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca_file.pem));
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            tls_options = tls_options.identity(Identity::from_pem(&cert.pem, &key.pem));
+        }
+        options = options.with_tls(tls_options);
+    }
+    let endpoints: Vec<&str> = etcd.endpoints.iter().map(|e| e.0.as_str()).collect();
+    match timeout(
+        etcd.dial_timeout.0,
+        Client::connect(endpoints, Some(options)),
+    )
+    .await
+    {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(error)) => Err(format!("cannot connect: {error}")),
+        Err(_) => Err(format!(
+            "cannot connect within dial_timeout ({:?})",
+            etcd.dial_timeout.0
+        )),
+    }
+}
+
+/// The watch task of one cluster. Runs until aborted (reload or exit).
+pub(super) async fn watch(cluster: Arc<Cluster>, etcd: EtcdConfig, source: EtcdDiscovery) {
+    let mut prefix = PrefixState::new(cluster, &source);
+    let mut backoff = BACKOFF_FIRST;
+    let mut failures: u32 = 0;
+    loop {
+        let (error, progressed) = prefix.session(&etcd).await;
+        if progressed {
+            backoff = BACKOFF_FIRST;
+            failures = 0;
+        }
+        failures += 1;
+        let cluster = &prefix.cluster;
+        let known = cluster.backends().backends.len();
+        let delay = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+        if !cluster.is_ready() {
+            warn!(cluster = %cluster.name, %error, retry_in = ?delay,
+                "etcd: no backend set yet; the cluster is not ready (/readyz 503) until the first list");
+        } else if failures == 1 || failures.is_multiple_of(WARN_EVERY) {
+            warn!(cluster = %cluster.name, %error, backends = known, retry_in = ?delay,
+                "etcd unreachable; routing continues on the last known backend set");
+        } else {
+            debug!(cluster = %cluster.name, %error, retry_in = ?delay, "etcd still unreachable");
+        }
+        cluster.discovery.set_failed(&cluster.name, error);
+        tokio::time::sleep(delay).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// What the task knows of the prefix: the keys and what they decoded to, and the revision.
+struct PrefixState {
+    cluster: Arc<Cluster>,
+    /// `PREFIX/`, with the slash, so `svc` does not pick up `svc-canary/...`.
+    key_prefix: String,
+    format: EtcdFormat,
+    /// Key -> backend, for every key whose value decoded to one.
+    keys: BTreeMap<String, Endpoint>,
+    /// Keys whose value could not be decoded; each is logged once, when it turns bad.
+    invalid: HashSet<String>,
+    /// The newest revision applied; 0 before the first list.
+    revision: i64,
+}
+
+/// What a watch response asks of the task.
+enum Next {
+    Continue,
+    Relist,
+}
+
+impl PrefixState {
+    fn new(cluster: Arc<Cluster>, source: &EtcdDiscovery) -> PrefixState {
+        PrefixState {
+            cluster,
+            key_prefix: format!("{}/", source.prefix),
+            format: source.format,
+            keys: BTreeMap::new(),
+            invalid: HashSet::new(),
+            revision: 0,
+        }
+    }
+
+    /// Connects, lists when needed, and follows the watch until something fails. Returns the
+    /// failure, and whether etcd answered at all this time (which resets the backoff).
+    async fn session(&mut self, etcd: &EtcdConfig) -> (String, bool) {
+        let dial = etcd.dial_timeout.0;
+        let mut client = match connect(etcd).await {
+            Ok(client) => client,
+            Err(error) => return (error, false),
+        };
+        let mut progressed = false;
+        loop {
+            if self.revision == 0 {
+                if let Err(error) = self.list(&mut client, dial).await {
+                    return (error, progressed);
+                }
+                progressed = true;
+                self.cluster.discovery.set_connected(&self.cluster.name);
+            }
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(self.revision + 1);
+            let mut stream =
+                match timeout(dial, client.watch(self.key_prefix.as_str(), Some(options))).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => return (format!("cannot watch: {error}"), progressed),
+                    Err(_) => {
+                        return (
+                            format!("no watch within dial_timeout ({dial:?})"),
+                            progressed,
+                        )
+                    }
+                };
+            // The first response confirms the watch (or reports the revision compacted).
+            let mut first = true;
+            loop {
+                let message = if first {
+                    match timeout(dial, stream.message()).await {
+                        Ok(message) => message,
+                        Err(_) => {
+                            return (
+                                format!("watch not confirmed within dial_timeout ({dial:?})"),
+                                progressed,
+                            )
+                        }
+                    }
+                } else {
+                    stream.message().await
+                };
+                let response = match message {
+                    Ok(Some(response)) => response,
+                    Ok(None) => return ("etcd closed the watch".into(), progressed),
+                    Err(error) => return (format!("watch failed: {error}"), progressed),
+                };
+                match self.on_watch_response(response) {
+                    Ok(Next::Continue) => {}
+                    Ok(Next::Relist) => {
+                        self.revision = 0;
+                        break;
+                    }
+                    Err(error) => return (error, progressed),
+                }
+                if first {
+                    first = false;
+                    progressed = true;
+                    if !self.cluster.discovery.is_connected() {
+                        info!(cluster = %self.cluster.name, revision = self.revision,
+                            "etcd watch established");
+                    }
+                    self.cluster.discovery.set_connected(&self.cluster.name);
+                }
+            }
+        }
+    }
+
+    /// Replaces what is known with a fresh listing of the prefix.
+    async fn list(&mut self, client: &mut Client, dial: Duration) -> Result<(), String> {
+        let options = GetOptions::new().with_prefix();
+        let response =
+            match timeout(dial, client.get(self.key_prefix.as_str(), Some(options))).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) => return Err(format!("cannot list {}: {error}", self.key_prefix)),
+                Err(_) => return Err(format!("no list within dial_timeout ({dial:?})")),
+            };
+        let Some(header) = response.header() else {
+            return Err("etcd answered the list without a header".into());
+        };
+        let revision = header.revision();
+        self.keys.clear();
+        let mut listed = HashSet::new();
+        for kv in response.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            self.put(&key, kv.value());
+            listed.insert(key);
+        }
+        self.invalid.retain(|key| listed.contains(key));
+        self.revision = revision;
+        debug!(cluster = %self.cluster.name, revision, keys = listed.len(), "etcd: listed prefix");
+        self.publish();
+        Ok(())
+    }
+
+    fn on_watch_response(&mut self, response: WatchResponse) -> Result<Next, String> {
+        if response.compact_revision() > 0 {
+            info!(cluster = %self.cluster.name, from = self.revision + 1,
+                compacted_to = response.compact_revision(),
+                "etcd compacted the revisions this watch needed; listing the prefix again");
+            return Ok(Next::Relist);
+        }
+        if response.canceled() {
+            return Err(format!(
+                "etcd cancelled the watch: {}",
+                response.cancel_reason()
+            ));
+        }
+        if response.events().is_empty() {
+            return Ok(Next::Continue);
+        }
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match event.event_type() {
+                EventType::Put => self.put(&key, kv.value()),
+                EventType::Delete => {
+                    self.keys.remove(&key);
+                    self.invalid.remove(&key);
+                }
+            }
+            self.revision = self.revision.max(kv.mod_revision());
+        }
+        self.publish();
+        Ok(Next::Continue)
+    }
+
+    /// Records what one key's value says. A value that cannot be decoded is skipped (the key
+    /// names no backend) and logged once, with the key.
+    fn put(&mut self, key: &str, value: &[u8]) {
+        match formats::decode(self.format, value) {
+            Ok(Decoded::Backend(endpoint)) => {
+                self.invalid.remove(key);
+                self.keys.insert(key.to_string(), endpoint);
+            }
+            Ok(Decoded::Removed) => {
+                self.invalid.remove(key);
+                self.keys.remove(key);
+            }
+            Err(why) => {
+                self.keys.remove(key);
+                if self.invalid.insert(key.to_string()) {
+                    warn!(cluster = %self.cluster.name, key, error = %why,
+                        "etcd: skipping a value that cannot be decoded");
+                }
+            }
+        }
+    }
+
+    /// Swaps the cluster's backend set for the decoded keys. Two keys with one address (a
+    /// service registered twice) are one backend, with the larger weight.
+    fn publish(&self) {
+        let mut endpoints: Vec<Endpoint> = Vec::with_capacity(self.keys.len());
+        let mut index: HashMap<&BackendAddr, usize> = HashMap::new();
+        for endpoint in self.keys.values() {
+            match index.get(&endpoint.address) {
+                Some(&i) => endpoints[i].weight = endpoints[i].weight.max(endpoint.weight),
+                None => {
+                    index.insert(&endpoint.address, endpoints.len());
+                    endpoints.push(endpoint.clone());
+                }
+            }
+        }
+        super::apply(&self.cluster, &endpoints);
+        self.cluster.discovery.set_revision(self.revision);
+        metrics()
+            .discovery_invalid_values
+            .with_label_values(&[&self.cluster.name])
+            .set(self.invalid.len() as i64);
+    }
+}

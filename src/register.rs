@@ -1,0 +1,310 @@
+//! `sluice register`: keeps one backend registered in etcd for a service that cannot register
+//! itself, in the format sluice's discovery (and Go's resolvers) read.
+//!
+//! The key lives under a lease that this process keeps alive. If the lease is lost (etcd was
+//! unreachable for longer than the TTL, or someone revoked it) the backend is registered
+//! again under a new lease. SIGINT/SIGTERM delete the key and revoke the lease, so the backend
+//! leaves at once instead of a TTL later.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, PutOptions};
+use serde_json::Value;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::timeout;
+use tracing::{info, warn};
+
+use crate::config::{BackendAddr, DurationValue, EtcdConfig, EtcdEndpoint, EtcdFormat};
+use crate::discovery::{etcd_connect, formats};
+use crate::server::BoxError;
+
+/// Bounds every single etcd request this command makes.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What to register, from the command line.
+#[derive(Debug)]
+pub struct Registration {
+    pub endpoints: Vec<EtcdEndpoint>,
+    /// Without the trailing slash.
+    pub prefix: String,
+    pub address: BackendAddr,
+    pub ttl: Duration,
+    pub metadata: Option<Value>,
+    /// `EtcdNaming` or `Plain`.
+    pub format: EtcdFormat,
+}
+
+impl Registration {
+    /// Checks and assembles the command-line values; errors name the flag.
+    pub fn new(
+        etcd: &str,
+        prefix: &str,
+        address: &str,
+        ttl: Duration,
+        metadata: Option<&str>,
+        format: &str,
+    ) -> Result<Registration, String> {
+        let endpoints = etcd
+            .split(',')
+            .map(|e| EtcdEndpoint::parse(e.trim()).map_err(|e| format!("--etcd: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.iter().any(EtcdEndpoint::is_https) {
+            return Err("--etcd: https endpoints are not supported by `register` yet".into());
+        }
+        let prefix = prefix.trim_end_matches('/');
+        if prefix.is_empty() {
+            return Err("--prefix: must not be empty, such as \"services/echo\"".into());
+        }
+        let address = BackendAddr::parse(address).map_err(|e| format!("--addr: {e}"))?;
+        if ttl < Duration::from_secs(1) {
+            return Err("--ttl: must be at least 1s (etcd leases count whole seconds)".into());
+        }
+        let format = match format {
+            "etcd-naming" => EtcdFormat::EtcdNaming,
+            "plain" => EtcdFormat::Plain,
+            other => {
+                return Err(format!(
+                    "--format: {other:?} is not one of \"etcd-naming\" or \"plain\""
+                ))
+            }
+        };
+        let metadata = match metadata {
+            None => None,
+            Some(_) if format == EtcdFormat::Plain => return Err(
+                "--metadata: the plain format has no room for metadata; use --format etcd-naming"
+                    .into(),
+            ),
+            Some(text) => Some(
+                serde_json::from_str::<Value>(text)
+                    .map_err(|e| format!("--metadata: invalid JSON: {e}"))?,
+            ),
+        };
+        if let Some(m) = &metadata {
+            let value = formats::encode(format, &address.0, Some(m));
+            formats::decode(format, value.as_bytes())
+                .map_err(|e| format!("--metadata: sluice could not read it back: {e}"))?;
+        }
+        Ok(Registration {
+            endpoints,
+            prefix: prefix.to_string(),
+            address,
+            ttl,
+            metadata,
+            format,
+        })
+    }
+
+    /// The key for a lease: `PREFIX/ADDR` (etcd-naming, as endpoints.Manager writes it) or
+    /// `PREFIX/<lease id>` (plain, as go-zero writes it).
+    fn key(&self, lease: i64) -> String {
+        match self.format {
+            EtcdFormat::Plain => format!("{}/{lease}", self.prefix),
+            _ => format!("{}/{}", self.prefix, self.address),
+        }
+    }
+
+    fn value(&self) -> String {
+        formats::encode(self.format, &self.address.0, self.metadata.as_ref())
+    }
+}
+
+/// Runs `sluice register` until SIGINT or SIGTERM.
+pub fn run(registration: Registration) -> Result<(), BoxError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(register(registration))
+}
+
+async fn register(registration: Registration) -> Result<(), BoxError> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let etcd = EtcdConfig {
+        endpoints: registration.endpoints.clone(),
+        username: None,
+        password: None,
+        tls: None,
+        dial_timeout: DurationValue(REQUEST_TIMEOUT),
+    };
+    let mut client = etcd_connect(&etcd).await?;
+    let ttl_seconds = registration.ttl.as_secs_f64().ceil() as i64;
+    let mut retry = RETRY_FIRST;
+    loop {
+        let attempt = tokio::select! {
+            attempt = put_under_lease(&mut client, &registration, ttl_seconds) => attempt,
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        };
+        let (lease, key) = match attempt {
+            Ok(registered) => registered,
+            Err(error) => {
+                warn!(%error, retry_in = ?retry, "cannot register yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = term.recv() => return Ok(()),
+                    _ = int.recv() => return Ok(()),
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        retry = RETRY_FIRST;
+        info!(%key, value = %registration.value(), lease = format!("{lease:x}"), ttl_seconds,
+            "registered; keeping the lease alive until SIGINT or SIGTERM");
+        let lost = tokio::select! {
+            lost = keep_alive(&mut client, lease, registration.ttl) => lost,
+            _ = term.recv() => return deregister(&mut client, lease, &key).await,
+            _ = int.recv() => return deregister(&mut client, lease, &key).await,
+        };
+        warn!(%key, reason = %lost, "registration lost; registering again");
+    }
+}
+
+/// Grants a lease and puts the key under it. Returns the lease and the key.
+async fn put_under_lease(
+    client: &mut Client,
+    registration: &Registration,
+    ttl_seconds: i64,
+) -> Result<(i64, String), String> {
+    let lease = timeout(REQUEST_TIMEOUT, client.lease_grant(ttl_seconds, None))
+        .await
+        .map_err(|_| "lease grant timed out".to_string())?
+        .map_err(|e| format!("lease grant failed: {e}"))?
+        .id();
+    let key = registration.key(lease);
+    let put = client.put(
+        key.as_str(),
+        registration.value(),
+        Some(PutOptions::new().with_lease(lease)),
+    );
+    timeout(REQUEST_TIMEOUT, put)
+        .await
+        .map_err(|_| "put timed out".to_string())?
+        .map_err(|e| format!("put failed: {e}"))?;
+    Ok((lease, key))
+}
+
+/// Keeps the lease alive, refreshing every third of the TTL. Returns why the registration
+/// was lost: etcd reported the lease gone, or no refresh succeeded for a whole TTL.
+async fn keep_alive(client: &mut Client, lease: i64, ttl: Duration) -> String {
+    let every = (ttl / 3).max(Duration::from_millis(300));
+    let mut last_refresh = Instant::now();
+    loop {
+        match refresh_until_error(client, lease, every, &mut last_refresh).await {
+            Refresh::LeaseGone => return format!("etcd says lease {lease:x} has expired"),
+            Refresh::Failed(error) => {
+                if last_refresh.elapsed() >= ttl {
+                    return format!("no keep-alive succeeded for the whole TTL ({error})");
+                }
+                warn!(%error, "keep-alive failed; retrying");
+                tokio::time::sleep(every.min(Duration::from_secs(1))).await;
+            }
+        }
+    }
+}
+
+enum Refresh {
+    LeaseGone,
+    Failed(String),
+}
+
+/// One keep-alive stream, refreshed every `every` until it fails.
+async fn refresh_until_error(
+    client: &mut Client,
+    lease: i64,
+    every: Duration,
+    last_refresh: &mut Instant,
+) -> Refresh {
+    let (mut keeper, mut stream) =
+        match timeout(REQUEST_TIMEOUT, client.lease_keep_alive(lease)).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(error)) => return Refresh::Failed(error.to_string()),
+            Err(_) => return Refresh::Failed("keep-alive stream timed out".into()),
+        };
+    loop {
+        if let Err(error) = keeper.keep_alive().await {
+            return Refresh::Failed(error.to_string());
+        }
+        match timeout(REQUEST_TIMEOUT.min(every * 2), stream.message()).await {
+            Ok(Ok(Some(response))) if response.ttl() > 0 => *last_refresh = Instant::now(),
+            Ok(Ok(Some(_))) => return Refresh::LeaseGone,
+            Ok(Ok(None)) => return Refresh::Failed("etcd closed the keep-alive stream".into()),
+            Ok(Err(error)) => return Refresh::Failed(error.to_string()),
+            Err(_) => return Refresh::Failed("no keep-alive answer in time".into()),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Deletes the key and revokes the lease, so the backend leaves now rather than a TTL later.
+async fn deregister(client: &mut Client, lease: i64, key: &str) -> Result<(), BoxError> {
+    let deleted = timeout(REQUEST_TIMEOUT, client.delete(key, None)).await;
+    let revoked = timeout(REQUEST_TIMEOUT, client.lease_revoke(lease)).await;
+    match (deleted, revoked) {
+        (Ok(Ok(_)), Ok(Ok(_))) => {
+            info!(%key, "deregistered: key deleted, lease revoked");
+            Ok(())
+        }
+        (deleted, revoked) => Err(format!(
+            "deregistering {key}: delete {}, revoke {}; the key goes when its lease expires",
+            outcome(deleted),
+            outcome(revoked)
+        )
+        .into()),
+    }
+}
+
+fn outcome<T>(
+    result: Result<Result<T, etcd_client::Error>, tokio::time::error::Elapsed>,
+) -> String {
+    match result {
+        Ok(Ok(_)) => "ok".into(),
+        Ok(Err(error)) => format!("failed ({error})"),
+        Err(_) => "timed out".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(metadata: Option<&str>, format: &str) -> Result<Registration, String> {
+        Registration::new(
+            "http://127.0.0.1:2379",
+            "services/echo/",
+            "127.0.0.1:50061",
+            Duration::from_secs(10),
+            metadata,
+            format,
+        )
+    }
+
+    #[test]
+    fn keys_follow_the_go_writers() {
+        let r = new(Some(r#"{"weight":3}"#), "etcd-naming").unwrap();
+        assert_eq!(r.key(7), "services/echo/127.0.0.1:50061");
+        assert_eq!(
+            r.value(),
+            r#"{"Op":0,"Addr":"127.0.0.1:50061","Metadata":{"weight":3}}"#
+        );
+        let r = new(None, "plain").unwrap();
+        assert_eq!(r.key(7587), "services/echo/7587");
+        assert_eq!(r.value(), "127.0.0.1:50061");
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        assert!(new(Some("{"), "etcd-naming")
+            .unwrap_err()
+            .starts_with("--metadata"));
+        assert!(new(Some(r#"{"weight":0}"#), "etcd-naming")
+            .unwrap_err()
+            .contains("weight"));
+        assert!(new(Some("{}"), "plain")
+            .unwrap_err()
+            .starts_with("--metadata"));
+        assert!(new(None, "kratos").unwrap_err().starts_with("--format"));
+    }
+}
