@@ -760,4 +760,81 @@ clusters:
         );
         assert!(e.contains("line 10"), "{e}");
     }
+
+    const ETCD: &str = "
+listeners:
+  - name: grpc
+    address: 127.0.0.1:50051
+etcd:
+  endpoints: [\"http://127.0.0.1:2379\"]
+clusters:
+  - name: echo
+    discovery:
+      etcd: { prefix: \"services/echo/\", format: etcd-naming }
+";
+
+    #[test]
+    fn etcd_discovery_parses_with_defaults() {
+        let config = Config::parse(ETCD, "t.yaml").unwrap();
+        let etcd = config.clusters[0].discovery.etcd.as_ref().unwrap();
+        assert_eq!(etcd.prefix, "services/echo");
+        assert_eq!(etcd.format, EtcdFormat::EtcdNaming);
+        let client = config.etcd.unwrap();
+        assert_eq!(client.dial_timeout.0, Duration::from_secs(5));
+        let auto = ETCD.replace(", format: etcd-naming", "");
+        let config = Config::parse(&auto, "t.yaml").unwrap();
+        assert_eq!(
+            config.clusters[0].discovery.etcd.as_ref().unwrap().format,
+            EtcdFormat::Auto
+        );
+    }
+
+    #[test]
+    fn etcd_config_errors_name_the_key() {
+        let cases = [
+            (
+                ETCD.replace("etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\n", ""),
+                "etcd: required, because clusters[0] (\"echo\") uses etcd discovery",
+            ),
+            (
+                ETCD.replace("http://127.0.0.1:2379", "127.0.0.1:2379"),
+                "etcd.endpoints[0]: invalid etcd endpoint \"127.0.0.1:2379\"",
+            ),
+            (
+                ETCD.replace("http://", "https://"),
+                "etcd.endpoints[0]: \"https://127.0.0.1:2379\" is https, so `etcd.tls`",
+            ),
+            (
+                ETCD.replace("etcd-naming", "consul"),
+                "clusters[0].discovery.etcd.format: unknown variant `consul`",
+            ),
+            (
+                ETCD.replace("\"services/echo/\"", "\"/\""),
+                "clusters[0].discovery.etcd.prefix: invalid etcd prefix",
+            ),
+            (
+                ETCD.replace("  endpoints:", "  username: root\n  endpoints:"),
+                "etcd: `username` and `password` go together",
+            ),
+            (
+                ETCD.replace("  endpoints:", "  dial_timeout: 0s\n  endpoints:"),
+                "etcd.dial_timeout: must be greater than 0",
+            ),
+            (
+                ETCD.replace("http://", "https://").replace(
+                    "  endpoints:",
+                    "  tls: { ca_file: /nonexistent/ca.pem }\n  endpoints:",
+                ),
+                "etcd.tls.ca_file: cannot read \"/nonexistent/ca.pem\"",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let e = err(&yaml);
+            assert!(e.contains(want), "want {want:?} in: {e}");
+            assert!(
+                e.contains("line") || want.starts_with("etcd: required"),
+                "{e}"
+            );
+        }
+    }
 }

@@ -181,8 +181,12 @@ fn check_rejects_invalid_configs_with_path_and_line() {
             ],
         ),
         (
-            &format!("{VALID}etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\n"),
-            &["etcd", "not supported yet", "line 8"],
+            &format!("{VALID}etcd:\n  endpoints: [\"127.0.0.1:2379\"]\n"),
+            &[
+                "etcd.endpoints[0]",
+                "invalid etcd endpoint \"127.0.0.1:2379\"",
+                "line 9",
+            ],
         ),
         (
             &VALID.replace("    discovery:", "    discovery:\n      consul: x"),

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use etcd_client::Client;
 use support::etcd::{etcd_cluster, keys, naming_value, put_leased, Etcd, Relay};
 use support::{request, Echo, EchoProcess, Sluice};
 use tonic::Code;
@@ -344,4 +343,374 @@ async fn wait_no_connections(sluice: &Sluice, address: &str) -> bool {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_changes_nothing_and_what_changed_is_applied_after() {
+    let mut etcd = Etcd::start().await;
+    let mut kv = etcd.client().await;
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    for backend in [&a, &b] {
+        let key = format!("services/echo/{}", backend.addr);
+        put_leased(&mut kv, &key, &naming_value(backend.addr, "null"), 60).await;
+    }
+    let sluice = Sluice::start(&etcd_cluster(&etcd.url(), "services/echo", "auto", "")).await;
+    assert_eq!(spread(&sluice, 20).await.len(), 2);
+
+    // etcd dies. sluice notices, says so, and routes on the last known set.
+    etcd.stop();
+    assert!(
+        sluice.wait_discovery_connected("echo", false, WAIT).await,
+        "{}",
+        sluice.log()
+    );
+    let seen = spread(&sluice, 40).await;
+    assert_eq!(seen.values().sum::<usize>(), 40);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let (status, _) = support::http_get(sluice.admin, "/readyz").await.unwrap();
+    assert_eq!(status, 200, "an etcd outage must not make sluice unready");
+    let metrics = sluice.metrics().await;
+    assert!(
+        metrics.contains("sluice_discovery_connected{cluster=\"echo\",source=\"etcd\"} 0"),
+        "{metrics}"
+    );
+    assert!(sluice
+        .log()
+        .contains("etcd unreachable; routing continues on the last known backend set"));
+
+    // etcd is back, and a new backend registers: it gets traffic.
+    etcd.restart().await;
+    let mut kv = etcd.client().await;
+    let key = format!("services/echo/{}", c.addr);
+    put_leased(&mut kv, &key, &naming_value(c.addr, "null"), 60).await;
+    until_served_by(&sluice, "c", WAIT).await;
+    assert!(sluice.wait_discovery_connected("echo", true, WAIT).await);
+    assert!(
+        sluice
+            .wait_backends("echo", &[a.addr, b.addr, c.addr], WAIT)
+            .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_during_an_outage_is_handled_by_listing_again() {
+    let etcd = Etcd::start().await;
+    let relay = Relay::start(etcd.addr()).await;
+    let mut kv = etcd.client().await;
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    for backend in [&a, &b] {
+        let key = format!("services/echo/{}", backend.addr);
+        put_leased(&mut kv, &key, &naming_value(backend.addr, "null"), 60).await;
+    }
+    // sluice reaches etcd only through the relay; the test reaches it directly.
+    let sluice = Sluice::start(&etcd_cluster(&relay.url(), "services/echo", "auto", "")).await;
+    assert_eq!(spread(&sluice, 20).await.len(), 2);
+
+    relay.cut();
+    assert!(sluice.wait_discovery_connected("echo", false, WAIT).await);
+    // While sluice is away: A leaves, C joins, and the history is compacted away.
+    kv.delete(format!("services/echo/{}", a.addr), None)
+        .await
+        .unwrap();
+    let key = format!("services/echo/{}", c.addr);
+    put_leased(&mut kv, &key, &naming_value(c.addr, "null"), 60).await;
+    let revision = kv
+        .get("services/echo/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    kv.compact(revision, None).await.unwrap();
+    relay.restore();
+
+    assert!(
+        sluice.wait_backends("echo", &[b.addr, c.addr], WAIT).await,
+        "{}",
+        sluice.log()
+    );
+    assert!(
+        sluice.log().contains("listing the prefix again"),
+        "{}",
+        sluice.log()
+    );
+    let seen = spread(&sluice, 20).await;
+    assert!(!seen.contains_key("a"), "{seen:?}");
+    assert_eq!(seen.values().sum::<usize>(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_the_first_list_when_etcd_is_down_at_start() {
+    let mut etcd = Etcd::start().await;
+    let backend = Echo::start("a").await;
+    let mut kv = etcd.client().await;
+    let key = format!("services/echo/{}", backend.addr);
+    put_leased(&mut kv, &key, &naming_value(backend.addr, "null"), 600).await;
+    etcd.stop();
+
+    let mut sluice = Sluice::start_unready(&etcd_cluster(&etcd.url(), "services/echo", "auto", ""));
+    // Unready, and it says why, until etcd answers; calls meanwhile get a gRPC answer.
+    let end = Instant::now() + WAIT;
+    loop {
+        if let Ok((status, body)) = support::http_get(sluice.admin, "/readyz").await {
+            if body.contains("waiting for first discovery result: echo") {
+                assert_eq!(status, 503, "{body}");
+                break;
+            }
+        }
+        assert!(Instant::now() < end, "{}", sluice.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        sluice.log().contains("no backend set yet"),
+        "{}",
+        sluice.log()
+    );
+    let status = sluice
+        .client()
+        .await
+        .unary(request("early"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    etcd.restart().await;
+    sluice.wait_ready().await;
+    assert_eq!(
+        spread(&sluice, 5).await,
+        HashMap::from([("a".to_string(), 5)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_from_metadata_are_honoured_by_round_robin() {
+    let etcd = Etcd::start().await;
+    let mut kv = etcd.client().await;
+    let (heavy, light) = (Echo::start("heavy").await, Echo::start("light").await);
+    // Weight 3 in the etcd-naming format, weight 1 in Kratos' (where metadata is strings).
+    let key = format!("services/echo/{}", heavy.addr);
+    put_leased(
+        &mut kv,
+        &key,
+        &naming_value(heavy.addr, r#"{"weight":3}"#),
+        60,
+    )
+    .await;
+    let kratos = format!(
+        r#"{{"id":"light","name":"echo","version":"v1","metadata":{{"weight":"1"}},"endpoints":["http://127.0.0.1:1?isSecure=false","grpc://{}?isSecure=false"]}}"#,
+        light.addr
+    );
+    put_leased(&mut kv, "services/echo/light", &kratos, 60).await;
+    let sluice = Sluice::start(&etcd_cluster(
+        &etcd.url(),
+        "services/echo",
+        "auto",
+        "    balancer: round_robin\n",
+    ))
+    .await;
+    let mut want = vec![(heavy.addr.to_string(), 3), (light.addr.to_string(), 1)];
+    want.sort();
+    assert_eq!(sluice.backends_of("echo").await, want);
+    let seen = spread(&sluice, 400).await;
+    let (h, l) = (seen["heavy"] as f64, seen["light"] as f64);
+    assert!((2.7..=3.3).contains(&(h / l)), "{seen:?}");
+}
+
+/// Runs `sluice register` with `args`; stderr goes to a file in `dir`.
+fn spawn_register(args: &[&str], log: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("register")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("register log"))
+        .spawn()
+        .expect("spawn sluice register")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_register_round_trip() {
+    let etcd = Etcd::start().await;
+    let mut kv = etcd.client().await;
+    let backend = Echo::start("registered").await;
+    let sluice = Sluice::start(&etcd_cluster(&etcd.url(), "services/echo", "auto", "")).await;
+    assert!(sluice.backends_of("echo").await.is_empty());
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("register.log");
+    let addr = backend.addr.to_string();
+    let mut register = spawn_register(
+        &[
+            "--etcd",
+            &etcd.url(),
+            "--prefix",
+            "services/echo",
+            "--addr",
+            &addr,
+            "--ttl",
+            "9s",
+            "--metadata",
+            r#"{"weight":2}"#,
+        ],
+        &log,
+    );
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    until_served_by(&sluice, "registered", WAIT).await;
+    assert_eq!(sluice.backends_of("echo").await, vec![(addr.clone(), 2)]);
+    let key = format!("services/echo/{addr}");
+    assert_eq!(keys(&mut kv, "services/echo/").await, vec![key.clone()]);
+
+    // Someone revokes the lease: the key goes, and register puts it back under a new one.
+    let lease = kv.get(key.as_str(), None).await.unwrap().kvs()[0].lease();
+    kv.lease_revoke(lease).await.unwrap();
+    let again = support::wait_until(WAIT, || read_log().contains("registration lost")).await;
+    assert!(again, "{}", read_log());
+    assert!(sluice.wait_backends("echo", &[backend.addr], WAIT).await);
+    let relisted = kv.get(key.as_str(), None).await.unwrap();
+    assert_ne!(relisted.kvs().first().map(|kv| kv.lease()), Some(lease));
+
+    // SIGTERM: the key is deleted now, not up to 9 s later when the lease would expire.
+    let status = Command::new("kill")
+        .args(["-TERM", &register.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let end = Instant::now() + WAIT;
+    let exit = loop {
+        if let Some(status) = register.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < end,
+            "register did not exit:\n{}",
+            read_log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit}:\n{}", read_log());
+    assert!(keys(&mut kv, "services/echo/").await.is_empty());
+    assert!(
+        sluice
+            .wait_backends("echo", &[], Duration::from_secs(10))
+            .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_register_plain_format_is_read_back() {
+    let etcd = Etcd::start().await;
+    let backend = Echo::start("plain").await;
+    let sluice = Sluice::start(&etcd_cluster(&etcd.url(), "services/echo", "plain", "")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = backend.addr.to_string();
+    let mut register = spawn_register(
+        &[
+            "--etcd",
+            &etcd.url(),
+            "--prefix",
+            "services/echo",
+            "--addr",
+            &addr,
+            "--format",
+            "plain",
+        ],
+        &dir.path().join("register.log"),
+    );
+    until_served_by(&sluice, "plain", WAIT).await;
+    let mut kv = etcd.client().await;
+    let listed = keys(&mut kv, "services/echo/").await;
+    assert_eq!(listed.len(), 1);
+    let lease = kv.get(listed[0].as_str(), None).await.unwrap().kvs()[0].lease();
+    assert_eq!(listed[0], format!("services/echo/{lease}"));
+    let _ = register.kill();
+    let _ = register.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_an_etcd_cluster_without_dropping_other_streams() {
+    let etcd = Etcd::start().await;
+    let mut kv = etcd.client().await;
+    let (fixed, discovered) = (Echo::start("fixed").await, Echo::start("discovered").await);
+    let key = format!("services/other/{}", discovered.addr);
+    put_leased(&mut kv, &key, &naming_value(discovered.addr, "null"), 60).await;
+    let static_only = Sluice::cluster(&[fixed.addr], "");
+    let sluice = Sluice::start(&static_only).await;
+
+    // A bidi stream on the static cluster stays open across both reloads.
+    let mut client = sluice.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = client
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let ping = |i: u32| {
+        let tx = tx.clone();
+        async move {
+            tx.send(request(&format!("ping {i}"))).await.unwrap();
+        }
+    };
+    ping(0).await;
+    assert_eq!(
+        replies.message().await.unwrap().unwrap().backend_id,
+        "fixed"
+    );
+
+    // Add an etcd cluster; unary calls route to it, everything else stays on `echo`.
+    let with_etcd = format!(
+        "etcd:\n  endpoints: [\"{}\"]\n  dial_timeout: 1s\n\
+         clusters:\n  - name: echo\n    discovery:\n      static: [\"{}\"]\n\
+         \x20 - name: other\n    discovery:\n      etcd: {{ prefix: services/other }}\n\
+         routes:\n  - match: {{ prefix: \"/echo.v1.Echo/Unary\" }}\n    cluster: other\n  - cluster: echo\n",
+        etcd.url(),
+        fixed.addr
+    );
+    sluice.rewrite_config(&with_etcd);
+    sluice.signal("HUP");
+    assert!(
+        sluice
+            .wait_backends("other", &[discovered.addr], WAIT)
+            .await,
+        "{}",
+        sluice.log()
+    );
+    let mut unary = sluice.client().await;
+    let reply = unary.unary(request("to other")).await.unwrap().into_inner();
+    assert_eq!(reply.backend_id, "discovered");
+    ping(1).await;
+    assert_eq!(
+        replies.message().await.unwrap().unwrap().backend_id,
+        "fixed"
+    );
+
+    // And remove it again: its series go, the stream stays.
+    sluice.rewrite_config(&static_only);
+    sluice.signal("HUP");
+    let gone = support::wait_until(WAIT, || {
+        sluice.log().matches("SIGHUP: config reloaded").count() == 2
+    })
+    .await;
+    assert!(gone, "{}", sluice.log());
+    let reply = unary.unary(request("to echo")).await.unwrap().into_inner();
+    assert_eq!(reply.backend_id, "fixed");
+    ping(2).await;
+    assert_eq!(
+        replies.message().await.unwrap().unwrap().backend_id,
+        "fixed"
+    );
+    assert!(
+        !sluice.metrics().await.contains("cluster=\"other\""),
+        "{}",
+        sluice.metrics().await
+    );
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none());
 }
