@@ -714,3 +714,58 @@ async fn reload_adds_and_removes_an_etcd_cluster_without_dropping_other_streams(
     drop(tx);
     assert!(replies.message().await.unwrap().is_none());
 }
+
+/// On demand, for the README and issue notes:
+/// `cargo nextest run --test etcd_discovery --run-ignored only --no-capture measure`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn measure_put_to_first_call() {
+    let etcd = Etcd::start().await;
+    let mut kv = etcd.client().await;
+    let first = Echo::start("first").await;
+    let key = format!("services/echo/{}", first.addr);
+    put_leased(&mut kv, &key, &naming_value(first.addr, "null"), 600).await;
+    let sluice = Sluice::start(&etcd_cluster(&etcd.url(), "services/echo", "auto", "")).await;
+    spread(&sluice, 50).await;
+    let mut client = sluice.client().await;
+    let (mut visible, mut served) = (Vec::new(), Vec::new());
+    for i in 0..20 {
+        // One new backend at a time, the previous one gone, so every sample picks among two.
+        let id = format!("new{i}");
+        let backend = Echo::start(&id).await;
+        let key = format!("services/echo/{}", backend.addr);
+        let start = Instant::now();
+        put_leased(&mut kv, &key, &naming_value(backend.addr, "null"), 600).await;
+        assert!(
+            sluice
+                .wait_backends("echo", &[first.addr, backend.addr], WAIT)
+                .await
+        );
+        visible.push(start.elapsed());
+        loop {
+            let reply = client.unary(request("probe")).await.unwrap().into_inner();
+            if reply.backend_id == id {
+                break;
+            }
+            assert!(start.elapsed() < WAIT);
+        }
+        served.push(start.elapsed());
+        kv.delete(key.as_str(), None).await.unwrap();
+        assert!(sluice.wait_backends("echo", &[first.addr], WAIT).await);
+    }
+    let summary = |mut samples: Vec<Duration>| {
+        samples.sort();
+        format!(
+            "min {:.1?}  median {:.1?}  p90 {:.1?}  max {:.1?}",
+            samples[0], samples[10], samples[18], samples[19]
+        )
+    };
+    eprintln!(
+        "etcd put -> new backend in /backends (20 samples): {}",
+        summary(visible)
+    );
+    eprintln!(
+        "etcd put -> first call it serves (p2c_ewma, 2 backends): {}",
+        summary(served)
+    );
+}
