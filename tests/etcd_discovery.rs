@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use etcd_client::Client;
 use support::etcd::{etcd_cluster, keys, naming_value, put_leased, Etcd, Relay};
 use support::{request, Echo, EchoProcess, Sluice};
 use tonic::Code;
@@ -767,5 +768,74 @@ async fn measure_put_to_first_call() {
     eprintln!(
         "etcd put -> first call it serves (p2c_ewma, 2 backends): {}",
         summary(served)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_backend_finishes_its_in_flight_calls() {
+    let etcd = Etcd::start().await;
+    let mut kv = etcd.client().await;
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let key_a = format!("services/echo/{}", a.addr);
+    put_leased(&mut kv, &key_a, &naming_value(a.addr, "null"), 60).await;
+    let sluice = Sluice::start(&etcd_cluster(&etcd.url(), "services/echo", "auto", "")).await;
+    let mut client = sluice.client().await;
+    let mut slow = request("slow");
+    slow.sleep_ms = 1_000;
+    let in_flight = tokio::spawn(async move { client.unary(slow).await });
+    let stats = std::sync::Arc::clone(&a.stats);
+    let arrived = support::wait_until(WAIT, || {
+        stats.calls.load(std::sync::atomic::Ordering::Relaxed) == 1
+    })
+    .await;
+    assert!(arrived);
+
+    let key_b = format!("services/echo/{}", b.addr);
+    put_leased(&mut kv, &key_b, &naming_value(b.addr, "null"), 60).await;
+    kv.delete(key_a.as_str(), None).await.unwrap();
+    assert!(sluice.wait_backends("echo", &[b.addr], WAIT).await);
+    assert_eq!(
+        spread(&sluice, 10).await,
+        HashMap::from([("b".to_string(), 10)])
+    );
+    let reply = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight call on A finishes");
+    assert_eq!(reply.into_inner().backend_id, "a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_mutual_tls_with_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = support::etcd::Certs::generate(dir.path());
+    let etcd = Etcd::start_tls(certs.clone()).await;
+    let mut kv = etcd.client().await;
+    kv.user_add("root", "root-secret", None).await.unwrap();
+    kv.user_grant_role("root", "root").await.unwrap();
+    kv.auth_enable().await.unwrap();
+    let mut kv = Client::connect(
+        [etcd.url()],
+        Some(certs.client_options().with_user("root", "root-secret")),
+    )
+    .await
+    .unwrap();
+    let backend = Echo::start("secure").await;
+    let key = format!("services/echo/{}", backend.addr);
+    put_leased(&mut kv, &key, &naming_value(backend.addr, "null"), 60).await;
+
+    let config = format!(
+        "etcd:\n  endpoints: [\"{}\"]\n  dial_timeout: 2s\n  username: root\n  password: root-secret\n\
+         \x20 tls: {{ ca_file: \"{}\", cert_file: \"{}\", key_file: \"{}\" }}\n\
+         clusters:\n  - name: echo\n    discovery:\n      etcd: {{ prefix: services/echo }}\n",
+        etcd.url(),
+        certs.ca.display(),
+        certs.client_cert.display(),
+        certs.client_key.display()
+    );
+    let sluice = Sluice::start(&config).await;
+    assert_eq!(
+        spread(&sluice, 5).await,
+        HashMap::from([("secure".to_string(), 5)])
     );
 }

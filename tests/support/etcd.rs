@@ -17,23 +17,142 @@ pub struct Etcd {
     peer_port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Set: etcd serves https and requires a client certificate signed by the test CA.
+    tls: Option<Certs>,
+}
+
+/// A throw-away CA, a server certificate for 127.0.0.1, and a client certificate, made with
+/// the `openssl` command.
+#[derive(Clone)]
+pub struct Certs {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Certs {
+    pub fn generate(dir: &std::path::Path) -> Certs {
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        // clientAuth too: etcd's gRPC gateway dials etcd itself with the server certificate.
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sluice-test-ca",
+        ]);
+        openssl(&ca);
+        for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            let mut req = vec!["req"];
+            req.extend(ec);
+            req.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=127.0.0.1"]);
+            openssl(&req);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+            ]);
+        }
+        Certs {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
+
+    /// Client options that trust the test CA and present the client certificate.
+    pub fn client_options(&self) -> etcd_client::ConnectOptions {
+        let read = |p: &PathBuf| std::fs::read(p).expect("read cert");
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)))
+            .identity(etcd_client::Identity::from_pem(
+                read(&self.client_cert),
+                read(&self.client_key),
+            ));
+        etcd_client::ConnectOptions::new().with_tls(tls)
+    }
 }
 
 impl Etcd {
     /// Starts etcd and returns once it answers.
     pub async fn start() -> Etcd {
+        Etcd::start_with(None).await
+    }
+
+    /// Starts etcd on https, requiring client certificates from `certs`' CA.
+    pub async fn start_tls(certs: Certs) -> Etcd {
+        Etcd::start_with(Some(certs)).await
+    }
+
+    async fn start_with(tls: Option<Certs>) -> Etcd {
         let mut etcd = Etcd {
             client_port: free_port(),
             peer_port: free_port(),
             dir: tempfile::tempdir().expect("etcd tempdir"),
             child: None,
+            tls,
         };
         etcd.launch().await;
         etcd
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    fn options(&self) -> Option<etcd_client::ConnectOptions> {
+        self.tls.as_ref().map(Certs::client_options)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -44,7 +163,15 @@ impl Etcd {
         let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.log_path()).expect("etcd log");
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(certs) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", certs.server_cert.display()))
+                .arg(format!("--key-file={}", certs.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", certs.ca.display()))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name=test")
             .arg(format!(
                 "--data-dir={}",
@@ -64,9 +191,11 @@ impl Etcd {
         self.child = Some(child);
         let end = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(Ok(mut client)) =
-                tokio::time::timeout(Duration::from_secs(2), Client::connect([self.url()], None))
-                    .await
+            if let Ok(Ok(mut client)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                Client::connect([self.url()], self.options()),
+            )
+            .await
             {
                 if let Ok(Ok(_)) =
                     tokio::time::timeout(Duration::from_secs(2), client.status()).await
@@ -105,7 +234,7 @@ impl Etcd {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect([self.url()], None)
+        Client::connect([self.url()], self.options())
             .await
             .expect("etcd client")
     }
