@@ -478,6 +478,22 @@ mod tests {
     }
 
     #[test]
+    fn every_balancer_honours_weights() {
+        for kind in ["p2c_ewma", "least_request", "round_robin"] {
+            let c = cluster(kind);
+            c.update(&endpoints(&[("heavy:1", 3), ("light:1", 1)]), "etcd");
+            let heavy = (0..8000)
+                .filter(|_| c.pick(&[]).unwrap().address.0 == "heavy:1")
+                .count() as f64;
+            let ratio = heavy / (8000.0 - heavy);
+            assert!(
+                (2.6..=3.4).contains(&ratio),
+                "{kind}: heavy/light = {ratio}"
+            );
+        }
+    }
+
+    #[test]
     fn pick_avoids_tried_backends() {
         for kind in ["p2c_ewma", "least_request", "round_robin"] {
             let c = cluster(kind);

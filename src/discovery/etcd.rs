@@ -42,7 +42,10 @@ pub async fn connect(etcd: &EtcdConfig) -> Result<Client, String> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(etcd.dial_timeout.0)
         .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        // A member cut off from its cluster's leader ends the watch instead of going silent,
+        // so the task reconnects (possibly to another endpoint) rather than wait forever.
+        .with_require_leader(true);
     if let (Some(user), Some(password)) = (&etcd.username, &etcd.password) {
         options = options
             .with_user(user.clone(), password.clone())
