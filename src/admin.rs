@@ -113,13 +113,13 @@ impl Admin {
         );
         for cluster in self.backends().clusters {
             let d = &cluster.discovery;
-            let source = match (&d.prefix, d.connected) {
-                (Some(prefix), true) => format!("etcd {}/ (watching)", escape(prefix)),
-                (Some(prefix), false) => format!(
+            let source = match (&d.prefix, d.state) {
+                (Some(prefix), "unreachable") => format!(
                     "etcd {}/ <b>unreachable: routing on the last known set</b> ({})",
                     escape(prefix),
-                    escape(d.last_error.as_deref().unwrap_or("connecting"))
+                    escape(d.last_error.as_deref().unwrap_or(""))
                 ),
+                (Some(prefix), state) => format!("etcd {}/ ({state})", escape(prefix)),
                 (None, _) => d.source.to_string(),
             };
             html.push_str(&format!(

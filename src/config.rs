@@ -183,7 +183,7 @@ pub struct EtcdConfig {
     pub password: Option<String>,
     #[serde(default)]
     pub tls: Option<EtcdTlsConfig>,
-    /// Bounds connecting to etcd and each list or watch set-up.
+    /// Bounds connecting to etcd; lists and watch set-ups get this or 10 s, the longer.
     #[serde(default = "default_dial_timeout")]
     pub dial_timeout: DurationValue,
 }
@@ -609,6 +609,18 @@ fn validate_etcd(etcd: &EtcdConfig, at: &dyn Fn(&str) -> String) -> Result<(), S
         ));
     }
     if let Some(tls) = &etcd.tls {
+        if tls.cert_file.is_some() == tls.key_file.is_some() {
+            crate::discovery::etcd_tls_options(tls).map_err(|e| {
+                format!(
+                    "etcd.tls: the files do not make a usable TLS setup ({}, {}): {e}{}",
+                    tls.ca_file.path,
+                    tls.cert_file
+                        .as_ref()
+                        .map_or("no client certificate", |c| c.path.as_str()),
+                    at("ca_file")
+                )
+            })?;
+        }
         if tls.cert_file.is_some() != tls.key_file.is_some() {
             return Err(format!(
                 "etcd.tls: `cert_file` and `key_file` go together (a client certificate and its key){}",
@@ -836,5 +848,26 @@ clusters:
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn etcd_tls_files_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("ca.pem");
+        std::fs::write(
+            &bad,
+            "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let yaml = ETCD.replace("http://", "https://").replace(
+            "  endpoints:",
+            &format!("  tls: {{ ca_file: \"{}\" }}\n  endpoints:", bad.display()),
+        );
+        let e = err(&yaml);
+        assert!(
+            e.contains("etcd.tls: the files do not make a usable TLS setup"),
+            "{e}"
+        );
+        assert!(e.contains("not a CA certificate"), "{e}");
     }
 }

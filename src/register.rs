@@ -12,7 +12,7 @@ use etcd_client::{Client, PutOptions};
 use serde_json::Value;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::timeout;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{BackendAddr, DurationValue, EtcdConfig, EtcdEndpoint, EtcdFormat};
 use crate::discovery::{etcd_connect, formats};
@@ -22,6 +22,8 @@ use crate::server::BoxError;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// etcd's own ceiling on a lease TTL (`MaxLeaseTTL`).
+const MAX_LEASE_TTL: Duration = Duration::from_secs(9_000_000_000);
 
 /// What to register, from the command line.
 #[derive(Debug)]
@@ -54,12 +56,17 @@ impl Registration {
             return Err("--etcd: https endpoints are not supported by `register` yet".into());
         }
         let prefix = prefix.trim_end_matches('/');
-        if prefix.is_empty() {
-            return Err("--prefix: must not be empty, such as \"services/echo\"".into());
+        if prefix.is_empty() || prefix.contains(char::is_whitespace) {
+            return Err(format!(
+                "--prefix: {prefix:?} is not a key prefix such as \"services/echo\""
+            ));
         }
         let address = BackendAddr::parse(address).map_err(|e| format!("--addr: {e}"))?;
-        if ttl < Duration::from_secs(1) {
-            return Err("--ttl: must be at least 1s (etcd leases count whole seconds)".into());
+        if ttl < Duration::from_secs(1) || ttl > MAX_LEASE_TTL {
+            return Err(format!(
+                "--ttl: must be between 1s and {}s (etcd leases count whole seconds)",
+                MAX_LEASE_TTL.as_secs()
+            ));
         }
         let format = match format {
             "etcd-naming" => EtcdFormat::EtcdNaming,
@@ -131,13 +138,31 @@ async fn register(registration: Registration) -> Result<(), BoxError> {
     let mut client = etcd_connect(&etcd).await?;
     let ttl_seconds = registration.ttl.as_secs_f64().ceil() as i64;
     let mut retry = RETRY_FIRST;
+    // A lease given up on (lost on our side while etcd may still hold it): revoked before the
+    // next one, so a plain-format key (named after its lease) is not left twice.
+    let mut abandoned: Option<i64> = None;
     loop {
-        let attempt = tokio::select! {
-            attempt = put_under_lease(&mut client, &registration, ttl_seconds) => attempt,
+        if let Some(lease) = abandoned.take() {
+            let _ = timeout(REQUEST_TIMEOUT, client.lease_revoke(lease)).await;
+        }
+        // Signals are watched at every step: whatever was granted or put is removed.
+        let lease = tokio::select! {
+            granted = grant(&mut client, ttl_seconds) => granted,
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
         };
-        let (lease, key) = match attempt {
+        let registered = match lease {
+            Ok(lease) => {
+                let key = registration.key(lease);
+                tokio::select! {
+                    put = put(&mut client, &registration, &key, lease) => put.map(|()| (lease, key)),
+                    _ = term.recv() => return deregister(&mut client, lease, &key).await,
+                    _ = int.recv() => return deregister(&mut client, lease, &key).await,
+                }
+            }
+            Err(error) => Err(error),
+        };
+        let (lease, key) = match registered {
             Ok(registered) => registered,
             Err(error) => {
                 warn!(%error, retry_in = ?retry, "cannot register yet");
@@ -159,23 +184,26 @@ async fn register(registration: Registration) -> Result<(), BoxError> {
             _ = int.recv() => return deregister(&mut client, lease, &key).await,
         };
         warn!(%key, reason = %lost, "registration lost; registering again");
+        abandoned = Some(lease);
     }
 }
 
-/// Grants a lease and puts the key under it. Returns the lease and the key.
-async fn put_under_lease(
-    client: &mut Client,
-    registration: &Registration,
-    ttl_seconds: i64,
-) -> Result<(i64, String), String> {
-    let lease = timeout(REQUEST_TIMEOUT, client.lease_grant(ttl_seconds, None))
+async fn grant(client: &mut Client, ttl_seconds: i64) -> Result<i64, String> {
+    let granted = timeout(REQUEST_TIMEOUT, client.lease_grant(ttl_seconds, None))
         .await
         .map_err(|_| "lease grant timed out".to_string())?
-        .map_err(|e| format!("lease grant failed: {e}"))?
-        .id();
-    let key = registration.key(lease);
+        .map_err(|e| format!("lease grant failed: {e}"))?;
+    Ok(granted.id())
+}
+
+async fn put(
+    client: &mut Client,
+    registration: &Registration,
+    key: &str,
+    lease: i64,
+) -> Result<(), String> {
     let put = client.put(
-        key.as_str(),
+        key,
         registration.value(),
         Some(PutOptions::new().with_lease(lease)),
     );
@@ -183,7 +211,7 @@ async fn put_under_lease(
         .await
         .map_err(|_| "put timed out".to_string())?
         .map_err(|e| format!("put failed: {e}"))?;
-    Ok((lease, key))
+    Ok(())
 }
 
 /// Keeps the lease alive, refreshing every third of the TTL. Returns why the registration
@@ -191,14 +219,27 @@ async fn put_under_lease(
 async fn keep_alive(client: &mut Client, lease: i64, ttl: Duration) -> String {
     let every = (ttl / 3).max(Duration::from_millis(300));
     let mut last_refresh = Instant::now();
+    let mut failed_before = false;
     loop {
-        match refresh_until_error(client, lease, every, &mut last_refresh).await {
+        let refreshed_before = last_refresh;
+        let outcome = refresh_until_error(client, lease, every, &mut last_refresh).await;
+        if last_refresh != refreshed_before {
+            failed_before = false;
+        }
+        match outcome {
             Refresh::LeaseGone => return format!("etcd says lease {lease:x} has expired"),
             Refresh::Failed(error) => {
                 if last_refresh.elapsed() >= ttl {
                     return format!("no keep-alive succeeded for the whole TTL ({error})");
                 }
-                warn!(%error, "keep-alive failed; retrying");
+                // Once per streak: etcd being away for a moment is worth one line, not one
+                // a second.
+                if failed_before {
+                    debug!(%error, "keep-alive failed again; retrying");
+                } else {
+                    warn!(%error, "keep-alive failed; retrying until the TTL runs out");
+                }
+                failed_before = true;
                 tokio::time::sleep(every.min(Duration::from_secs(1))).await;
             }
         }

@@ -107,8 +107,7 @@ impl Drop for OpenConnection {
 
 /// Builds the clusters and router for a config and starts their discovery. Same-named
 /// clusters of `previous` hand over their backends (and live connections) when the discovery
-/// source is unchanged, or is a static list that replaces them at once. The returned
-/// [`Watchers`] keep the etcd watches running.
+/// source is unchanged. The returned [`Watchers`] keep the etcd watches running.
 fn build_router(config: &Config, previous: Option<&Router>) -> (Router, Watchers) {
     let clusters: Vec<(Arc<Cluster>, &ClusterConfig)> = config
         .clusters
@@ -116,9 +115,11 @@ fn build_router(config: &Config, previous: Option<&Router>) -> (Router, Watchers
         .map(|c| {
             let cluster = Arc::new(Cluster::new(c));
             if let Some(old) = previous.and_then(|r| r.cluster(&c.name)) {
-                let same_source = old.discovery.source == cluster.discovery.source
-                    && old.discovery.prefix == cluster.discovery.prefix;
-                if same_source || c.discovery.static_.is_some() {
+                // A changed source starts from nothing: adopted backends would keep the old
+                // source's name, and an etcd set is not the new prefix's.
+                if old.discovery.source == cluster.discovery.source
+                    && old.discovery.prefix == cluster.discovery.prefix
+                {
                     cluster.adopt_backends(old);
                 }
             }

@@ -34,7 +34,8 @@ async fn until_served_by(sluice: &Sluice, id: &str, budget: Duration) -> Duratio
     let mut client = sluice.client().await;
     let start = Instant::now();
     while start.elapsed() < budget {
-        if let Ok(reply) = client.unary(request("probe")).await {
+        let call = tokio::time::timeout(Duration::from_secs(5), client.unary(request("probe")));
+        if let Ok(Ok(reply)) = call.await {
             if reply.into_inner().backend_id == id {
                 return start.elapsed();
             }
@@ -574,9 +575,16 @@ async fn sluice_register_round_trip() {
     kv.lease_revoke(lease).await.unwrap();
     let again = support::wait_until(WAIT, || read_log().contains("registration lost")).await;
     assert!(again, "{}", read_log());
+    let end = Instant::now() + WAIT;
+    loop {
+        let listed = kv.get(key.as_str(), None).await.unwrap();
+        match listed.kvs().first().map(|kv| kv.lease()) {
+            Some(new_lease) if new_lease != lease => break,
+            _ => assert!(Instant::now() < end, "never re-registered:\n{}", read_log()),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(sluice.wait_backends("echo", &[backend.addr], WAIT).await);
-    let relisted = kv.get(key.as_str(), None).await.unwrap();
-    assert_ne!(relisted.kvs().first().map(|kv| kv.lease()), Some(lease));
 
     // SIGTERM: the key is deleted now, not up to 9 s later when the lease would expire.
     let status = Command::new("kill")
@@ -781,7 +789,7 @@ async fn a_removed_backend_finishes_its_in_flight_calls() {
     let sluice = Sluice::start(&etcd_cluster(&etcd.url(), "services/echo", "auto", "")).await;
     let mut client = sluice.client().await;
     let mut slow = request("slow");
-    slow.sleep_ms = 1_000;
+    slow.sleep_ms = 3_000;
     let in_flight = tokio::spawn(async move { client.unary(slow).await });
     let stats = std::sync::Arc::clone(&a.stats);
     let arrived = support::wait_until(WAIT, || {
@@ -797,6 +805,10 @@ async fn a_removed_backend_finishes_its_in_flight_calls() {
     assert_eq!(
         spread(&sluice, 10).await,
         HashMap::from([("b".to_string(), 10)])
+    );
+    assert!(
+        !in_flight.is_finished(),
+        "the call on A ended before A was removed; the test proves nothing"
     );
     let reply = in_flight
         .await
@@ -837,5 +849,111 @@ async fn etcd_over_mutual_tls_with_authentication() {
     assert_eq!(
         spread(&sluice, 5).await,
         HashMap::from([("secure".to_string(), 5)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_during_an_outage_arrive_when_the_watch_resumes() {
+    let etcd = Etcd::start().await;
+    let relay = Relay::start(etcd.addr()).await;
+    let mut kv = etcd.client().await;
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    for backend in [&a, &b] {
+        let key = format!("services/echo/{}", backend.addr);
+        put_leased(&mut kv, &key, &naming_value(backend.addr, "null"), 60).await;
+    }
+    let sluice = Sluice::start(&etcd_cluster(&relay.url(), "services/echo", "auto", "")).await;
+    relay.cut();
+    assert!(sluice.wait_discovery_connected("echo", false, WAIT).await);
+    kv.delete(format!("services/echo/{}", a.addr), None)
+        .await
+        .unwrap();
+    let key = format!("services/echo/{}", c.addr);
+    put_leased(&mut kv, &key, &naming_value(c.addr, "null"), 60).await;
+    relay.restore();
+    assert!(
+        sluice.wait_backends("echo", &[b.addr, c.addr], WAIT).await,
+        "{}",
+        sluice.log()
+    );
+    // Resumed from the last revision: the two changes came as watch events, not a re-list.
+    assert!(
+        !sluice.log().contains("listing the prefix again"),
+        "{}",
+        sluice.log()
+    );
+    assert!(sluice.wait_discovery_connected("echo", true, WAIT).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_that_change_shape_are_followed() {
+    let etcd = Etcd::start().await;
+    let mut kv = etcd.client().await;
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let (key_a, key_b) = ("services/echo/a", "services/echo/b");
+    put_leased(&mut kv, key_a, &naming_value(a.addr, "null"), 60).await;
+    put_leased(&mut kv, key_b, &naming_value(b.addr, "null"), 60).await;
+    let sluice = Sluice::start(&etcd_cluster(&etcd.url(), "services/echo", "auto", "")).await;
+    assert!(sluice.wait_backends("echo", &[a.addr, b.addr], WAIT).await);
+
+    // A good value turning bad: that key no longer names a backend. Written twice, logged once.
+    put_leased(&mut kv, key_a, "garbage", 60).await;
+    assert!(
+        sluice.wait_backends("echo", &[b.addr], WAIT).await,
+        "{}",
+        sluice.log()
+    );
+    put_leased(&mut kv, key_a, "garbage", 60).await;
+    // `"Op": 1` (etcd-naming's delete update) removes B; once that shows, the second garbage
+    // write has been read too.
+    let delete_b = format!(r#"{{"Op":1,"Addr":"{}"}}"#, b.addr);
+    put_leased(&mut kv, key_b, &delete_b, 60).await;
+    assert!(
+        sluice.wait_backends("echo", &[], WAIT).await,
+        "{}",
+        sluice.log()
+    );
+    let logged = sluice
+        .log()
+        .lines()
+        .filter(|l| l.contains("cannot be decoded") && l.contains(key_a))
+        .count();
+    assert_eq!(logged, 1, "{}", sluice.log());
+
+    // Two keys with one address are one backend, with the larger weight; removing the
+    // heavier key leaves the backend, with the other key's weight.
+    put_leased(&mut kv, key_a, &naming_value(a.addr, r#"{"weight":2}"#), 60).await;
+    put_leased(
+        &mut kv,
+        "services/echo/a-again",
+        &naming_value(a.addr, r#"{"weight":5}"#),
+        60,
+    )
+    .await;
+    let end = Instant::now() + WAIT;
+    while sluice.backends_of("echo").await != vec![(a.addr.to_string(), 5)] {
+        assert!(
+            Instant::now() < end,
+            "{:?}",
+            sluice.backends_of("echo").await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    kv.delete("services/echo/a-again", None).await.unwrap();
+    while sluice.backends_of("echo").await != vec![(a.addr.to_string(), 2)] {
+        assert!(
+            Instant::now() < end,
+            "{:?}",
+            sluice.backends_of("echo").await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        spread(&sluice, 5).await,
+        HashMap::from([("a".to_string(), 5)])
     );
 }

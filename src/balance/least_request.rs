@@ -4,5 +4,5 @@
 use super::Backend;
 
 pub(super) fn cost(backend: &Backend) -> f64 {
-    (backend.in_flight() as f64 + 1.0) / backend.weight as f64
+    (backend.in_flight() as f64 + 1.0) / backend.weight() as f64
 }

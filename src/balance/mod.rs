@@ -10,7 +10,7 @@ mod p2c;
 mod round_robin;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,8 @@ const MAX_WEIGHT: u32 = 100;
 #[derive(Debug)]
 pub struct Backend {
     pub address: BackendAddr,
-    pub weight: u32,
+    /// Changed in place when discovery changes it, so the backend keeps its connections.
+    weight: AtomicU32,
     /// Which discovery source found it (`static`, `etcd`), for `/backends`.
     pub source: &'static str,
     /// Streams sent to this backend and not yet finished.
@@ -60,7 +61,7 @@ impl Backend {
     pub fn new(endpoint: &Endpoint, source: &'static str) -> Backend {
         Backend {
             address: endpoint.address.clone(),
-            weight: endpoint.weight.clamp(1, MAX_WEIGHT),
+            weight: AtomicU32::new(endpoint.weight.clamp(1, MAX_WEIGHT)),
             source,
             in_flight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -70,6 +71,10 @@ impl Backend {
             connect_failures: AtomicU64::new(0),
             pool: Pool::new(),
         }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -118,7 +123,7 @@ impl Backend {
 
     /// The p2c cost: latency × load, over the weight. Lower is better.
     fn cost(&self) -> f64 {
-        self.latency.estimate_nanos() * (self.in_flight() as f64 + 1.0) / self.weight as f64
+        self.latency.estimate_nanos() * (self.in_flight() as f64 + 1.0) / self.weight() as f64
     }
 
     pub fn snapshot(&self) -> BackendSnapshot {
@@ -133,7 +138,7 @@ impl Backend {
             ewma_latency_ms: self.latency.estimate_nanos() / 1e6,
             requests: self.requests.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
-            weight: self.weight,
+            weight: self.weight(),
             source: self.source,
             upstream_connections: self.pool.connections(),
         }
@@ -338,9 +343,9 @@ impl Cluster {
         }
     }
 
-    /// Replaces the backend set. Backends that stay keep their state and connections; new
-    /// ones start fresh; removed ones finish their in-flight streams and are then dropped.
-    /// Returns whether anything changed.
+    /// Replaces the backend set. Backends that stay keep their state and connections (a new
+    /// weight is taken in place); new ones start fresh; removed ones finish their in-flight
+    /// streams and are then dropped. Returns whether anything changed.
     pub fn update(&self, endpoints: &[Endpoint], source: &'static str) -> bool {
         let current = self.backends.load();
         let mut existing: HashMap<&BackendAddr, &Arc<Backend>> =
@@ -349,10 +354,15 @@ impl Cluster {
         let mut next = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             match existing.remove(&endpoint.address) {
-                Some(backend) if backend.weight == endpoint.weight.clamp(1, MAX_WEIGHT) => {
-                    next.push(Arc::clone(backend))
+                Some(backend) => {
+                    let weight = endpoint.weight.clamp(1, MAX_WEIGHT);
+                    if backend.weight.swap(weight, Ordering::Relaxed) != weight {
+                        // The round-robin schedule is built from the weights: rebuild it.
+                        changed = true;
+                    }
+                    next.push(Arc::clone(backend));
                 }
-                _ => {
+                None => {
                     changed = true;
                     next.push(Arc::new(Backend::new(endpoint, source)));
                 }
@@ -462,6 +472,20 @@ mod tests {
         assert!(!c.update(&endpoints(&[("a:1", 1), ("b:1", 1)]), "static"));
         assert!(c.update(&endpoints(&[("a:1", 1)]), "static"));
         assert!(Arc::ptr_eq(&a, &c.backends().backends[0]));
+    }
+
+    #[test]
+    fn a_weight_change_keeps_the_backend() {
+        let c = cluster("round_robin");
+        c.update(&endpoints(&[("a:1", 1), ("b:1", 1)]), "etcd");
+        let a = Arc::clone(&c.backends().backends[0]);
+        assert!(c.update(&endpoints(&[("a:1", 3), ("b:1", 1)]), "etcd"));
+        assert!(Arc::ptr_eq(&a, &c.backends().backends[0]));
+        assert_eq!(a.weight(), 3);
+        let picks_a = (0..400)
+            .filter(|_| c.pick(&[]).unwrap().address.0 == "a:1")
+            .count();
+        assert_eq!(picks_a, 300);
     }
 
     #[test]

@@ -24,12 +24,12 @@ impl RoundRobin {
 /// Smooth weighted round robin (NGINX's): weights 3 and 1 give a a b a, not a a a b, so a heavy
 /// backend's turns are spread out.
 pub(super) fn schedule(backends: &[Arc<Backend>]) -> Vec<u32> {
-    let total: i64 = backends.iter().map(|b| b.weight as i64).sum();
+    let total: i64 = backends.iter().map(|b| b.weight() as i64).sum();
     let mut current = vec![0i64; backends.len()];
     let mut order = Vec::with_capacity(total as usize);
     for _ in 0..total {
         for (c, b) in current.iter_mut().zip(backends) {
-            *c += b.weight as i64;
+            *c += b.weight() as i64;
         }
         let Some((best, _)) = current
             .iter()

@@ -16,12 +16,14 @@ use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
     WatchResponse,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use super::formats::{self, Decoded};
 use crate::balance::{Cluster, Endpoint};
-use crate::config::{BackendAddr, EtcdConfig, EtcdDiscovery, EtcdFormat};
+use crate::config::{BackendAddr, EtcdConfig, EtcdDiscovery, EtcdFormat, EtcdTlsConfig};
 use crate::metrics::metrics;
 
 /// HTTP/2 pings on the etcd connection, so a peer that vanished without a FIN (a partition, a
@@ -32,6 +34,9 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnect backoff: from 100 ms, doubling, up to 5 s, with jitter.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Lists and watch set-ups may take `dial_timeout`, and at least this long.
+const REQUEST_TIMEOUT_MIN: Duration = Duration::from_secs(10);
 
 /// While etcd stays unreachable, a warning every this many failed attempts (about a minute at
 /// the longest backoff); the rest go to debug.
@@ -52,12 +57,7 @@ pub async fn connect(etcd: &EtcdConfig) -> Result<Client, String> {
             .with_auto_token_refresh(true);
     }
     if let Some(tls) = &etcd.tls {
-        let mut tls_options =
-            TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca_file.pem));
-        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-            tls_options = tls_options.identity(Identity::from_pem(&cert.pem, &key.pem));
-        }
-        options = options.with_tls(tls_options);
+        options = options.with_tls(tls_options(tls)?);
     }
     let endpoints: Vec<&str> = etcd.endpoints.iter().map(|e| e.0.as_str()).collect();
     match timeout(
@@ -75,6 +75,39 @@ pub async fn connect(etcd: &EtcdConfig) -> Result<Client, String> {
     }
 }
 
+/// The TLS settings for etcd, checked the way a connection will use them: the PEM files must
+/// parse and the key must suit the certificate. Config validation calls this, so a broken file
+/// is a config error rather than a watch that never connects.
+pub fn tls_options(tls: &EtcdTlsConfig) -> Result<TlsOptions, String> {
+    // tonic drops CA certificates it cannot parse, which would leave nothing to trust.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&tls.ca_file.pem) {
+        let cert = cert.map_err(|e| format!("{}: not a PEM certificate: {e}", tls.ca_file.path))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: not a CA certificate: {e}", tls.ca_file.path))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: holds no certificate", tls.ca_file.path));
+    }
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca_file.pem));
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        options = options.identity(Identity::from_pem(&cert.pem, &key.pem));
+    }
+    tonic::transport::Endpoint::from_static("https://127.0.0.1:2379")
+        .tls_config(options.clone())
+        .map_err(|error| {
+            let mut message = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+            message
+        })?;
+    Ok(options)
+}
+
 /// The watch task of one cluster. Runs until aborted (reload or exit).
 pub(super) async fn watch(cluster: Arc<Cluster>, etcd: EtcdConfig, source: EtcdDiscovery) {
     let mut prefix = PrefixState::new(cluster, &source);
@@ -82,18 +115,23 @@ pub(super) async fn watch(cluster: Arc<Cluster>, etcd: EtcdConfig, source: EtcdD
     let mut failures: u32 = 0;
     loop {
         let (error, progressed) = prefix.session(&etcd).await;
+        let cluster = &prefix.cluster;
         if progressed {
+            // The watch worked and then ended (etcd closed it, a leader change, a member
+            // restart): reconnect at once, and only call it an outage if that fails.
+            info!(cluster = %cluster.name, %error, "etcd watch ended; reconnecting");
             backoff = BACKOFF_FIRST;
             failures = 0;
+            continue;
         }
         failures += 1;
-        let cluster = &prefix.cluster;
-        let known = cluster.backends().backends.len();
         let delay = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-        if !cluster.is_ready() {
+        let loud = failures == 1 || failures.is_multiple_of(WARN_EVERY);
+        if loud && !cluster.is_ready() {
             warn!(cluster = %cluster.name, %error, retry_in = ?delay,
                 "etcd: no backend set yet; the cluster is not ready (/readyz 503) until the first list");
-        } else if failures == 1 || failures.is_multiple_of(WARN_EVERY) {
+        } else if loud {
+            let known = cluster.backends().backends.len();
             warn!(cluster = %cluster.name, %error, backends = known, retry_in = ?delay,
                 "etcd unreachable; routing continues on the last known backend set");
         } else {
@@ -138,9 +176,10 @@ impl PrefixState {
     }
 
     /// Connects, lists when needed, and follows the watch until something fails. Returns the
-    /// failure, and whether etcd answered at all this time (which resets the backoff).
+    /// failure, and whether this session got anywhere (a list, or a confirmed watch).
     async fn session(&mut self, etcd: &EtcdConfig) -> (String, bool) {
-        let dial = etcd.dial_timeout.0;
+        // A list of a large prefix on a slow link may take longer than a dial.
+        let request_timeout = etcd.dial_timeout.0.max(REQUEST_TIMEOUT_MIN);
         let mut client = match connect(etcd).await {
             Ok(client) => client,
             Err(error) => return (error, false),
@@ -148,7 +187,7 @@ impl PrefixState {
         let mut progressed = false;
         loop {
             if self.revision == 0 {
-                if let Err(error) = self.list(&mut client, dial).await {
+                if let Err(error) = self.list(&mut client, request_timeout).await {
                     return (error, progressed);
                 }
                 progressed = true;
@@ -157,26 +196,25 @@ impl PrefixState {
             let options = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(self.revision + 1);
-            let mut stream =
-                match timeout(dial, client.watch(self.key_prefix.as_str(), Some(options))).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => return (format!("cannot watch: {error}"), progressed),
-                    Err(_) => {
-                        return (
-                            format!("no watch within dial_timeout ({dial:?})"),
-                            progressed,
-                        )
-                    }
-                };
+            let mut stream = match timeout(
+                request_timeout,
+                client.watch(self.key_prefix.as_str(), Some(options)),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => return (format!("cannot watch: {error}"), progressed),
+                Err(_) => return (format!("no watch within {request_timeout:?}"), progressed),
+            };
             // The first response confirms the watch (or reports the revision compacted).
             let mut first = true;
             loop {
                 let message = if first {
-                    match timeout(dial, stream.message()).await {
+                    match timeout(request_timeout, stream.message()).await {
                         Ok(message) => message,
                         Err(_) => {
                             return (
-                                format!("watch not confirmed within dial_timeout ({dial:?})"),
+                                format!("watch not confirmed within {request_timeout:?}"),
                                 progressed,
                             )
                         }
@@ -211,14 +249,18 @@ impl PrefixState {
     }
 
     /// Replaces what is known with a fresh listing of the prefix.
-    async fn list(&mut self, client: &mut Client, dial: Duration) -> Result<(), String> {
+    async fn list(&mut self, client: &mut Client, request_timeout: Duration) -> Result<(), String> {
         let options = GetOptions::new().with_prefix();
-        let response =
-            match timeout(dial, client.get(self.key_prefix.as_str(), Some(options))).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(error)) => return Err(format!("cannot list {}: {error}", self.key_prefix)),
-                Err(_) => return Err(format!("no list within dial_timeout ({dial:?})")),
-            };
+        let response = match timeout(
+            request_timeout,
+            client.get(self.key_prefix.as_str(), Some(options)),
+        )
+        .await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return Err(format!("cannot list {}: {error}", self.key_prefix)),
+            Err(_) => return Err(format!("no list within {request_timeout:?}")),
+        };
         let Some(header) = response.header() else {
             return Err("etcd answered the list without a header".into());
         };

@@ -9,7 +9,7 @@ mod etcd;
 pub mod formats;
 mod static_list;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
@@ -20,7 +20,7 @@ use crate::balance::{Cluster, Endpoint};
 use crate::config::{ClusterConfig, DiscoveryConfig, EtcdConfig};
 use crate::metrics::metrics;
 
-pub use etcd::connect as etcd_connect;
+pub use etcd::{connect as etcd_connect, tls_options as etcd_tls_options};
 
 /// Where a cluster's backends come from and how that source is doing, for `/backends`.
 #[derive(Debug)]
@@ -29,12 +29,21 @@ pub struct DiscoveryStatus {
     pub source: &'static str,
     /// The etcd prefix watched, without the trailing slash.
     pub prefix: Option<String>,
-    /// The source answers (always true for `static`).
-    connected: AtomicBool,
+    /// A [`SourceState`], as its number.
+    state: AtomicU8,
     /// The etcd revision the backend set reflects.
     revision: AtomicI64,
     /// Why the source last failed, kept until it answers again (cold path).
     last_error: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceState {
+    /// Started, no answer yet.
+    Connecting = 0,
+    Connected = 1,
+    /// Failed since it last answered: the cluster routes on its last known set.
+    Unreachable = 2,
 }
 
 /// What `/backends` shows of a cluster's discovery.
@@ -43,6 +52,9 @@ pub struct DiscoveryView {
     pub source: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
+    /// `connecting` (no answer yet), `connected`, or `unreachable` (routing on the last
+    /// known set).
+    pub state: &'static str,
     pub connected: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<i64>,
@@ -59,18 +71,31 @@ impl DiscoveryStatus {
         DiscoveryStatus {
             source,
             prefix,
-            connected: AtomicBool::new(source == "static"),
+            state: AtomicU8::new(if source == "static" {
+                SourceState::Connected
+            } else {
+                SourceState::Connecting
+            } as u8),
             revision: AtomicI64::new(0),
             last_error: Mutex::new(None),
         }
     }
 
+    fn state(&self) -> SourceState {
+        match self.state.load(Ordering::Acquire) {
+            0 => SourceState::Connecting,
+            1 => SourceState::Connected,
+            _ => SourceState::Unreachable,
+        }
+    }
+
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
+        self.state() == SourceState::Connected
     }
 
     fn set_connected(&self, cluster: &str) {
-        self.connected.store(true, Ordering::Release);
+        self.state
+            .store(SourceState::Connected as u8, Ordering::Release);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         metrics()
             .discovery_connected
@@ -79,7 +104,8 @@ impl DiscoveryStatus {
     }
 
     fn set_failed(&self, cluster: &str, error: String) {
-        self.connected.store(false, Ordering::Release);
+        self.state
+            .store(SourceState::Unreachable as u8, Ordering::Release);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
         let m = metrics();
         m.discovery_connected
@@ -99,6 +125,11 @@ impl DiscoveryStatus {
         DiscoveryView {
             source: self.source,
             prefix: self.prefix.clone(),
+            state: match self.state() {
+                SourceState::Connecting => "connecting",
+                SourceState::Connected => "connected",
+                SourceState::Unreachable => "unreachable",
+            },
             connected: self.is_connected(),
             revision: (revision > 0).then_some(revision),
             last_error: self
