@@ -44,7 +44,7 @@ impl ServeHttp for Admin {
             "/metrics" => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                metrics().encode(),
+                metrics().encode(&self.router.load()),
             ),
             "/readyz" => match self.not_ready_reason() {
                 None => text(StatusCode::OK, "ready\n"),

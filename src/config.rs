@@ -39,8 +39,9 @@ pub struct Config {
     /// Worker threads for the data plane (default: one per core).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Absent: no access log.
     #[serde(default)]
-    pub access_log: Option<NotSupportedYet>,
+    pub access_log: Option<AccessLogConfig>,
     /// The Unix socket a graceful upgrade hands the listening sockets over (SIGQUIT to the
     /// old process, `sluice run --upgrade` for the new one).
     #[serde(default = "default_upgrade_sock")]
@@ -58,6 +59,21 @@ pub struct ListenerConfig {
     pub address: ListenAddr,
     #[serde(default)]
     pub tls: Option<NotSupportedYet>,
+}
+
+/// `access_log: { path, enabled }`: one JSON line per finished call.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// A file to append to; absent means stdout.
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,9 +10,11 @@
 //! - [`register`]: `sluice register`, keeping one backend registered in etcd under a lease.
 //! - [`metrics`]: the Prometheus registry behind `/metrics`.
 //! - [`config`]: the YAML config, validated once at load.
+//! - [`access_log`]: one JSON line per finished call, and the trace id it carries.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/backends` and the status page.
 //! - [`demo`]: the built-in echo backends of `sluice demo` and of the tests.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;

@@ -22,6 +22,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 
+use crate::access_log::AccessLog;
 use crate::admin::Admin;
 use crate::balance::Cluster;
 use crate::config::{ClusterConfig, Config};
@@ -113,8 +114,13 @@ fn build_router(config: &Config, previous: Option<&Router>) -> (Router, Watchers
         .clusters
         .iter()
         .map(|c| {
-            let cluster = Arc::new(Cluster::new(c));
-            if let Some(old) = previous.and_then(|r| r.cluster(&c.name)) {
+            let old = previous.and_then(|r| r.cluster(&c.name));
+            // Counters carry on under the same name, whatever else changed.
+            let cluster = Arc::new(match old {
+                Some(old) => Cluster::with_stats(c, Arc::clone(&old.stats)),
+                None => Cluster::new(c),
+            });
+            if let Some(old) = old {
                 // A changed source starts from nothing: adopted backends would keep the old
                 // source's name, and an etcd set is not the new prefix's.
                 if old.discovery.source == cluster.discovery.source
@@ -179,6 +185,15 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
     server.bootstrap();
 
     let h2 = H2Settings::default();
+    let access_log = match config.access_log.as_ref().filter(|a| a.enabled) {
+        Some(log) => Some(AccessLog::start(log).map_err(|e| {
+            format!(
+                "access_log: cannot open {}: {e}",
+                log.path.as_deref().unwrap_or("stdout")
+            )
+        })?),
+        None => None,
+    };
     let mut listen_addrs = Vec::new();
     for listener in &config.listeners {
         let proxy = Proxy {
@@ -186,6 +201,8 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
             router: Arc::clone(&router),
             lifecycle: Arc::clone(&lifecycle),
             h2,
+            access_log: access_log.clone(),
+            connections_gauge: metrics().downstream_connections(&listener.name),
         };
         let mut service = Service::new(format!("listener {}", listener.name), proxy);
         // pingora buffers L4 reads and writes by default; h2 does its own, and the extra copy
@@ -351,6 +368,7 @@ struct RestartOnly {
     drain_timeout: Duration,
     log_level: Option<String>,
     upgrade_sock: String,
+    access_log: Option<crate::config::AccessLogConfig>,
 }
 
 impl RestartOnly {
@@ -366,6 +384,7 @@ impl RestartOnly {
             drain_timeout: config.shutdown.drain_timeout.0,
             log_level: config.log.level.clone(),
             upgrade_sock: config.upgrade_sock.clone(),
+            access_log: config.access_log.clone(),
         }
     }
 }
@@ -404,8 +423,8 @@ impl Reload {
         };
         if RestartOnly::of(&config) != self.restart_only {
             warn!(
-                "SIGHUP: changes to listeners, admin, threads, shutdown, log or upgrade_sock \
-                 need a restart (or an upgrade); they are ignored"
+                "SIGHUP: changes to listeners, admin, threads, shutdown, log, access_log or \
+                 upgrade_sock need a restart (or an upgrade); they are ignored"
             );
         }
         let previous = self.router.load_full();
@@ -413,11 +432,7 @@ impl Reload {
         self.router.store(Arc::new(next));
         // The new watches run; the old ones stop (their clusters are no longer routed to).
         *self.watchers.lock().unwrap_or_else(|e| e.into_inner()) = watchers;
-        for cluster in previous.clusters() {
-            if config.clusters.iter().all(|c| c.name != cluster.name) {
-                metrics().forget_cluster(&cluster.name);
-            }
-        }
+
         info!(path = %path.display(), "SIGHUP: config reloaded");
     }
 }

@@ -19,6 +19,8 @@ use serde::Serialize;
 
 use crate::config::{BackendAddr, BalancerKind, ClusterConfig};
 use crate::discovery::DiscoveryStatus;
+use crate::metrics::{BackendStats, ClusterStats};
+use crate::proxy::grpc::Code;
 use crate::proxy::pool::Pool;
 
 /// One discovered backend: where it is and how much it may take.
@@ -52,14 +54,17 @@ pub struct Backend {
     skip_until_ms: AtomicU64,
     connect_failures: AtomicU64,
     pub pool: Pool,
+    /// Attempts by gRPC code and their durations, for `/metrics`.
+    pub stats: BackendStats,
 }
 
 const BASE_CONNECT_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(10);
 
 impl Backend {
-    pub fn new(endpoint: &Endpoint, source: &'static str) -> Backend {
+    pub fn new(endpoint: &Endpoint, source: &'static str, cluster: &str) -> Backend {
         Backend {
+            stats: BackendStats::new(cluster, &endpoint.address.0),
             address: endpoint.address.clone(),
             weight: AtomicU32::new(endpoint.weight.clamp(1, MAX_WEIGHT)),
             source,
@@ -86,6 +91,12 @@ impl Backend {
         self.skip_until_ms.load(Ordering::Relaxed) <= clock_ms()
     }
 
+    /// False from a failed connect until the next one succeeds, including the moments between
+    /// backoffs when it may be tried again (`sluice_backend_up`, `state`).
+    pub fn is_up(&self) -> bool {
+        self.connect_failures.load(Ordering::Relaxed) == 0
+    }
+
     /// Marks one stream started; the returned guard marks it finished when dropped.
     pub fn start_stream(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -100,13 +111,18 @@ impl Backend {
         self.latency.observe(rtt);
     }
 
-    pub fn record_failure(&self) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
+    /// Records how one attempt on this backend ended: its gRPC code (the backend's, or the
+    /// one sluice gave for it) and how long it took from the pick. Server-side failure codes
+    /// count as the backend's failures.
+    pub fn finish_attempt(&self, code: Code, elapsed: Duration) {
+        if code.is_server_error() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats.record(code, elapsed);
     }
 
-    /// A connect failed: back off from this backend, and count the failure against it.
+    /// A connect failed: back off from this backend.
     pub fn record_connect_failure(&self) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
         let streak = self.connect_failures.fetch_add(1, Ordering::Relaxed).min(8);
         let backoff = (BASE_CONNECT_BACKOFF * 2u32.pow(streak as u32)).min(MAX_CONNECT_BACKOFF);
         self.skip_until_ms
@@ -129,11 +145,7 @@ impl Backend {
     pub fn snapshot(&self) -> BackendSnapshot {
         BackendSnapshot {
             address: self.address.to_string(),
-            state: if self.is_available() {
-                "healthy"
-            } else {
-                "unhealthy"
-            },
+            state: if self.is_up() { "healthy" } else { "unhealthy" },
             in_flight: self.in_flight(),
             ewma_latency_ms: self.latency.estimate_nanos() / 1e6,
             requests: self.requests.load(Ordering::Relaxed),
@@ -306,11 +318,19 @@ pub struct Cluster {
     ready: std::sync::atomic::AtomicBool,
     /// Where the backends come from, and whether that source answers.
     pub discovery: DiscoveryStatus,
+    /// Call counters; a reload hands them to the next cluster of the same name.
+    pub stats: Arc<ClusterStats>,
 }
 
 impl Cluster {
     pub fn new(config: &ClusterConfig) -> Cluster {
+        Cluster::with_stats(config, Arc::new(ClusterStats::new(&config.name)))
+    }
+
+    /// A cluster that carries on counting in `stats` (those of its predecessor on reload).
+    pub fn with_stats(config: &ClusterConfig, stats: Arc<ClusterStats>) -> Cluster {
         Cluster {
+            stats,
             name: config.name.clone(),
             settings: ClusterSettings {
                 connect_timeout: config.connect_timeout.0,
@@ -364,7 +384,7 @@ impl Cluster {
                 }
                 None => {
                     changed = true;
-                    next.push(Arc::new(Backend::new(endpoint, source)));
+                    next.push(Arc::new(Backend::new(endpoint, source, &self.name)));
                 }
             }
         }

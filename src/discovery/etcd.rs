@@ -24,7 +24,6 @@ use tracing::{debug, info, warn};
 use super::formats::{self, Decoded};
 use crate::balance::{Cluster, Endpoint};
 use crate::config::{BackendAddr, EtcdConfig, EtcdDiscovery, EtcdFormat, EtcdTlsConfig};
-use crate::metrics::metrics;
 
 /// HTTP/2 pings on the etcd connection, so a peer that vanished without a FIN (a partition, a
 /// powered-off host) is noticed. etcd refuses pings more often than every 5 s by default.
@@ -137,7 +136,8 @@ pub(super) async fn watch(cluster: Arc<Cluster>, etcd: EtcdConfig, source: EtcdD
         } else {
             debug!(cluster = %cluster.name, %error, retry_in = ?delay, "etcd still unreachable");
         }
-        cluster.discovery.set_failed(&cluster.name, error);
+        cluster.discovery.set_failed(error);
+        cluster.stats.discovery_failed();
         tokio::time::sleep(delay).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -191,7 +191,7 @@ impl PrefixState {
                     return (error, progressed);
                 }
                 progressed = true;
-                self.cluster.discovery.set_connected(&self.cluster.name);
+                self.cluster.discovery.set_connected();
             }
             let options = WatchOptions::new()
                 .with_prefix()
@@ -242,7 +242,7 @@ impl PrefixState {
                         info!(cluster = %self.cluster.name, revision = self.revision,
                             "etcd watch established");
                     }
-                    self.cluster.discovery.set_connected(&self.cluster.name);
+                    self.cluster.discovery.set_connected();
                 }
             }
         }
@@ -349,9 +349,8 @@ impl PrefixState {
         }
         super::apply(&self.cluster, &endpoints);
         self.cluster.discovery.set_revision(self.revision);
-        metrics()
-            .discovery_invalid_values
-            .with_label_values(&[&self.cluster.name])
-            .set(self.invalid.len() as i64);
+        self.cluster
+            .discovery
+            .set_invalid_values(self.invalid.len());
     }
 }

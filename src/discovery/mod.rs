@@ -18,7 +18,6 @@ use tracing::info;
 
 use crate::balance::{Cluster, Endpoint};
 use crate::config::{ClusterConfig, DiscoveryConfig, EtcdConfig};
-use crate::metrics::metrics;
 
 pub use etcd::{connect as etcd_connect, tls_options as etcd_tls_options};
 
@@ -35,6 +34,7 @@ pub struct DiscoveryStatus {
     revision: AtomicI64,
     /// Why the source last failed, kept until it answers again (cold path).
     last_error: Mutex<Option<String>>,
+    invalid_values: AtomicI64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +78,7 @@ impl DiscoveryStatus {
             } as u8),
             revision: AtomicI64::new(0),
             last_error: Mutex::new(None),
+            invalid_values: AtomicI64::new(0),
         }
     }
 
@@ -93,27 +94,25 @@ impl DiscoveryStatus {
         self.state() == SourceState::Connected
     }
 
-    fn set_connected(&self, cluster: &str) {
+    fn set_connected(&self) {
         self.state
             .store(SourceState::Connected as u8, Ordering::Release);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        metrics()
-            .discovery_connected
-            .with_label_values(&[cluster, self.source])
-            .set(1);
     }
 
-    fn set_failed(&self, cluster: &str, error: String) {
+    fn set_failed(&self, error: String) {
         self.state
             .store(SourceState::Unreachable as u8, Ordering::Release);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
-        let m = metrics();
-        m.discovery_connected
-            .with_label_values(&[cluster, self.source])
-            .set(0);
-        m.discovery_errors
-            .with_label_values(&[cluster, self.source])
-            .inc();
+    }
+
+    /// Keys under the prefix skipped because their value could not be decoded.
+    pub fn invalid_values(&self) -> i64 {
+        self.invalid_values.load(Ordering::Relaxed)
+    }
+
+    fn set_invalid_values(&self, count: usize) {
+        self.invalid_values.store(count as i64, Ordering::Relaxed);
     }
 
     fn set_revision(&self, revision: i64) {
@@ -141,7 +140,7 @@ impl DiscoveryStatus {
     }
 }
 
-/// Applies a whole backend set to a cluster, with its log line and metrics.
+/// Applies a whole backend set to a cluster, with its log line and count.
 fn apply(cluster: &Cluster, endpoints: &[Endpoint]) {
     let source = cluster.discovery.source;
     let before = cluster.backends().backends.len();
@@ -153,15 +152,8 @@ fn apply(cluster: &Cluster, endpoints: &[Endpoint]) {
             before,
             "backend set updated"
         );
-        metrics()
-            .discovery_updates
-            .with_label_values(&[&cluster.name, source])
-            .inc();
+        cluster.stats.discovery_updated();
     }
-    metrics()
-        .backends
-        .with_label_values(&[&cluster.name])
-        .set(endpoints.len() as i64);
 }
 
 /// The running watch tasks of one config generation; dropping it stops them.

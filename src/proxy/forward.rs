@@ -9,7 +9,7 @@
 //!   a slow reader slows its writer instead of filling the proxy's memory.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -117,6 +117,7 @@ pub async fn upload(
     sink: &mut SendStream<Bytes>,
     replay: &mut Replay,
     answered: &AtomicBool,
+    received: &AtomicU64,
 ) -> Result<(), PipeError> {
     if !replay.chunks.is_empty() || replay.end.is_some() {
         for chunk in replay.chunks.clone() {
@@ -131,6 +132,9 @@ pub async fn upload(
         }
     }
     pipe(source, sink, |seen| {
+        if let Seen::Data(chunk) = seen {
+            received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
         if answered.load(Ordering::Relaxed) {
             if !replay.overflowed {
                 replay.release();

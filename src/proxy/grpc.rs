@@ -6,16 +6,112 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
-/// gRPC status codes (only those the proxy itself produces or inspects are named).
+/// The gRPC status codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     Ok = 0,
     Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
     DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
     ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
     Unimplemented = 12,
     Internal = 13,
     Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
+
+impl Code {
+    pub const COUNT: usize = 17;
+
+    pub const ALL: [Code; Code::COUNT] = [
+        Code::Ok,
+        Code::Cancelled,
+        Code::Unknown,
+        Code::InvalidArgument,
+        Code::DeadlineExceeded,
+        Code::NotFound,
+        Code::AlreadyExists,
+        Code::PermissionDenied,
+        Code::ResourceExhausted,
+        Code::FailedPrecondition,
+        Code::Aborted,
+        Code::OutOfRange,
+        Code::Unimplemented,
+        Code::Internal,
+        Code::Unavailable,
+        Code::DataLoss,
+        Code::Unauthenticated,
+    ];
+
+    /// A `grpc-status` value; anything outside 0..=16 is `Unknown`, as gRPC clients read it.
+    pub fn from_status(status: u32) -> Code {
+        Code::ALL
+            .get(status as usize)
+            .copied()
+            .unwrap_or(Code::Unknown)
+    }
+
+    /// The code of a `grpc-status` header, `Unknown` when it is missing or malformed.
+    pub fn of_headers(headers: &HeaderMap) -> Code {
+        status_of(headers).map_or(Code::Unknown, Code::from_status)
+    }
+
+    /// The status a gRPC client reports for an RST_STREAM with `reason` (gRPC's HTTP/2
+    /// mapping: PROTOCOL.md "Errors").
+    pub fn of_reset(reason: h2::Reason) -> Code {
+        match reason {
+            h2::Reason::CANCEL => Code::Cancelled,
+            h2::Reason::REFUSED_STREAM => Code::Unavailable,
+            h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+            h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+            _ => Code::Internal,
+        }
+    }
+
+    /// Go's name for the code (`codes.Code.String()`), the `grpc_code` label of
+    /// go-grpc-prometheus, so its dashboards and alerts carry over.
+    pub fn go_name(self) -> &'static str {
+        match self {
+            Code::Ok => "OK",
+            Code::Cancelled => "Canceled",
+            Code::Unknown => "Unknown",
+            Code::InvalidArgument => "InvalidArgument",
+            Code::DeadlineExceeded => "DeadlineExceeded",
+            Code::NotFound => "NotFound",
+            Code::AlreadyExists => "AlreadyExists",
+            Code::PermissionDenied => "PermissionDenied",
+            Code::ResourceExhausted => "ResourceExhausted",
+            Code::FailedPrecondition => "FailedPrecondition",
+            Code::Aborted => "Aborted",
+            Code::OutOfRange => "OutOfRange",
+            Code::Unimplemented => "Unimplemented",
+            Code::Internal => "Internal",
+            Code::Unavailable => "Unavailable",
+            Code::DataLoss => "DataLoss",
+            Code::Unauthenticated => "Unauthenticated",
+        }
+    }
+
+    /// Codes that say the server side failed rather than the request being refused on its
+    /// merits: these count as a backend's failures (`/backends`, the status page).
+    pub fn is_server_error(self) -> bool {
+        matches!(
+            self,
+            Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+        )
+    }
 }
 
 /// A status the proxy answers with itself: always HTTP 200, trailers-only (SPEC.md).
@@ -171,6 +267,16 @@ pub fn status_of(headers: &HeaderMap) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codes_have_go_names_in_order() {
+        for (i, code) in Code::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, i);
+            assert_eq!(Code::from_status(i as u32), *code);
+        }
+        assert_eq!(Code::Cancelled.go_name(), "Canceled");
+        assert_eq!(Code::from_status(99), Code::Unknown);
+    }
 
     #[test]
     fn path_parses_service_and_method() {

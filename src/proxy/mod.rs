@@ -11,8 +11,9 @@ pub mod grpc;
 pub mod pool;
 
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,11 +30,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{sleep_until, Instant};
 use tracing::debug;
 
+use crate::access_log::{self, AccessLog, Entry};
 use crate::balance::{Backend, Cluster};
 use crate::config::{Config, RouteMatch};
+use crate::metrics::{unrouted, Origin, Reject};
 use crate::server::Lifecycle;
 use coalesce::CoalescingIo;
-use forward::{PipeError, Replay};
+use forward::{PipeError, Replay, Seen};
 use grpc::{Code, GrpcPath, ProxyStatus};
 use pool::ConnectError;
 
@@ -87,6 +90,14 @@ impl Router {
         Router { routes, clusters }
     }
 
+    /// No clusters, no routes: every call is UNIMPLEMENTED (tests, and before a config).
+    pub fn empty() -> Router {
+        Router {
+            routes: Vec::new(),
+            clusters: Vec::new(),
+        }
+    }
+
     pub fn clusters(&self) -> &[Arc<Cluster>] {
         &self.clusters
     }
@@ -122,6 +133,9 @@ pub struct Proxy {
     pub router: Arc<ArcSwap<Router>>,
     pub lifecycle: Arc<Lifecycle>,
     pub h2: H2Settings,
+    pub access_log: Option<AccessLog>,
+    /// `sluice_downstream_connections{listener}`, resolved once.
+    pub connections_gauge: prometheus::IntGauge,
 }
 
 #[async_trait]
@@ -138,6 +152,11 @@ impl Proxy {
     /// shutdown during an upgrade) it sends GOAWAY and keeps serving the streams in flight.
     async fn serve_connection(self: &Arc<Self>, mut io: Stream, mut shutdown: ShutdownWatch) {
         let _open = self.lifecycle.connection_opened();
+        self.connections_gauge.inc();
+        let _gauge = scopeguard(&self.connections_gauge);
+        let peer = io
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
         // Anything but the HTTP/2 preface is a client speaking HTTP/1: tell it plainly.
         let mut first = [0u8; 4];
         match tokio::time::timeout(PREFACE_TIMEOUT, io.try_peek(&mut first)).await {
@@ -179,7 +198,7 @@ impl Proxy {
                         // Boxed: tokio copies a task's future when it spawns and finishes it
                         // (7 memcpys); a call's state machine is kilobytes, a box is a pointer.
                         tokio::spawn(Box::pin(async move {
-                            proxy.serve_call(request, respond).await;
+                            proxy.serve_call(request, respond, peer).await;
                             drop(open);
                         }));
                     }
@@ -203,46 +222,125 @@ impl Proxy {
         }
     }
 
-    /// Runs one gRPC call from its request headers to its last frame.
-    async fn serve_call(&self, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    /// Runs one gRPC call from its request headers to its last frame, then counts it and
+    /// writes its access log line.
+    async fn serve_call(
+        &self,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: Option<SocketAddr>,
+    ) {
         let started = Instant::now();
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         if parts.method != Method::POST
             || !grpc::is_grpc_content_type(parts.headers.get(http::header::CONTENT_TYPE))
         {
             reply_not_grpc(&mut respond, &parts);
             return;
         }
+        // Read or made before the first attempt, so a generated x-request-id goes upstream.
+        let trace_id = match &self.access_log {
+            Some(_) => access_log::trace_id(&mut parts.headers),
+            None => String::new(),
+        };
         let router = self.router.load();
-        let path = parts.uri.path();
-        let Some(cluster) = router.route(path) else {
-            let message = format!("sluice: no route for {path}");
+        let Some(cluster) = router.route(parts.uri.path()) else {
+            let message = format!("sluice: no route for {}", parts.uri.path());
             reply(&mut respond, ProxyStatus::new(Code::Unimplemented, message));
+            unrouted().rejected(Reject::NoRoute);
+            let ending = Ending::proxy(Code::Unimplemented);
+            let method = unrouted().method(parts.uri.path());
+            method.record(ending.code, ending.origin, started.elapsed());
+            let summary = Summary::default();
+            self.log(&parts, None, &summary, ending, started, peer, &trace_id);
             return;
         };
+        let method = cluster.stats.method(parts.uri.path());
         // The effective deadline: the client's grpc-timeout, capped by max_deadline, which
         // also applies when the client sent none.
         let budget = match parts.headers.get("grpc-timeout") {
-            None => cluster.settings.max_deadline,
+            None => Ok(cluster.settings.max_deadline),
             Some(value) => match grpc::parse_timeout(value.as_bytes()) {
-                Some(timeout) => timeout.min(cluster.settings.max_deadline),
-                None => {
-                    let message = format!("sluice: malformed grpc-timeout {value:?}");
-                    reply(&mut respond, ProxyStatus::new(Code::Internal, message));
-                    return;
-                }
+                Some(timeout) => Ok(timeout.min(cluster.settings.max_deadline)),
+                None => Err(format!("sluice: malformed grpc-timeout {value:?}")),
             },
         };
-        let call = Call {
-            cluster: Arc::clone(cluster),
-            h2: self.h2,
-            deadline: started + budget,
-            request: parts,
-            body,
-            respond,
+        let (ending, summary, parts) = match budget {
+            Err(message) => {
+                reply(&mut respond, ProxyStatus::new(Code::Internal, message));
+                (Ending::proxy(Code::Internal), Summary::default(), parts)
+            }
+            Ok(budget) => {
+                let mut call = Call {
+                    cluster: Arc::clone(cluster),
+                    h2: self.h2,
+                    deadline: started + budget,
+                    request: parts,
+                    body,
+                    respond,
+                    bytes_in: AtomicU64::new(0),
+                    summary: Summary::default(),
+                };
+                let ending = call.run().await;
+                (ending, call.summary, call.request)
+            }
         };
-        call.run().await;
+        method.record(ending.code, ending.origin, started.elapsed());
+        self.log(
+            &parts,
+            Some(cluster),
+            &summary,
+            ending,
+            started,
+            peer,
+            &trace_id,
+        );
     }
+
+    /// Writes the call's access log line, when the log is on.
+    #[allow(clippy::too_many_arguments)]
+    fn log(
+        &self,
+        request: &http::request::Parts,
+        cluster: Option<&Arc<Cluster>>,
+        summary: &Summary,
+        ending: Ending,
+        started: Instant,
+        peer: Option<SocketAddr>,
+        trace_id: &str,
+    ) {
+        let Some(log) = &self.access_log else { return };
+        log.write(&Entry {
+            time: access_log::now_rfc3339(),
+            listener: &self.listener,
+            peer,
+            path: request.uri.path(),
+            cluster: cluster.map(|c| c.name.as_str()),
+            backend: summary.backend.as_ref().map(|b| b.address.0.as_str()),
+            attempts: summary.attempts,
+            grpc_status: ending.code as u32,
+            grpc_code: ending.code.go_name(),
+            origin: match ending.origin {
+                Origin::Upstream => "upstream",
+                Origin::Proxy => "proxy",
+            },
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            bytes_in: summary.bytes_in,
+            bytes_out: summary.bytes_out,
+            trace_id,
+        });
+    }
+}
+
+/// Decrements a gauge when dropped (a connection's `sluice_downstream_connections`).
+fn scopeguard(gauge: &prometheus::IntGauge) -> impl Drop + '_ {
+    struct Guard<'a>(&'a prometheus::IntGauge);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    Guard(gauge)
 }
 
 /// One call counted in its connection's stream count, until dropped.
@@ -272,12 +370,48 @@ struct Call {
     request: http::request::Parts,
     body: RecvStream,
     respond: SendResponse<Bytes>,
+    /// Request DATA bytes read from the client (the upload counts them as they pass).
+    bytes_in: AtomicU64,
+    summary: Summary,
+}
+
+/// What the access log needs of a finished call besides its status.
+#[derive(Debug, Default)]
+struct Summary {
+    attempts: u32,
+    /// The backend of the last attempt.
+    backend: Option<Arc<Backend>>,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// How a call ended: its gRPC status and who decided it.
+#[derive(Debug, Clone, Copy)]
+struct Ending {
+    code: Code,
+    origin: Origin,
+}
+
+impl Ending {
+    fn proxy(code: Code) -> Ending {
+        Ending {
+            code,
+            origin: Origin::Proxy,
+        }
+    }
+
+    fn upstream(code: Code) -> Ending {
+        Ending {
+            code,
+            origin: Origin::Upstream,
+        }
+    }
 }
 
 /// How one attempt ended.
 enum Attempt {
     /// The response went to the client, or the call ended in a way already handled.
-    Done,
+    Done(Ending),
     /// The request never reached the backend's application: another backend may take it.
     Retry(RetryReason),
 }
@@ -294,8 +428,8 @@ enum RetryReason {
 
 /// What the attempt's wait loops saw, acted on once the futures borrowing the streams end.
 enum Outcome {
-    /// The response, trailers included, reached the client.
-    Finished,
+    /// The response, trailers included, reached the client, with this status.
+    Finished(Code),
     Retry(RetryReason),
     /// The client reset the stream or went away: reset upstream with the same reason.
     ClientGone(Reason),
@@ -310,24 +444,35 @@ enum Outcome {
 }
 
 impl Call {
-    async fn run(mut self) {
+    async fn run(&mut self) -> Ending {
+        let ending = self.attempts().await;
+        self.summary.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        ending
+    }
+
+    async fn attempts(&mut self) -> Ending {
         self.cluster.retry_budget.on_request();
+        let stats = Arc::clone(&self.cluster.stats);
         let mut tried: Vec<Arc<Backend>> = Vec::new();
         let mut replay = Replay::default();
         loop {
             if Instant::now() >= self.deadline {
                 let message = "sluice: deadline exceeded before the call reached a backend";
                 reply(&mut self.respond, ProxyStatus::deadline_exceeded(message));
-                return;
+                stats.rejected(Reject::Deadline);
+                return Ending::proxy(Code::DeadlineExceeded);
             }
             let Some(backend) = self.cluster.pick(&tried) else {
                 let message = format!("sluice: cluster {} has no backends", self.cluster.name);
                 reply(&mut self.respond, ProxyStatus::unavailable(message));
-                return;
+                stats.rejected(Reject::NoBackend);
+                return Ending::proxy(Code::Unavailable);
             };
             tried.push(Arc::clone(&backend));
+            self.summary.attempts = tried.len() as u32;
+            self.summary.backend = Some(Arc::clone(&backend));
             let reason = match self.attempt(&backend, &mut replay).await {
-                Attempt::Done => return,
+                Attempt::Done(ending) => return ending,
                 Attempt::Retry(reason) => reason,
             };
             let attempts = tried.len() as u32;
@@ -336,25 +481,32 @@ impl Call {
                 && Instant::now() < self.deadline;
             if can_retry && self.cluster.retry_budget.try_withdraw() {
                 debug!(%reason, attempt = attempts, "retrying on another backend");
+                stats.retried();
                 continue;
             }
             if Instant::now() >= self.deadline {
                 let message = format!("sluice: deadline exceeded after {reason}");
                 reply(&mut self.respond, ProxyStatus::deadline_exceeded(message));
+                stats.rejected(Reject::Deadline);
+                return Ending::proxy(Code::DeadlineExceeded);
             } else if let RetryReason::Refused(_) = reason {
                 // gRPC clients retry REFUSED_STREAM on their own: pass it through unchanged.
                 self.respond.send_reset(Reason::REFUSED_STREAM);
+                return Ending::upstream(Code::Unavailable);
             } else {
                 let message = format!("sluice: {reason} (after {attempts} attempts)");
                 reply(&mut self.respond, ProxyStatus::unavailable(message));
+                stats.rejected(Reject::NoBackend);
+                return Ending::proxy(Code::Unavailable);
             }
-            return;
         }
     }
 
     /// Sends the call to one backend and forwards it to the end, unless it must be retried.
     async fn attempt(&mut self, backend: &Arc<Backend>, replay: &mut Replay) -> Attempt {
         let settings = &self.cluster.settings;
+        let picked_at = Instant::now();
+        let finish = |code: Code| backend.finish_attempt(code, picked_at.elapsed());
         let in_flight = backend.start_stream();
         // One timer for the whole attempt: connecting, waiting, streaming.
         let mut deadline = pin!(sleep_until(self.deadline));
@@ -387,17 +539,23 @@ impl Call {
                     backend.address
                 );
                 reply(&mut self.respond, ProxyStatus::deadline_exceeded(message));
-                return Attempt::Done;
+                finish(Code::DeadlineExceeded);
+                self.cluster.stats.rejected(Reject::Deadline);
+                return Attempt::Done(Ending::proxy(Code::DeadlineExceeded));
             }
             reset = poll_fn(|cx| self.respond.poll_reset(cx)) => {
                 debug!(reason = ?reset.ok(), "client left while connecting");
-                return Attempt::Done;
+                finish(Code::Cancelled);
+                return Attempt::Done(Ending::proxy(Code::Cancelled));
             }
             lent = lend => lent,
         };
         let (mut sender, slot) = match lent {
             Ok(lent) => lent,
-            Err(reason) => return Attempt::Retry(reason),
+            Err(reason) => {
+                finish(Code::Unavailable);
+                return Attempt::Retry(reason);
+            }
         };
 
         // The upstream request: the same headers, and the remaining budget as grpc-timeout.
@@ -418,6 +576,7 @@ impl Call {
             Err(error) => {
                 slot.mark_broken();
                 debug!(%error, backend = %backend.address, "send_request failed");
+                finish(Code::Unavailable);
                 return Attempt::Retry(RetryReason::GoAway(backend.address.to_string()));
             }
         };
@@ -429,7 +588,8 @@ impl Call {
                 &mut self.body,
                 &mut up_send,
                 replay,
-                &answered
+                &answered,
+                &self.bytes_in,
             ));
             let mut upload_done = request_ended;
             let mut response = pin!(response);
@@ -459,37 +619,58 @@ impl Call {
                     backend.observe_latency(sent_at.elapsed());
                     let (parts, mut up_recv) = response.into_parts();
                     let trailers_only = up_recv.is_end_stream();
+                    let status = trailers_only.then(|| Code::of_headers(&parts.headers));
                     let head = Response::from_parts(parts, ());
-                    match self.respond.send_response(head, trailers_only) {
-                        Err(error) => Outcome::ClientGone(client_reason(&error)),
-                        Ok(_) if trailers_only => Outcome::Finished,
-                        Ok(stream) => {
+                    match (self.respond.send_response(head, trailers_only), status) {
+                        (Err(error), _) => Outcome::ClientGone(client_reason(&error)),
+                        (Ok(_), Some(status)) => Outcome::Finished(status),
+                        (Ok(stream), None) => {
                             let down = down_send.insert(stream);
+                            let mut status = None;
+                            let mut sent = 0;
                             // Phase 2: stream the response; the upload goes on beside it.
-                            let mut download = pin!(forward::pipe(&mut up_recv, down, |_| {}));
-                            loop {
-                                tokio::select! {
-                                    biased;
-                                    _ = &mut deadline => break Outcome::DeadlineExceeded,
-                                    result = &mut upload, if !upload_done => {
-                                        upload_done = true;
-                                        if let Some(outcome) = upload_ended(result) {
-                                            break outcome;
+                            let outcome = {
+                                let mut download =
+                                    pin!(forward::pipe(&mut up_recv, down, |seen| {
+                                        match seen {
+                                            Seen::Data(chunk) => sent += chunk.len() as u64,
+                                            Seen::Trailers(t) => status = Some(Code::of_headers(t)),
                                         }
+                                    }));
+                                loop {
+                                    tokio::select! {
+                                        biased;
+                                        _ = &mut deadline => break Outcome::DeadlineExceeded,
+                                        result = &mut upload, if !upload_done => {
+                                            upload_done = true;
+                                            if let Some(outcome) = upload_ended(result) {
+                                                break outcome;
+                                            }
+                                        }
+                                        result = &mut download => break match result {
+                                            // The status comes with the trailers, read below.
+                                            Ok(_) => Outcome::Finished(Code::Unknown),
+                                            Err(PipeError::Sink(reason)) => Outcome::ClientGone(reason),
+                                            Err(PipeError::Source(error)) if error.is_reset() => {
+                                                Outcome::UpstreamReset(
+                                                    error.reason().unwrap_or(Reason::CANCEL),
+                                                )
+                                            }
+                                            Err(PipeError::Source(error)) => {
+                                                Outcome::UpstreamLost(error.to_string())
+                                            }
+                                        },
                                     }
-                                    result = &mut download => break match result {
-                                        Ok(_) => Outcome::Finished,
-                                        Err(PipeError::Sink(reason)) => Outcome::ClientGone(reason),
-                                        Err(PipeError::Source(error)) if error.is_reset() => {
-                                            Outcome::UpstreamReset(
-                                                error.reason().unwrap_or(Reason::CANCEL),
-                                            )
-                                        }
-                                        Err(PipeError::Source(error)) => {
-                                            Outcome::UpstreamLost(error.to_string())
-                                        }
-                                    },
                                 }
+                            };
+                            self.summary.bytes_out += sent;
+                            match outcome {
+                                // No trailers (END_STREAM on DATA): gRPC clients see Unknown
+                                // or Internal; Unknown is what the backend left unsaid.
+                                Outcome::Finished(_) => {
+                                    Outcome::Finished(status.unwrap_or(Code::Unknown))
+                                }
+                                other => other,
                             }
                         }
                     }
@@ -498,17 +679,20 @@ impl Call {
         };
 
         drop(in_flight);
-        match outcome {
-            Outcome::Finished => {}
-            Outcome::Retry(reason) => return Attempt::Retry(reason),
+        let ending = match outcome {
+            Outcome::Finished(code) => Ending::upstream(code),
+            Outcome::Retry(reason) => {
+                finish(Code::Unavailable);
+                return Attempt::Retry(reason);
+            }
             Outcome::ClientGone(reason) => {
                 debug!(?reason, backend = %backend.address, "client reset; resetting upstream");
                 up_send.send_reset(reason);
+                Ending::proxy(Code::Cancelled)
             }
             Outcome::DeadlineExceeded => {
                 // The backend must stop working on a call nobody waits for.
                 up_send.send_reset(Reason::CANCEL);
-                backend.record_failure();
                 let status = ProxyStatus::deadline_exceeded(format!(
                     "sluice: deadline exceeded while backend {} was working",
                     backend.address
@@ -520,19 +704,20 @@ impl Call {
                     }
                     None => reply(&mut self.respond, status),
                 }
+                Ending::proxy(Code::DeadlineExceeded)
             }
             Outcome::FailedBeforeHeaders(status) => {
-                backend.record_failure();
+                let code = status.code;
                 reply(&mut self.respond, status);
+                Ending::proxy(code)
             }
             Outcome::UpstreamReset(reason) => {
-                backend.record_failure();
                 if let Some(down) = down_send.as_mut() {
                     down.send_reset(reason);
                 }
+                Ending::upstream(Code::of_reset(reason))
             }
             Outcome::UpstreamLost(error) => {
-                backend.record_failure();
                 slot.mark_broken();
                 if let Some(down) = down_send.as_mut() {
                     let status = ProxyStatus::unavailable(format!(
@@ -541,9 +726,11 @@ impl Call {
                     ));
                     let _ = down.send_trailers(status.to_trailers());
                 }
+                Ending::proxy(Code::Unavailable)
             }
-        }
-        Attempt::Done
+        };
+        finish(ending.code);
+        Attempt::Done(ending)
     }
 }
 
