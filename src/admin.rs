@@ -57,7 +57,7 @@ impl ServeHttp for Admin {
             "/" => respond(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                self.status_page().into_bytes(),
+                STATUS_PAGE.as_bytes().to_vec(),
             ),
             _ => text(
                 StatusCode::NOT_FOUND,
@@ -103,53 +103,10 @@ impl Admin {
         }
     }
 
-    /// A minimal server-rendered page, refreshed by the browser every 2 s.
-    fn status_page(&self) -> String {
-        let mut html = String::from(
-            "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=2>\
-             <title>sluice</title><style>body{font:14px sans-serif;margin:2em}\
-             table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}\
-             </style><h1>sluice</h1>",
-        );
-        for cluster in self.backends().clusters {
-            let d = &cluster.discovery;
-            let source = match (&d.prefix, d.state) {
-                (Some(prefix), "unreachable") => format!(
-                    "etcd {}/ <b>unreachable: routing on the last known set</b> ({})",
-                    escape(prefix),
-                    escape(d.last_error.as_deref().unwrap_or(""))
-                ),
-                (Some(prefix), state) => format!("etcd {}/ ({state})", escape(prefix)),
-                (None, _) => d.source.to_string(),
-            };
-            html.push_str(&format!(
-                "<h2>{}</h2><p>discovery: {source}</p><table><tr><th>backend<th>state<th>in flight<th>EWMA ms<th>requests<th>failures<th>weight<th>source</tr>",
-                escape(&cluster.name)
-            ));
-            for b in cluster.backends {
-                html.push_str(&format!(
-                    "<tr><td>{}<td>{}<td>{}<td>{:.2}<td>{}<td>{}<td>{}<td>{}</tr>",
-                    escape(&b.address),
-                    b.state,
-                    b.in_flight,
-                    b.ewma_latency_ms,
-                    b.requests,
-                    b.failures,
-                    b.weight,
-                    b.source
-                ));
-            }
-            html.push_str("</table>");
-        }
-        html
-    }
 }
 
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
+/// The status page: static HTML whose script draws `/backends` every 2 s (src/status_page.html).
+const STATUS_PAGE: &str = include_str!("status_page.html");
 
 fn text(status: StatusCode, body: &str) -> Response<Vec<u8>> {
     respond(

@@ -235,6 +235,12 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
         },
     ));
     server.add_service(background_service(
+        "rates",
+        RateSampler {
+            router: Arc::clone(&router),
+        },
+    ));
+    server.add_service(background_service(
         "reload",
         Reload {
             path: options.config_path,
@@ -346,6 +352,31 @@ impl BackgroundService for Readiness {
         self.lifecycle
             .listeners_bound
             .store(true, Ordering::Release);
+    }
+}
+
+/// Samples every backend's counters each second, for the recent rates `/backends` and the
+/// status page show.
+struct RateSampler {
+    router: Arc<ArcSwap<Router>>,
+}
+
+#[async_trait]
+impl BackgroundService for RateSampler {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    for cluster in self.router.load().clusters() {
+                        for backend in &cluster.backends().backends {
+                            backend.sample_rates();
+                        }
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }
 

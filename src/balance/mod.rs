@@ -9,9 +9,9 @@ mod least_request;
 mod p2c;
 mod round_robin;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -56,7 +56,21 @@ pub struct Backend {
     pub pool: Pool,
     /// Attempts by gRPC code and their durations, for `/metrics`.
     pub stats: BackendStats,
+    /// Counter samples of the last `RATE_WINDOW`, taken each second by the rate sampler, for
+    /// `/backends`' recent rates (cold path: one lock per second and per page view).
+    recent: Mutex<VecDeque<RateSample>>,
 }
+
+/// The `requests` and `failures` counters at one moment.
+#[derive(Debug, Clone, Copy)]
+struct RateSample {
+    at: Instant,
+    requests: u64,
+    failures: u64,
+}
+
+/// How far back `/backends` looks for `rps` and `error_ratio`.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 const BASE_CONNECT_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(10);
@@ -75,6 +89,7 @@ impl Backend {
             skip_until_ms: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             pool: Pool::new(),
+            recent: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -142,8 +157,49 @@ impl Backend {
         self.latency.estimate_nanos() * (self.in_flight() as f64 + 1.0) / self.weight() as f64
     }
 
+    fn sample_now(&self) -> RateSample {
+        RateSample {
+            at: Instant::now(),
+            requests: self.requests.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records the counters (the rate sampler calls this every second), keeping one sample
+    /// at least `RATE_WINDOW` old.
+    pub fn sample_rates(&self) {
+        let now = self.sample_now();
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.push_back(now);
+        while recent.len() > 2 && now.at.duration_since(recent[1].at) >= RATE_WINDOW {
+            recent.pop_front();
+        }
+    }
+
+    /// Calls per second and the share of them that failed, over about the last 10 s.
+    pub fn recent_rates(&self) -> (f64, f64) {
+        let now = self.sample_now();
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(oldest) = recent.front() else {
+            return (0.0, 0.0);
+        };
+        let seconds = now.at.duration_since(oldest.at).as_secs_f64();
+        let requests = now.requests.saturating_sub(oldest.requests);
+        let failures = now.failures.saturating_sub(oldest.failures);
+        if seconds < 0.5 || requests == 0 {
+            return (0.0, 0.0);
+        }
+        (
+            requests as f64 / seconds,
+            (failures as f64 / requests as f64).min(1.0),
+        )
+    }
+
     pub fn snapshot(&self) -> BackendSnapshot {
+        let (rps, error_ratio) = self.recent_rates();
         BackendSnapshot {
+            rps,
+            error_ratio,
             address: self.address.to_string(),
             state: if self.is_up() { "healthy" } else { "unhealthy" },
             in_flight: self.in_flight(),
@@ -187,6 +243,10 @@ pub struct BackendSnapshot {
     pub weight: u32,
     pub source: &'static str,
     pub upstream_connections: usize,
+    /// Attempts per second over about the last 10 s.
+    pub rps: f64,
+    /// The share of those attempts that failed (0 to 1).
+    pub error_ratio: f64,
 }
 
 // === PeakEwma ===
