@@ -102,7 +102,6 @@ impl Admin {
                 .collect(),
         }
     }
-
 }
 
 /// The status page: static HTML whose script draws `/backends` every 2 s (src/status_page.html).

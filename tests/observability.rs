@@ -1,0 +1,374 @@
+//! What an operator sees: `/metrics` (read with a Prometheus text parser), the access log,
+//! and the status page in a real headless browser.
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use prometheus_parse::{Scrape, Value};
+use support::{request, Echo, EchoProcess, Sluice};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A parsed `/metrics` page.
+struct Metrics(Scrape);
+
+impl Metrics {
+    async fn scrape(sluice: &Sluice) -> Metrics {
+        let text = sluice.metrics().await;
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        Metrics(Scrape::parse(lines).expect("/metrics parses as Prometheus text"))
+    }
+
+    /// The sum over series of `name` whose labels include `labels`. Histograms count their
+    /// observations.
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+                Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+                Value::Summary(_) => 0.0,
+            })
+            .sum()
+    }
+
+    /// Every value the label `label` takes in series of `name`.
+    fn label_values(&self, name: &str, label: &str) -> Vec<String> {
+        let mut values: Vec<String> = self
+            .0
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter_map(|s| s.labels.get(label).map(str::to_string))
+            .collect();
+        values.sort();
+        values.dedup();
+        values
+    }
+
+    /// The metric names on the page, histograms under their base name.
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.0.samples.iter().map(|s| s.metric.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_call_per_backend_and_code() {
+    let backends = [
+        Echo::start("b1").await,
+        Echo::start("b2").await,
+        Echo::start("b3").await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let config = format!(
+        "{}routes:\n  - match: {{ prefix: \"/echo.v1.\" }}\n    cluster: echo\n",
+        Sluice::cluster(
+            &addrs,
+            "    balancer: round_robin\n    max_deadline: 300ms\n"
+        )
+    );
+    let sluice = Sluice::start(&config).await;
+    let mut client = sluice.client().await;
+
+    // 30 answered OK, 6 answered NotFound by the backend, 2 cut by sluice's deadline.
+    for i in 0..30 {
+        client.unary(request(&format!("ok {i}"))).await.unwrap();
+    }
+    for _ in 0..6 {
+        let mut ask = request("missing");
+        ask.fail_code = Code::NotFound as i32;
+        let status = client.unary(ask).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    for _ in 0..2 {
+        // No client timeout: sluice's max_deadline (300 ms) is the one that passes.
+        let mut ask = request("slow");
+        ask.sleep_ms = 2_000;
+        let status = client.unary(ask).await.unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+    }
+    // One call no route matches.
+    let mut raw = support::RawClient::connect(sluice.addr).await;
+    let reply = raw
+        .call(
+            "POST",
+            "/other.v1.Thing/Do",
+            &support::GRPC_HEADERS,
+            support::grpc_frame(&request("x")),
+        )
+        .await;
+    assert_eq!(reply.grpc_status().as_deref(), Some("12"));
+
+    let m = Metrics::scrape(&sluice).await;
+    let echo = [("cluster", "echo"), ("grpc_service", "echo.v1.Echo")];
+    let requests = |code: &str, origin: &str| {
+        let mut labels = echo.to_vec();
+        labels.extend([("grpc_code", code), ("origin", origin)]);
+        m.sum("sluice_requests_total", &labels)
+    };
+    assert_eq!(requests("OK", "upstream"), 30.0);
+    assert_eq!(requests("NotFound", "upstream"), 6.0);
+    assert_eq!(requests("DeadlineExceeded", "proxy"), 2.0);
+    let unrouted = [
+        ("cluster", ""),
+        ("grpc_service", "other.v1.Thing"),
+        ("grpc_code", "Unimplemented"),
+        ("origin", "proxy"),
+    ];
+    assert_eq!(m.sum("sluice_requests_total", &unrouted), 1.0);
+    assert_eq!(
+        m.sum(
+            "sluice_rejected_total",
+            &[("cluster", ""), ("reason", "no_route")]
+        ),
+        1.0
+    );
+
+    // Per backend: one attempt per call, round robin, summing to the 38 calls sent.
+    let per_backend: HashMap<String, f64> = addrs
+        .iter()
+        .map(|a| {
+            let labels = [("cluster", "echo"), ("backend", &*a.to_string())];
+            (
+                a.to_string(),
+                m.sum("sluice_upstream_requests_total", &labels),
+            )
+        })
+        .collect();
+    assert_eq!(per_backend.values().sum::<f64>(), 38.0, "{per_backend:?}");
+    assert!(per_backend.values().all(|n| *n >= 12.0), "{per_backend:?}");
+    assert_eq!(
+        m.label_values("sluice_upstream_requests_total", "grpc_code"),
+        ["DeadlineExceeded", "NotFound", "OK"]
+    );
+
+    // The histograms have the counts.
+    assert_eq!(m.sum("sluice_request_duration_seconds", &echo), 38.0);
+    assert_eq!(
+        m.sum(
+            "sluice_upstream_request_duration_seconds",
+            &[("cluster", "echo")]
+        ),
+        38.0
+    );
+    // The gauges describe the live backends.
+    for addr in &addrs {
+        let labels = [("cluster", "echo"), ("backend", &*addr.to_string())];
+        assert_eq!(m.sum("sluice_backend_up", &labels), 1.0);
+        assert_eq!(m.sum("sluice_upstream_in_flight", &labels), 0.0);
+        assert_eq!(m.sum("sluice_upstream_connections", &labels), 1.0);
+    }
+    assert_eq!(m.sum("sluice_backends", &[("cluster", "echo")]), 3.0);
+    assert_eq!(
+        m.sum("sluice_downstream_connections", &[("listener", "grpc")]),
+        2.0
+    );
+    let names = m.names();
+    for name in [
+        "sluice_build_info",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "sluice_retries_total",
+        "sluice_discovery_updates_total",
+    ] {
+        assert!(names.iter().any(|n| n == name), "{name} missing: {names:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_leaves_has_no_series() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let sluice = Sluice::start(&Sluice::cluster(&[a.addr, b.addr], "")).await;
+    let mut client = sluice.client().await;
+    for i in 0..20 {
+        client.unary(request(&format!("{i}"))).await.unwrap();
+    }
+    let gone = b.addr.to_string();
+    assert!(sluice.metrics().await.contains(&gone));
+
+    sluice.rewrite_config(&Sluice::cluster(&[a.addr], ""));
+    sluice.signal("HUP");
+    assert!(sluice.wait_backends("echo", &[a.addr], WAIT).await);
+    let text = sluice.metrics().await;
+    assert!(!text.contains(&gone), "{text}");
+    // The cluster's call counters carry on across the reload.
+    let m = Metrics::scrape(&sluice).await;
+    assert_eq!(
+        m.sum(
+            "sluice_requests_total",
+            &[("cluster", "echo"), ("grpc_code", "OK")]
+        ),
+        20.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_carries_each_kind_of_trace_id() {
+    let backend = Echo::start("b1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let config = format!(
+        "{}access_log:\n  path: \"{}\"\n",
+        Sluice::cluster(&[backend.addr], ""),
+        log.display()
+    );
+    let sluice = Sluice::start(&config).await;
+    let mut client = sluice.client().await;
+    let kinds = [
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+        ),
+        ("x-request-id", "req-42", "req-42"),
+        ("x-b3-traceid", "80f198ee56343ba8", "80f198ee56343ba8"),
+        (
+            "uber-trace-id",
+            "5b8aa5a2d2c872e8:5b8aa5a2d2c872e8:0:1",
+            "5b8aa5a2d2c872e8",
+        ),
+    ];
+    for (header, value, _) in kinds {
+        let mut ask = tonic::Request::new(request(header));
+        ask.metadata_mut().insert(header, value.parse().unwrap());
+        client.unary(ask).await.unwrap();
+    }
+    // No trace header: sluice makes an x-request-id, and the backend receives it (the echo
+    // backend returns every x-* request header).
+    let reply = client.unary(request("untraced")).await.unwrap();
+    let generated = reply
+        .metadata()
+        .get("x-request-id")
+        .expect("the backend got a generated x-request-id")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut failing = request("failing");
+    failing.fail_code = Code::PermissionDenied as i32;
+    client.unary(failing).await.unwrap_err();
+
+    let lines = support::wait_until(WAIT, || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() == 6)
+    })
+    .await;
+    assert!(lines, "{:?}", std::fs::read_to_string(&log));
+    let entries: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    for ((_, _, want), entry) in kinds.iter().zip(&entries) {
+        assert_eq!(entry["trace_id"], *want, "{entry}");
+    }
+    assert_eq!(entries[4]["trace_id"], generated.as_str());
+    let first = &entries[0];
+    assert_eq!(first["listener"], "grpc");
+    assert_eq!(first["path"], "/echo.v1.Echo/Unary");
+    assert_eq!(first["cluster"], "echo");
+    assert_eq!(first["backend"], backend.addr.to_string());
+    assert_eq!(first["attempts"], 1);
+    assert_eq!(first["grpc_status"], 0);
+    assert_eq!(first["grpc_code"], "OK");
+    assert!(first["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(first["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(first["bytes_in"].as_u64().unwrap() > 0);
+    assert!(first["bytes_out"].as_u64().unwrap() > 0);
+    assert!(first["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(entries[5]["grpc_status"], 7);
+    assert_eq!(entries[5]["origin"], "upstream");
+}
+
+/// Renders the status page in headless Chromium and returns its DOM after the script ran.
+fn render(admin: std::net::SocketAddr, screenshot: Option<&std::path::Path>) -> String {
+    let mut command = Command::new("chromium");
+    command.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1100,420",
+        "--virtual-time-budget=3000",
+    ]);
+    match screenshot {
+        Some(path) => command.arg(format!("--screenshot={}", path.display())),
+        None => command.arg("--dump-dom"),
+    };
+    let output = command
+        .arg(format!("http://{admin}/"))
+        .output()
+        .expect("run chromium (Debian package chromium; scripts/setup installs it)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_a_killed_backend_as_unhealthy() {
+    let mut backends = [
+        EchoProcess::start("b1").await,
+        EchoProcess::start("b2").await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    // Steady traffic, as in production: the page has rates to show, and the dead backend is
+    // found by the calls that try it. Bounded: stops with the test, at most 60 s.
+    let mut client = sluice.client().await;
+    let traffic = tokio::spawn(async move {
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end {
+            let _ = client.unary(request("load")).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+
+    let admin = sluice.admin;
+    let dom = tokio::task::spawn_blocking(move || render(admin, None))
+        .await
+        .unwrap();
+    for addr in &addrs {
+        let row = format!("data-backend=\"{addr}\" data-state=\"healthy\"");
+        assert!(dom.contains(&row), "{row} not in:\n{dom}");
+    }
+    let shot = tempfile::tempdir().unwrap();
+    let png = shot.path().join("status.png");
+    let path = png.clone();
+    tokio::task::spawn_blocking(move || render(admin, Some(&path)))
+        .await
+        .unwrap();
+    let bytes = std::fs::read(&png).expect("a screenshot");
+    assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000);
+
+    backends[1].kill();
+    let dead = format!("data-backend=\"{}\" data-state=\"unhealthy\"", addrs[1]);
+    let killed_at = Instant::now();
+    let mut seen = false;
+    while killed_at.elapsed() < Duration::from_secs(10) {
+        let dom = tokio::task::spawn_blocking(move || render(admin, None))
+            .await
+            .unwrap();
+        if dom.contains(&dead) {
+            seen = true;
+            break;
+        }
+    }
+    traffic.abort();
+    assert!(seen, "the killed backend never showed as unhealthy");
+    eprintln!(
+        "killed backend shown unhealthy after {:?}",
+        killed_at.elapsed()
+    );
+}
