@@ -374,6 +374,11 @@ fn router_families(router: &Router) -> Vec<MetricFamily> {
             "1 while a backend takes traffic; 0 while its connects fail.",
             &["cluster", "backend"],
         )?;
+        let weights = gauge(
+            "sluice_backend_weight",
+            "A backend's weight (its fair share of the cluster's traffic is weight / sum).",
+            &["cluster", "backend"],
+        )?;
         let connections = gauge(
             "sluice_upstream_connections",
             "HTTP/2 connections open to a backend.",
@@ -499,10 +504,13 @@ fn router_families(router: &Router) -> Vec<MetricFamily> {
                 connections
                     .with_label_values(&labels)
                     .set(backend.pool.connections() as i64);
+                weights
+                    .with_label_values(&labels)
+                    .set(i64::from(backend.weight()));
             }
         }
         let mut families = Vec::new();
-        let collectors: [&dyn Collector; 12] = [
+        let collectors: [&dyn Collector; 13] = [
             &requests,
             &upstream_requests,
             &rejected,
@@ -510,6 +518,7 @@ fn router_families(router: &Router) -> Vec<MetricFamily> {
             &in_flight,
             &up,
             &connections,
+            &weights,
             &backends,
             &discovery_updates,
             &discovery_errors,

@@ -372,3 +372,41 @@ async fn the_status_page_shows_a_killed_backend_as_unhealthy() {
         killed_at.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_and_alerts_use_only_metrics_sluice_exports() {
+    let backend = Echo::start("b1").await;
+    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
+    let mut client = sluice.client().await;
+    client.unary(request("one call")).await.unwrap();
+    let exported = Metrics::scrape(&sluice).await.names();
+
+    let files = [
+        "docker/grafana/sluice-dashboard.json",
+        "docker/prometheus/alerts.yml",
+    ];
+    let mut used = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find("sluice_") {
+            let name: String = rest[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[start + name.len()..];
+            used.push((file, name));
+        }
+    }
+    assert!(used.len() > 20, "{used:?}");
+    for (file, name) in &used {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        assert!(
+            exported.iter().any(|e| e == name || e == base),
+            "{file} uses {name}, which sluice does not export: {exported:?}"
+        );
+    }
+}
