@@ -162,7 +162,7 @@ impl MethodStats {
 #[derive(Debug)]
 struct MethodTable {
     cluster: String,
-    by_path: ArcSwap<HashMap<Box<str>, Arc<MethodStats>>>,
+    by_path: ArcSwap<HashMap<Box<str>, Arc<MethodStats>, BuildPathHasher>>,
     /// Calls whose path is not `/service/method`, or beyond the cap.
     unknown: Arc<MethodStats>,
     adding: Mutex<()>,
@@ -172,7 +172,7 @@ impl MethodTable {
     fn new(cluster: &str) -> MethodTable {
         MethodTable {
             cluster: cluster.to_string(),
-            by_path: ArcSwap::from_pointee(HashMap::new()),
+            by_path: ArcSwap::from_pointee(HashMap::default()),
             unknown: Arc::new(MethodStats::new(cluster, "unknown", "unknown")),
             adding: Mutex::new(()),
         }
@@ -204,6 +204,34 @@ impl MethodTable {
         let mut all: Vec<Arc<MethodStats>> = self.by_path.load().values().cloned().collect();
         all.push(Arc::clone(&self.unknown));
         all
+    }
+}
+
+/// FxHash (rustc's), for the per-call path lookup: a few instructions per 8 bytes where std's
+/// SipHash takes hundreds per path. It is not flood-resistant, but the table it indexes holds
+/// at most `MAX_METHODS_PER_CLUSTER` paths, so colliding paths cost a bounded probe, not a
+/// growing one.
+#[derive(Debug, Default, Clone, Copy)]
+struct PathHasher(u64);
+
+type BuildPathHasher = std::hash::BuildHasherDefault<PathHasher>;
+
+impl std::hash::Hasher for PathHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(SEED);
+        }
+        for &byte in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(byte)).wrapping_mul(SEED);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
