@@ -86,6 +86,7 @@ impl AccessLog {
 /// out within one write of its call ending.
 fn write_lines(queue: Receiver<Vec<u8>>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut failing = false;
     while let Ok(line) = queue.recv() {
         let mut result = out.write_all(&line);
         while result.is_ok() {
@@ -94,9 +95,19 @@ fn write_lines(queue: Receiver<Vec<u8>>, out: Box<dyn Write + Send>) {
                 Err(_) => break,
             }
         }
-        if let Err(error) = result.and_then(|()| out.flush()) {
-            error!(%error, "access log: cannot write; further lines are dropped");
-            return;
+        // A failed write (a full disk) loses this batch, not the log: the next line tries
+        // again. Logged once per streak of failures.
+        match result.and_then(|()| out.flush()) {
+            Ok(()) => failing = false,
+            Err(error) => {
+                if !failing {
+                    error!(%error, "access log: cannot write; lines are lost until it can again");
+                }
+                failing = true;
+                metrics().access_log_dropped.inc();
+                // Start the next batch clean: what is buffered cannot be written now.
+                out = std::io::BufWriter::with_capacity(64 * 1024, out.into_parts().0);
+            }
         }
     }
 }
@@ -105,24 +116,33 @@ fn write_lines(queue: Receiver<Vec<u8>>, out: Box<dyn Write + Send>) {
 /// `x-b3-traceid` or `uber-trace-id` (its first field), the first present. When none is,
 /// a new `x-request-id` is generated and added to `headers`, so it travels upstream.
 pub fn trace_id(headers: &mut HeaderMap) -> String {
+    // Each candidate must be non-empty visible ASCII, or the next header is tried.
+    let usable = |id: &str| !id.is_empty() && id.bytes().all(|b| b.is_ascii_graphic());
     let value = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
-            .filter(|v| !v.is_empty())
     };
     let found = value("traceparent")
         .and_then(|v| v.split('-').nth(1))
-        .or_else(|| value("x-request-id"))
-        .or_else(|| value("x-b3-traceid"))
-        .or_else(|| value("uber-trace-id").and_then(|v| v.split([':', '%']).next()));
-    if let Some(id) = found.filter(|id| !id.is_empty()) {
+        .filter(|id| usable(id))
+        .or_else(|| value("x-request-id").filter(|id| usable(id)))
+        .or_else(|| value("x-b3-traceid").filter(|id| usable(id)))
+        .or_else(|| {
+            value("uber-trace-id")
+                .and_then(|v| v.split([':', '%']).next())
+                .filter(|id| usable(id))
+        });
+    if let Some(id) = found {
         return id.chars().take(MAX_TRACE_ID).collect();
     }
     let id = new_request_id();
-    if let Ok(header) = HeaderValue::from_str(&id) {
-        headers.insert("x-request-id", header);
+    // A client's own x-request-id, even one unfit for the log, is never replaced.
+    if !headers.contains_key("x-request-id") {
+        if let Ok(header) = HeaderValue::from_str(&id) {
+            headers.insert("x-request-id", header);
+        }
     }
     id
 }
@@ -213,6 +233,16 @@ mod tests {
             assert_eq!(trace_id(&mut map), want);
             assert_eq!(map.len(), before, "nothing is added when an id is present");
         }
+    }
+
+    #[test]
+    fn unusable_ids_fall_through_and_a_client_id_is_kept() {
+        let mut map = headers(&[("traceparent", "00--x-01"), ("x-b3-traceid", "abc")]);
+        assert_eq!(trace_id(&mut map), "abc");
+        let mut map = headers(&[("x-request-id", "has space")]);
+        let id = trace_id(&mut map);
+        assert_ne!(id, "has space");
+        assert_eq!(map.get("x-request-id").unwrap(), "has space");
     }
 
     #[test]

@@ -498,7 +498,18 @@ impl Config {
                         at("static")
                     ))
                 }
-                (Some(_), None) => {}
+                (Some(list), None) => {
+                    let mut seen = HashSet::new();
+                    for (j, backend) in list.iter().enumerate() {
+                        if !seen.insert(&backend.0) {
+                            return Err(format!(
+                                "clusters[{i}].discovery.static[{j}]: {:?} is listed twice{}",
+                                backend.0,
+                                at(&backend.0)
+                            ));
+                        }
+                    }
+                }
                 (None, Some(_)) if self.etcd.is_none() => {
                     return Err(format!(
                         "etcd: required, because clusters[{i}] ({:?}) uses etcd discovery; add `etcd: {{ endpoints: [\"http://127.0.0.1:2379\"] }}`",

@@ -185,6 +185,11 @@ impl MethodTable {
         let Some(grpc) = GrpcPath::parse(path) else {
             return Arc::clone(&self.unknown);
         };
+        // Full: a new path is `unknown` without taking the lock, so paths a client makes up
+        // cannot make every call queue on it.
+        if self.by_path.load().len() >= MAX_METHODS_PER_CLUSTER {
+            return Arc::clone(&self.unknown);
+        }
         let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.by_path.load();
         if let Some(stats) = current.get(path) {
@@ -283,10 +288,14 @@ impl ClusterStats {
     }
 }
 
-/// Calls that matched no route belong to no cluster: they count under `cluster=""`.
+/// The `cluster` label of calls that matched no route. Not empty: Prometheus drops empty
+/// labels, and dashboards could not select these series.
+pub const NO_CLUSTER: &str = "(none)";
+
+/// Calls that matched no route belong to no cluster: they count under `cluster="(none)"`.
 pub fn unrouted() -> &'static ClusterStats {
     static UNROUTED: OnceLock<ClusterStats> = OnceLock::new();
-    UNROUTED.get_or_init(|| ClusterStats::new(""))
+    UNROUTED.get_or_init(|| ClusterStats::new(NO_CLUSTER))
 }
 
 // === process-wide ===
@@ -454,7 +463,7 @@ fn router_families(router: &Router) -> Vec<MetricFamily> {
             .clusters()
             .iter()
             .map(|c| (c.name.as_str(), &*c.stats, Some(c)))
-            .chain(std::iter::once(("", unrouted(), None)));
+            .chain(std::iter::once((NO_CLUSTER, unrouted(), None)));
         for (name, stats, cluster) in clusters {
             for method in stats.methods.all() {
                 for origin in [Origin::Upstream, Origin::Proxy] {
@@ -589,7 +598,7 @@ mod tests {
         assert!(text.contains("sluice_build_info{version="), "{text}");
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
         assert!(
-            text.contains("sluice_rejected_total{cluster=\"\",reason=\"no_route\"} 0"),
+            text.contains("sluice_rejected_total{cluster=\"(none)\",reason=\"no_route\"} 0"),
             "{text}"
         );
     }

@@ -158,6 +158,13 @@ fn check_rejects_invalid_configs_with_path_and_line() {
             ],
         ),
         (
+            &VALID.replace("static: [", "static: [\"127.0.0.1:9\", \"127.0.0.1:9\", "),
+            &[
+                "clusters[0].discovery.static[1]: \"127.0.0.1:9\" is listed twice",
+                "line 7",
+            ],
+        ),
+        (
             &format!("{VALID}    max_deadline: 5\n"),
             &[
                 "clusters[0].max_deadline",

@@ -19,6 +19,7 @@ struct Metrics(Scrape);
 impl Metrics {
     async fn scrape(sluice: &Sluice) -> Metrics {
         let text = sluice.metrics().await;
+        assert_well_formed(&text);
         let lines = text.lines().map(|l| Ok(l.to_string()));
         Metrics(Scrape::parse(lines).expect("/metrics parses as Prometheus text"))
     }
@@ -59,6 +60,25 @@ impl Metrics {
         names.sort();
         names.dedup();
         names
+    }
+}
+
+/// What a lenient parser lets pass but Prometheus rejects: a family announced twice, or the
+/// same series twice.
+fn assert_well_formed(text: &str) {
+    let mut types = std::collections::HashSet::new();
+    let mut series = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_whitespace().next().unwrap_or_default();
+            assert!(
+                types.insert(name.to_string()),
+                "family {name} announced twice"
+            );
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let key = line.rsplit_once(' ').map_or(line, |(k, _)| k);
+            assert!(series.insert(key.to_string()), "series {key} appears twice");
+        }
     }
 }
 
@@ -120,7 +140,7 @@ async fn metrics_count_every_call_per_backend_and_code() {
     assert_eq!(requests("NotFound", "upstream"), 6.0);
     assert_eq!(requests("DeadlineExceeded", "proxy"), 2.0);
     let unrouted = [
-        ("cluster", ""),
+        ("cluster", "(none)"),
         ("grpc_service", "other.v1.Thing"),
         ("grpc_code", "Unimplemented"),
         ("origin", "proxy"),
@@ -129,7 +149,7 @@ async fn metrics_count_every_call_per_backend_and_code() {
     assert_eq!(
         m.sum(
             "sluice_rejected_total",
-            &[("cluster", ""), ("reason", "no_route")]
+            &[("cluster", "(none)"), ("reason", "no_route")]
         ),
         1.0
     );
@@ -194,7 +214,7 @@ async fn a_backend_that_leaves_has_no_series() {
     for i in 0..20 {
         client.unary(request(&format!("{i}"))).await.unwrap();
     }
-    let gone = b.addr.to_string();
+    let gone = format!("backend=\"{}\"", b.addr);
     assert!(sluice.metrics().await.contains(&gone));
 
     sluice.rewrite_config(&Sluice::cluster(&[a.addr], ""));
@@ -409,4 +429,38 @@ async fn dashboards_and_alerts_use_only_metrics_sluice_exports() {
             "{file} uses {name}, which sluice does not export: {exported:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_call_counts_once_with_one_attempt_per_backend() {
+    let refusing = support::RefusingBackend::start().await;
+    let healthy = Echo::start("healthy").await;
+    let config = Sluice::cluster(
+        &[refusing.addr, healthy.addr],
+        "    balancer: round_robin\n    retry: { max_attempts: 2, budget_ratio: 1.0 }\n",
+    );
+    let sluice = Sluice::start(&config).await;
+    let mut client = sluice.client().await;
+    for i in 0..4 {
+        client.unary(request(&format!("{i}"))).await.unwrap();
+    }
+    let m = Metrics::scrape(&sluice).await;
+    let echo = [("cluster", "echo")];
+    assert_eq!(m.sum("sluice_requests_total", &echo), 4.0);
+    let refused = [
+        ("cluster", "echo"),
+        ("backend", &*refusing.addr.to_string()),
+        ("grpc_code", "Unavailable"),
+    ];
+    let retries = m.sum("sluice_retries_total", &echo);
+    // Round robin sends every other first attempt to the refusing backend; each of those is
+    // retried on the healthy one.
+    assert!(retries >= 1.0, "no retry happened");
+    assert_eq!(m.sum("sluice_upstream_requests_total", &refused), retries);
+    let healthy_ok = [
+        ("cluster", "echo"),
+        ("backend", &*healthy.addr.to_string()),
+        ("grpc_code", "OK"),
+    ];
+    assert_eq!(m.sum("sluice_upstream_requests_total", &healthy_ok), 4.0);
 }

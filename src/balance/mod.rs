@@ -136,8 +136,9 @@ impl Backend {
         self.stats.record(code, elapsed);
     }
 
-    /// A connect failed: back off from this backend.
+    /// A connect failed: back off from this backend, and count the failure against it.
     pub fn record_connect_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
         let streak = self.connect_failures.fetch_add(1, Ordering::Relaxed).min(8);
         let backoff = (BASE_CONNECT_BACKOFF * 2u32.pow(streak as u32)).min(MAX_CONNECT_BACKOFF);
         self.skip_until_ms

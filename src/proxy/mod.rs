@@ -506,6 +506,8 @@ impl Call {
     async fn attempt(&mut self, backend: &Arc<Backend>, replay: &mut Replay) -> Attempt {
         let settings = &self.cluster.settings;
         let picked_at = Instant::now();
+        // Only attempts whose request went out are recorded on the backend (SPEC: "one per
+        // attempt sent to a backend"); a failed connect counts through its backoff instead.
         let finish = |code: Code| backend.finish_attempt(code, picked_at.elapsed());
         let in_flight = backend.start_stream();
         // One timer for the whole attempt: connecting, waiting, streaming.
@@ -539,23 +541,18 @@ impl Call {
                     backend.address
                 );
                 reply(&mut self.respond, ProxyStatus::deadline_exceeded(message));
-                finish(Code::DeadlineExceeded);
                 self.cluster.stats.rejected(Reject::Deadline);
                 return Attempt::Done(Ending::proxy(Code::DeadlineExceeded));
             }
             reset = poll_fn(|cx| self.respond.poll_reset(cx)) => {
                 debug!(reason = ?reset.ok(), "client left while connecting");
-                finish(Code::Cancelled);
                 return Attempt::Done(Ending::proxy(Code::Cancelled));
             }
             lent = lend => lent,
         };
         let (mut sender, slot) = match lent {
             Ok(lent) => lent,
-            Err(reason) => {
-                finish(Code::Unavailable);
-                return Attempt::Retry(reason);
-            }
+            Err(reason) => return Attempt::Retry(reason),
         };
 
         // The upstream request: the same headers, and the remaining budget as grpc-timeout.
@@ -576,7 +573,6 @@ impl Call {
             Err(error) => {
                 slot.mark_broken();
                 debug!(%error, backend = %backend.address, "send_request failed");
-                finish(Code::Unavailable);
                 return Attempt::Retry(RetryReason::GoAway(backend.address.to_string()));
             }
         };
