@@ -255,6 +255,9 @@ impl Proxy {
             self.log(&parts, None, &summary, ending, started, peer, &trace_id);
             return;
         };
+        // Not the router guard: it is not meant to be held for a call's whole life.
+        let cluster = Arc::clone(cluster);
+        drop(router);
         let method = cluster.stats.method(parts.uri.path());
         // The effective deadline: the client's grpc-timeout, capped by max_deadline, which
         // also applies when the client sent none.
@@ -272,7 +275,7 @@ impl Proxy {
             }
             Ok(budget) => {
                 let mut call = Call {
-                    cluster: Arc::clone(cluster),
+                    cluster: Arc::clone(&cluster),
                     h2: self.h2,
                     deadline: started + budget,
                     request: parts,
@@ -288,7 +291,7 @@ impl Proxy {
         method.record(ending.code, ending.origin, started.elapsed());
         self.log(
             &parts,
-            Some(cluster),
+            Some(&cluster),
             &summary,
             ending,
             started,

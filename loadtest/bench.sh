@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# The benchmark: the same gRPC load sent direct, through sluice, and through HAProxy and NGINX
+# when they are installed (Debian packages haproxy, nginx), interleaved over ROUNDS rounds.
+# Records calls/s, latency (and what each proxy adds over direct), proxy CPU per call from
+# /proc/PID/stat and peak RSS, and writes the tables to loadtest/RESULTS.md.
+#
+#   loadtest/bench.sh                      # full run (ROUNDS=3), about 10 minutes
+#   ROUNDS=1 SCALE=0.2 loadtest/bench.sh   # quicker
+#   SMOKE=1 loadtest/bench.sh              # seconds: sluice and direct, tiny counts, no RESULTS.md
+#   SCENARIOS="small-c1 stream100" TARGETS="sluice haproxy" loadtest/bench.sh
+#
+# The proxy is pinned to core 1, the client and backends to core 0. Everything listens on
+# 127.0.0.1; every process is started and stopped by PID; every run is bounded by `timeout`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+source loadtest/lib.sh
+
+ROUNDS=${ROUNDS:-3}
+SCALE=${SCALE:-1}
+SMOKE=${SMOKE:-0}
+SCENARIOS=${SCENARIOS:-"small-c1 small-c16 stream100 large-64k rate2k idle10k"}
+RESULTS_MD=${RESULTS_MD:-$ROOT/loadtest/RESULTS.md}
+BIN_DIR=${BIN_DIR:-}
+if [ "$SMOKE" = 1 ]; then
+  ROUNDS=1; SCALE=0.02; SCENARIOS=${SMOKE_SCENARIOS:-"small-c16 stream100"}; TARGETS=${TARGETS:-"direct sluice"}
+fi
+if [ -z "$BIN_DIR" ]; then
+  cargo build --release -q -p sluice -p sluice-loadtest
+  BIN_DIR=$ROOT/target/release
+fi
+SLUICE=$BIN_DIR/sluice
+LOADTEST=$BIN_DIR/sluice-loadtest
+if [ -z "${TARGETS:-}" ]; then
+  TARGETS="direct sluice"
+  command -v haproxy >/dev/null && TARGETS="$TARGETS haproxy"
+  command -v nginx >/dev/null && TARGETS="$TARGETS nginx"
+fi
+
+if [ "$(nproc)" -ge 2 ]; then PIN_LOAD="taskset -c 0"; PIN_PROXY="taskset -c 1"; else PIN_LOAD=""; PIN_PROXY=""; fi
+ulimit -n 65536 2>/dev/null || true
+WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+PROXY_PORT=${PROXY_PORT:-50180}
+BACKEND1=127.0.0.1:${B1_PORT:-50181}
+BACKEND2=127.0.0.1:${B2_PORT:-50182}
+trap 'cleanup; rm -rf "$WORK"' EXIT
+trap 'cleanup; exit 130' INT TERM
+
+n() { python3 -c "print(max(1, int($1 * $SCALE)))"; }
+scenario_args() {  # the load of each scenario; calls scale with SCALE
+  case "$1" in
+    small-c1)  echo "--connections 1 --streams 16 --payload 100 --calls $(n 40000)" ;;
+    small-c16) echo "--connections 16 --streams 16 --payload 100 --calls $(n 60000)" ;;
+    stream100) echo "--connections 1 --streams 100 --payload 100 --calls $(n 40000)" ;;
+    large-64k) echo "--connections 1 --streams 16 --payload 65536 --calls $(n 8000)" ;;
+    rate2k)    echo "--connections 4 --rate 2000 --payload 100 --calls $(n 20000)" ;;
+    idle10k)   echo "--connections 40 --streams 250 --kind hold --duration 5s --calls 10000" ;;
+    *) log "unknown scenario $1"; exit 2 ;;
+  esac
+}
+target_addr() {
+  if [ "$1" = direct ]; then echo "$BACKEND1,$BACKEND2"; else echo "127.0.0.1:$PROXY_PORT"; fi
+}
+
+$PIN_LOAD "$LOADTEST" backend --port "${BACKEND1##*:}" --id b1 >>"$WORK/backends.log" 2>&1 &
+STARTED_PIDS+=($!)
+$PIN_LOAD "$LOADTEST" backend --port "${BACKEND2##*:}" --id b2 >>"$WORK/backends.log" 2>&1 &
+STARTED_PIDS+=($!)
+wait_port "${BACKEND1##*:}"; wait_port "${BACKEND2##*:}"
+
+RUNS=$WORK/runs.jsonl
+TICK=$(getconf CLK_TCK)
+for round in $(seq 1 "$ROUNDS"); do
+  for scenario in $SCENARIOS; do
+    for target in $TARGETS; do
+      start_proxy "$target"
+      [ -n "$PROXY_PID" ] && before=$(cpu_ticks "$PROXY_PID") || before=0
+      log "round $round  $scenario  $target"
+      # shellcheck disable=SC2046
+      if ! report=$(timeout 300 $PIN_LOAD "$LOADTEST" run --target "$(target_addr "$target")" \
+                      $(scenario_args "$scenario") --json 2>>"$WORK/load.log"); then
+        log "load failed for $target $scenario:"; tail -5 "$WORK/load.log" >&2; tail -5 "$WORK/proxy.log" >&2 || true
+        exit 1
+      fi
+      cpu_us=null; rss=null
+      if [ -n "$PROXY_PID" ]; then
+        after=$(cpu_ticks "$PROXY_PID")
+        cpu_us=$(( (after - before) * 1000000 / TICK ))
+        rss=$(peak_rss_kib "$PROXY_PID")
+      fi
+      stop_proxy
+      echo "{\"round\":$round,\"scenario\":\"$scenario\",\"target\":\"$target\",\"cpu_us\":$cpu_us,\"rss_kib\":$rss,\"report\":$report}" >>"$RUNS"
+    done
+  done
+done
+
+SUMMARY=$WORK/summary.md
+python3 - "$RUNS" "$SMOKE" >"$SUMMARY" <<'PY'
+import json, sys, statistics
+runs = [json.loads(l) for l in open(sys.argv[1])]
+smoke = sys.argv[2] == "1"
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+by = {}
+for r in runs:
+    by.setdefault((r["scenario"], r["target"]), []).append(r)
+scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
+targets = list(dict.fromkeys(r["target"] for r in runs))
+bad = [r for r in runs if r["report"]["errors"] > 0 and r["scenario"] != "idle10k"]
+print("| scenario | target | calls/s | p50 ms | p99 ms | +p50 ms | +p99 ms | proxy µs/call | / HAProxy | peak RSS MiB | b1 share | errors |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for s in scenarios:
+    row = {}
+    for t in targets:
+        rs = by.get((s, t), [])
+        if not rs: continue
+        calls = med([r["report"]["calls"] for r in rs])
+        row[t] = dict(
+            rps=med([r["report"]["calls_per_second"] for r in rs]),
+            p50=med([r["report"]["p50_ms"] for r in rs]),
+            p99=med([r["report"]["p99_ms"] for r in rs]),
+            cpu=med([r["cpu_us"] / r["report"]["calls"] if r["cpu_us"] is not None and r["report"]["calls"] else None for r in rs]),
+            rss=med([r["rss_kib"] / 1024 if r["rss_kib"] else None for r in rs]),
+            share=med([r["report"]["backends"].get("b1", 0) / max(1, sum(r["report"]["backends"].values())) for r in rs]),
+            errors=sum(r["report"]["errors"] for r in rs),
+        )
+    d = row.get("direct"); h = row.get("haproxy")
+    for t, v in row.items():
+        f = lambda x, p=2: "–" if x is None else f"{x:,.{p}f}"
+        add50 = None if d is None or t == "direct" else v["p50"] - d["p50"]
+        add99 = None if d is None or t == "direct" else v["p99"] - d["p99"]
+        ratio = None if h is None or v["cpu"] is None or h["cpu"] is None else v["cpu"] / h["cpu"]
+        print(f"| {s} | {t} | {f(v['rps'],0)} | {f(v['p50'],3)} | {f(v['p99'],3)} | {f(add50,3)} | {f(add99,3)} | {f(v['cpu'],1)} | {f(ratio)} | {f(v['rss'],1)} | {f(v['share'])} | {v['errors']} |")
+if bad:
+    print(f"\nERRORS in {len(bad)} runs", file=sys.stderr)
+    sys.exit(3)
+# Through a proxy, round robin over two backends: each must get about half.
+lopsided = [r for r in runs if r["target"] != "direct" and r["scenario"] != "idle10k"
+            and not 0.3 <= r["report"]["backends"].get("b1", 0) / max(1, sum(r["report"]["backends"].values())) <= 0.7]
+if lopsided:
+    print(f"\nLOPSIDED share in {len(lopsided)} runs", file=sys.stderr)
+    sys.exit(3)
+PY
+cat "$SUMMARY"
+if [ "$SMOKE" != 1 ]; then
+  {
+    echo "## Benchmark"
+    echo
+    echo "\`ROUNDS=$ROUNDS SCALE=$SCALE loadtest/bench.sh\` on $(machine_line)."
+    echo "Versions: $("$SLUICE" --version)$(command -v haproxy >/dev/null && echo ", $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | cut -d' ' -f3)")."
+    echo "Medians over rounds. The proxy is pinned to core 1, the client and backends to core 0; +p50/+p99"
+    echo "are what the proxy adds over direct (direct spreads connections over both backends, so its"
+    echo "1-connection scenarios use one backend). idle10k holds 10,000 silent server streams for 5 s;"
+    echo "its column of interest is peak RSS."
+    echo
+    cat "$SUMMARY"
+  } >"$WORK/section.md"
+  write_section bench "$WORK/section.md"
+  log "wrote $RESULTS_MD"
+fi

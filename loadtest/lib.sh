@@ -1,0 +1,174 @@
+# Shared by loadtest/bench.sh, incident.sh and soak.sh: process control by PID, proxy configs,
+# and writing a section of loadtest/RESULTS.md. Everything listens on 127.0.0.1 only.
+
+STARTED_PIDS=()
+
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+
+stop_pid() {  # stop_pid PID: TERM, up to 5 s, then KILL
+  local pid=$1 i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local i
+  for (( i=${#STARTED_PIDS[@]}-1; i>=0; i-- )); do stop_pid "${STARTED_PIDS[$i]}"; done
+  STARTED_PIDS=()
+}
+
+wait_port() {  # wait_port PORT: until something accepts on 127.0.0.1:PORT, at most 10 s
+  local i
+  for i in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  log "nothing listens on 127.0.0.1:$1 after 10 s"
+  return 1
+}
+
+cpu_ticks() {  # cpu_ticks PID: utime + stime, in clock ticks
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+peak_rss_kib() {  # peak_rss_kib PID: VmHWM
+  awk '/^VmHWM:/ {print $2}' "/proc/$1/status"
+}
+
+# Proxy configs: listener 127.0.0.1:$PROXY_PORT, backends $BACKEND1 and $BACKEND2, one worker
+# thread each (the proxy gets one pinned core), round robin per request.
+write_sluice_conf() {  # write_sluice_conf FILE [BALANCER]
+  cat >"$1" <<CONF
+listeners:
+  - name: grpc
+    address: "127.0.0.1:$PROXY_PORT"
+threads: 1
+upgrade_sock: "$WORK/sluice_upgrade.sock"
+log:
+  level: warn
+clusters:
+  - name: bench
+    balancer: ${2:-round_robin}
+    discovery:
+      static: ["$BACKEND1", "$BACKEND2"]
+CONF
+}
+
+write_haproxy_conf() {  # write_haproxy_conf FILE
+  cat >"$1" <<CONF
+global
+  nbthread 1
+  maxconn 30000
+  tune.h2.initial-window-size 1048576
+  tune.h2.max-concurrent-streams 256
+  tune.bufsize 65536
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  timeout http-request 30s
+frontend fe
+  bind 127.0.0.1:$PROXY_PORT proto h2
+  default_backend be
+backend be
+  balance roundrobin
+  http-reuse always
+  server b1 $BACKEND1 proto h2
+  server b2 $BACKEND2 proto h2
+CONF
+}
+
+write_nginx_conf() {  # write_nginx_conf DIR
+  mkdir -p "$1/tmp"
+  cat >"$1/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+worker_rlimit_nofile 65536;
+events { worker_connections 30000; }
+http {
+  access_log off;
+  client_body_temp_path $1/tmp/body;
+  proxy_temp_path $1/tmp/proxy;
+  fastcgi_temp_path $1/tmp/fcgi;
+  uwsgi_temp_path $1/tmp/uwsgi;
+  scgi_temp_path $1/tmp/scgi;
+  upstream backends {
+    server $BACKEND1;
+    server $BACKEND2;
+    keepalive 256;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$PROXY_PORT http2;
+    http2_max_concurrent_streams 256;
+    http2_body_preread_size 1m;
+    keepalive_requests 1000000;
+    client_max_body_size 16m;
+    location / {
+      grpc_pass grpc://backends;
+      grpc_buffer_size 128k;
+      grpc_read_timeout 60s;
+    }
+  }
+}
+CONF
+}
+
+start_proxy() {  # start_proxy TARGET: sets PROXY_PID (empty for direct)
+  local target=$1
+  PROXY_PID=""
+  case "$target" in
+    direct) return 0 ;;
+    sluice)
+      write_sluice_conf "$WORK/sluice.yaml" "${SLUICE_BALANCER:-round_robin}"
+      $PIN_PROXY "$SLUICE" run --config "$WORK/sluice.yaml" >>"$WORK/proxy.log" 2>&1 &
+      ;;
+    haproxy)
+      write_haproxy_conf "$WORK/haproxy.cfg"
+      $PIN_PROXY haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/proxy.log" 2>&1 &
+      ;;
+    nginx)
+      write_nginx_conf "$WORK/nginx"
+      $PIN_PROXY nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >>"$WORK/proxy.log" 2>&1 &
+      ;;
+    *) log "unknown target $target"; return 2 ;;
+  esac
+  PROXY_PID=$!
+  STARTED_PIDS+=("$PROXY_PID")
+  wait_port "$PROXY_PORT"
+}
+
+stop_proxy() {
+  [ -n "${PROXY_PID:-}" ] && stop_pid "$PROXY_PID"
+  PROXY_PID=""
+}
+
+# write_section NAME FILE: replaces the part of loadtest/RESULTS.md between
+# <!-- NAME:start --> and <!-- NAME:end --> with FILE's contents (appends it if missing).
+write_section() {
+  python3 - "$1" "$2" "$RESULTS_MD" <<'PY'
+import sys, pathlib
+name, body_file, results = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
+body = pathlib.Path(body_file).read_text().rstrip() + "\n"
+start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+text = results.read_text() if results.exists() else "# sluice load test results\n"
+block = f"{start}\n{body}{end}"
+if start in text and end in text:
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    text = before + block + after
+else:
+    text = text.rstrip() + "\n\n" + block + "\n"
+results.write_text(text)
+PY
+}
+
+machine_line() {
+  echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%d)"
+}
