@@ -38,7 +38,6 @@ if [ -z "${TARGETS:-}" ]; then
 fi
 
 if [ "$(nproc)" -ge 2 ]; then PIN_LOAD="taskset -c 0"; PIN_PROXY="taskset -c 1"; else PIN_LOAD=""; PIN_PROXY=""; fi
-ulimit -n 65536 2>/dev/null || true
 WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
 PROXY_PORT=${PROXY_PORT:-50180}
 BACKEND1=127.0.0.1:${B1_PORT:-50181}

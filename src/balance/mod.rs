@@ -153,6 +153,11 @@ impl Backend {
         }
     }
 
+    /// The peak-EWMA latency estimate, in nanoseconds.
+    fn latency_nanos(&self) -> f64 {
+        self.latency.estimate_nanos()
+    }
+
     /// The p2c cost: latency × load, over the weight. Lower is better.
     fn cost(&self) -> f64 {
         self.latency.estimate_nanos() * (self.in_flight() as f64 + 1.0) / self.weight() as f64
@@ -335,8 +340,10 @@ impl Balancer {
     /// Picks an index into `set`, or `None` when it is empty. O(1), lock-free.
     fn pick(&self, set: &BackendSet) -> Option<usize> {
         match self {
-            Balancer::P2cEwma => p2c::pick(&set.backends, Backend::cost),
-            Balancer::LeastRequest => p2c::pick(&set.backends, least_request::cost),
+            Balancer::P2cEwma => {
+                p2c::pick(&set.backends, Backend::cost, Some(Backend::latency_nanos))
+            }
+            Balancer::LeastRequest => p2c::pick(&set.backends, least_request::cost, None),
             Balancer::RoundRobin(rr) => rr.pick(&set.schedule),
         }
     }
@@ -620,12 +627,18 @@ mod tests {
         c.update(&endpoints(&[("fast:1", 1), ("slow:1", 1)]), "static");
         let set = c.backends();
         set.backends[0].observe_latency(Duration::from_millis(1));
+        set.backends[1].observe_latency(Duration::from_millis(3));
+        let slow_picks = (0..1000)
+            .filter(|_| c.pick(&[]).unwrap().address.0 == "slow:1")
+            .count();
+        // 3x slower: still proportional, about 1 draw in 4.
+        assert!((150..350).contains(&slow_picks), "slow picked {slow_picks} of 1000");
         set.backends[1].observe_latency(Duration::from_millis(50));
         let slow_picks = (0..1000)
             .filter(|_| c.pick(&[]).unwrap().address.0 == "slow:1")
             .count();
-        // 50x slower: it wins about 1 draw in 51.
-        assert!(slow_picks < 60, "slow picked {slow_picks} of 1000");
+        // 50x slower: left alone until its estimate decays within 4x.
+        assert_eq!(slow_picks, 0);
     }
 
     #[test]
