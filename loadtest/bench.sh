@@ -39,9 +39,9 @@ fi
 
 if [ "$(nproc)" -ge 2 ]; then PIN_LOAD="taskset -c 0"; PIN_PROXY="taskset -c 1"; else PIN_LOAD=""; PIN_PROXY=""; fi
 WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
-PROXY_PORT=${PROXY_PORT:-50180}
-BACKEND1=127.0.0.1:${B1_PORT:-50181}
-BACKEND2=127.0.0.1:${B2_PORT:-50182}
+PROXY_PORT=${PROXY_PORT:-21080}
+BACKEND1=127.0.0.1:${B1_PORT:-21081}
+BACKEND2=127.0.0.1:${B2_PORT:-21082}
 trap 'cleanup; rm -rf "$WORK"' EXIT
 trap 'cleanup; exit 130' INT TERM
 

@@ -29,9 +29,9 @@ else
 fi
 PIN_PROXY=""
 WORK=$(mktemp -d /tmp/sluice-incident.XXXXXX)
-PROXY_PORT=${PROXY_PORT:-50190}
-BACKEND1=127.0.0.1:${B1_PORT:-50191}
-BACKEND2=127.0.0.1:${B2_PORT:-50192}
+PROXY_PORT=${PROXY_PORT:-21090}
+BACKEND1=127.0.0.1:${B1_PORT:-21091}
+BACKEND2=127.0.0.1:${B2_PORT:-21092}
 trap 'cleanup; rm -rf "$WORK"' EXIT
 trap 'cleanup; exit 130' INT TERM
 

@@ -32,15 +32,30 @@ wait_port() {  # wait_port PORT: until something accepts on 127.0.0.1:PORT, at m
   return 1
 }
 
-cpu_ticks() {  # cpu_ticks PID: utime + stime, in clock ticks
-  awk '{print $14 + $15}' "/proc/$1/stat"
+tree() {  # tree PID: the PID and all its descendants (NGINX works in a child process)
+  local pid=$1 child
+  echo "$pid"
+  for child in $(ps -o pid= --ppid "$pid" 2>/dev/null); do tree "$child"; done
 }
 
-peak_rss_kib() {  # peak_rss_kib PID: VmHWM
-  awk '/^VmHWM:/ {print $2}' "/proc/$1/status"
+cpu_ticks() {  # cpu_ticks PID: utime + stime over the process tree, in clock ticks
+  local total=0 pid
+  for pid in $(tree "$1"); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
 }
 
-# Proxy configs: listener 127.0.0.1:$PROXY_PORT, backends $BACKEND1 and $BACKEND2, one worker
+peak_rss_kib() {  # peak_rss_kib PID: VmHWM summed over the process tree
+  local total=0 pid
+  for pid in $(tree "$1"); do
+    total=$((total + $(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+
+# Ports default below 32768, outside Linux's ephemeral range, so a client connection cannot hold
+# them. Proxy configs: listener 127.0.0.1:$PROXY_PORT, backends $BACKEND1 and $BACKEND2, one worker
 # thread each (the proxy gets one pinned core), round robin per request.
 write_sluice_conf() {  # write_sluice_conf FILE [BALANCER]
   cat >"$1" <<CONF

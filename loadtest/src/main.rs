@@ -128,7 +128,7 @@ enum Command {
         #[arg(long)]
         target: String,
         /// The two backend ports the proxy's config names.
-        #[arg(long, value_delimiter = ',', default_value = "50191,50192")]
+        #[arg(long, value_delimiter = ',', default_value = "21091,21092")]
         backend_ports: Vec<u16>,
         #[arg(long, default_value = "10s", value_parser = duration)]
         slow_after: Duration,
@@ -211,7 +211,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             json,
         } => {
             let [b1, b2] = backend_ports[..] else {
-                return Err("--backend-ports: two ports, such as 50191,50192".into());
+                return Err("--backend-ports: two ports, such as 21091,21092".into());
             };
             let report = incident::run(incident::IncidentOptions {
                 target,

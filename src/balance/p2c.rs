@@ -4,9 +4,9 @@
 //! The preference is proportional, not absolute: candidate `a` wins with probability
 //! `cost(b) / (cost(a) + cost(b))`. Backends within noise of each other then share evenly
 //! (an absolute rule let one slow sample starve a backend until its EWMA decayed: 1/191/108 of
-//! 300 sequential demo calls). Under `p2c_ewma` one exception: a candidate more than 4× slower
-//! than the other (by latency alone, so weights stay proportional) loses outright; it is probed
-//! again once its estimate has decayed to within 4×.
+//! 300 sequential demo calls). Under `p2c_ewma` one exception: a candidate more than 4× and
+//! 50 ms slower than the other (by latency alone, so weights stay proportional) loses
+//! outright; it is probed again once its estimate has decayed back within reach.
 
 use std::sync::Arc;
 
@@ -29,10 +29,10 @@ pub(super) fn pick(
             // decayed back within reach (it is then probed once, and set again by the answer).
             if let Some(latency) = latency {
                 let (latency_a, latency_b) = (latency(backend_a), latency(backend_b));
-                if latency_a > SLOWER_BY * latency_b {
+                if far_slower(latency_a, latency_b) {
                     return Some(b);
                 }
-                if latency_b > SLOWER_BY * latency_a {
+                if far_slower(latency_b, latency_a) {
                     return Some(a);
                 }
             }
@@ -48,8 +48,15 @@ pub(super) fn pick(
     }
 }
 
-/// A candidate whose latency estimate is more than this many times the other's loses the draw
-/// outright. Below it the choice stays proportional, so backends within noise share. In the
-/// incident replay (loadtest/incident.sh) the proportional rule alone still sent 1% of calls to
-/// a backend 500x slower, enough to put it in the p99.
+/// A candidate whose latency estimate is more than `SLOWER_BY` times the other's, and more than
+/// `SLOWER_AT_LEAST_NS` above it, loses the draw outright. Otherwise the choice stays
+/// proportional. In the incident replay (loadtest/incident.sh) the proportional rule alone still
+/// sent 1% of calls to a backend 500 ms slower, enough to put it in the p99. The floor keeps
+/// noise out: a scheduling hiccup that turns one 1 ms call into 20 ms is 20x, and without the
+/// floor it shut a healthy backend out for the 15 s its peak estimate took to decay.
 const SLOWER_BY: f64 = 4.0;
+const SLOWER_AT_LEAST_NS: f64 = 50e6;
+
+fn far_slower(latency: f64, other: f64) -> bool {
+    latency > SLOWER_BY * other && latency - other > SLOWER_AT_LEAST_NS
+}
