@@ -21,16 +21,10 @@ SCALE=${SCALE:-1}
 SMOKE=${SMOKE:-0}
 SCENARIOS=${SCENARIOS:-"small-c1 small-c16 stream100 large-64k rate2k idle10k"}
 RESULTS_MD=${RESULTS_MD:-$ROOT/loadtest/RESULTS.md}
-BIN_DIR=${BIN_DIR:-}
 if [ "$SMOKE" = 1 ]; then
   ROUNDS=1; SCALE=0.02; SCENARIOS=${SMOKE_SCENARIOS:-"small-c16 stream100"}; TARGETS=${TARGETS:-"direct sluice"}
 fi
-if [ -z "$BIN_DIR" ]; then
-  cargo build --release -q -p sluice -p sluice-loadtest
-  BIN_DIR=$ROOT/target/release
-fi
-SLUICE=$BIN_DIR/sluice
-LOADTEST=$BIN_DIR/sluice-loadtest
+find_binaries
 if [ -z "${TARGETS:-}" ]; then
   TARGETS="direct sluice"
   command -v haproxy >/dev/null && TARGETS="$TARGETS haproxy"

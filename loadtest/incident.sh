@@ -15,13 +15,7 @@ source loadtest/lib.sh
 
 SMOKE=${SMOKE:-0}
 RESULTS_MD=${RESULTS_MD:-$ROOT/loadtest/RESULTS.md}
-BIN_DIR=${BIN_DIR:-}
-if [ -z "$BIN_DIR" ]; then
-  cargo build --release -q -p sluice -p sluice-loadtest
-  BIN_DIR=$ROOT/target/release
-fi
-SLUICE=$BIN_DIR/sluice
-LOADTEST=$BIN_DIR/sluice-loadtest
+find_binaries
 if [ "$SMOKE" = 1 ]; then
   TARGETS=${TARGETS:-sluice}; ARGS="--slow-after 2s --duration 6s --rate 100"
 else

@@ -16,13 +16,7 @@ RATE=${RATE:-2000}
 EVERY=${EVERY:-10s}
 RESULTS_MD=${RESULTS_MD:-$ROOT/loadtest/RESULTS.md}
 if [ "$SMOKE" = 1 ]; then CALLS=3000; RATE=1000; EVERY=1s; fi
-BIN_DIR=${BIN_DIR:-}
-if [ -z "$BIN_DIR" ]; then
-  cargo build --release -q -p sluice -p sluice-loadtest
-  BIN_DIR=$ROOT/target/release
-fi
-SLUICE=$BIN_DIR/sluice
-LOADTEST=$BIN_DIR/sluice-loadtest
+find_binaries
 PIN_PROXY=""
 WORK=$(mktemp -d /tmp/sluice-soak.XXXXXX)
 PROXY_PORT=${PROXY_PORT:-21070}

@@ -15,6 +15,15 @@ use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Registers each address as Go's endpoints.Manager would: `services/echo/ADDR`, naming JSON,
+/// under a 60 s lease.
+async fn register(kv: &mut Client, addrs: &[SocketAddr]) {
+    for addr in addrs {
+        let key = format!("services/echo/{addr}");
+        put_leased(kv, &key, &naming_value(*addr, "null"), 60).await;
+    }
+}
+
 /// Makes `n` unary calls and counts the answers per backend id; panics on a failed call.
 async fn spread(sluice: &Sluice, n: usize) -> HashMap<String, usize> {
     let mut client = sluice.client().await;
@@ -48,6 +57,21 @@ async fn until_served_by(sluice: &Sluice, id: &str, budget: Duration) -> Duratio
 }
 
 /// Register, serve, deregister and expire, through one format's writer.
+/// Writes `addr`'s key and value with `write`, under a new lease of `ttl` seconds; returns the
+/// key.
+async fn put_with(
+    kv: &mut Client,
+    write: fn(SocketAddr, i64) -> (String, String),
+    addr: SocketAddr,
+    ttl: i64,
+) -> String {
+    let lease = kv.lease_grant(ttl, None).await.unwrap().id();
+    let (key, value) = write(addr, lease);
+    let options = etcd_client::PutOptions::new().with_lease(lease);
+    kv.put(key.as_str(), value, Some(options)).await.unwrap();
+    key
+}
+
 async fn register_deregister_and_expire(
     format: &str,
     write: fn(SocketAddr, i64) -> (String, String),
@@ -59,15 +83,7 @@ async fn register_deregister_and_expire(
         Echo::start("b").await,
         Echo::start("c").await,
     );
-    let lease_a = kv.lease_grant(60, None).await.unwrap().id();
-    let (key_a, value_a) = write(a.addr, lease_a);
-    kv.put(
-        key_a.as_str(),
-        value_a,
-        Some(etcd_client::PutOptions::new().with_lease(lease_a)),
-    )
-    .await
-    .unwrap();
+    let key_a = put_with(&mut kv, write, a.addr, 60).await;
     let sluice = Sluice::start(&etcd_cluster(&etcd.url(), "services/echo", format, "")).await;
     assert_eq!(
         spread(&sluice, 10).await,
@@ -75,15 +91,7 @@ async fn register_deregister_and_expire(
     );
 
     // Register: B is served as soon as its key is written.
-    let lease_b = kv.lease_grant(60, None).await.unwrap().id();
-    let (key_b, value_b) = write(b.addr, lease_b);
-    kv.put(
-        key_b.as_str(),
-        value_b,
-        Some(etcd_client::PutOptions::new().with_lease(lease_b)),
-    )
-    .await
-    .unwrap();
+    put_with(&mut kv, write, b.addr, 60).await;
     let took = until_served_by(&sluice, "b", WAIT).await;
     eprintln!("{format}: etcd put -> first call served by the new backend: {took:?}");
 
@@ -100,15 +108,7 @@ async fn register_deregister_and_expire(
     );
 
     // Lease expiry: C comes with a 2 s lease that nobody keeps alive.
-    let lease_c = kv.lease_grant(2, None).await.unwrap().id();
-    let (key_c, value_c) = write(c.addr, lease_c);
-    kv.put(
-        key_c.as_str(),
-        value_c,
-        Some(etcd_client::PutOptions::new().with_lease(lease_c)),
-    )
-    .await
-    .unwrap();
+    put_with(&mut kv, write, c.addr, 2).await;
     until_served_by(&sluice, "c", WAIT).await;
     assert!(
         sluice.wait_backends("echo", &[b.addr], WAIT).await,
@@ -356,10 +356,7 @@ async fn an_etcd_outage_changes_nothing_and_what_changed_is_applied_after() {
         Echo::start("b").await,
         Echo::start("c").await,
     );
-    for backend in [&a, &b] {
-        let key = format!("services/echo/{}", backend.addr);
-        put_leased(&mut kv, &key, &naming_value(backend.addr, "null"), 60).await;
-    }
+    register(&mut kv, &[a.addr, b.addr]).await;
     let sluice = Sluice::start(&etcd_cluster(&etcd.url(), "services/echo", "auto", "")).await;
     assert_eq!(spread(&sluice, 20).await.len(), 2);
 
@@ -387,8 +384,7 @@ async fn an_etcd_outage_changes_nothing_and_what_changed_is_applied_after() {
     // etcd is back, and a new backend registers: it gets traffic.
     etcd.restart().await;
     let mut kv = etcd.client().await;
-    let key = format!("services/echo/{}", c.addr);
-    put_leased(&mut kv, &key, &naming_value(c.addr, "null"), 60).await;
+    register(&mut kv, &[c.addr]).await;
     until_served_by(&sluice, "c", WAIT).await;
     assert!(sluice.wait_discovery_connected("echo", true, WAIT).await);
     assert!(
@@ -398,42 +394,63 @@ async fn an_etcd_outage_changes_nothing_and_what_changed_is_applied_after() {
     );
 }
 
+/// sluice reaching etcd only through a relay the test cuts, with A and B registered; the test
+/// itself reaches etcd directly.
+struct Outage {
+    _etcd: Etcd,
+    relay: Relay,
+    kv: Client,
+    echos: [Echo; 3],
+    sluice: Sluice,
+}
+
+impl Outage {
+    async fn start() -> Outage {
+        let etcd = Etcd::start().await;
+        let relay = Relay::start(etcd.addr()).await;
+        let mut kv = etcd.client().await;
+        let echos = [
+            Echo::start("a").await,
+            Echo::start("b").await,
+            Echo::start("c").await,
+        ];
+        register(&mut kv, &[echos[0].addr, echos[1].addr]).await;
+        let sluice = Sluice::start(&etcd_cluster(&relay.url(), "services/echo", "auto", "")).await;
+        assert_eq!(spread(&sluice, 20).await.len(), 2);
+        Outage {
+            _etcd: etcd,
+            relay,
+            kv,
+            echos,
+            sluice,
+        }
+    }
+
+    /// Cuts sluice off; while it is away, A leaves and C joins.
+    async fn a_leaves_c_joins(&self) {
+        self.relay.cut();
+        let sluice = &self.sluice;
+        assert!(sluice.wait_discovery_connected("echo", false, WAIT).await);
+        let mut kv = self.kv.clone();
+        let key = format!("services/echo/{}", self.echos[0].addr);
+        kv.delete(key, None).await.unwrap();
+        register(&mut kv, &[self.echos[2].addr]).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_during_an_outage_is_handled_by_listing_again() {
-    let etcd = Etcd::start().await;
-    let relay = Relay::start(etcd.addr()).await;
-    let mut kv = etcd.client().await;
-    let (a, b, c) = (
-        Echo::start("a").await,
-        Echo::start("b").await,
-        Echo::start("c").await,
-    );
-    for backend in [&a, &b] {
-        let key = format!("services/echo/{}", backend.addr);
-        put_leased(&mut kv, &key, &naming_value(backend.addr, "null"), 60).await;
-    }
-    // sluice reaches etcd only through the relay; the test reaches it directly.
-    let sluice = Sluice::start(&etcd_cluster(&relay.url(), "services/echo", "auto", "")).await;
-    assert_eq!(spread(&sluice, 20).await.len(), 2);
-
-    relay.cut();
-    assert!(sluice.wait_discovery_connected("echo", false, WAIT).await);
-    // While sluice is away: A leaves, C joins, and the history is compacted away.
-    kv.delete(format!("services/echo/{}", a.addr), None)
+    let outage = Outage::start().await;
+    outage.a_leaves_c_joins().await;
+    // ... and the history is compacted away.
+    let mut kv = outage.kv.clone();
+    let listed = kv.get("services/echo/", None).await.unwrap();
+    kv.compact(listed.header().unwrap().revision(), None)
         .await
         .unwrap();
-    let key = format!("services/echo/{}", c.addr);
-    put_leased(&mut kv, &key, &naming_value(c.addr, "null"), 60).await;
-    let revision = kv
-        .get("services/echo/", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    kv.compact(revision, None).await.unwrap();
-    relay.restore();
+    outage.relay.restore();
 
+    let (sluice, [_, b, c]) = (&outage.sluice, &outage.echos);
     assert!(
         sluice.wait_backends("echo", &[b.addr, c.addr], WAIT).await,
         "{}",
@@ -444,7 +461,7 @@ async fn a_compaction_during_an_outage_is_handled_by_listing_again() {
         "{}",
         sluice.log()
     );
-    let seen = spread(&sluice, 20).await;
+    let seen = spread(sluice, 20).await;
     assert!(!seen.contains_key("a"), "{seen:?}");
     assert_eq!(seen.values().sum::<usize>(), 20);
 }
@@ -833,8 +850,7 @@ async fn etcd_over_mutual_tls_with_authentication() {
     .await
     .unwrap();
     let backend = Echo::start("secure").await;
-    let key = format!("services/echo/{}", backend.addr);
-    put_leased(&mut kv, &key, &naming_value(backend.addr, "null"), 60).await;
+    register(&mut kv, &[backend.addr]).await;
 
     let config = format!(
         "etcd:\n  endpoints: [\"{}\"]\n  dial_timeout: 2s\n  username: root\n  password: root-secret\n\
@@ -854,27 +870,10 @@ async fn etcd_over_mutual_tls_with_authentication() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_during_an_outage_arrive_when_the_watch_resumes() {
-    let etcd = Etcd::start().await;
-    let relay = Relay::start(etcd.addr()).await;
-    let mut kv = etcd.client().await;
-    let (a, b, c) = (
-        Echo::start("a").await,
-        Echo::start("b").await,
-        Echo::start("c").await,
-    );
-    for backend in [&a, &b] {
-        let key = format!("services/echo/{}", backend.addr);
-        put_leased(&mut kv, &key, &naming_value(backend.addr, "null"), 60).await;
-    }
-    let sluice = Sluice::start(&etcd_cluster(&relay.url(), "services/echo", "auto", "")).await;
-    relay.cut();
-    assert!(sluice.wait_discovery_connected("echo", false, WAIT).await);
-    kv.delete(format!("services/echo/{}", a.addr), None)
-        .await
-        .unwrap();
-    let key = format!("services/echo/{}", c.addr);
-    put_leased(&mut kv, &key, &naming_value(c.addr, "null"), 60).await;
-    relay.restore();
+    let outage = Outage::start().await;
+    outage.a_leaves_c_joins().await;
+    outage.relay.restore();
+    let (sluice, [_, b, c]) = (&outage.sluice, &outage.echos);
     assert!(
         sluice.wait_backends("echo", &[b.addr, c.addr], WAIT).await,
         "{}",
