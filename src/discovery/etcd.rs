@@ -113,11 +113,14 @@ pub(super) async fn watch(cluster: Arc<Cluster>, etcd: EtcdConfig, source: EtcdD
     let mut backoff = BACKOFF_FIRST;
     let mut failures: u32 = 0;
     loop {
+        let began = std::time::Instant::now();
         let (error, progressed) = prefix.session(&etcd).await;
         let cluster = &prefix.cluster;
-        if progressed {
-            // The watch worked and then ended (etcd closed it, a leader change, a member
-            // restart): reconnect at once, and only call it an outage if that fails.
+        // The watch worked for a while and then ended (etcd closed it, a leader change, a
+        // member restart): reconnect at once, and only call it an outage if that fails. A
+        // session that fails as soon as it started goes through the backoff, so a watch etcd
+        // keeps refusing cannot turn into a tight loop.
+        if progressed && began.elapsed() >= Duration::from_secs(1) {
             info!(cluster = %cluster.name, %error, "etcd watch ended; reconnecting");
             backoff = BACKOFF_FIRST;
             failures = 0;
