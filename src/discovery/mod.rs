@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{error, info};
 
 use crate::balance::{Cluster, Endpoint};
 use crate::config::{ClusterConfig, DiscoveryConfig, EtcdConfig};
@@ -179,23 +179,42 @@ pub fn start(clusters: &[(Arc<Cluster>, &ClusterConfig)], etcd: Option<&EtcdConf
             static_list::apply(cluster, list);
         }
         if let (Some(source), Some(etcd)) = (&config.discovery.etcd, etcd) {
-            let task = etcd::watch(Arc::clone(cluster), etcd.clone(), source.clone());
-            watchers.tasks.push(runtime().spawn(task));
+            match runtime() {
+                Ok(runtime) => {
+                    let task = etcd::watch(Arc::clone(cluster), etcd.clone(), source.clone());
+                    watchers.tasks.push(runtime.spawn(task));
+                }
+                // The cluster stays unready (`/readyz` 503) rather than the process panicking;
+                // the next reload tries again.
+                Err(error) => error!(
+                    cluster = %cluster.name,
+                    %error,
+                    "cannot start the etcd discovery runtime; the cluster gets no backends"
+                ),
+            }
         }
     }
     watchers
 }
 
-/// The runtime the watch tasks run on: one worker thread, created on first use.
-fn runtime() -> &'static tokio::runtime::Runtime {
+/// The runtime the watch tasks run on: one worker thread, created on first use. Creating it
+/// fails only when the OS refuses a thread; that is reported, and retried on the next call.
+fn runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("sluice-discovery")
-            .enable_all()
-            .build()
-            // Creating a one-thread runtime fails only when the OS refuses a thread at start-up.
-            .expect("cannot start the discovery runtime")
-    })
+    static CREATING: Mutex<()> = Mutex::new(());
+    if let Some(runtime) = RUNTIME.get() {
+        return Ok(runtime);
+    }
+    // One creator at a time, so no second runtime is ever built and dropped (dropping one
+    // inside another runtime's context panics).
+    let _creating = CREATING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(runtime) = RUNTIME.get() {
+        return Ok(runtime);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sluice-discovery")
+        .enable_all()
+        .build()?;
+    Ok(RUNTIME.get_or_init(|| runtime))
 }
