@@ -305,7 +305,7 @@ async fn a_killed_backend_is_retried_around_until_its_lease_expires() {
     // Wait until sluice has read the dead connection's EOF (see resilience.rs: a call sent
     // before then may have reached the backend, so it is rightly not retried).
     assert!(
-        wait_no_connections(&sluice, &victim.to_string()).await,
+        sluice.wait_no_connections(victim).await,
         "sluice never noticed b2's connection close"
     );
 
@@ -328,23 +328,6 @@ async fn a_killed_backend_is_retried_around_until_its_lease_expires() {
         sluice.log()
     );
     assert_eq!(spread(&sluice, 20).await.values().sum::<usize>(), 20);
-}
-
-async fn wait_no_connections(sluice: &Sluice, address: &str) -> bool {
-    for _ in 0..500 {
-        let view = sluice.backends_view().await;
-        let connections = view["clusters"][0]["backends"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|b| b["address"] == address)
-            .map(|b| b["upstream_connections"].as_u64().unwrap_or(0));
-        if connections == Some(0) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,23 +31,7 @@ async fn calls_after_a_backend_is_killed_all_succeed() {
     // Wait until sluice has read the dead connection's EOF (microseconds in practice). A call
     // sent on it before then fails with a broken pipe and is rightly not retried: for all
     // sluice can tell, the backend died while processing it.
-    let dead = backends[1].addr.to_string();
-    let mut noticed = false;
-    for _ in 0..500 {
-        let (_, body) = support::http_get(sluice.admin, "/backends").await.unwrap();
-        let view: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let connections = view["clusters"][0]["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["address"] == dead.as_str())
-            .map(|b| b["upstream_connections"].as_u64().unwrap());
-        if connections == Some(0) {
-            noticed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let noticed = sluice.wait_no_connections(backends[1].addr).await;
     assert!(
         noticed,
         "sluice never noticed the killed backend's connection close"

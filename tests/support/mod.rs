@@ -275,6 +275,27 @@ impl Sluice {
         }
     }
 
+    /// Polls `/backends` (at most 500 times, 10 ms apart) until the first cluster's backend
+    /// `address` shows no upstream connection: sluice has read the EOF of a killed backend.
+    /// Returns whether it did.
+    pub async fn wait_no_connections(&self, address: SocketAddr) -> bool {
+        let address = address.to_string();
+        for _ in 0..500 {
+            let view = self.backends_view().await;
+            let connections = view["clusters"][0]["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|b| b["address"] == address.as_str())
+                .and_then(|b| b["upstream_connections"].as_u64());
+            if connections == Some(0) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     /// The `discovery` object `/backends` shows for cluster `name`.
     pub async fn discovery_of(&self, name: &str) -> serde_json::Value {
         let view = self.backends_view().await;
