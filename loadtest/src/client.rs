@@ -88,7 +88,8 @@ pub struct Tally {
 impl Default for Tally {
     fn default() -> Self {
         Tally {
-            // 1 µs to 10 min at 3 significant digits.
+            // 1 µs to 10 min at 3 significant digits: constant, valid bounds (low >= 1,
+            // high >= 2 * low, 0-5 digits), so creation cannot fail.
             latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("valid histogram bounds"),
             codes: BTreeMap::new(),
@@ -139,26 +140,7 @@ impl Tally {
 
 /// Go's name of a gRPC code, as sluice's metrics use.
 pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "Canceled",
-        Unknown => "Unknown",
-        InvalidArgument => "InvalidArgument",
-        DeadlineExceeded => "DeadlineExceeded",
-        NotFound => "NotFound",
-        AlreadyExists => "AlreadyExists",
-        PermissionDenied => "PermissionDenied",
-        ResourceExhausted => "ResourceExhausted",
-        FailedPrecondition => "FailedPrecondition",
-        Aborted => "Aborted",
-        OutOfRange => "OutOfRange",
-        Unimplemented => "Unimplemented",
-        Internal => "Internal",
-        Unavailable => "Unavailable",
-        DataLoss => "DataLoss",
-        Unauthenticated => "Unauthenticated",
-    }
+    sluice::proxy::grpc::Code::from_status(code as u32).go_name()
 }
 
 /// Opens one HTTP/2 connection to `target`.

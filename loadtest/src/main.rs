@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-pub mod pb {
-    tonic::include_proto!("echo.v1");
-}
+pub use sluice::demo::pb;
 
 #[derive(Parser)]
 #[command(
@@ -26,22 +24,8 @@ struct Cli {
     command: Command,
 }
 
-/// A duration such as `500ms`, `10s` or `2m`.
-fn duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        _ => return Err(format!("invalid duration {text:?}: use ms, s or m")),
-    })
-}
+/// A duration such as `500ms`, `10s` or `2m`: the config file's syntax.
+use sluice::config::parse_duration as duration;
 
 #[derive(clap::Args, Clone)]
 struct LoadArgs {
