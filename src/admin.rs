@@ -11,11 +11,10 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde::Serialize;
 
-use crate::balance::BackendSnapshot;
-use crate::discovery::DiscoveryView;
-use crate::metrics::metrics;
+use crate::balance::{BackendSnapshot, SourceView};
+use crate::lifecycle::Lifecycle;
 use crate::proxy::Router;
-use crate::server::Lifecycle;
+use crate::telemetry::metrics;
 
 pub struct Admin {
     pub router: Arc<ArcSwap<Router>>,
@@ -31,7 +30,7 @@ struct BackendsView {
 #[derive(Serialize)]
 struct ClusterView {
     name: String,
-    discovery: DiscoveryView,
+    discovery: SourceView,
     backends: Vec<BackendSnapshot>,
 }
 
@@ -44,7 +43,7 @@ impl ServeHttp for Admin {
             "/metrics" => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                metrics().encode(&self.router.load()),
+                metrics().encode(&**self.router.load()),
             ),
             "/readyz" => match self.not_ready_reason() {
                 None => text(StatusCode::OK, "ready\n"),
@@ -96,7 +95,7 @@ impl Admin {
                 .iter()
                 .map(|c| ClusterView {
                     name: c.name.clone(),
-                    discovery: c.discovery.view(),
+                    discovery: c.source.view(),
                     backends: c.backends().backends.iter().map(|b| b.snapshot()).collect(),
                 })
                 .collect(),

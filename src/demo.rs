@@ -15,7 +15,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::server::BoxError;
+use crate::BoxError;
 
 /// The generated code for `proto/echo.proto`.
 pub mod pb {

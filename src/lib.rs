@@ -1,26 +1,35 @@
 //! sluice: a gRPC-aware HTTP/2 proxy that balances every gRPC stream across backends.
 //!
-//! The modules, in the order a call meets them:
-//! - [`server`]: process lifecycle: the pingora `Server`, listeners, signals, readiness.
-//! - [`proxy`]: one call's life: accept, route, pick, forward, answer (gRPC rules in
-//!   `proxy::grpc`, stream piping in `proxy::forward`, upstream connections in `proxy::pool`).
-//! - [`balance`]: clusters, backends and the pick algorithms.
-//! - [`discovery`]: sources that feed backend sets into clusters: static lists, etcd watches
-//!   (value formats in `discovery::formats`).
-//! - [`register`]: `sluice register`, keeping one backend registered in etcd under a lease.
-//! - [`metrics`]: the Prometheus registry behind `/metrics`.
-//! - [`config`]: the YAML config, validated once at load.
-//! - [`access_log`]: one JSON line per finished call, and the trace id it carries.
+//! The modules form layers; each uses only the ones above it in this list (bottom first), and
+//! docs/architecture.md walks one call through them:
+//! - [`wire`]: gRPC rules: status codes, `grpc-timeout`, content types, the proxy's own
+//!   trailers-only statuses.
+//! - [`config`]: the YAML config, parsed with spans, validated once; files read as a separate
+//!   step.
+//! - [`telemetry`]: counters and histograms, the `/metrics` exporter, the access log, trace ids.
+//! - [`transport`]: upstream HTTP/2 connections per backend (pool, write coalescing, settings).
+//! - [`balance`]: clusters, a backend's load and state, the pick algorithms, the retry budget.
+//! - [`discovery`]: sources that push backend sets into clusters: static lists, etcd watches.
+//! - [`lifecycle`]: draining, open connections, readiness, shared by proxy and admin.
+//! - [`proxy`]: one call's life: accept, route, pick, forward, answer.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/backends` and the status page.
-//! - [`demo`]: the built-in echo backends of `sluice demo` and of the tests.
+//! - [`server`]: the wiring: pingora, listeners, signals, reload, drain.
+//! - commands: [`register`] (`sluice register`) and [`demo`] (`sluice demo`, the echo backends
+//!   of the demo and the tests); `main.rs` parses the command line.
 
-pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod discovery;
-pub mod metrics;
+pub mod lifecycle;
 pub mod proxy;
 pub mod register;
 pub mod server;
+pub mod telemetry;
+pub mod transport;
+pub mod wire;
+
+/// A boxed error for cold paths (config, CLI, start-up), where the message is all that
+/// matters.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

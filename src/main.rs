@@ -1,4 +1,4 @@
-//! The `sluice` command line (SPEC.md "Command line").
+//! The `sluice` command line (docs/operations.md lists the commands and signals).
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -7,13 +7,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice::config::{parse_duration, Config};
-use sluice::register::Registration;
+use sluice::register::{RegisterFormat, Registration};
 use sluice::server::RunOptions;
 use tracing_subscriber::EnvFilter;
 
 /// Per call, sluice allocates a task, h2 stream state and header maps. mimalloc cut the
 /// instructions per small call by 7% against glibc's malloc (80.7k -> 75.0k, callgrind; see
-/// README, "Benchmarks").
+/// loadtest/RESULTS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -67,8 +67,8 @@ enum Command {
         #[arg(long)]
         metadata: Option<String>,
         /// Value format: etcd-naming (JSON, key PREFIX/ADDR) or plain (address, key PREFIX/LEASE).
-        #[arg(long, default_value = "etcd-naming")]
-        format: String,
+        #[arg(long, value_enum, default_value_t = RegisterFormat::EtcdNaming)]
+        format: RegisterFormat,
     },
     /// The proxy plus three built-in echo backends on loopback; no etcd needed.
     Demo,
@@ -128,6 +128,12 @@ fn main() -> ExitCode {
             }
         },
         Command::Check { config: path } => match Config::load(&path) {
+            Ok(config) if sluice::server::check_files(&config).is_err() => {
+                if let Err(error) = sluice::server::check_files(&config) {
+                    eprintln!("{}: {error}", path.display());
+                }
+                return ExitCode::FAILURE;
+            }
             Ok(_) => {
                 println!("{}: valid", path.display());
                 return ExitCode::SUCCESS;
@@ -146,7 +152,7 @@ fn main() -> ExitCode {
             format,
         } => {
             init_logging(None);
-            match Registration::new(&etcd, &prefix, &addr, ttl, metadata.as_deref(), &format) {
+            match Registration::new(&etcd, &prefix, &addr, ttl, metadata.as_deref(), format) {
                 Ok(registration) => sluice::register::run(registration),
                 Err(error) => Err(error.into()),
             }

@@ -14,9 +14,28 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
-use crate::config::{BackendAddr, DurationValue, EtcdConfig, EtcdEndpoint, EtcdFormat};
-use crate::discovery::{etcd_connect, formats};
-use crate::server::BoxError;
+use crate::config::{BackendAddr, EtcdEndpoint, EtcdFormat};
+use crate::discovery::etcd::{self, ClientConfig};
+use crate::discovery::formats;
+use crate::BoxError;
+
+/// The value formats `sluice register` writes (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RegisterFormat {
+    /// JSON `{"Op":0,"Addr":...,"Metadata":...}` under `PREFIX/ADDR` (etcd's endpoints.Manager).
+    EtcdNaming,
+    /// The bare address under `PREFIX/<lease id>` (go-zero).
+    Plain,
+}
+
+impl From<RegisterFormat> for EtcdFormat {
+    fn from(format: RegisterFormat) -> EtcdFormat {
+        match format {
+            RegisterFormat::EtcdNaming => EtcdFormat::EtcdNaming,
+            RegisterFormat::Plain => EtcdFormat::Plain,
+        }
+    }
+}
 
 /// Bounds every single etcd request this command makes.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,7 +65,7 @@ impl Registration {
         address: &str,
         ttl: Duration,
         metadata: Option<&str>,
-        format: &str,
+        format: RegisterFormat,
     ) -> Result<Registration, String> {
         let endpoints = etcd
             .split(',')
@@ -68,15 +87,7 @@ impl Registration {
                 MAX_LEASE_TTL.as_secs()
             ));
         }
-        let format = match format {
-            "etcd-naming" => EtcdFormat::EtcdNaming,
-            "plain" => EtcdFormat::Plain,
-            other => {
-                return Err(format!(
-                    "--format: {other:?} is not one of \"etcd-naming\" or \"plain\""
-                ))
-            }
-        };
+        let format = EtcdFormat::from(format);
         let metadata = match metadata {
             None => None,
             Some(_) if format == EtcdFormat::Plain => return Err(
@@ -128,14 +139,13 @@ pub fn run(registration: Registration) -> Result<(), BoxError> {
 async fn register(registration: Registration) -> Result<(), BoxError> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let etcd = EtcdConfig {
-        endpoints: registration.endpoints.clone(),
-        username: None,
-        password: None,
+    let etcd = ClientConfig {
+        endpoints: registration.endpoints.iter().map(|e| e.0.clone()).collect(),
+        credentials: None,
         tls: None,
-        dial_timeout: DurationValue(REQUEST_TIMEOUT),
+        dial_timeout: REQUEST_TIMEOUT,
     };
-    let mut client = etcd_connect(&etcd).await?;
+    let mut client = etcd::connect(&etcd).await?;
     let ttl_seconds = registration.ttl.as_secs_f64().ceil() as i64;
     let mut retry = RETRY_FIRST;
     // A lease given up on (lost on our side while etcd may still hold it): revoked before the
@@ -311,7 +321,7 @@ fn outcome<T>(
 mod tests {
     use super::*;
 
-    fn new(metadata: Option<&str>, format: &str) -> Result<Registration, String> {
+    fn new(metadata: Option<&str>, format: RegisterFormat) -> Result<Registration, String> {
         Registration::new(
             "http://127.0.0.1:2379",
             "services/echo/",
@@ -324,28 +334,27 @@ mod tests {
 
     #[test]
     fn keys_follow_the_go_writers() {
-        let r = new(Some(r#"{"weight":3}"#), "etcd-naming").unwrap();
+        let r = new(Some(r#"{"weight":3}"#), RegisterFormat::EtcdNaming).unwrap();
         assert_eq!(r.key(7), "services/echo/127.0.0.1:50061");
         assert_eq!(
             r.value(),
             r#"{"Op":0,"Addr":"127.0.0.1:50061","Metadata":{"weight":3}}"#
         );
-        let r = new(None, "plain").unwrap();
+        let r = new(None, RegisterFormat::Plain).unwrap();
         assert_eq!(r.key(7587), "services/echo/7587");
         assert_eq!(r.value(), "127.0.0.1:50061");
     }
 
     #[test]
     fn bad_flags_are_named() {
-        assert!(new(Some("{"), "etcd-naming")
+        assert!(new(Some("{"), RegisterFormat::EtcdNaming)
             .unwrap_err()
             .starts_with("--metadata"));
-        assert!(new(Some(r#"{"weight":0}"#), "etcd-naming")
+        assert!(new(Some(r#"{"weight":0}"#), RegisterFormat::EtcdNaming)
             .unwrap_err()
             .contains("weight"));
-        assert!(new(Some("{}"), "plain")
+        assert!(new(Some("{}"), RegisterFormat::Plain)
             .unwrap_err()
             .starts_with("--metadata"));
-        assert!(new(None, "kratos").unwrap_err().starts_with("--format"));
     }
 }

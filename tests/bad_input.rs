@@ -131,7 +131,7 @@ fn check_rejects_invalid_configs_with_path_and_line() {
     let cases: &[(&str, &[&str])] = &[
         (
             "listeners: []\nclusters: []\n",
-            &["listeners: at least one listener is required"],
+            &["listeners: must not be empty", "line 1 column 12"],
         ),
         (
             &VALID.replace("127.0.0.1:50051", "localhost"),
@@ -197,7 +197,11 @@ fn check_rejects_invalid_configs_with_path_and_line() {
         ),
         (
             &VALID.replace("    discovery:", "    discovery:\n      consul: x"),
-            &["clusters[0].discovery", "unknown field `consul`", "line 7"],
+            &[
+                "clusters[0].discovery",
+                "unknown variant `consul`",
+                "line 7",
+            ],
         ),
         (
             &format!("{VALID}  - name: echo\n    discovery: {{ static: [\"a:1\"] }}\n"),

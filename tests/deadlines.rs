@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use sluice::proxy::grpc::parse_timeout;
+use sluice::wire::parse_timeout;
 use support::{grpc_frame, request, RawClient, SilentBackend, Sluice, GRPC_HEADERS};
 use tonic::Code;
 

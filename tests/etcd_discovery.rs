@@ -458,7 +458,8 @@ async fn readyz_waits_for_the_first_list_when_etcd_is_down_at_start() {
     put_leased(&mut kv, &key, &naming_value(backend.addr, "null"), 600).await;
     etcd.stop();
 
-    let mut sluice = Sluice::start_unready(&etcd_cluster(&etcd.url(), "services/echo", "auto", ""));
+    let mut sluice =
+        Sluice::start_unready(&etcd_cluster(&etcd.url(), "services/echo", "auto", "")).await;
     // Unready, and it says why, until etcd answers; calls meanwhile get a gRPC answer.
     let end = Instant::now() + WAIT;
     loop {

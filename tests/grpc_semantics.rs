@@ -181,9 +181,12 @@ async fn prefix_route_and_catch_all_pick_clusters_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_backend_reachable_is_unavailable_not_a_bare_http_error() {
-    let dead = [support::free_port(), support::free_port()]
-        .map(|p| format!("127.0.0.1:{p}").parse().unwrap());
-    let sluice = Sluice::start(&Sluice::cluster(&dead, "    connect_timeout: 200ms\n")).await;
+    let dead = support::RefusedAddrs::new(2);
+    let sluice = Sluice::start(&Sluice::cluster(
+        &dead.addrs,
+        "    connect_timeout: 200ms\n",
+    ))
+    .await;
     let started = std::time::Instant::now();
     let status = sluice.client().await.unary(request("x")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");

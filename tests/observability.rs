@@ -233,6 +233,50 @@ async fn a_backend_that_leaves_has_no_series() {
     );
 }
 
+/// The x-request-id a call without a trace header reached the backend with (the echo backend
+/// returns every x-* request header), or `None`.
+async fn request_id_upstream(sluice: &Sluice) -> Option<String> {
+    let reply = sluice
+        .client()
+        .await
+        .unary(request("untraced"))
+        .await
+        .unwrap();
+    let id = reply.metadata().get("x-request-id")?;
+    Some(id.to_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_is_made_whether_or_not_the_access_log_is_on() {
+    let backend = Echo::start("b1").await;
+    // No access log: the id is made and forwarded all the same, a UUIDv4 each call.
+    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
+    let first = request_id_upstream(&sluice)
+        .await
+        .expect("an x-request-id upstream");
+    let second = request_id_upstream(&sluice)
+        .await
+        .expect("an x-request-id upstream");
+    assert_ne!(first, second);
+    for id in [&first, &second] {
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(&id[14..15], "4", "version 4: {id}");
+    }
+    // A client's own id goes through unchanged.
+    let mut ask = tonic::Request::new(request("traced"));
+    ask.metadata_mut()
+        .insert("x-request-id", "mine-1".parse().unwrap());
+    let reply = sluice.client().await.unary(ask).await.unwrap();
+    assert_eq!(reply.metadata().get("x-request-id").unwrap(), "mine-1");
+    // `request_id: { generate: false }` turns it off.
+    let off = format!(
+        "{}request_id:\n  generate: false\n",
+        Sluice::cluster(&[backend.addr], "")
+    );
+    let sluice = Sluice::start(&off).await;
+    assert_eq!(request_id_upstream(&sluice).await, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_carries_each_kind_of_trace_id() {
     let backend = Echo::start("b1").await;

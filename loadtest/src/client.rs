@@ -140,7 +140,7 @@ impl Tally {
 
 /// Go's name of a gRPC code, as sluice's metrics use.
 pub fn code_name(code: tonic::Code) -> &'static str {
-    sluice::proxy::grpc::Code::from_status(code as u32).go_name()
+    sluice::wire::Code::from_status(code as u32).go_name()
 }
 
 /// Opens one HTTP/2 connection to `target`.

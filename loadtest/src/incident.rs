@@ -1,10 +1,11 @@
-//! `sluice-loadtest incident`: the outage of `../shared/background.md`, replayed through a proxy.
+//! `sluice-loadtest incident`: the outage sluice was built for (README, "Why it exists"),
+//! replayed through a proxy.
 //!
 //! Two backends (started here, on the given ports) sit behind the proxy under test, and one
 //! client connection sends calls at a fixed rate with a 1 s deadline. After `slow_after`, backend
 //! 2 turns slow (+500 ms a call) and leaks: calls that started work run on after their callers
 //! gave up, holding one of its few workers, so its queue and concurrency grow without bound,
-//! like the seed's leaking machine. The report says, per phase,
+//! like the slow machine of that outage. The report says, per phase,
 //! the share each backend got; the latency and errors after the slowdown; and how many calls
 //! the slow backend started after their deadline had passed (work nobody waited for).
 

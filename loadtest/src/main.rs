@@ -107,7 +107,7 @@ enum Command {
         #[arg(long)]
         workers: Option<usize>,
     },
-    /// Replay the incident of background.md through the proxy at --target.
+    /// Replay the incident sluice was built for through the proxy at --target.
     Incident {
         #[arg(long)]
         target: String,

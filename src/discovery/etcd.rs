@@ -16,14 +16,12 @@ use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
     WatchResponse,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use super::formats::{self, Decoded};
 use crate::balance::{Cluster, Endpoint};
-use crate::config::{BackendAddr, EtcdConfig, EtcdDiscovery, EtcdFormat, EtcdTlsConfig};
+use crate::config::{BackendAddr, EtcdConfig, EtcdDiscovery, EtcdFormat, EtcdTlsFiles};
 
 /// HTTP/2 pings on the etcd connection, so a peer that vanished without a FIN (a partition, a
 /// powered-off host) is noticed. etcd refuses pings more often than every 5 s by default.
@@ -41,16 +39,41 @@ const REQUEST_TIMEOUT_MIN: Duration = Duration::from_secs(10);
 /// the longest backoff); the rest go to debug.
 const WARN_EVERY: u32 = 12;
 
-/// Opens an etcd client with the config's endpoints, credentials, TLS and dial timeout.
-pub async fn connect(etcd: &EtcdConfig) -> Result<Client, String> {
+/// What connecting to etcd takes: the endpoints, credentials, dial timeout, and the TLS files
+/// the config named (already read).
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub endpoints: Vec<String>,
+    pub credentials: Option<(String, String)>,
+    pub tls: Option<EtcdTlsFiles>,
+    pub dial_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(etcd: &EtcdConfig, tls: Option<&EtcdTlsFiles>) -> ClientConfig {
+        let credentials = match (&etcd.username, &etcd.password) {
+            (Some(user), Some(password)) => Some((user.value.clone(), password.value.clone())),
+            _ => None,
+        };
+        ClientConfig {
+            endpoints: etcd.endpoints.iter().map(|e| e.value.0.clone()).collect(),
+            credentials,
+            tls: tls.cloned(),
+            dial_timeout: etcd.dial_timeout.0,
+        }
+    }
+}
+
+/// Opens an etcd client with the endpoints, credentials, TLS and dial timeout.
+pub async fn connect(etcd: &ClientConfig) -> Result<Client, String> {
     let mut options = ConnectOptions::new()
-        .with_connect_timeout(etcd.dial_timeout.0)
+        .with_connect_timeout(etcd.dial_timeout)
         .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
         .with_keep_alive_while_idle(true)
         // A member cut off from its cluster's leader ends the watch instead of going silent,
         // so the task reconnects (possibly to another endpoint) rather than wait forever.
         .with_require_leader(true);
-    if let (Some(user), Some(password)) = (&etcd.username, &etcd.password) {
+    if let Some((user, password)) = &etcd.credentials {
         options = options
             .with_user(user.clone(), password.clone())
             .with_auto_token_refresh(true);
@@ -58,10 +81,9 @@ pub async fn connect(etcd: &EtcdConfig) -> Result<Client, String> {
     if let Some(tls) = &etcd.tls {
         options = options.with_tls(tls_options(tls)?);
     }
-    let endpoints: Vec<&str> = etcd.endpoints.iter().map(|e| e.0.as_str()).collect();
     match timeout(
-        etcd.dial_timeout.0,
-        Client::connect(endpoints, Some(options)),
+        etcd.dial_timeout,
+        Client::connect(&etcd.endpoints, Some(options)),
     )
     .await
     {
@@ -69,34 +91,30 @@ pub async fn connect(etcd: &EtcdConfig) -> Result<Client, String> {
         Ok(Err(error)) => Err(format!("cannot connect: {error}")),
         Err(_) => Err(format!(
             "cannot connect within dial_timeout ({:?})",
-            etcd.dial_timeout.0
+            etcd.dial_timeout
         )),
     }
 }
 
-/// The TLS settings for etcd, checked the way a connection will use them: the PEM files must
-/// parse and the key must suit the certificate. Config validation calls this, so a broken file
-/// is a config error rather than a watch that never connects.
-pub fn tls_options(tls: &EtcdTlsConfig) -> Result<TlsOptions, String> {
-    // tonic drops CA certificates it cannot parse, which would leave nothing to trust.
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&tls.ca_file.pem) {
-        let cert = cert.map_err(|e| format!("{}: not a PEM certificate: {e}", tls.ca_file.path))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: not a CA certificate: {e}", tls.ca_file.path))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{}: holds no certificate", tls.ca_file.path));
-    }
-    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca_file.pem));
-    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+/// The TLS settings for etcd, checked the way a connection will use them: the key must suit
+/// the certificate. The server calls this at start and on reload, and `sluice check` too, so a
+/// broken pair is a config error rather than a watch that never connects. (The config layer
+/// has already checked that each file parses.)
+pub fn tls_options(tls: &EtcdTlsFiles) -> Result<TlsOptions, String> {
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca.pem));
+    if let Some((cert, key)) = &tls.identity {
         options = options.identity(Identity::from_pem(&cert.pem, &key.pem));
     }
     tonic::transport::Endpoint::from_static("https://127.0.0.1:2379")
         .tls_config(options.clone())
         .map_err(|error| {
-            let mut message = error.to_string();
+            let mut message = format!(
+                "etcd.tls: the files do not make a usable TLS setup ({}, {}): {error}",
+                tls.ca.path,
+                tls.identity
+                    .as_ref()
+                    .map_or("no client certificate", |(c, _)| c.path.as_str()),
+            );
             let mut source = std::error::Error::source(&error);
             while let Some(cause) = source {
                 message = format!("{message}: {cause}");
@@ -108,7 +126,7 @@ pub fn tls_options(tls: &EtcdTlsConfig) -> Result<TlsOptions, String> {
 }
 
 /// The watch task of one cluster. Runs until aborted (reload or exit).
-pub(super) async fn watch(cluster: Arc<Cluster>, etcd: EtcdConfig, source: EtcdDiscovery) {
+pub(super) async fn watch(cluster: Arc<Cluster>, etcd: ClientConfig, source: EtcdDiscovery) {
     let mut prefix = PrefixState::new(cluster, &source);
     let mut backoff = BACKOFF_FIRST;
     let mut failures: u32 = 0;
@@ -139,7 +157,7 @@ pub(super) async fn watch(cluster: Arc<Cluster>, etcd: EtcdConfig, source: EtcdD
         } else {
             debug!(cluster = %cluster.name, %error, retry_in = ?delay, "etcd still unreachable");
         }
-        cluster.discovery.set_failed(error);
+        cluster.source.set_failed(error);
         cluster.stats.discovery_failed();
         tokio::time::sleep(delay).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -170,7 +188,7 @@ impl PrefixState {
     fn new(cluster: Arc<Cluster>, source: &EtcdDiscovery) -> PrefixState {
         PrefixState {
             cluster,
-            key_prefix: format!("{}/", source.prefix),
+            key_prefix: format!("{}/", source.prefix.0),
             format: source.format,
             keys: BTreeMap::new(),
             invalid: HashSet::new(),
@@ -180,9 +198,9 @@ impl PrefixState {
 
     /// Connects, lists when needed, and follows the watch until something fails. Returns the
     /// failure, and whether this session got anywhere (a list, or a confirmed watch).
-    async fn session(&mut self, etcd: &EtcdConfig) -> (String, bool) {
+    async fn session(&mut self, etcd: &ClientConfig) -> (String, bool) {
         // A list of a large prefix on a slow link may take longer than a dial.
-        let request_timeout = etcd.dial_timeout.0.max(REQUEST_TIMEOUT_MIN);
+        let request_timeout = etcd.dial_timeout.max(REQUEST_TIMEOUT_MIN);
         let mut client = match connect(etcd).await {
             Ok(client) => client,
             Err(error) => return (error, false),
@@ -194,7 +212,7 @@ impl PrefixState {
                     return (error, progressed);
                 }
                 progressed = true;
-                self.cluster.discovery.set_connected();
+                self.cluster.source.set_connected();
             }
             let options = WatchOptions::new()
                 .with_prefix()
@@ -241,11 +259,11 @@ impl PrefixState {
                 if first {
                     first = false;
                     progressed = true;
-                    if !self.cluster.discovery.is_connected() {
+                    if !self.cluster.source.is_connected() {
                         info!(cluster = %self.cluster.name, revision = self.revision,
                             "etcd watch established");
                     }
-                    self.cluster.discovery.set_connected();
+                    self.cluster.source.set_connected();
                 }
             }
         }
@@ -351,9 +369,7 @@ impl PrefixState {
             }
         }
         super::apply(&self.cluster, &endpoints);
-        self.cluster.discovery.set_revision(self.revision);
-        self.cluster
-            .discovery
-            .set_invalid_values(self.invalid.len());
+        self.cluster.source.set_revision(self.revision);
+        self.cluster.source.set_invalid_values(self.invalid.len());
     }
 }

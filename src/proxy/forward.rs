@@ -1,6 +1,6 @@
 //! Piping one h2 stream into another: DATA with flow control, trailers, and resets.
 //!
-//! Two facts measured on the prototype (design.md) shape this file:
+//! Two facts measured on the prototype (docs/architecture.md, "Measurements") shape this file:
 //! - h2 (0.4.16+) closes a connection on the 101st empty DATA frame without END_STREAM, and
 //!   tonic clients end every request with one. So END_STREAM rides on the last real chunk, and
 //!   empty chunks are dropped.
@@ -15,6 +15,8 @@ use std::task::Poll;
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use http::HeaderMap;
+
+use crate::wire::Code;
 
 /// Why a pipe stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +133,7 @@ pub async fn upload(
             None => {}
         }
     }
-    pipe(source, sink, |seen| {
+    let _request_status = pipe(source, sink, |seen| {
         if let Seen::Data(chunk) = seen {
             received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
@@ -158,12 +160,14 @@ pub async fn upload(
 }
 
 /// Forwards DATA and trailers from `source` to `sink` until the source ends, showing each to
-/// `observe` first. Notices a reset of the sink while it waits on the source.
+/// `observe` first. Notices a reset of the sink while it waits on the source. Returns the
+/// `grpc-status` of the trailers: `None` when the stream ended without trailers (END_STREAM on
+/// DATA), `Some(Unknown)` for trailers without a valid status.
 pub async fn pipe(
     source: &mut RecvStream,
     sink: &mut SendStream<Bytes>,
     mut observe: impl FnMut(Seen<'_>),
-) -> Result<(), PipeError> {
+) -> Result<Option<Code>, PipeError> {
     enum Event {
         Data(Option<Result<Bytes, h2::Error>>),
         SinkReset(Result<Reason, h2::Error>),
@@ -185,7 +189,7 @@ pub async fn pipe(
                 if len == 0 {
                     // Empty DATA: forward only the END_STREAM it may carry.
                     if end {
-                        return send_end(sink);
+                        return send_end(sink).map(|()| None);
                     }
                     continue;
                 }
@@ -194,7 +198,7 @@ pub async fn pipe(
                 // Forwarded: now the source may send that much more.
                 let _ = source.flow_control().release_capacity(len);
                 if end {
-                    return Ok(());
+                    return Ok(None);
                 }
             }
             Event::Data(Some(Err(e))) => return Err(PipeError::Source(e)),
@@ -205,9 +209,11 @@ pub async fn pipe(
                 return match trailers {
                     Some(trailers) => {
                         observe(Seen::Trailers(&trailers));
-                        sink.send_trailers(trailers).map_err(sink_error)
+                        let status = Code::of_headers(&trailers);
+                        sink.send_trailers(trailers).map_err(sink_error)?;
+                        Ok(Some(status))
                     }
-                    None => send_end(sink),
+                    None => send_end(sink).map(|()| None),
                 };
             }
         }

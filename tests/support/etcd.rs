@@ -10,7 +10,7 @@ use etcd_client::{Client, GetOptions, PutOptions};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::free_port;
+use super::unused_port;
 
 pub struct Etcd {
     pub client_port: u16,
@@ -136,12 +136,24 @@ impl Etcd {
 
     async fn start_with(tls: Option<Certs>) -> Etcd {
         let mut etcd = Etcd {
-            client_port: free_port(),
-            peer_port: free_port(),
+            client_port: unused_port(),
+            peer_port: unused_port(),
             dir: tempfile::tempdir().expect("etcd tempdir"),
             child: None,
             tls,
         };
+        // The ports come from `unused_port`, which another process may take first: then etcd
+        // exits, and it starts again on new ones (at most three times).
+        for _ in 0..2 {
+            match etcd.try_launch().await {
+                Ok(()) => return etcd,
+                Err(log) if log.contains("address already in use") => {
+                    etcd.client_port = unused_port();
+                    etcd.peer_port = unused_port();
+                }
+                Err(log) => panic!("etcd exited:\n{log}"),
+            }
+        }
         etcd.launch().await;
         etcd
     }
@@ -160,6 +172,13 @@ impl Etcd {
     }
 
     async fn launch(&mut self) {
+        if let Err(log) = self.try_launch().await {
+            panic!("etcd exited:\n{log}");
+        }
+    }
+
+    /// Starts etcd and waits until it answers; `Err` with its log when it exited instead.
+    async fn try_launch(&mut self) -> Result<(), String> {
         let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.log_path()).expect("etcd log");
@@ -200,11 +219,12 @@ impl Etcd {
                 if let Ok(Ok(_)) =
                     tokio::time::timeout(Duration::from_secs(2), client.status()).await
                 {
-                    return;
+                    return Ok(());
                 }
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("etcd exited ({status}):\n{}", self.log());
+                self.child = None;
+                return Err(format!("({status})\n{}", self.log()));
             }
             assert!(Instant::now() < end, "etcd not up in 30 s:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;

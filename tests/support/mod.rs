@@ -6,7 +6,7 @@
 pub mod etcd;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,12 +20,67 @@ use tonic::transport::Channel;
 
 pub use sluice::demo::pb::EchoRequest;
 
-/// A port nothing listens on right now (bind, read, release).
-pub fn free_port() -> u16 {
+/// A port nothing listens on right now (bind, read, release). Racy: another process may take
+/// it before it is used. Only for etcd, which cannot report a port it chose itself; the etcd
+/// harness starts again on new ports when that happens. sluice and the echo backends bind
+/// port 0 and report the address they got ([`address_in_log`]).
+pub fn unused_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+/// Loopback addresses that refuse connections, held for as long as the value lives: each
+/// socket is bound but never listens, so no other process can take its port meanwhile.
+pub struct RefusedAddrs {
+    pub addrs: Vec<SocketAddr>,
+    _sockets: Vec<socket2::Socket>,
+}
+
+impl RefusedAddrs {
+    pub fn new(count: usize) -> RefusedAddrs {
+        let mut addrs = Vec::new();
+        let mut sockets = Vec::new();
+        for _ in 0..count {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("a socket");
+            let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+            socket.bind(&any.into()).expect("bind a loopback port");
+            let addr = socket.local_addr().unwrap().as_socket().unwrap();
+            addrs.push(addr);
+            sockets.push(socket);
+        }
+        RefusedAddrs {
+            addrs,
+            _sockets: sockets,
+        }
+    }
+}
+
+/// Polls the log file at `log` (every 10 ms, at most `budget`) for a line holding `marker`,
+/// and returns the `address=` that line reports: how sluice and the echo backends say which
+/// port they bound when asked for port 0.
+pub async fn address_in_log(log: &Path, marker: &str, budget: Duration) -> Option<SocketAddr> {
+    let end = Instant::now() + budget;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter(|line| line.contains(marker))
+            .find_map(|line| {
+                line.split("address=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+        if found.is_some() || Instant::now() >= end {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Polls `condition` every 10 ms until it holds or `budget` passes.
@@ -80,20 +135,31 @@ impl Drop for Echo {
 pub struct EchoProcess {
     pub addr: SocketAddr,
     child: Child,
+    _dir: tempfile::TempDir,
 }
 
 impl EchoProcess {
     pub async fn start(id: &str) -> EchoProcess {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("echo.log");
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["echo-backend", "--listen", &addr.to_string(), "--id", id])
-            .env("RUST_LOG", "warn")
+            .args(["echo-backend", "--listen", "127.0.0.1:0", "--id", id])
+            .env("RUST_LOG", "warn,sluice::demo=info")
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("echo log"))
             .spawn()
             .expect("spawn echo-backend");
-        let up = wait_for_port(addr, Duration::from_secs(20)).await;
-        assert!(up, "echo-backend {id} never listened on {addr}");
-        EchoProcess { addr, child }
+        let mut process = EchoProcess {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            child,
+            _dir: dir,
+        };
+        let reported =
+            address_in_log(&log, "echo backend listening", Duration::from_secs(20)).await;
+        process.addr = reported.unwrap_or_else(|| panic!("echo-backend {id} never listened"));
+        let up = wait_for_port(process.addr, Duration::from_secs(20)).await;
+        assert!(up, "echo-backend {id} does not accept on {}", process.addr);
+        process
     }
 
     /// SIGKILL, and wait for the process to be gone.
@@ -170,7 +236,11 @@ impl Layout {
         let child = command
             .env(
                 "RUST_LOG",
-                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info,sluice=debug".into()),
+                // The harness reads the bound addresses from sluice::server's info lines.
+                format!(
+                    "{},sluice::server=info",
+                    std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info,sluice=debug".into())
+                ),
             )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -188,23 +258,35 @@ impl Layout {
 }
 
 impl Sluice {
-    /// Starts `sluice run` with a listener and admin on free ports and `rest` (clusters,
+    /// Starts `sluice run` with a listener and admin on port 0 and `rest` (clusters,
     /// routes, ...) appended to the config; returns once `/readyz` answers 200.
     pub async fn start(rest: &str) -> Sluice {
-        let mut sluice = Sluice::start_unready(rest);
+        let mut sluice = Sluice::start_unready(rest).await;
         sluice.wait_ready().await;
         sluice
     }
 
-    /// Like [`Sluice::start`], without waiting for `/readyz`.
-    pub fn start_unready(rest: &str) -> Sluice {
+    /// Like [`Sluice::start`], without waiting for `/readyz`: returns once sluice has logged
+    /// the addresses it bound. The config file is then rewritten with those addresses, so a
+    /// reload or an upgrade sees the same ones.
+    pub async fn start_unready(rest: &str) -> Sluice {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let layout = Layout {
-            addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            addr: any,
+            admin: any,
             dir: Arc::new(tempfile::tempdir().expect("tempdir")),
         };
         layout.write_config(rest);
-        layout.launch(false, "sluice.log")
+        let mut sluice = layout.launch(false, "sluice.log");
+        let budget = Duration::from_secs(30);
+        let listener = address_in_log(&sluice.log, "listening listener=grpc", budget).await;
+        let admin = address_in_log(&sluice.log, "admin endpoint", budget).await;
+        match (listener, admin) {
+            (Some(listener), Some(admin)) => (sluice.addr, sluice.admin) = (listener, admin),
+            _ => panic!("sluice never reported its addresses:\n{}", sluice.log()),
+        }
+        sluice.rewrite_config(rest);
+        sluice
     }
 
     /// Rewrites the config file (same listener and admin) with a new `rest`.

@@ -1,5 +1,6 @@
-//! gRPC rules the proxy applies: `:path` parsing, `grpc-timeout` encoding, status codes and the
-//! trailers-only replies sluice sends for its own errors.
+//! gRPC rules, the bottom layer: status codes with their Go names, who decided a status,
+//! `:path` parsing, `grpc-timeout` parsing and encoding, content types, and the trailers-only
+//! replies sluice sends for its own errors. Depends on nothing else in the crate.
 
 use std::time::Duration;
 
@@ -114,7 +115,26 @@ impl Code {
     }
 }
 
-/// A status the proxy answers with itself: always HTTP 200, trailers-only (SPEC.md).
+/// Who decided a call's status: the backend, or sluice itself (the `origin` label and the
+/// access log's `origin` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Upstream = 0,
+    Proxy = 1,
+}
+
+impl Origin {
+    pub const ALL: [Origin; 2] = [Origin::Upstream, Origin::Proxy];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Origin::Upstream => "upstream",
+            Origin::Proxy => "proxy",
+        }
+    }
+}
+
+/// A status the proxy answers with itself: always HTTP 200, trailers-only, never a bare 502.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyStatus {
     pub code: Code,

@@ -1,7 +1,7 @@
 //! Upstream HTTP/2 connections to one backend: a few shared connections, reused by every call.
 //!
 //! A new connection is opened only when every open one is at the peer's
-//! SETTINGS_MAX_CONCURRENT_STREAMS (h2 would otherwise queue the stream silently, design.md),
+//! SETTINGS_MAX_CONCURRENT_STREAMS (h2 would otherwise queue the stream silently),
 //! and only one opener runs at a time, so a burst of calls cannot open a connection each
 //! (pingora's ProxyHttp opened 12–24 per backend that way). Each connection's driver task
 //! publishes the peer's current stream limit and removes the connection when it ends.

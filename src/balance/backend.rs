@@ -1,0 +1,214 @@
+//! One backend as the balancer sees it: its load (in-flight streams, peak-EWMA latency,
+//! weight) and its state (connect backoff). It refers to its upstream connections and its
+//! counters, which live in the transport and telemetry layers.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::ewma::{clock_ms, PeakEwma};
+use super::source::SourceKind;
+use crate::config::BackendAddr;
+use crate::telemetry::{BackendGauges, BackendStats};
+use crate::transport::Pool;
+
+/// Weights above this are clamped, which keeps the round-robin schedule small.
+pub(super) const MAX_WEIGHT: u32 = 100;
+
+const BASE_CONNECT_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(10);
+
+/// One discovered backend: where it is and how much it may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: BackendAddr,
+    pub weight: u32,
+}
+
+/// What `/backends` says of a backend's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    Healthy,
+    /// Its last connect failed; it is skipped until its backoff ends, then tried again.
+    Unhealthy,
+}
+
+/// A backend and its live load and state. Shared by the cluster's snapshot and by every call
+/// that picked it, so a backend removed from discovery lives until its last call ends.
+#[derive(Debug)]
+pub struct Backend {
+    pub address: BackendAddr,
+    /// Which discovery source found it.
+    pub source: SourceKind,
+    /// Changed in place when discovery changes it, so the backend keeps its connections.
+    weight: AtomicU32,
+    /// Streams sent to this backend and not yet finished.
+    in_flight: AtomicU64,
+    latency: PeakEwma,
+    /// After a failed connect, the backend is skipped until this time (ms on the balancer's
+    /// clock), then given another chance. Doubles on each consecutive failure up to
+    /// `MAX_CONNECT_BACKOFF`.
+    skip_until_ms: AtomicU64,
+    /// Consecutive failed connects; 0 once one succeeds.
+    connect_streak: AtomicU64,
+    /// The HTTP/2 connections to this backend (transport layer).
+    pub transport: Arc<Pool>,
+    /// This backend's attempt counters (telemetry layer); the proxy records into them.
+    pub stats: Arc<BackendStats>,
+}
+
+impl Backend {
+    pub fn new(endpoint: &Endpoint, source: SourceKind, cluster: &str) -> Backend {
+        Backend {
+            stats: Arc::new(BackendStats::new(cluster, &endpoint.address.0)),
+            transport: Arc::new(Pool::new()),
+            address: endpoint.address.clone(),
+            weight: AtomicU32::new(endpoint.weight.clamp(1, MAX_WEIGHT)),
+            source,
+            in_flight: AtomicU64::new(0),
+            latency: PeakEwma::new(),
+            skip_until_ms: AtomicU64::new(0),
+            connect_streak: AtomicU64::new(0),
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets a new weight; returns whether it changed.
+    pub(super) fn set_weight(&self, weight: u32) -> bool {
+        let weight = weight.clamp(1, MAX_WEIGHT);
+        self.weight.swap(weight, Ordering::Relaxed) != weight
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// False while the backend sits out a connect backoff.
+    pub fn is_available(&self) -> bool {
+        self.skip_until_ms.load(Ordering::Relaxed) <= clock_ms()
+    }
+
+    /// Unhealthy from a failed connect until the next one succeeds, including the moments
+    /// between backoffs when it may be tried again (`sluice_backend_up`, `state`).
+    pub fn state(&self) -> BackendState {
+        if self.connect_streak.load(Ordering::Relaxed) == 0 {
+            BackendState::Healthy
+        } else {
+            BackendState::Unhealthy
+        }
+    }
+
+    /// Marks one stream started; the returned guard marks it finished when dropped.
+    pub fn start_stream(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            backend: Arc::clone(self),
+        }
+    }
+
+    /// Records the time from sending the request to the backend's response headers.
+    pub fn observe_latency(&self, rtt: Duration) {
+        self.latency.observe(rtt);
+    }
+
+    /// A connect failed: back off from this backend, and weigh it down for p2c once the
+    /// backoff ends, until it answers again. Returns true when this turned it unhealthy.
+    pub fn connect_failed(&self) -> bool {
+        let streak = self.connect_streak.fetch_add(1, Ordering::Relaxed);
+        let streak = streak.min(8);
+        let backoff = (BASE_CONNECT_BACKOFF * 2u32.pow(streak as u32)).min(MAX_CONNECT_BACKOFF);
+        self.skip_until_ms
+            .store(clock_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+        self.latency.observe(Duration::from_secs(1));
+        streak == 0
+    }
+
+    /// A connect succeeded. Returns true when this turned it healthy again.
+    pub fn connect_succeeded(&self) -> bool {
+        // A load first: the swap (a write to a shared line) only when there was a streak.
+        if self.connect_streak.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let was_down = self.connect_streak.swap(0, Ordering::Relaxed) != 0;
+        if was_down {
+            self.skip_until_ms.store(0, Ordering::Relaxed);
+        }
+        was_down
+    }
+
+    /// The peak-EWMA latency estimate, in nanoseconds.
+    pub(super) fn latency_nanos(&self) -> f64 {
+        self.latency.estimate_nanos()
+    }
+
+    /// The p2c cost: latency × load, over the weight. Lower is better.
+    pub(super) fn cost(&self) -> f64 {
+        self.latency_nanos() * (self.in_flight() as f64 + 1.0) / self.weight() as f64
+    }
+
+    /// What `/metrics` shows of the backend's live state.
+    pub fn gauges(&self) -> BackendGauges {
+        BackendGauges {
+            in_flight: self.in_flight(),
+            up: self.state() == BackendState::Healthy,
+            connections: self.transport.connections(),
+            weight: self.weight(),
+        }
+    }
+
+    pub fn snapshot(&self) -> BackendSnapshot {
+        let (rps, error_ratio) = self.stats.recent_rates();
+        BackendSnapshot {
+            rps,
+            error_ratio,
+            address: self.address.to_string(),
+            state: self.state(),
+            in_flight: self.in_flight(),
+            ewma_latency_ms: self.latency_nanos() / 1e6,
+            requests: self.stats.requests(),
+            failures: self.stats.failures(),
+            weight: self.weight(),
+            source: self.source,
+            upstream_connections: self.transport.connections(),
+        }
+    }
+}
+
+/// One in-flight stream on a backend; dropping it ends the stream's share of the load.
+#[derive(Debug)]
+pub struct InFlight {
+    backend: Arc<Backend>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What `/backends` shows of one backend.
+#[derive(Debug, Serialize)]
+pub struct BackendSnapshot {
+    pub address: String,
+    pub state: BackendState,
+    pub in_flight: u64,
+    pub ewma_latency_ms: f64,
+    /// Attempts on this backend: requests sent, plus connects that failed.
+    pub requests: u64,
+    /// Of those, the ones that failed on the server side: a failure code (UNKNOWN,
+    /// DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS) or a failed connect.
+    pub failures: u64,
+    pub weight: u32,
+    pub source: SourceKind,
+    pub upstream_connections: usize,
+    /// Attempts per second over about the last 10 s.
+    pub rps: f64,
+    /// The share of those attempts that failed (0 to 1).
+    pub error_ratio: f64,
+}

@@ -1,0 +1,480 @@
+//! The typed config file, parsed with spans and validated once (every key is in
+//! docs/configuration.md).
+//!
+//! Loading has three steps, each with errors that name the file, the key path, what is wrong,
+//! and the exact line and column: `sluice.yaml: clusters[1].balancer: unknown variant
+//! `fastest`, expected ... at line 14 column 15`.
+//! 1. parsing (serde-saphyr): types, "one of" choices as serde enums, and values that check
+//!    themselves ([`values`]);
+//! 2. cross-field checks ([`validate`]), with the spans kept by `Spanned` fields;
+//! 3. reading the files the config names ([`files`]): a separate step, so parsing does no I/O
+//!    and a reload can run this step off the data-plane threads.
+//!
+//! Documented keys that sluice does not build yet are rejected with "not supported yet"; a key
+//! is never accepted and then ignored.
+
+pub mod files;
+mod validate;
+pub mod values;
+
+use std::cell::RefCell;
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer};
+pub use serde_saphyr::Spanned;
+
+pub use files::{EtcdTlsFiles, Files, PemFile};
+pub use values::{
+    parse_duration, BackendAddr, DurationValue, EtcdEndpoint, EtcdPrefix, ListenAddr, MaxAttempts,
+    NonEmpty, NotSupportedYet, PathPrefix, PositiveDuration, Ratio, ServiceName, ThreadCount,
+};
+
+/// A config problem, already formatted for an operator: file, key path, what is wrong, where.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listeners: NonEmpty<ListenerConfig>,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// The etcd cluster that `discovery: { etcd: ... }` clusters watch.
+    #[serde(default)]
+    pub etcd: Option<EtcdConfig>,
+    pub clusters: NonEmpty<ClusterConfig>,
+    /// Absent: with a single cluster, everything routes to it.
+    #[serde(default)]
+    pub routes: Option<Vec<RouteConfig>>,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// Worker threads for the data plane (default: one per core).
+    #[serde(default)]
+    pub threads: Option<ThreadCount>,
+    /// Absent: no access log.
+    #[serde(default)]
+    pub access_log: Option<AccessLogConfig>,
+    #[serde(default)]
+    pub request_id: RequestIdConfig,
+    /// The Unix socket a graceful upgrade hands the listening sockets over (SIGQUIT to the
+    /// old process, `sluice run --upgrade` for the new one).
+    #[serde(default = "default_upgrade_sock")]
+    pub upgrade_sock: String,
+    /// What step 3 read from disk; empty until [`Config::load`] reads it.
+    #[serde(skip)]
+    pub files: Files,
+}
+
+fn default_upgrade_sock() -> String {
+    "/tmp/sluice_upgrade.sock".to_string()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: Spanned<String>,
+    pub address: ListenAddr,
+    #[serde(default)]
+    pub tls: Option<NotSupportedYet>,
+}
+
+/// `access_log: { path, enabled }`: one JSON line per finished call.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// A file to append to; absent means stdout.
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+/// `request_id: { generate }`: whether a call without a trace id gets a new `x-request-id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestIdConfig {
+    #[serde(default = "default_true")]
+    pub generate: bool,
+}
+
+impl Default for RequestIdConfig {
+    fn default() -> Self {
+        RequestIdConfig { generate: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub address: ListenAddr,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `sluice=debug`; `RUST_LOG` wins when set.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long SIGTERM waits for in-flight streams before the process exits anyway.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: DurationValue,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+fn default_drain_timeout() -> DurationValue {
+    DurationValue(std::time::Duration::from_secs(30))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: Spanned<String>,
+    pub discovery: Spanned<DiscoveryConfig>,
+    #[serde(default)]
+    pub balancer: BalancerKind,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: PositiveDuration,
+    #[serde(default = "default_max_deadline")]
+    pub max_deadline: PositiveDuration,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub max_concurrent_streams_per_backend: Option<NotSupportedYet>,
+    #[serde(default)]
+    pub queue_timeout: Option<NotSupportedYet>,
+    #[serde(default)]
+    pub health_check: Option<NotSupportedYet>,
+    #[serde(default)]
+    pub outlier_detection: Option<NotSupportedYet>,
+    #[serde(default)]
+    pub tls: Option<NotSupportedYet>,
+}
+
+fn default_connect_timeout() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(1))
+}
+
+fn default_max_deadline() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(60))
+}
+
+/// Where a cluster's backends come from: exactly one of `static` or `etcd`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryConfig {
+    /// A fixed list of `HOST:PORT`.
+    Static(NonEmpty<Spanned<BackendAddr>>),
+    /// Every key under `PREFIX/` is one backend.
+    Etcd(EtcdDiscovery),
+}
+
+/// `discovery: { etcd: { prefix, format } }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdDiscovery {
+    /// Without the trailing slash; sluice watches `PREFIX/`.
+    pub prefix: EtcdPrefix,
+    #[serde(default)]
+    pub format: EtcdFormat,
+}
+
+/// How a value under the prefix is decoded (docs/configuration.md, "etcd discovery").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EtcdFormat {
+    /// Detect per value: JSON with `endpoints` is kratos, JSON with `Addr` is etcd-naming,
+    /// anything else is plain.
+    #[default]
+    Auto,
+    EtcdNaming,
+    Plain,
+    Kratos,
+}
+
+/// The top-level `etcd:` block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    pub endpoints: NonEmpty<Spanned<EtcdEndpoint>>,
+    #[serde(default)]
+    pub username: Option<Spanned<String>>,
+    #[serde(default)]
+    pub password: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tls: Option<EtcdTlsConfig>,
+    /// Bounds connecting to etcd; lists and watch set-ups get this or 10 s, the longer.
+    #[serde(default = "default_dial_timeout")]
+    pub dial_timeout: PositiveDuration,
+}
+
+fn default_dial_timeout() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(5))
+}
+
+/// TLS to etcd: paths relative to the working directory, read by [`Config::load`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsConfig {
+    pub ca_file: Spanned<String>,
+    #[serde(default)]
+    pub cert_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub key_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    #[default]
+    P2cEwma,
+    LeastRequest,
+    RoundRobin,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included; 1 turns transparent retry off.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: MaxAttempts,
+    /// Retries are kept under this share of requests (plus a small floor).
+    #[serde(default = "default_budget_ratio")]
+    pub budget_ratio: Ratio,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: default_max_attempts(),
+            budget_ratio: default_budget_ratio(),
+        }
+    }
+}
+
+fn default_max_attempts() -> MaxAttempts {
+    MaxAttempts(2)
+}
+
+fn default_budget_ratio() -> Ratio {
+    Ratio(0.2)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default, rename = "match")]
+    pub match_: Option<RouteMatch>,
+    pub cluster: Spanned<String>,
+}
+
+/// `match:` exactly one of `service` or `prefix`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteMatch {
+    /// Exact gRPC service, as in `/echo.v1.Echo/Unary` -> `echo.v1.Echo`.
+    Service(ServiceName),
+    /// A `:path` prefix such as `/echo.v1.`.
+    Prefix(PathPrefix),
+}
+
+// === loading ===
+
+impl Config {
+    /// Reads, parses and validates a config file, then reads the files it names. Does blocking
+    /// file I/O: call it off the data-plane threads.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{origin}: cannot read: {e}")))?;
+        let mut config = Config::parse(&source, &origin)?;
+        config.files = Files::read(&config).map_err(|e| e.in_file(&origin))?;
+        Ok(config)
+    }
+
+    /// Parses and validates config text (no I/O); `origin` names it in errors.
+    pub fn parse(source: &str, origin: &str) -> Result<Config, ConfigError> {
+        let options = serde_saphyr::Options {
+            with_snippet: false,
+            ..serde_saphyr::Options::default()
+        };
+        let parsed = serde_saphyr::from_str_with_options::<Tracked>(source, options);
+        let config = match parsed {
+            Ok(Tracked(config)) => config,
+            Err(error) => {
+                let path = FAILED_AT
+                    .with(|p| p.borrow_mut().take())
+                    .unwrap_or_default();
+                return Err(parse_error(origin, &path, &error, source));
+            }
+        };
+        validate::check(&config).map_err(|e| e.in_file(origin))?;
+        Ok(config)
+    }
+}
+
+thread_local! {
+    /// The key path where the last parse on this thread failed (see [`Tracked`]).
+    static FAILED_AT: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// The config, deserialized through `serde_path_to_error` so a failure's key path is known.
+/// The path travels beside the error (in `FAILED_AT`) rather than inside it, so the parser's
+/// own error, with its exact location, reaches the operator unchanged.
+struct Tracked(Config);
+
+impl<'de> Deserialize<'de> for Tracked {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut track = serde_path_to_error::Track::new();
+        let tracked = serde_path_to_error::Deserializer::new(deserializer, &mut track);
+        match Config::deserialize(tracked) {
+            Ok(config) => Ok(Tracked(config)),
+            Err(error) => {
+                // `Spanned` fields add a `value` step to the path; no config key is named so.
+                let path = track.path().to_string().replace(".value[", "[");
+                let path: Vec<&str> = path.split('.').filter(|step| *step != "value").collect();
+                let path = path.join(".");
+                FAILED_AT.with(|p| *p.borrow_mut() = Some(path));
+                Err(error)
+            }
+        }
+    }
+}
+
+/// `origin: path: message at line L column C`.
+fn parse_error(origin: &str, path: &str, error: &serde_saphyr::Error, source: &str) -> ConfigError {
+    let location = error.location().map(|at| {
+        let place = (at.line() as usize, at.column() as usize);
+        unknown_key(error)
+            .and_then(|key| key_in_mapping(source, place, key))
+            .unwrap_or(place)
+    });
+    let mut message = error.without_snippet().to_string();
+    // The parser's words for a few mistakes, in an operator's.
+    const PLAIN_WORDS: [(&str, &str); 3] = [
+        (
+            "expected end of mapping after enum variant value",
+            "choose exactly one of these keys, not several",
+        ),
+        (
+            "unexpected event: expected sequence start",
+            "invalid type: expected a list",
+        ),
+        (
+            "unexpected event: expected mapping start",
+            "invalid type: expected a mapping of keys",
+        ),
+    ];
+    for (parser, plain) in PLAIN_WORDS {
+        if let Some(rest) = message.strip_prefix(parser) {
+            message = format!("{plain}{rest}");
+        }
+    }
+    if let Some(at) = error.location() {
+        let suffix = format!(" at line {}, column {}", at.line(), at.column());
+        if let Some(stripped) = message.strip_suffix(&suffix) {
+            message = stripped.to_string();
+        }
+    }
+    // A value's own check names its place already (see `values::checked`).
+    if let (Some((line, column)), false) = (location, message.contains(" at line ")) {
+        message = format!("{message} at line {line} column {column}");
+    }
+    if path.is_empty() || path == "." {
+        ConfigError(format!("{origin}: {message}"))
+    } else {
+        ConfigError(format!("{origin}: {path}: {message}"))
+    }
+}
+
+/// The key an "unknown field" error is about.
+fn unknown_key(error: &serde_saphyr::Error) -> Option<String> {
+    let message = error.without_snippet().to_string();
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+/// Where `key` stands in the mapping that starts at `(line, column)`: the parser reports an
+/// unknown key at its mapping's start, and the operator wants the key's own line. Looks at
+/// the mapping's lines (block style) or the rest of its first line (flow style).
+fn key_in_mapping(
+    source: &str,
+    (line, column): (usize, usize),
+    key: String,
+) -> Option<(usize, usize)> {
+    let token = format!("{key}:");
+    for (index, text) in source.lines().enumerate().skip(line.saturating_sub(1)) {
+        let number = index + 1;
+        let from = if number == line {
+            column.saturating_sub(1)
+        } else {
+            0
+        };
+        let indent = text.len() - text.trim_start().len();
+        if number > line && !text.trim().is_empty() && indent + 1 < column {
+            return None; // left the mapping
+        }
+        let found = text
+            .get(from..)?
+            .match_indices(&token)
+            .map(|(at, _)| from + at)
+            .find(|&at| at == 0 || !text.as_bytes()[at - 1].is_ascii_alphanumeric());
+        if let Some(at) = found {
+            return Some((number, at + 1));
+        }
+    }
+    None
+}
+
+/// A problem found after parsing: the key path, the message, and the span of the value.
+#[derive(Debug)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+    pub at: Option<serde_saphyr::Location>,
+}
+
+impl Problem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            path: path.into(),
+            message: message.into(),
+            at: None,
+        }
+    }
+
+    /// Points the problem at a spanned value.
+    pub fn at<T>(mut self, spanned: &Spanned<T>) -> Problem {
+        self.at = Some(spanned.referenced);
+        self
+    }
+
+    fn in_file(self, origin: &str) -> ConfigError {
+        let at = self
+            .at
+            .map(|l| format!(" at line {} column {}", l.line(), l.column()))
+            .unwrap_or_default();
+        ConfigError(format!("{origin}: {}: {}{at}", self.path, self.message))
+    }
+}
+
+#[cfg(test)]
+mod tests;

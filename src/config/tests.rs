@@ -1,0 +1,239 @@
+use std::time::Duration;
+
+use super::*;
+
+fn err(yaml: &str) -> String {
+    Config::parse(yaml, "t.yaml").unwrap_err().to_string()
+}
+
+const MINIMAL: &str = "
+listeners:
+  - name: grpc
+    address: 127.0.0.1:50051
+clusters:
+  - name: echo
+    discovery:
+      static: [\"127.0.0.1:50071\"]
+";
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let config = Config::parse(MINIMAL, "t.yaml").unwrap();
+    let cluster = &config.clusters[0];
+    assert_eq!(cluster.balancer, BalancerKind::P2cEwma);
+    assert_eq!(cluster.max_deadline.0, Duration::from_secs(60));
+    assert_eq!(cluster.retry.max_attempts.0, 2);
+    assert_eq!(config.shutdown.drain_timeout.0, Duration::from_secs(30));
+    assert!(config.request_id.generate);
+}
+
+#[test]
+fn unknown_key_names_path_and_line() {
+    let e = err(&MINIMAL.replace("    discovery:", "    colour: red\n    discovery:"));
+    assert!(e.contains("clusters[0]"), "{e}");
+    assert!(e.contains("unknown field `colour`"), "{e}");
+    assert!(e.ends_with("at line 7 column 5"), "{e}");
+    // In a flow mapping, the key's own column.
+    let e = err(&format!(
+        "{MINIMAL}    retry: {{ max_attempts: 2, colour: red }}\n"
+    ));
+    assert!(e.contains("clusters[0].retry.colour: unknown field"), "{e}");
+    assert!(e.ends_with("at line 9 column 31"), "{e}");
+}
+
+#[test]
+fn later_features_are_rejected_not_ignored() {
+    let e = err(&format!("{MINIMAL}    health_check: {{ interval: 5s }}\n"));
+    assert!(e.contains("clusters[0].health_check"), "{e}");
+    assert!(e.contains("not supported yet"), "{e}");
+}
+
+#[test]
+fn route_to_missing_cluster_is_an_error() {
+    let e = err(&format!("{MINIMAL}routes:\n  - cluster: nosuch\n"));
+    assert!(
+        e.contains("routes[0].cluster: no cluster is named \"nosuch\""),
+        "{e}"
+    );
+    assert!(e.contains("line 10 column 14"), "{e}");
+}
+
+/// Two clusters that share every key: an error in the second must point at the second's own
+/// line, not at the first line holding the same key.
+const TWO_CLUSTERS: &str = "listeners:
+  - name: grpc
+    address: 127.0.0.1:50051
+clusters:
+  - name: one
+    discovery: { static: [\"127.0.0.1:50071\"] }
+    retry: { max_attempts: 2 }
+    balancer: round_robin
+  - name: two
+    discovery: { static: [\"127.0.0.1:50072\"] }
+    retry: { max_attempts: 2 }
+    balancer: round_robin
+routes:
+  - cluster: one
+";
+
+#[test]
+fn a_type_error_in_the_second_cluster_names_its_own_line() {
+    assert!(Config::parse(TWO_CLUSTERS, "t.yaml").is_ok());
+    let yaml = TWO_CLUSTERS.replace(
+        "    balancer: round_robin\nroutes:",
+        "    balancer: [fastest]\nroutes:",
+    );
+    let e = err(&yaml);
+    assert!(e.starts_with("t.yaml: clusters[1].balancer: "), "{e}");
+    assert!(e.contains("at line 12 column"), "{e}");
+}
+
+#[test]
+fn a_validation_error_in_the_second_cluster_names_its_own_line() {
+    let yaml = TWO_CLUSTERS.replace(
+        "    retry: { max_attempts: 2 }\n    balancer: round_robin\nroutes:",
+        "    retry: { max_attempts: 0 }\n    balancer: round_robin\nroutes:",
+    );
+    let e = err(&yaml);
+    assert!(
+        e.starts_with("t.yaml: clusters[1].retry.max_attempts: must be at least 1"),
+        "{e}"
+    );
+    assert!(e.ends_with("at line 11 column 28"), "{e}");
+    // A check across fields points at the second cluster's value too.
+    let e = err(&TWO_CLUSTERS.replace("name: two", "name: one"));
+    assert!(
+        e.contains("clusters[1].name: duplicate cluster name \"one\" at line 9 column 11"),
+        "{e}"
+    );
+    let e = err(&TWO_CLUSTERS.replace("50072", "50071\", \"127.0.0.1:50071"));
+    assert!(
+        e.contains(
+            "clusters[1].discovery.static[1]: \"127.0.0.1:50071\" is listed twice at line 10"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn one_of_choices_are_enums() {
+    let e = err(&MINIMAL.replace(
+        "static: [\"127.0.0.1:50071\"]",
+        "static: [\"127.0.0.1:50071\"]\n      etcd: { prefix: x }",
+    ));
+    assert!(e.contains("clusters[0].discovery"), "{e}");
+    let e = err(&format!(
+        "{MINIMAL}routes:\n  - match: {{ service: a.B, prefix: /a. }}\n    cluster: echo\n"
+    ));
+    assert!(e.contains("routes[0].match"), "{e}");
+    let e = err(&format!(
+        "{MINIMAL}routes:\n  - match: {{ prefix: a. }}\n    cluster: echo\n"
+    ));
+    assert!(e.contains("routes[0].match.prefix"), "{e}");
+    assert!(e.contains("must start with '/'"), "{e}");
+}
+
+const ETCD: &str = "
+listeners:
+  - name: grpc
+    address: 127.0.0.1:50051
+etcd:
+  endpoints: [\"http://127.0.0.1:2379\"]
+clusters:
+  - name: echo
+    discovery:
+      etcd: { prefix: \"services/echo/\", format: etcd-naming }
+";
+
+#[test]
+fn etcd_discovery_parses_with_defaults() {
+    let config = Config::parse(ETCD, "t.yaml").unwrap();
+    let DiscoveryConfig::Etcd(etcd) = &config.clusters[0].discovery.value else {
+        panic!("etcd discovery");
+    };
+    assert_eq!(etcd.prefix.0, "services/echo");
+    assert_eq!(etcd.format, EtcdFormat::EtcdNaming);
+    let client = config.etcd.unwrap();
+    assert_eq!(client.dial_timeout.0, Duration::from_secs(5));
+    let auto = ETCD.replace(", format: etcd-naming", "");
+    let config = Config::parse(&auto, "t.yaml").unwrap();
+    let DiscoveryConfig::Etcd(etcd) = &config.clusters[0].discovery.value else {
+        panic!("etcd discovery");
+    };
+    assert_eq!(etcd.format, EtcdFormat::Auto);
+}
+
+fn load_err(yaml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    Config::load(&path).unwrap_err().to_string()
+}
+
+#[test]
+fn etcd_config_errors_name_the_key() {
+    let cases = [
+        (
+            ETCD.replace("etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\n", ""),
+            "clusters[0].discovery: cluster \"echo\" uses etcd discovery, so the top-level `etcd:` block is required",
+        ),
+        (
+            ETCD.replace("http://127.0.0.1:2379", "127.0.0.1:2379"),
+            "etcd.endpoints[0]: invalid etcd endpoint \"127.0.0.1:2379\"",
+        ),
+        (
+            ETCD.replace("http://", "https://"),
+            "etcd.endpoints[0]: \"https://127.0.0.1:2379\" is https, so `etcd.tls`",
+        ),
+        (
+            ETCD.replace("etcd-naming", "consul"),
+            "clusters[0].discovery.etcd.format: unknown variant `consul`",
+        ),
+        (
+            ETCD.replace("\"services/echo/\"", "\"/\""),
+            "clusters[0].discovery.etcd.prefix: invalid etcd prefix",
+        ),
+        (
+            ETCD.replace("  endpoints:", "  username: root\n  endpoints:"),
+            "etcd: `username` and `password` go together",
+        ),
+        (
+            ETCD.replace("  endpoints:", "  dial_timeout: 0s\n  endpoints:"),
+            "etcd.dial_timeout: must be greater than 0",
+        ),
+        (
+            ETCD.replace("http://", "https://").replace(
+                "  endpoints:",
+                "  tls: { ca_file: /nonexistent/ca.pem }\n  endpoints:",
+            ),
+            "etcd.tls.ca_file: cannot read \"/nonexistent/ca.pem\"",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let e = load_err(&yaml);
+        assert!(e.contains(want), "want {want:?} in: {e}");
+        assert!(e.contains(" at line "), "{e}");
+        assert!(e.contains(" column "), "{e}");
+    }
+}
+
+#[test]
+fn etcd_tls_files_are_read_after_parsing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("ca.pem");
+    std::fs::write(
+        &bad,
+        "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let yaml = ETCD.replace("http://", "https://").replace(
+        "  endpoints:",
+        &format!("  tls: {{ ca_file: \"{}\" }}\n  endpoints:", bad.display()),
+    );
+    // Parsing alone reads nothing.
+    assert!(Config::parse(&yaml, "t.yaml").is_ok());
+    let e = load_err(&yaml);
+    assert!(e.contains("etcd.tls.ca_file: "), "{e}");
+    assert!(e.contains("not a CA certificate"), "{e}");
+    assert!(e.contains("at line 6 column"), "{e}");
+}

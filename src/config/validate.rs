@@ -1,0 +1,136 @@
+//! Step 2 of loading: checks across fields, which serde cannot do while it parses. Each
+//! problem points at the span of the value at fault.
+
+use std::collections::HashSet;
+
+use super::{Config, DiscoveryConfig, EtcdConfig, Problem, Spanned};
+
+pub(super) fn check(config: &Config) -> Result<(), Problem> {
+    unique_names("listeners", config.listeners.iter().map(|l| &l.name))?;
+    unique_names("clusters", config.clusters.iter().map(|c| &c.name))?;
+    for (i, cluster) in config.clusters.iter().enumerate() {
+        match &cluster.discovery.value {
+            DiscoveryConfig::Static(list) => no_duplicates(i, list)?,
+            DiscoveryConfig::Etcd(_) if config.etcd.is_none() => {
+                return Err(Problem::new(
+                    format!("clusters[{i}].discovery"),
+                    format!(
+                        "cluster {:?} uses etcd discovery, so the top-level `etcd:` block is required; add `etcd: {{ endpoints: [\"http://127.0.0.1:2379\"] }}`",
+                        cluster.name.value
+                    ),
+                )
+                .at(&cluster.discovery));
+            }
+            DiscoveryConfig::Etcd(_) => {}
+        }
+    }
+    routes(config)?;
+    if let Some(etcd) = &config.etcd {
+        check_etcd(etcd)?;
+    }
+    Ok(())
+}
+
+/// Names must be non-empty and unique within `list` (`listeners` or `clusters`).
+fn unique_names<'a>(
+    list: &str,
+    names: impl Iterator<Item = &'a Spanned<String>>,
+) -> Result<(), Problem> {
+    let mut seen = HashSet::new();
+    for (i, name) in names.enumerate() {
+        let path = format!("{list}[{i}].name");
+        if name.value.is_empty() {
+            return Err(Problem::new(path, "must not be empty").at(name));
+        }
+        if !seen.insert(name.value.as_str()) {
+            let what = list.trim_end_matches('s');
+            let message = format!("duplicate {what} name {:?}", name.value);
+            return Err(Problem::new(path, message).at(name));
+        }
+    }
+    Ok(())
+}
+
+fn no_duplicates(cluster: usize, list: &[Spanned<super::BackendAddr>]) -> Result<(), Problem> {
+    let mut seen = HashSet::new();
+    for (j, backend) in list.iter().enumerate() {
+        if !seen.insert(&backend.value.0) {
+            return Err(Problem::new(
+                format!("clusters[{cluster}].discovery.static[{j}]"),
+                format!("{:?} is listed twice", backend.value.0),
+            )
+            .at(backend));
+        }
+    }
+    Ok(())
+}
+
+fn routes(config: &Config) -> Result<(), Problem> {
+    let names: HashSet<&str> = config
+        .clusters
+        .iter()
+        .map(|c| c.name.value.as_str())
+        .collect();
+    let Some(routes) = &config.routes else {
+        if let Some(second) = config.clusters.get(1) {
+            return Err(Problem::new(
+                "routes",
+                "required when more than one cluster is configured (the second cluster starts here)",
+            )
+            .at(&second.name));
+        }
+        return Ok(());
+    };
+    for (i, route) in routes.iter().enumerate() {
+        if !names.contains(route.cluster.value.as_str()) {
+            return Err(Problem::new(
+                format!("routes[{i}].cluster"),
+                format!("no cluster is named {:?}", route.cluster.value),
+            )
+            .at(&route.cluster));
+        }
+    }
+    Ok(())
+}
+
+fn check_etcd(etcd: &EtcdConfig) -> Result<(), Problem> {
+    for (i, endpoint) in etcd.endpoints.iter().enumerate() {
+        let path = format!("etcd.endpoints[{i}]");
+        let url = &endpoint.value.0;
+        match (endpoint.value.is_https(), etcd.tls.is_some()) {
+            (true, false) => {
+                let message =
+                    format!("{url:?} is https, so `etcd.tls` (at least `ca_file`) is required");
+                return Err(Problem::new(path, message).at(endpoint));
+            }
+            (false, true) => {
+                let message = format!("{url:?} is plain http but `etcd.tls` is set; use https://");
+                return Err(Problem::new(path, message).at(endpoint));
+            }
+            _ => {}
+        }
+    }
+    match (&etcd.username, &etcd.password) {
+        (Some(one), None) | (None, Some(one)) => {
+            return Err(Problem::new(
+                "etcd",
+                "`username` and `password` go together; set both or neither",
+            )
+            .at(one))
+        }
+        _ => {}
+    }
+    if let Some(tls) = &etcd.tls {
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(one), None) | (None, Some(one)) => {
+                return Err(Problem::new(
+                    "etcd.tls",
+                    "`cert_file` and `key_file` go together (a client certificate and its key)",
+                )
+                .at(one))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! One attempt on one backend, in steps: connect (lend a stream on a pooled connection), send
+//! the request headers, wait for the response headers, stream the response. The request body
+//! is uploaded beside the last two. Each step ends in an [`Outcome`]; `outcome.rs` decides what
+//! it means.
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::client::{ResponseFuture, SendRequest};
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream, SendStream};
+use http::{Request, Response};
+use tokio::time::{sleep_until, Instant, Sleep};
+use tracing::{debug, info};
+
+use super::call::{AttemptEnd, Call, Downstream};
+use super::forward::{self, PipeError, Replay, Seen};
+use super::outcome::{self, Legs, Outcome, RetryReason};
+use crate::balance::Backend;
+use crate::transport::StreamSlot;
+use crate::wire::{self, Code};
+
+impl Call {
+    /// Sends the call to one backend and forwards it to the end, unless it must be retried.
+    pub(super) async fn attempt(
+        &mut self,
+        down: &mut Downstream,
+        backend: &Arc<Backend>,
+        replay: &mut Replay,
+    ) -> AttemptEnd {
+        let picked_at = Instant::now();
+        let in_flight = backend.start_stream();
+        // One timer for the whole attempt: connecting, waiting, streaming.
+        let mut deadline = pin!(sleep_until(self.deadline));
+        let mut legs = Legs::new(backend, picked_at);
+        let (sender, slot) = match self.connect(down, backend, deadline.as_mut()).await {
+            Ok(lent) => lent,
+            Err(outcome) => return self.settle(down, legs, outcome),
+        };
+        legs.slot = Some(&slot);
+        let sent_at = Instant::now();
+        let sent = send_headers(self, down, backend, sender, replay);
+        let (response, mut up_send, request_ended) = match sent {
+            Ok(sent) => sent,
+            Err(outcome) => return self.settle(down, legs, outcome),
+        };
+        let mut down_send = None;
+        let outcome = {
+            let answered = AtomicBool::new(false);
+            let Downstream {
+                body,
+                respond,
+                bytes_in,
+                ..
+            } = &mut *down;
+            let upload = forward::upload(body, &mut up_send, replay, &answered, bytes_in);
+            let mut upload = pin!(upload);
+            let mut exchange = Exchange {
+                respond,
+                upload: upload.as_mut(),
+                upload_done: request_ended,
+                deadline: deadline.as_mut(),
+            };
+            match exchange.await_headers(response).await {
+                Err(outcome) => outcome,
+                Ok(Err(error)) => outcome::before_headers(&error, &backend.address),
+                Ok(Ok(response)) => {
+                    // No retry can follow now: the upload stops holding the body for one.
+                    answered.store(true, Ordering::Relaxed);
+                    backend.observe_latency(sent_at.elapsed());
+                    let bytes_out = &mut self.summary.bytes_out;
+                    exchange
+                        .respond_with(response, &mut down_send, bytes_out)
+                        .await
+                }
+            }
+        };
+        drop(in_flight);
+        legs.upstream = Some(&mut up_send);
+        legs.downstream = down_send.as_mut();
+        self.settle(down, legs, outcome)
+    }
+
+    /// Lends a ready stream on a pooled connection (opening one if needed), bounded by the
+    /// deadline; the client may leave meanwhile. `ready` waits only if h2 counts the peer's
+    /// stream limit lower than we do (before its SETTINGS arrive).
+    async fn connect(
+        &self,
+        down: &mut Downstream,
+        backend: &Backend,
+        deadline: Pin<&mut Sleep>,
+    ) -> Result<(SendRequest<Bytes>, StreamSlot), Outcome> {
+        let timeout = self.cluster.settings.connect_timeout;
+        let lend = async {
+            let address = &backend.address.0;
+            let acquired = backend.transport.acquire(address, timeout, &self.h2).await;
+            let (sender, slot) = acquired.map_err(Outcome::ConnectFailed)?;
+            if backend.connect_succeeded() {
+                info!(cluster = %self.cluster.name, backend = %address, "backend healthy again");
+            }
+            match sender.ready().await {
+                Ok(sender) => Ok((sender, slot)),
+                Err(_) => {
+                    slot.mark_broken();
+                    Err(Outcome::Retry(RetryReason::GoAway(address.clone())))
+                }
+            }
+        };
+        tokio::select! {
+            // The deadline first: when it and a connect timeout fire together, the deadline
+            // is the answer.
+            biased;
+            _ = deadline => Err(Outcome::DeadlineExceeded),
+            reset = poll_fn(|cx| down.respond.poll_reset(cx)) => {
+                debug!(reason = ?reset.as_ref().ok(), "client left while connecting");
+                Err(Outcome::ClientGone(reset.unwrap_or(Reason::CANCEL)))
+            }
+            lent = lend => lent,
+        }
+    }
+}
+
+/// Sends the request headers upstream: the client's, with the remaining budget as
+/// `grpc-timeout`. Hop-by-hop headers (connection, upgrade, te other than trailers, ...) need
+/// no stripping: h2 rejects a header block that carries them as malformed before we see it.
+/// Returns the response future, the upstream send stream, and whether the request has ended
+/// (only if no earlier attempt read part of the body: that part is replayed first).
+fn send_headers(
+    call: &Call,
+    down: &Downstream,
+    backend: &Backend,
+    mut sender: SendRequest<Bytes>,
+    replay: &Replay,
+) -> Result<(ResponseFuture, SendStream<Bytes>, bool), Outcome> {
+    let mut upstream = Request::from_parts(down.request.clone(), ());
+    let remaining = call.deadline.saturating_duration_since(Instant::now());
+    upstream
+        .headers_mut()
+        .insert("grpc-timeout", wire::encode_timeout(remaining));
+    let request_ended = replay.is_empty() && down.body.is_end_stream();
+    match sender.send_request(upstream, request_ended) {
+        Ok((response, up_send)) => Ok((response, up_send, request_ended)),
+        Err(error) => {
+            debug!(%error, backend = %backend.address, "send_request failed");
+            Err(Outcome::Retry(RetryReason::GoAway(
+                backend.address.0.clone(),
+            )))
+        }
+    }
+}
+
+/// The middle of an attempt: the client's response handle, the upload beside it, and the
+/// attempt's deadline.
+struct Exchange<'a, U> {
+    respond: &'a mut SendResponse<Bytes>,
+    /// The upload of the request body, running beside the wait for the response.
+    upload: Pin<&'a mut U>,
+    /// The upload has ended (or there was nothing to upload).
+    upload_done: bool,
+    deadline: Pin<&'a mut Sleep>,
+}
+
+impl<U: Future<Output = Result<(), PipeError>>> Exchange<'_, U> {
+    /// Waits for the backend's response headers while the upload runs.
+    async fn await_headers(
+        &mut self,
+        response: ResponseFuture,
+    ) -> Result<Result<Response<RecvStream>, h2::Error>, Outcome> {
+        let mut response = pin!(response);
+        loop {
+            tokio::select! {
+                biased;
+                // The client reset the stream or its connection went away.
+                reset = poll_fn(|cx| self.respond.poll_reset(cx)) => {
+                    return Err(Outcome::ClientGone(reset.unwrap_or(Reason::CANCEL)));
+                }
+                _ = &mut self.deadline => return Err(Outcome::DeadlineExceeded),
+                // The request body ended, or the client failed while sending it.
+                result = &mut self.upload, if !self.upload_done => {
+                    self.upload_done = true;
+                    if let Some(outcome) = outcome::upload_ended(result) {
+                        return Err(outcome);
+                    }
+                }
+                // The backend's response headers, or its failure.
+                result = &mut response => return Ok(result),
+            }
+        }
+    }
+
+    /// Sends the backend's response headers to the client, then streams the response (unless
+    /// it was trailers-only) while the upload goes on.
+    async fn respond_with(
+        &mut self,
+        response: Response<RecvStream>,
+        down_send: &mut Option<SendStream<Bytes>>,
+        bytes_out: &mut u64,
+    ) -> Outcome {
+        let (parts, mut up_recv) = response.into_parts();
+        let trailers_only = up_recv.is_end_stream();
+        // A trailers-only response carries its status in the headers.
+        let status = match trailers_only {
+            true => Code::of_headers(&parts.headers),
+            false => Code::Ok,
+        };
+        let head = Response::from_parts(parts, ());
+        match self.respond.send_response(head, trailers_only) {
+            Err(error) => Outcome::ClientGone(outcome::client_reason(&error)),
+            Ok(_) if trailers_only => Outcome::Finished(status),
+            Ok(stream) => {
+                let sink = down_send.insert(stream);
+                self.stream_response(&mut up_recv, sink, bytes_out).await
+            }
+        }
+    }
+
+    /// Pipes the response to the client until its trailers, the deadline, or a failure.
+    async fn stream_response(
+        &mut self,
+        source: &mut RecvStream,
+        sink: &mut SendStream<Bytes>,
+        bytes_out: &mut u64,
+    ) -> Outcome {
+        let mut download = pin!(forward::pipe(source, sink, |seen| {
+            if let Seen::Data(chunk) = seen {
+                *bytes_out += chunk.len() as u64;
+            }
+        }));
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut self.deadline => break Outcome::DeadlineExceeded,
+                // The request body ended, or the client failed while sending it.
+                result = &mut self.upload, if !self.upload_done => {
+                    self.upload_done = true;
+                    if let Some(outcome) = outcome::upload_ended(result) {
+                        break outcome;
+                    }
+                }
+                // The response ended (trailers or END_STREAM), or one side failed.
+                result = &mut download => break outcome::response_ended(result),
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! One call after routing: its deadline, and the attempts loop that picks a backend, tries it,
+//! and retries elsewhere what never reached a backend's application.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::forward::Replay;
+use super::outcome::RetryReason;
+use super::reply;
+use crate::balance::{Backend, Cluster};
+use crate::telemetry::Reject;
+use crate::transport::H2Settings;
+use crate::wire::{Code, Origin, ProxyStatus};
+
+/// One call in flight, from routing to its end.
+pub(super) struct Call {
+    pub(super) cluster: Arc<Cluster>,
+    pub(super) h2: H2Settings,
+    pub(super) deadline: Instant,
+    pub(super) summary: Summary,
+}
+
+/// The client's side of a call.
+pub(super) struct Downstream {
+    /// Kept whole so a retry can resend the headers.
+    pub(super) request: http::request::Parts,
+    pub(super) body: RecvStream,
+    pub(super) respond: SendResponse<Bytes>,
+    /// Request DATA bytes read from the client (the upload counts them as they pass).
+    pub(super) bytes_in: AtomicU64,
+}
+
+/// What the access log needs of a finished call besides its status.
+#[derive(Debug, Default)]
+pub(super) struct Summary {
+    pub(super) attempts: u32,
+    /// The backend of the last attempt.
+    pub(super) backend: Option<Arc<Backend>>,
+    pub(super) bytes_in: u64,
+    pub(super) bytes_out: u64,
+}
+
+/// How a call ended: its gRPC status and who decided it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Ending {
+    pub(super) code: Code,
+    pub(super) origin: Origin,
+}
+
+impl Ending {
+    pub(super) fn proxy(code: Code) -> Ending {
+        Ending {
+            code,
+            origin: Origin::Proxy,
+        }
+    }
+
+    pub(super) fn upstream(code: Code) -> Ending {
+        Ending {
+            code,
+            origin: Origin::Upstream,
+        }
+    }
+}
+
+/// How one attempt ended, for the attempts loop.
+pub(super) enum AttemptEnd {
+    /// The call is over: answered by the backend or by the proxy, or abandoned by the client.
+    Done(Ending),
+    /// The request never reached the backend's application: another backend may take it.
+    Retry(RetryReason),
+}
+
+impl Call {
+    pub(super) fn new(cluster: Arc<Cluster>, h2: H2Settings, deadline: Instant) -> Call {
+        Call {
+            cluster,
+            h2,
+            deadline,
+            summary: Summary::default(),
+        }
+    }
+
+    /// Runs the call to its end. Returns how it ended, its summary, and the request headers
+    /// (for the access log).
+    pub(super) async fn run(
+        mut self,
+        request: http::request::Parts,
+        body: RecvStream,
+        respond: SendResponse<Bytes>,
+    ) -> (Ending, Summary, http::request::Parts) {
+        let mut down = Downstream {
+            request,
+            body,
+            respond,
+            bytes_in: AtomicU64::new(0),
+        };
+        let ending = self.attempts(&mut down).await;
+        self.summary.bytes_in = down.bytes_in.load(Ordering::Relaxed);
+        (ending, self.summary, down.request)
+    }
+
+    /// Picks a backend and tries it, again on another backend while the attempt may be
+    /// retried, the budget allows, and the deadline has not passed.
+    async fn attempts(&mut self, down: &mut Downstream) -> Ending {
+        self.cluster.retry_budget.on_request();
+        let mut tried: Vec<Arc<Backend>> = Vec::new();
+        let mut replay = Replay::default();
+        loop {
+            // A call whose deadline has passed is never dispatched.
+            if Instant::now() >= self.deadline {
+                let message = "sluice: deadline exceeded before the call reached a backend";
+                return self.reject(
+                    down,
+                    Reject::Deadline,
+                    ProxyStatus::deadline_exceeded(message),
+                );
+            }
+            let Some(backend) = self.cluster.pick(&tried) else {
+                let message = format!("sluice: cluster {} has no backends", self.cluster.name);
+                return self.reject(down, Reject::NoBackend, ProxyStatus::unavailable(message));
+            };
+            tried.push(Arc::clone(&backend));
+            self.summary.attempts = tried.len() as u32;
+            self.summary.backend = Some(Arc::clone(&backend));
+            let reason = match self.attempt(down, &backend, &mut replay).await {
+                AttemptEnd::Done(ending) => return ending,
+                AttemptEnd::Retry(reason) => reason,
+            };
+            let attempts = tried.len() as u32;
+            if self.may_retry(attempts, &replay) {
+                debug!(%reason, attempt = attempts, "retrying on another backend");
+                self.cluster.stats.retried();
+                continue;
+            }
+            return self.give_up(down, reason, attempts);
+        }
+    }
+
+    /// Another attempt is allowed: attempts left, the whole request still held for replay,
+    /// time left, and a token from the cluster's retry budget (taken last, only if needed).
+    fn may_retry(&self, attempts: u32, replay: &Replay) -> bool {
+        attempts < self.cluster.settings.max_attempts
+            && replay.is_complete()
+            && Instant::now() < self.deadline
+            && self.cluster.retry_budget.try_withdraw()
+    }
+
+    /// The last attempt failed before reaching a backend's application and no retry follows.
+    fn give_up(&mut self, down: &mut Downstream, reason: RetryReason, attempts: u32) -> Ending {
+        if Instant::now() >= self.deadline {
+            let message = format!("sluice: deadline exceeded after {reason}");
+            return self.reject(
+                down,
+                Reject::Deadline,
+                ProxyStatus::deadline_exceeded(message),
+            );
+        }
+        if let RetryReason::Refused(_) = reason {
+            // gRPC clients retry REFUSED_STREAM on their own: pass it through unchanged.
+            down.respond.send_reset(Reason::REFUSED_STREAM);
+            return Ending::upstream(Code::Unavailable);
+        }
+        let message = format!("sluice: {reason} (after {attempts} attempts)");
+        self.reject(down, Reject::NoBackend, ProxyStatus::unavailable(message))
+    }
+
+    /// Answers the call with the proxy's own status before any backend answered, and counts
+    /// why.
+    pub(super) fn reject(
+        &self,
+        down: &mut Downstream,
+        reason: Reject,
+        status: ProxyStatus,
+    ) -> Ending {
+        self.cluster.stats.rejected(reason);
+        let ending = Ending::proxy(status.code);
+        reply::status(&mut down.respond, status);
+        ending
+    }
+}

@@ -1,0 +1,236 @@
+//! How an attempt ended, and what that means. [`Call::settle`] is the one place that turns an
+//! [`Outcome`] into what the client sees (the backend's answer, a proxy status, a reset), what
+//! the backend sees (an RST_STREAM or not), and what is counted.
+
+use bytes::Bytes;
+use h2::{Reason, SendStream};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::call::{AttemptEnd, Call, Downstream, Ending};
+use super::forward::PipeError;
+use super::reply;
+use crate::balance::Backend;
+use crate::config::BackendAddr;
+use crate::telemetry::Reject;
+use crate::transport::{ConnectError, StreamSlot};
+use crate::wire::{Code, ProxyStatus};
+
+/// Why an attempt may be retried on another backend: none of these reached the backend's
+/// application.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RetryReason {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("backend {0} refused the stream (REFUSED_STREAM)")]
+    Refused(String),
+    #[error("backend {0} sent GOAWAY before processing the stream")]
+    GoAway(String),
+}
+
+/// What an attempt's steps saw.
+pub(super) enum Outcome {
+    /// The response, trailers included, reached the client, with this status.
+    Finished(Code),
+    /// No stream could be had: the connect or handshake failed.
+    ConnectFailed(ConnectError),
+    /// The request never reached the backend's application.
+    Retry(RetryReason),
+    /// The client reset the stream or went away: reset upstream with the same reason.
+    ClientGone(Reason),
+    /// The deadline passed (while connecting, or while the backend held the call).
+    DeadlineExceeded,
+    /// The backend failed before its response headers; `broken` when its connection did.
+    BackendFailed { status: ProxyStatus, broken: bool },
+    /// The backend reset the stream after its response headers: pass the reset on.
+    UpstreamReset(Reason),
+    /// The backend's connection broke after its response headers.
+    UpstreamLost(String),
+}
+
+/// The pieces of an attempt that its outcome acts on; each is there once its step was reached.
+pub(super) struct Legs<'a> {
+    pub(super) backend: &'a Backend,
+    pub(super) picked_at: Instant,
+    pub(super) slot: Option<&'a StreamSlot>,
+    /// The upstream stream: the request headers went to the backend.
+    pub(super) upstream: Option<&'a mut SendStream<Bytes>>,
+    /// The downstream response stream: the response headers went to the client.
+    pub(super) downstream: Option<&'a mut SendStream<Bytes>>,
+}
+
+impl<'a> Legs<'a> {
+    pub(super) fn new(backend: &'a Backend, picked_at: Instant) -> Legs<'a> {
+        Legs {
+            backend,
+            picked_at,
+            slot: None,
+            upstream: None,
+            downstream: None,
+        }
+    }
+
+    fn mark_broken(&self) {
+        if let Some(slot) = self.slot {
+            slot.mark_broken();
+        }
+    }
+}
+
+impl Call {
+    /// Acts on how an attempt ended. Counting: an attempt whose request was sent is recorded on
+    /// the backend with its code (UNAVAILABLE for one refused before processing); a failed
+    /// connect is recorded as a connect failure; a proxy answer before any backend answered
+    /// counts as a rejection.
+    pub(super) fn settle(
+        &mut self,
+        down: &mut Downstream,
+        mut legs: Legs<'_>,
+        outcome: Outcome,
+    ) -> AttemptEnd {
+        let backend = legs.backend;
+        let address = &backend.address;
+        let ending = match outcome {
+            Outcome::Finished(code) => Ending::upstream(code),
+            Outcome::ConnectFailed(error) => {
+                if backend.connect_failed() {
+                    warn!(cluster = %self.cluster.name, backend = %address, %error,
+                        "backend unhealthy: connect failed; skipped while it backs off");
+                }
+                backend.stats.record_connect_failure();
+                return AttemptEnd::Retry(RetryReason::Connect(error));
+            }
+            Outcome::Retry(reason) => {
+                if let RetryReason::GoAway(_) = reason {
+                    legs.mark_broken();
+                }
+                if legs.upstream.is_some() {
+                    backend
+                        .stats
+                        .record(Code::Unavailable, legs.picked_at.elapsed());
+                }
+                return AttemptEnd::Retry(reason);
+            }
+            Outcome::ClientGone(reason) => {
+                debug!(?reason, backend = %address, "client left; resetting upstream");
+                if let Some(upstream) = legs.upstream.as_deref_mut() {
+                    upstream.send_reset(reason);
+                }
+                Ending::proxy(Code::Cancelled)
+            }
+            Outcome::DeadlineExceeded => self.deadline_passed(down, &mut legs),
+            Outcome::BackendFailed { status, broken } => {
+                if broken {
+                    legs.mark_broken();
+                }
+                let ending = Ending::proxy(status.code);
+                reply::status(&mut down.respond, status);
+                ending
+            }
+            Outcome::UpstreamReset(reason) => {
+                if let Some(downstream) = legs.downstream.as_deref_mut() {
+                    downstream.send_reset(reason);
+                }
+                Ending::upstream(Code::of_reset(reason))
+            }
+            Outcome::UpstreamLost(error) => {
+                legs.mark_broken();
+                let message = format!("sluice: connection to backend {address} lost: {error}");
+                if let Some(downstream) = legs.downstream.as_deref_mut() {
+                    let status = ProxyStatus::unavailable(message);
+                    let _ = downstream.send_trailers(status.to_trailers());
+                }
+                Ending::proxy(Code::Unavailable)
+            }
+        };
+        if legs.upstream.is_some() {
+            backend.stats.record(ending.code, legs.picked_at.elapsed());
+        }
+        AttemptEnd::Done(ending)
+    }
+
+    /// The deadline passed. While connecting, it is a rejection; while the backend held the
+    /// call, the backend must stop working on a call nobody waits for: reset it upstream.
+    fn deadline_passed(&self, down: &mut Downstream, legs: &mut Legs<'_>) -> Ending {
+        let address = &legs.backend.address;
+        let Some(upstream) = legs.upstream.as_deref_mut() else {
+            let message =
+                format!("sluice: deadline exceeded while connecting to backend {address}");
+            let status = ProxyStatus::deadline_exceeded(message);
+            return self.reject(down, Reject::Deadline, status);
+        };
+        upstream.send_reset(Reason::CANCEL);
+        let message = format!("sluice: deadline exceeded while backend {address} was working");
+        let status = ProxyStatus::deadline_exceeded(message);
+        // After the response headers, the status can only travel in trailers.
+        match legs.downstream.as_deref_mut() {
+            Some(downstream) => {
+                let _ = downstream.send_trailers(status.to_trailers());
+            }
+            None => reply::status(&mut down.respond, status),
+        }
+        Ending::proxy(Code::DeadlineExceeded)
+    }
+}
+
+/// What the end of the upload means for the attempt: the client leaving ends it; a finished
+/// upload does not, and neither does an upstream failure, which shows on the response too.
+pub(super) fn upload_ended(result: Result<(), PipeError>) -> Option<Outcome> {
+    match result {
+        Err(PipeError::Source(error)) => Some(Outcome::ClientGone(client_reason(&error))),
+        Ok(()) | Err(PipeError::Sink(_)) => None,
+    }
+}
+
+/// What the end of the response pipe means: the trailers' status, or a failure of one side.
+pub(super) fn response_ended(result: Result<Option<Code>, PipeError>) -> Outcome {
+    match result {
+        // No trailers (END_STREAM on DATA): gRPC clients see Unknown or Internal; Unknown is
+        // what the backend left unsaid.
+        Ok(status) => Outcome::Finished(status.unwrap_or(Code::Unknown)),
+        Err(PipeError::Sink(reason)) => Outcome::ClientGone(reason),
+        Err(PipeError::Source(error)) if error.is_reset() => {
+            Outcome::UpstreamReset(error.reason().unwrap_or(Reason::CANCEL))
+        }
+        Err(PipeError::Source(error)) => Outcome::UpstreamLost(error.to_string()),
+    }
+}
+
+/// Sorts an upstream failure before any response header: retry what the backend cannot have
+/// processed, answer UNAVAILABLE for the rest. Uses `is_reset()`, not `reason()`: a GOAWAY
+/// error carries a reason too.
+pub(super) fn before_headers(error: &h2::Error, address: &BackendAddr) -> Outcome {
+    let address = address.to_string();
+    if error.is_reset() && error.reason() == Some(Reason::REFUSED_STREAM) {
+        return Outcome::Retry(RetryReason::Refused(address));
+    }
+    // A graceful GOAWAY fails only the streams above its last-stream-id: unprocessed.
+    if error.is_go_away() && error.is_remote() && error.reason() == Some(Reason::NO_ERROR) {
+        return Outcome::Retry(RetryReason::GoAway(address));
+    }
+    let (message, broken) = if error.is_reset() {
+        let reason = error.reason().unwrap_or(Reason::INTERNAL_ERROR);
+        let message =
+            format!("sluice: backend {address} reset the stream before replying ({reason:?})");
+        (message, false)
+    } else {
+        (
+            format!("sluice: connection to backend {address} failed: {error}"),
+            true,
+        )
+    };
+    Outcome::BackendFailed {
+        status: ProxyStatus::unavailable(message),
+        broken,
+    }
+}
+
+/// The reason to pass upstream when the client side failed: its reset reason, else CANCEL
+/// (the client's connection went away).
+pub(super) fn client_reason(error: &h2::Error) -> Reason {
+    if error.is_reset() {
+        error.reason().unwrap_or(Reason::CANCEL)
+    } else {
+        Reason::CANCEL
+    }
+}

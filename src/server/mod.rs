@@ -1,0 +1,242 @@
+//! The wiring: the pingora `Server` that hosts the listeners and the admin endpoint, the
+//! discovery runtime, signals (SIGTERM/SIGINT drain, SIGHUP reload, SIGQUIT upgrade), and
+//! readiness.
+//!
+//! pingora's own SIGTERM path waits a fixed grace period whatever is in flight. sluice instead
+//! drains: it sends GOAWAY on every connection, waits until the last one closes or
+//! `shutdown.drain_timeout` passes, and only then lets pingora stop its runtimes.
+
+mod background;
+mod listen;
+mod reload;
+mod signals;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{RunArgs, Server};
+use pingora_core::services::background::background_service;
+use tokio::runtime::Handle;
+use tracing::info;
+
+use crate::admin::Admin;
+use crate::balance::Cluster;
+use crate::config::{ClusterConfig, Config};
+use crate::discovery::{self, Watchers};
+use crate::lifecycle::Lifecycle;
+use crate::proxy::{Proxy, Router};
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::metrics;
+use crate::transport::H2Settings;
+use crate::BoxError;
+use background::{RateSampler, Readiness};
+use listen::Listening;
+use reload::{Reload, RestartOnly};
+use signals::SignalWatch;
+
+/// How the process starts.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// The file to re-read on SIGHUP (`None` in demo mode).
+    pub config_path: Option<PathBuf>,
+    /// Take the listening sockets over from a running sluice (which gets SIGQUIT) instead of
+    /// binding them.
+    pub upgrade: bool,
+}
+
+/// The checks on a loaded config that need the layers above config: today, that the etcd TLS
+/// files make a TLS setup (the key suits the certificate). `sluice check`, start-up and reload
+/// run it.
+pub fn check_files(config: &Config) -> Result<(), BoxError> {
+    if let Some(tls) = &config.files.etcd_tls {
+        discovery::etcd::tls_options(tls)?;
+    }
+    Ok(())
+}
+
+/// Builds the clusters and router for a config and starts their discovery on `runtime`.
+/// Same-named clusters of `previous` keep their counters, and hand over their backends (and
+/// live connections) when the discovery source is unchanged. The returned [`Watchers`] keep
+/// the etcd watches running.
+fn build_router(
+    config: &Config,
+    previous: Option<&Router>,
+    runtime: &Handle,
+) -> (Router, Watchers) {
+    let clusters: Vec<(Arc<Cluster>, &ClusterConfig)> = config
+        .clusters
+        .iter()
+        .map(|c| {
+            let old = previous.and_then(|r| r.cluster(&c.name.value));
+            let cluster = Arc::new(match old {
+                Some(old) => Cluster::with_stats(c, Arc::clone(&old.stats)),
+                None => Cluster::new(c),
+            });
+            // A changed source starts from nothing: an etcd set is not the new prefix's.
+            if let Some(old) = old.filter(|old| old.source.same_source(&cluster.source)) {
+                cluster.adopt_backends(old);
+            }
+            (cluster, c)
+        })
+        .collect();
+    let watchers = discovery::start(&clusters, config, runtime);
+    let router = Router::new(config, clusters.into_iter().map(|(c, _)| c).collect());
+    (router, watchers)
+}
+
+/// The runtime the discovery watches run on: one worker thread, off the data plane's.
+fn discovery_runtime() -> Result<tokio::runtime::Runtime, BoxError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sluice-discovery")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the discovery runtime: {e}").into())
+}
+
+/// What every listener and the admin endpoint share.
+struct Shared {
+    router: Arc<ArcSwap<Router>>,
+    lifecycle: Arc<Lifecycle>,
+    access_log: Option<AccessLog>,
+}
+
+/// Runs the proxy until a shutdown signal; returns once it has drained.
+pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
+    check_files(&config)?;
+    let discovery = discovery_runtime()?;
+    let (router, watchers) = build_router(&config, None, discovery.handle());
+    let shared = Shared {
+        router: Arc::new(ArcSwap::from_pointee(router)),
+        lifecycle: Lifecycle::new(),
+        access_log: start_access_log(&config)?,
+    };
+    let mut server = pingora_server(&config, options.upgrade);
+    let listeners = add_listeners(&mut server, &config, &shared, options.upgrade)?;
+    let admin = add_admin(&mut server, &config, &shared, options.upgrade)?;
+    let restart_only = RestartOnly::running(&config, &listeners, admin);
+    server.add_service(background_service(
+        "readiness",
+        Readiness {
+            addresses: listeners,
+            lifecycle: Arc::clone(&shared.lifecycle),
+        },
+    ));
+    server.add_service(background_service(
+        "rates",
+        RateSampler {
+            router: Arc::clone(&shared.router),
+        },
+    ));
+    server.add_service(background_service(
+        "reload",
+        Reload {
+            path: options.config_path,
+            router: Arc::clone(&shared.router),
+            watchers: Mutex::new(watchers),
+            restart_only,
+            discovery: discovery.handle().clone(),
+        },
+    ));
+    server.run(RunArgs {
+        shutdown_signal: Box::new(SignalWatch {
+            lifecycle: shared.lifecycle,
+            drain_timeout: config.shutdown.drain_timeout.0,
+        }),
+    });
+    info!("stopped");
+    // The watches hold the discovery runtime's tasks; stop them before the runtime goes.
+    drop(discovery);
+    Ok(())
+}
+
+/// The pingora server, bootstrapped (in an upgrade, that takes the old process's sockets).
+fn pingora_server(config: &Config, upgrade: bool) -> Server {
+    let threads = config.threads.map(|t| t.0);
+    let conf = ServerConf {
+        threads: threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        // SIGTERM drains before pingora is told to stop (see SignalWatch), and then asks for a
+        // fast stop, which skips this. During an upgrade (SIGQUIT) pingora's grace period is
+        // what lets the old process finish its streams.
+        grace_period_seconds: Some(config.shutdown.drain_timeout.0.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: config.upgrade_sock.clone(),
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+    server
+}
+
+fn start_access_log(config: &Config) -> Result<Option<AccessLog>, BoxError> {
+    let Some(log) = config.access_log.as_ref().filter(|a| a.enabled) else {
+        return Ok(None);
+    };
+    let started = AccessLog::start(log).map_err(|e| {
+        let path = log.path.as_deref().unwrap_or("stdout");
+        format!("access_log: cannot open {path}: {e}")
+    })?;
+    Ok(Some(started))
+}
+
+/// Adds a data-plane service per listener; returns the addresses bound, in config order.
+fn add_listeners(
+    server: &mut Server,
+    config: &Config,
+    shared: &Shared,
+    upgrade: bool,
+) -> Result<Vec<SocketAddr>, BoxError> {
+    let mut bound_listeners = Vec::new();
+    for listener in config.listeners.iter() {
+        let name = &listener.name.value;
+        let proxy = Proxy {
+            listener: name.clone(),
+            router: Arc::clone(&shared.router),
+            lifecycle: Arc::clone(&shared.lifecycle),
+            h2: H2Settings::default(),
+            access_log: shared.access_log.clone(),
+            generate_request_id: config.request_id.generate,
+            connections_gauge: metrics().downstream_connections(name),
+        };
+        let service_name = format!("listener {name}");
+        let what = format!("listener {name:?}");
+        let address = listener.address.0;
+        let (service, bound) = Listening::bind(service_name, proxy, address, upgrade, &what)?;
+        server.add_service(service);
+        bound_listeners.push(bound);
+        // The test harness reads the bound address from this line.
+        info!(listener = %name, address = %bound, "listening");
+    }
+    Ok(bound_listeners)
+}
+
+/// Adds the admin endpoint, when configured; returns the address bound.
+fn add_admin(
+    server: &mut Server,
+    config: &Config,
+    shared: &Shared,
+    upgrade: bool,
+) -> Result<Option<SocketAddr>, BoxError> {
+    let Some(admin) = &config.admin else {
+        return Ok(None);
+    };
+    let app = Admin {
+        router: Arc::clone(&shared.router),
+        lifecycle: Arc::clone(&shared.lifecycle),
+    };
+    let address = admin.address.0;
+    let (mut service, bound) = Listening::bind("admin".into(), app, address, upgrade, "admin")?;
+    // Off the call path: one thread is plenty.
+    service.set_threads(1);
+    server.add_service(service);
+    info!(address = %bound, "admin endpoint");
+    Ok(Some(bound))
+}

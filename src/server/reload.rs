@@ -1,0 +1,169 @@
+//! SIGHUP: re-read the config file and swap in its clusters and routes. Established
+//! connections and in-flight streams are untouched; an invalid file is logged and ignored.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use tokio::runtime::Handle;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use super::{build_router, check_files};
+use crate::config::{AccessLogConfig, Config, RequestIdConfig};
+use crate::discovery::Watchers;
+use crate::proxy::Router;
+
+pub(super) struct Reload {
+    /// The file to re-read (`None` in demo mode).
+    pub(super) path: Option<PathBuf>,
+    pub(super) router: Arc<ArcSwap<Router>>,
+    /// The etcd watches feeding the current router's clusters; replaced on each reload.
+    pub(super) watchers: Mutex<Watchers>,
+    pub(super) restart_only: RestartOnly,
+    /// The runtime the discovery watches run on.
+    pub(super) discovery: Handle,
+}
+
+/// The settings a reload cannot change: they are read once, at start.
+#[derive(Debug)]
+pub(super) struct RestartOnly {
+    listeners: Vec<(String, SocketAddr)>,
+    admin: Option<SocketAddr>,
+    threads: Option<usize>,
+    drain_timeout: Duration,
+    log_level: Option<String>,
+    upgrade_sock: String,
+    access_log: Option<AccessLogConfig>,
+    request_id: RequestIdConfig,
+}
+
+impl RestartOnly {
+    /// The running process's settings: the config it started with, with the addresses it
+    /// actually bound (which differ from the config's where it asked for port 0).
+    pub(super) fn running(
+        config: &Config,
+        listeners: &[SocketAddr],
+        admin: Option<SocketAddr>,
+    ) -> RestartOnly {
+        let mut settings = RestartOnly::of(config);
+        for ((_, configured), bound) in settings.listeners.iter_mut().zip(listeners) {
+            *configured = *bound;
+        }
+        settings.admin = admin.or(settings.admin);
+        settings
+    }
+
+    /// Whether `next` (a new file) changes none of these settings. A new file that asks for
+    /// port 0 again keeps the port already bound.
+    pub(super) fn unchanged_by(&self, next: &RestartOnly) -> bool {
+        let same_address = |running: &SocketAddr, asked: &SocketAddr| {
+            running == asked || (asked.port() == 0 && running.ip() == asked.ip())
+        };
+        let same_listeners = self.listeners.len() == next.listeners.len()
+            && self
+                .listeners
+                .iter()
+                .zip(&next.listeners)
+                .all(|((a, x), (b, y))| a == b && same_address(x, y));
+        let same_admin = match (&self.admin, &next.admin) {
+            (Some(x), Some(y)) => same_address(x, y),
+            (x, y) => x == y,
+        };
+        same_listeners
+            && same_admin
+            && (
+                &self.threads,
+                self.drain_timeout,
+                &self.log_level,
+                &self.upgrade_sock,
+            ) == (
+                &next.threads,
+                next.drain_timeout,
+                &next.log_level,
+                &next.upgrade_sock,
+            )
+            && (&self.access_log, self.request_id) == (&next.access_log, next.request_id)
+    }
+
+    fn of(config: &Config) -> RestartOnly {
+        RestartOnly {
+            listeners: config
+                .listeners
+                .iter()
+                .map(|l| (l.name.value.clone(), l.address.0))
+                .collect(),
+            admin: config.admin.as_ref().map(|a| a.address.0),
+            threads: config.threads.map(|t| t.0),
+            drain_timeout: config.shutdown.drain_timeout.0,
+            log_level: config.log.level.clone(),
+            upgrade_sock: config.upgrade_sock.clone(),
+            access_log: config.access_log.clone(),
+            request_id: config.request_id,
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reload {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(error) => {
+                error!(%error, "cannot install the SIGHUP handler; reload is off");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                // Ends the loop only when the process shuts down.
+                _ = hangup.recv() => self.reload().await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+impl Reload {
+    async fn reload(&self) {
+        let Some(path) = self.path.clone() else {
+            warn!("SIGHUP: this process has no config file to reload (demo mode)");
+            return;
+        };
+        // Reading the file and the PEM files it names is blocking I/O: off the runtime.
+        let loaded = tokio::task::spawn_blocking(move || {
+            let config = Config::load(&path)?;
+            check_files(&config)?;
+            Ok::<_, crate::BoxError>((config, path))
+        })
+        .await;
+        let (config, path) = match loaded {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err(error)) => {
+                error!(%error, "SIGHUP: config rejected; the running config stays");
+                return;
+            }
+            Err(error) => {
+                error!(%error, "SIGHUP: reading the config failed; the running config stays");
+                return;
+            }
+        };
+        if !self.restart_only.unchanged_by(&RestartOnly::of(&config)) {
+            warn!(
+                "SIGHUP: changes to listeners, admin, threads, shutdown, log, access_log, \
+                 request_id or upgrade_sock need a restart (or an upgrade); they are ignored"
+            );
+        }
+        let previous = self.router.load_full();
+        let (next, watchers) = build_router(&config, Some(&previous), &self.discovery);
+        self.router.store(Arc::new(next));
+        // The new watches run; the old ones stop (their clusters are no longer routed to).
+        *self.watchers.lock().unwrap_or_else(|e| e.into_inner()) = watchers;
+        info!(path = %path.display(), "SIGHUP: config reloaded");
+    }
+}

@@ -1,0 +1,136 @@
+//! The access log: one JSON line per finished call, on stdout or appended to a file (fields in
+//! docs/operations.md, "Access log").
+//!
+//! A call formats its line and hands it to a writer thread over a bounded channel, so a slow
+//! disk never stalls the data plane. When the channel is full the line is dropped and counted
+//! in `sluice_access_log_dropped_total`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+
+use serde::Serialize;
+use tracing::error;
+
+use super::metrics::metrics;
+use crate::config::AccessLogConfig;
+
+/// Lines that may wait for the writer; about 16 MiB at a typical 250 bytes a line.
+const QUEUE_LINES: usize = 65_536;
+
+/// Where finished calls are written.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    lines: SyncSender<Vec<u8>>,
+}
+
+/// One finished call, as it is written.
+#[derive(Debug, Serialize)]
+pub struct Entry<'a> {
+    pub time: String,
+    pub listener: &'a str,
+    pub peer: Option<SocketAddr>,
+    pub path: &'a str,
+    pub cluster: Option<&'a str>,
+    pub backend: Option<&'a str>,
+    pub attempts: u32,
+    pub grpc_status: u32,
+    pub grpc_code: &'static str,
+    pub origin: &'static str,
+    pub duration_ms: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub trace_id: &'a str,
+}
+
+impl AccessLog {
+    /// Opens the destination and starts the writer thread.
+    pub fn start(config: &AccessLogConfig) -> std::io::Result<AccessLog> {
+        let out: Box<dyn Write + Send> = match &config.path {
+            None => Box::new(std::io::stdout()),
+            Some(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        };
+        let (lines, queue) = sync_channel(QUEUE_LINES);
+        std::thread::Builder::new()
+            .name("sluice-access-log".into())
+            .spawn(move || write_lines(queue, out))?;
+        Ok(AccessLog { lines })
+    }
+
+    /// Queues one line; never blocks.
+    pub fn write(&self, entry: &Entry<'_>) {
+        let Ok(mut line) = serde_json::to_vec(entry) else {
+            return;
+        };
+        line.push(b'\n');
+        match self.lines.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => metrics().access_log_dropped.inc(),
+            // The writer is gone (its destination failed, already logged).
+            Err(TrySendError::Disconnected(_)) => metrics().access_log_dropped.inc(),
+        }
+    }
+}
+
+/// The writer thread: buffered writes, flushed whenever the queue runs empty, so a line is
+/// out within one write of its call ending.
+fn write_lines(queue: Receiver<Vec<u8>>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut failing = false;
+    while let Ok(line) = queue.recv() {
+        let mut result = out.write_all(&line);
+        while result.is_ok() {
+            match queue.try_recv() {
+                Ok(line) => result = out.write_all(&line),
+                Err(_) => break,
+            }
+        }
+        // A failed write (a full disk) loses this batch, not the log: the next line tries
+        // again. Logged once per streak of failures.
+        match result.and_then(|()| out.flush()) {
+            Ok(()) => failing = false,
+            Err(error) => {
+                if !failing {
+                    error!(%error, "access log: cannot write; lines are lost until it can again");
+                }
+                failing = true;
+                metrics().access_log_dropped.inc();
+                // Start the next batch clean: what is buffered cannot be written now.
+                out = std::io::BufWriter::with_capacity(64 * 1024, out.into_parts().0);
+            }
+        }
+    }
+}
+
+/// The time a line is written: RFC 3339 UTC with milliseconds, such as
+/// `2026-11-27T16:40:00.123Z`.
+pub fn now_rfc3339() -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    // Formatting a UTC time with this fixed description cannot fail; an empty time field is
+    // the harmless fallback.
+    time::OffsetDateTime::now_utc()
+        .format(FORMAT)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_milliseconds() {
+        let now = now_rfc3339();
+        assert_eq!(now.len(), "2026-11-27T16:40:00.123Z".len(), "{now}");
+        assert!(now.ends_with('Z') && &now[10..11] == "T", "{now}");
+        let parsed =
+            time::OffsetDateTime::parse(&now, &time::format_description::well_known::Rfc3339);
+        assert!(parsed.is_ok(), "{now}");
+    }
+}

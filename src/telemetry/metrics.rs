@@ -1,0 +1,435 @@
+//! The Prometheus exporter behind `/metrics` (prefix `sluice_`; every series is listed in
+//! docs/operations.md).
+//!
+//! Two kinds of series:
+//! - **Per call, per backend**: counters the data plane bumps in [`super::stats`]. This module
+//!   knows nothing of routers or clusters: at scrape time whoever owns the live state
+//!   implements [`Export`] and hands each cluster and backend to a [`Scrape`], which turns them
+//!   into series. A backend that leaves discovery, or a cluster a reload removed, simply stops
+//!   being exported.
+//! - **Process-wide** (listeners, build, process): ordinary registered metrics, updated off
+//!   the call path.
+
+use std::sync::OnceLock;
+
+use prometheus::core::Collector;
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use super::stats::{unrouted, BackendStats, ClusterStats, Reject, NO_CLUSTER};
+use crate::wire::{Code, Origin};
+
+/// Implemented by the owner of the clusters (the router): adds every cluster and backend it
+/// holds to `scrape`. Runs once per scrape, off the call path.
+pub trait Export {
+    fn export(&self, scrape: &mut Scrape);
+}
+
+/// What a discovery source looks like to `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct DiscoveryGauges<'a> {
+    /// `static` or `etcd`.
+    pub source: &'a str,
+    pub connected: bool,
+    /// Undecodable values skipped (etcd only).
+    pub invalid_values: Option<i64>,
+}
+
+/// A backend's live state at scrape time.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendGauges {
+    pub in_flight: u64,
+    pub up: bool,
+    pub connections: usize,
+    pub weight: u32,
+}
+
+// === impl Scrape ===
+
+/// The per-cluster and per-backend series of one scrape. The vectors are throw-away.
+pub struct Scrape {
+    requests: IntCounterVec,
+    upstream_requests: IntCounterVec,
+    connect_failures: IntCounterVec,
+    rejected: IntCounterVec,
+    retries: IntCounterVec,
+    in_flight: IntGaugeVec,
+    up: IntGaugeVec,
+    connections: IntGaugeVec,
+    weights: IntGaugeVec,
+    backends: IntGaugeVec,
+    discovery_updates: IntCounterVec,
+    discovery_errors: IntCounterVec,
+    discovery_connected: IntGaugeVec,
+    discovery_invalid: IntGaugeVec,
+    call_durations: Vec<MetricFamily>,
+    attempt_durations: Vec<MetricFamily>,
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+    IntCounterVec::new(Opts::new(name, help), labels)
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, prometheus::Error> {
+    IntGaugeVec::new(Opts::new(name, help), labels)
+}
+
+const CLUSTER_BACKEND: &[&str] = &["cluster", "backend"];
+const CLUSTER_SOURCE: &[&str] = &["cluster", "source"];
+
+impl Scrape {
+    fn new() -> Result<Scrape, prometheus::Error> {
+        Ok(Scrape {
+            requests: counter(
+                "sluice_requests_total",
+                "Calls finished, by gRPC code and by who decided it (origin = upstream or proxy).",
+                &["cluster", "grpc_service", "grpc_method", "grpc_code", "origin"],
+            )?,
+            upstream_requests: counter(
+                "sluice_upstream_requests_total",
+                "Attempts sent to a backend (a retried call counts once per backend tried), by gRPC code.",
+                &["cluster", "backend", "grpc_code"],
+            )?,
+            connect_failures: counter(
+                "sluice_upstream_connect_failures_total",
+                "Attempts that got no stream because the connect or HTTP/2 handshake failed.",
+                CLUSTER_BACKEND,
+            )?,
+            rejected: counter(
+                "sluice_rejected_total",
+                "Calls sluice answered without a backend's answer, by reason.",
+                &["cluster", "reason"],
+            )?,
+            retries: counter(
+                "sluice_retries_total",
+                "Transparent retries on another backend.",
+                &["cluster"],
+            )?,
+            in_flight: gauge(
+                "sluice_upstream_in_flight",
+                "Streams open to a backend.",
+                CLUSTER_BACKEND,
+            )?,
+            up: gauge(
+                "sluice_backend_up",
+                "1 while a backend takes traffic; 0 while its connects fail.",
+                CLUSTER_BACKEND,
+            )?,
+            connections: gauge(
+                "sluice_upstream_connections",
+                "HTTP/2 connections open to a backend.",
+                CLUSTER_BACKEND,
+            )?,
+            weights: gauge(
+                "sluice_backend_weight",
+                "A backend's weight (its fair share of the cluster's traffic is weight / sum).",
+                CLUSTER_BACKEND,
+            )?,
+            backends: gauge(
+                "sluice_backends",
+                "Backends known, per cluster.",
+                &["cluster"],
+            )?,
+            discovery_updates: counter(
+                "sluice_discovery_updates_total",
+                "Backend-set changes applied from discovery.",
+                CLUSTER_SOURCE,
+            )?,
+            discovery_errors: counter(
+                "sluice_discovery_errors_total",
+                "Failed connects, lists and watches of a discovery source.",
+                CLUSTER_SOURCE,
+            )?,
+            discovery_connected: gauge(
+                "sluice_discovery_connected",
+                "1 while the discovery source answers; 0 while routing on the last known set.",
+                CLUSTER_SOURCE,
+            )?,
+            discovery_invalid: gauge(
+                "sluice_discovery_invalid_values",
+                "Keys under the etcd prefix skipped because their value could not be decoded.",
+                &["cluster"],
+            )?,
+            call_durations: Vec::new(),
+            attempt_durations: Vec::new(),
+        })
+    }
+
+    /// Adds one cluster's call counters, its discovery source, and its backend count.
+    pub fn cluster(
+        &mut self,
+        name: &str,
+        stats: &ClusterStats,
+        discovery: DiscoveryGauges<'_>,
+        backends: usize,
+    ) {
+        self.calls(name, stats, true);
+        self.retries
+            .with_label_values(&[name])
+            .inc_by(stats.retries());
+        let source = [name, discovery.source];
+        self.discovery_updates
+            .with_label_values(&source)
+            .inc_by(stats.discovery_updates());
+        self.discovery_errors
+            .with_label_values(&source)
+            .inc_by(stats.discovery_errors());
+        self.discovery_connected
+            .with_label_values(&source)
+            .set(i64::from(discovery.connected));
+        if let Some(invalid) = discovery.invalid_values {
+            self.discovery_invalid
+                .with_label_values(&[name])
+                .set(invalid);
+        }
+        self.backends
+            .with_label_values(&[name])
+            .set(backends as i64);
+    }
+
+    /// Adds one backend of `cluster`: its attempts by code and its live gauges.
+    pub fn backend(
+        &mut self,
+        cluster: &str,
+        address: &str,
+        stats: &BackendStats,
+        gauges: BackendGauges,
+    ) {
+        for code in Code::ALL {
+            let n = stats.attempts_with(code);
+            // OK always shows, so a backend's series exist from its first scrape.
+            if n > 0 || code == Code::Ok {
+                self.upstream_requests
+                    .with_label_values(&[cluster, address, code.go_name()])
+                    .inc_by(n);
+            }
+        }
+        let labels = [cluster, address];
+        self.connect_failures
+            .with_label_values(&labels)
+            .inc_by(stats.connect_failures());
+        self.attempt_durations.extend(stats.duration.collect());
+        self.in_flight
+            .with_label_values(&labels)
+            .set(gauges.in_flight as i64);
+        self.up.with_label_values(&labels).set(i64::from(gauges.up));
+        self.connections
+            .with_label_values(&labels)
+            .set(gauges.connections as i64);
+        self.weights
+            .with_label_values(&labels)
+            .set(i64::from(gauges.weight));
+    }
+
+    /// Calls by method, code and origin, and rejections. Every cluster shows every reason,
+    /// zeros included, so alerts on a rate have a series to read; unrouted calls (`routed`
+    /// false) have only one reason.
+    fn calls(&mut self, name: &str, stats: &ClusterStats, routed: bool) {
+        for method in stats.methods() {
+            for origin in Origin::ALL {
+                for code in Code::ALL {
+                    let n = method.codes[origin as usize][code as usize]
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    if n > 0 {
+                        self.requests
+                            .with_label_values(&[
+                                name,
+                                &method.service,
+                                &method.method,
+                                code.go_name(),
+                                origin.label(),
+                            ])
+                            .inc_by(n);
+                    }
+                }
+            }
+            if method.duration.get_sample_count() > 0 {
+                self.call_durations.extend(method.duration.collect());
+            }
+        }
+        for reason in Reject::ALL {
+            if routed == (reason != Reject::NoRoute) {
+                self.rejected
+                    .with_label_values(&[name, reason.label()])
+                    .inc_by(stats.rejected_count(reason));
+            }
+        }
+    }
+
+    fn into_families(self) -> Vec<MetricFamily> {
+        let collectors: [&dyn Collector; 14] = [
+            &self.requests,
+            &self.upstream_requests,
+            &self.connect_failures,
+            &self.rejected,
+            &self.retries,
+            &self.in_flight,
+            &self.up,
+            &self.connections,
+            &self.weights,
+            &self.backends,
+            &self.discovery_updates,
+            &self.discovery_errors,
+            &self.discovery_connected,
+            &self.discovery_invalid,
+        ];
+        let mut families: Vec<MetricFamily> = collectors.iter().flat_map(|c| c.collect()).collect();
+        families.extend(merge(self.call_durations));
+        families.extend(merge(self.attempt_durations));
+        families
+    }
+}
+
+/// One family per name: histograms collected one by one each come as their own family.
+fn merge(families: Vec<MetricFamily>) -> Option<MetricFamily> {
+    let mut families = families.into_iter();
+    let mut first = families.next()?;
+    for mut family in families {
+        first.mut_metric().extend(family.take_metric());
+    }
+    Some(first)
+}
+
+// === impl Metrics ===
+
+/// The process-wide registry.
+pub struct Metrics {
+    registry: Registry,
+    /// `sluice_downstream_connections{listener}`: open client connections.
+    downstream_connections: IntGaugeVec,
+    /// `sluice_access_log_dropped_total`: lines dropped because the writer fell behind.
+    pub access_log_dropped: IntCounter,
+}
+
+impl Metrics {
+    fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let build = gauge(
+            "sluice_build_info",
+            "Always 1; the labels say which sluice runs.",
+            &["version"],
+        )?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(build))?;
+        let downstream_connections = gauge(
+            "sluice_downstream_connections",
+            "Open client connections, per listener.",
+            &["listener"],
+        )?;
+        registry.register(Box::new(downstream_connections.clone()))?;
+        let access_log_dropped = IntCounter::new(
+            "sluice_access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind.",
+        )?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Metrics {
+            registry,
+            downstream_connections,
+            access_log_dropped,
+        })
+    }
+
+    /// The open-connections gauge of one listener, resolved once when the listener starts.
+    pub fn downstream_connections(&self, listener: &str) -> IntGauge {
+        self.downstream_connections.with_label_values(&[listener])
+    }
+
+    /// The whole `/metrics` page: the registered series, then what `source` exports, then the
+    /// calls that matched no route.
+    pub fn encode(&self, source: &dyn Export) -> Vec<u8> {
+        let mut families = self.registry.gather();
+        match Scrape::new() {
+            Ok(mut scrape) => {
+                source.export(&mut scrape);
+                scrape.calls(NO_CLUSTER, unrouted(), false);
+                families.extend(scrape.into_families());
+            }
+            Err(error) => tracing::error!(%error, "/metrics: cannot build the per-cluster series"),
+        }
+        // A vector with no series yet collects as an empty family, which the encoder refuses.
+        families.retain(|f| !f.get_metric().is_empty());
+        let mut out = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!(%error, "/metrics: encoding failed; the page is cut short");
+        }
+        out
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    // The names and labels are constants, so registering cannot fail at run time; the test
+    // `process_metrics_register` proves it.
+    METRICS.get_or_init(|| Metrics::new().expect("metric definitions are valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nothing;
+
+    impl Export for Nothing {
+        fn export(&self, _: &mut Scrape) {}
+    }
+
+    #[test]
+    fn process_metrics_register() {
+        let m = Metrics::new().unwrap();
+        m.downstream_connections("grpc").set(2);
+        let text = String::from_utf8(m.encode(&Nothing)).unwrap();
+        assert!(
+            text.contains("sluice_downstream_connections{listener=\"grpc\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("sluice_build_info{version="), "{text}");
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
+        assert!(
+            text.contains("sluice_rejected_total{cluster=\"(none)\",reason=\"no_route\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn scrape_exports_what_an_owner_hands_it() {
+        struct One(ClusterStats, BackendStats);
+        impl Export for One {
+            fn export(&self, scrape: &mut Scrape) {
+                let discovery = DiscoveryGauges {
+                    source: "static",
+                    connected: true,
+                    invalid_values: None,
+                };
+                scrape.cluster("c", &self.0, discovery, 1);
+                let gauges = BackendGauges {
+                    in_flight: 3,
+                    up: true,
+                    connections: 1,
+                    weight: 2,
+                };
+                scrape.backend("c", "b:1", &self.1, gauges);
+            }
+        }
+        let one = One(ClusterStats::new("c"), BackendStats::new("c", "b:1"));
+        one.1.record_connect_failure();
+        let text = String::from_utf8(Metrics::new().unwrap().encode(&one)).unwrap();
+        for want in [
+            "sluice_upstream_in_flight{backend=\"b:1\",cluster=\"c\"} 3",
+            "sluice_backend_weight{backend=\"b:1\",cluster=\"c\"} 2",
+            "sluice_upstream_connect_failures_total{backend=\"b:1\",cluster=\"c\"} 1",
+            "sluice_upstream_requests_total{backend=\"b:1\",cluster=\"c\",grpc_code=\"OK\"} 0",
+            "sluice_backends{cluster=\"c\"} 1",
+            "sluice_rejected_total{cluster=\"c\",reason=\"deadline\"} 0",
+        ] {
+            assert!(text.contains(want), "want {want} in:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Upstream HTTP/2 connections to backends, and the HTTP/2 settings both sides use.
+//!
+//! [`pool::Pool`] keeps a few shared connections per backend address and lends stream slots on
+//! them; [`coalesce::CoalescingIo`] batches small writes on any HTTP/2 connection. Upstream TLS
+//! and keepalive belong here too, when they are built.
+
+pub mod coalesce;
+pub mod pool;
+
+pub use pool::{ConnectError, Pool, StreamSlot};
+
+/// HTTP/2 settings for both sides. Windows are larger than the 64 KiB default so one stream
+/// can move a 16 MiB message at loopback speed; receive capacity is released only as bytes
+/// are forwarded (`proxy::forward`), so memory stays bounded by these windows.
+#[derive(Debug, Clone, Copy)]
+pub struct H2Settings {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS we advertise to clients.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        H2Settings {
+            stream_window: 1 << 20,
+            connection_window: 4 << 20,
+            max_frame_size: 16 * 1024,
+            max_concurrent_streams: 10_000,
+        }
+    }
+}
