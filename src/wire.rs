@@ -4,8 +4,14 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+
+// The gRPC header names, built once: looking a header up by `&str` parses and validates the
+// name on every call (~150 instructions each, callgrind).
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// The gRPC status codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,11 +166,11 @@ impl ProxyStatus {
     /// The `grpc-status` / `grpc-message` pair, for trailers or a trailers-only HEADERS frame.
     pub fn to_trailers(&self) -> HeaderMap {
         let mut trailers = HeaderMap::with_capacity(2);
-        trailers.insert("grpc-status", HeaderValue::from(self.code as u16));
+        trailers.insert(GRPC_STATUS, HeaderValue::from(self.code as u16));
         // Percent-encoding leaves only visible ASCII, which is always a valid header value.
-        let message = utf8_percent_encode(&self.message, GRPC_MESSAGE).to_string();
+        let message = utf8_percent_encode(&self.message, GRPC_MESSAGE_ESCAPES).to_string();
         if let Ok(value) = HeaderValue::from_str(&message) {
-            trailers.insert("grpc-message", value);
+            trailers.insert(GRPC_MESSAGE, value);
         }
         trailers
     }
@@ -185,7 +191,7 @@ impl ProxyStatus {
 
 /// What gRPC's spec says to percent-encode in `grpc-message`: controls, `%`, and anything
 /// outside visible ASCII (the last is done by `utf8_percent_encode` for non-ASCII bytes).
-const GRPC_MESSAGE: &AsciiSet = &CONTROLS.add(b'%');
+const GRPC_MESSAGE_ESCAPES: &AsciiSet = &CONTROLS.add(b'%');
 
 /// The parts of `:path` = `/package.Service/Method`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,7 +285,7 @@ pub fn is_grpc_content_type(value: Option<&HeaderValue>) -> bool {
 /// The `grpc-status` of a response's trailers (or of a trailers-only response's headers).
 pub fn status_of(headers: &HeaderMap) -> Option<u32> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .and_then(|s| s.parse().ok())
 }

@@ -1,5 +1,5 @@
-//! The value formats Go services write into etcd (SPEC.md "etcd discovery"), decoded into one
-//! backend per key, and encoded again for `sluice register`.
+//! The value formats Go services write into etcd, decoded into one backend per key, and
+//! encoded again for `sluice register` (docs/configuration.md, "etcd discovery").
 //!
 //! | format        | value                                                        | writer                                   |
 //! |---------------|--------------------------------------------------------------|------------------------------------------|
@@ -124,7 +124,7 @@ fn weight(metadata: Option<&Value>, field: &str) -> Result<u32, String> {
 }
 
 /// The value `sluice register` writes for `format`: the bare address, or etcd-naming JSON in
-/// the field order of the SPEC example (`{"Op":0,"Addr":...,"Metadata":...}`).
+/// the field order etcd's endpoints.Manager writes (`{"Op":0,"Addr":...,"Metadata":...}`).
 pub fn encode(format: EtcdFormat, address: &str, metadata: Option<&Value>) -> String {
     match format {
         EtcdFormat::Plain => address.to_string(),

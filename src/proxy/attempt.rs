@@ -139,7 +139,7 @@ fn send_headers(
     let remaining = call.deadline.saturating_duration_since(Instant::now());
     upstream
         .headers_mut()
-        .insert("grpc-timeout", wire::encode_timeout(remaining));
+        .insert(wire::GRPC_TIMEOUT, wire::encode_timeout(remaining));
     let request_ended = replay.is_empty() && down.body.is_end_stream();
     match sender.send_request(upstream, request_ended) {
         Ok((response, up_send)) => Ok((response, up_send, request_ended)),

@@ -1,6 +1,7 @@
 //! Piping one h2 stream into another: DATA with flow control, trailers, and resets.
 //!
-//! Two facts measured on the prototype (docs/architecture.md, "Measurements") shape this file:
+//! Two facts measured on the prototype shape this file (docs/architecture.md, "Facts about
+//! `h2` that the engine depends on"):
 //! - h2 (0.4.16+) closes a connection on the 101st empty DATA frame without END_STREAM, and
 //!   tonic clients end every request with one. So END_STREAM rides on the last real chunk, and
 //!   empty chunks are dropped.

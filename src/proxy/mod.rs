@@ -225,7 +225,7 @@ fn deadline_budget(
     cluster: &Cluster,
 ) -> Result<Duration, ProxyStatus> {
     let max = cluster.settings.max_deadline;
-    match request.headers.get("grpc-timeout") {
+    match request.headers.get(wire::GRPC_TIMEOUT) {
         None => Ok(max),
         Some(value) => match wire::parse_timeout(value.as_bytes()) {
             Some(timeout) => Ok(timeout.min(max)),

@@ -48,7 +48,7 @@ impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
         };
         let mut inner = ListeningService::new(name, app);
         // pingora buffers L4 reads and writes by default; h2 does its own, and the extra copy
-        // cost ~10% on 64 KiB messages (docs/architecture.md, "Measurements").
+        // cost ~10% on 64 KiB messages (docs/architecture.md, "Candidates compared").
         inner.add_listener(
             ListenerConfig::tcp(bound.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
         );

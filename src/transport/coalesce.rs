@@ -1,10 +1,11 @@
 //! Write coalescing for HTTP/2 connections.
 //!
 //! Without it every stream's frames leave in their own `writev`: 2 per request, about 40% of
-//! the CPU of a small call (docs/architecture.md, "Measurements"). When the connection carries more than one stream, the
-//! first write of a flush is delayed by one scheduler pass, so the frames the other streams
-//! queue in the meantime leave in the same `writev` (~30% less CPU per call, measured on the
-//! prototype). A connection with a single stream writes at once, so a lone call pays no latency.
+//! the CPU of a small call. When the connection carries more than one stream, the first write
+//! of a flush is delayed by one scheduler pass, so the frames the other streams queue in the
+//! meantime leave in the same `writev` (~30% less CPU per call on the prototype; see
+//! docs/architecture.md, "Write coalescing"). A connection with a single stream writes at once,
+//! so a lone call pays no latency.
 //!
 //! "More than one stream" replaced "wrote less than 500 µs ago": at 31k calls/s over one
 //! connection × 16 streams a batch cycle is ~500 µs, so that test missed half the time
