@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The seed's outage (../shared/background.md), replayed through sluice and through HAProxy.
+# The incident sluice was built for (README, "Why it exists"), replayed through sluice and
+# through HAProxy.
 # Two backends behind one client connection; after 10 s backend 2 turns slow (+500 ms a call)
 # with a small worker pool and leaking calls; the client sends 200 calls/s with a 1 s deadline.
 # Reports per proxy: each backend's share before and after the slowdown, latency and errors after
