@@ -128,16 +128,16 @@ fn main() -> ExitCode {
             }
         },
         Command::Check { config: path } => match Config::load(&path) {
-            Ok(config) if sluice::server::check_files(&config).is_err() => {
-                if let Err(error) = sluice::server::check_files(&config) {
-                    eprintln!("{}: {error}", path.display());
+            Ok(config) => match sluice::server::check_files(&config, &path.display().to_string()) {
+                Ok(()) => {
+                    println!("{}: valid", path.display());
+                    return ExitCode::SUCCESS;
                 }
-                return ExitCode::FAILURE;
-            }
-            Ok(_) => {
-                println!("{}: valid", path.display());
-                return ExitCode::SUCCESS;
-            }
+                Err(error) => {
+                    eprintln!("{error}");
+                    return ExitCode::FAILURE;
+                }
+            },
             Err(error) => {
                 eprintln!("{error}");
                 return ExitCode::FAILURE;

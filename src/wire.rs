@@ -71,8 +71,8 @@ impl Code {
         status_of(headers).map_or(Code::Unknown, Code::from_status)
     }
 
-    /// The status a gRPC client reports for an RST_STREAM with `reason` (gRPC's HTTP/2
-    /// mapping: PROTOCOL.md "Errors").
+    /// The status a gRPC client reports for an RST_STREAM with `reason` (the "Errors" table
+    /// of gRPC's PROTOCOL-HTTP2 document, grpc/grpc on GitHub).
     pub fn of_reset(reason: h2::Reason) -> Code {
         match reason {
             h2::Reason::CANCEL => Code::Cancelled,

@@ -264,6 +264,24 @@ fn run_on_a_busy_port_exits_1_naming_it() {
 }
 
 #[test]
+fn an_upgrade_refuses_port_zero_naming_the_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zero.yaml");
+    std::fs::write(&path, VALID.replace("127.0.0.1:50051", "127.0.0.1:0")).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--upgrade", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("grpc: port 0 cannot be upgraded"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn version_prints_the_crate_version() {
     let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("--version")

@@ -310,10 +310,14 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses and validates config text (no I/O); `origin` names it in errors.
+    /// Parses and validates config text (no I/O); `origin` names it in errors. The files the
+    /// config names are not read: use [`Config::load`] for a config that names any.
     pub fn parse(source: &str, origin: &str) -> Result<Config, ConfigError> {
         let options = serde_saphyr::Options {
             with_snippet: false,
+            // `true` and `false` only, as YAML 1.2 (and serde_yaml before) has it: no `yes`,
+            // `off`.
+            strict_booleans: true,
             ..serde_saphyr::Options::default()
         };
         let parsed = serde_saphyr::from_str_with_options::<Tracked>(source, options);

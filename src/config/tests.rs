@@ -237,3 +237,10 @@ fn etcd_tls_files_are_read_after_parsing() {
     assert!(e.contains("not a CA certificate"), "{e}");
     assert!(e.contains("at line 6 column"), "{e}");
 }
+
+#[test]
+fn booleans_are_true_or_false_only() {
+    let e = err(&format!("{MINIMAL}request_id: {{ generate: off }}\n"));
+    assert!(e.contains("request_id.generate"), "{e}");
+    assert!(e.contains("at line 9"), "{e}");
+}

@@ -109,7 +109,7 @@ pub fn tls_options(tls: &EtcdTlsFiles) -> Result<TlsOptions, String> {
         .tls_config(options.clone())
         .map_err(|error| {
             let mut message = format!(
-                "etcd.tls: the files do not make a usable TLS setup ({}, {}): {error}",
+                "the files do not make a usable TLS setup ({}, {}): {error}",
                 tls.ca.path,
                 tls.identity
                     .as_ref()

@@ -80,8 +80,9 @@ impl<'a> Legs<'a> {
 impl Call {
     /// Acts on how an attempt ended. Counting: an attempt whose request was sent is recorded on
     /// the backend with its code (UNAVAILABLE for one refused before processing); a failed
-    /// connect is recorded as a connect failure; a proxy answer before any backend answered
-    /// counts as a rejection.
+    /// connect is recorded as a connect failure; a deadline that passes while connecting counts
+    /// as a rejection. An attempt that may be retried is handed back to the attempts loop
+    /// (`call.rs`), which answers the client itself when no retry follows.
     pub(super) fn settle(
         &mut self,
         down: &mut Downstream,

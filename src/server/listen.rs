@@ -20,6 +20,15 @@ use crate::BoxError;
 /// pingora's own backlog for the sockets it binds.
 const BACKLOG: i32 = 65_535;
 
+/// Whether pingora buffers reads and writes on accepted connections.
+pub(super) enum BufferL4 {
+    /// pingora's default (the admin endpoint's HTTP/1).
+    Yes,
+    /// Off: h2 does its own buffering, and the extra copy cost ~10% on 64 KiB messages
+    /// (docs/architecture.md, "Candidates compared").
+    No,
+}
+
 /// A pingora listening service over one socket sluice bound (or, in an upgrade, one the old
 /// process hands over).
 pub(super) struct Listening<A> {
@@ -37,6 +46,7 @@ impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
         address: SocketAddr,
         upgrade: bool,
         what: &str,
+        buffer: BufferL4,
     ) -> Result<(Listening<A>, SocketAddr), BoxError> {
         let (socket, bound) = if upgrade {
             (None, address)
@@ -47,11 +57,11 @@ impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
             (Some((bound.to_string(), listener)), bound)
         };
         let mut inner = ListeningService::new(name, app);
-        // pingora buffers L4 reads and writes by default; h2 does its own, and the extra copy
-        // cost ~10% on 64 KiB messages (docs/architecture.md, "Candidates compared").
-        inner.add_listener(
-            ListenerConfig::tcp(bound.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
-        );
+        let endpoint = ListenerConfig::tcp(bound.to_string());
+        inner.add_listener(match buffer {
+            BufferL4::Yes => endpoint,
+            BufferL4::No => endpoint.l4_buffer(L4BufferSettings::unbuffered()),
+        });
         Ok((Listening { inner, socket }, bound))
     }
 

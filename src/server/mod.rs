@@ -14,6 +14,7 @@ mod signals;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -33,7 +34,7 @@ use crate::telemetry::metrics;
 use crate::transport::H2Settings;
 use crate::BoxError;
 use background::{RateSampler, Readiness};
-use listen::Listening;
+use listen::{BufferL4, Listening};
 use reload::{Reload, RestartOnly};
 use signals::SignalWatch;
 
@@ -49,11 +50,22 @@ pub struct RunOptions {
 
 /// The checks on a loaded config that need the layers above config: today, that the etcd TLS
 /// files make a TLS setup (the key suits the certificate). `sluice check`, start-up and reload
-/// run it.
-pub fn check_files(config: &Config) -> Result<(), BoxError> {
-    if let Some(tls) = &config.files.etcd_tls {
-        discovery::etcd::tls_options(tls)?;
-    }
+/// run it; `origin` names the file in errors.
+pub fn check_files(config: &Config, origin: &str) -> Result<(), BoxError> {
+    let Some(tls) = config.etcd.as_ref().and_then(|e| e.tls.as_ref()) else {
+        return Ok(());
+    };
+    let Some(files) = &config.files.etcd_tls else {
+        return Err(format!(
+            "{origin}: etcd.tls: the files were not read (load the config with Config::load)"
+        )
+        .into());
+    };
+    discovery::etcd::tls_options(files).map_err(|error| {
+        let at = tls.cert_file.as_ref().unwrap_or(&tls.ca_file).referenced;
+        let (line, column) = (at.line(), at.column());
+        format!("{origin}: etcd.tls: {error} at line {line} column {column}")
+    })?;
     Ok(())
 }
 
@@ -106,7 +118,14 @@ struct Shared {
 
 /// Runs the proxy until a shutdown signal; returns once it has drained.
 pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
-    check_files(&config)?;
+    let origin = options
+        .config_path
+        .as_ref()
+        .map_or("config".to_string(), |p| p.display().to_string());
+    check_files(&config, &origin)?;
+    if options.upgrade {
+        refuse_port_zero(&config, &origin)?;
+    }
     let discovery = discovery_runtime()?;
     let (router, watchers) = build_router(&config, None, discovery.handle());
     let shared = Shared {
@@ -148,8 +167,29 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
         }),
     });
     info!("stopped");
-    // The watches hold the discovery runtime's tasks; stop them before the runtime goes.
-    drop(discovery);
+    // Whatever discovery still runs (a watch, an etcd client's DNS lookup) gets a moment to
+    // end, not a say over when the process exits.
+    discovery.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+/// An upgrade takes the old process's sockets over by address, so it cannot work out which
+/// socket a port-0 listener was.
+fn refuse_port_zero(config: &Config, origin: &str) -> Result<(), BoxError> {
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| (&l.name.value, l.address.0));
+    let admin_name = "admin".to_string();
+    let admin = config.admin.iter().map(|a| (&admin_name, a.address.0));
+    for (name, address) in listeners.chain(admin) {
+        if address.port() == 0 {
+            return Err(format!(
+                "{origin}: {name}: port 0 cannot be upgraded (sockets are handed over by address); give it a fixed port"
+            )
+            .into());
+        }
+    }
     Ok(())
 }
 
@@ -209,7 +249,8 @@ fn add_listeners(
         let service_name = format!("listener {name}");
         let what = format!("listener {name:?}");
         let address = listener.address.0;
-        let (service, bound) = Listening::bind(service_name, proxy, address, upgrade, &what)?;
+        let (service, bound) =
+            Listening::bind(service_name, proxy, address, upgrade, &what, BufferL4::No)?;
         server.add_service(service);
         bound_listeners.push(bound);
         // The test harness reads the bound address from this line.
@@ -233,7 +274,14 @@ fn add_admin(
         lifecycle: Arc::clone(&shared.lifecycle),
     };
     let address = admin.address.0;
-    let (mut service, bound) = Listening::bind("admin".into(), app, address, upgrade, "admin")?;
+    let (mut service, bound) = Listening::bind(
+        "admin".into(),
+        app,
+        address,
+        upgrade,
+        "admin",
+        BufferL4::Yes,
+    )?;
     // Off the call path: one thread is plenty.
     service.set_threads(1);
     server.add_service(service);

@@ -138,7 +138,7 @@ impl Reload {
         // Reading the file and the PEM files it names is blocking I/O: off the runtime.
         let loaded = tokio::task::spawn_blocking(move || {
             let config = Config::load(&path)?;
-            check_files(&config)?;
+            check_files(&config, &path.display().to_string())?;
             Ok::<_, crate::BoxError>((config, path))
         })
         .await;
