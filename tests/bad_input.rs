@@ -243,38 +243,37 @@ fn run_with_an_invalid_config_exits_1_with_the_reason() {
     assert!(stderr.contains("listeners: invalid type"), "{stderr}");
 }
 
+/// Runs `sluice run ARGS --config FILE` on `config`; returns its exit code and stderr.
+fn run_with(config: &str, args: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.yaml");
+    std::fs::write(&path, config).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .args(args)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr)
+}
+
 #[test]
 fn run_on_a_busy_port_exits_1_naming_it() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("busy.yaml");
-    std::fs::write(&path, VALID.replace("127.0.0.1:50051", &addr.to_string())).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains(&format!("listener \"grpc\": cannot listen on {addr}")),
-        "{stderr}"
-    );
+    let (code, stderr) = run_with(&VALID.replace("127.0.0.1:50051", &addr.to_string()), &[]);
+    assert_eq!(code, Some(1));
+    let want = format!("listener \"grpc\": cannot listen on {addr}");
+    assert!(stderr.contains(&want), "{stderr}");
 }
 
 #[test]
 fn an_upgrade_refuses_port_zero_naming_the_listener() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("zero.yaml");
-    std::fs::write(&path, VALID.replace("127.0.0.1:50051", "127.0.0.1:0")).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--upgrade", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let config = VALID.replace("127.0.0.1:50051", "127.0.0.1:0");
+    let (code, stderr) = run_with(&config, &["--upgrade"]);
+    assert_eq!(code, Some(1));
     assert!(
         stderr.contains("grpc: port 0 cannot be upgraded"),
         "{stderr}"
