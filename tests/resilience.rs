@@ -48,6 +48,32 @@ async fn calls_after_a_backend_is_killed_all_succeed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_between_calls_costs_no_call() {
+    // The next call comes at once, before sluice's connection driver has read the EOF: the
+    // dead connection must not be lent (round robin picks the killed backend within 3 calls).
+    for round in 0..5 {
+        let mut backends = [
+            EchoProcess::start("b1").await,
+            EchoProcess::start("b2").await,
+            EchoProcess::start("b3").await,
+        ];
+        let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+        let config = Sluice::cluster(&addrs, "    balancer: round_robin\n");
+        let sluice = Sluice::start(&config).await;
+        let mut client = sluice.client().await;
+        for i in 0..6 {
+            client.unary(request(&format!("warm {i}"))).await.unwrap();
+        }
+        backends[1].kill();
+        for i in 0..6 {
+            if let Err(status) = client.unary(request(&format!("after {i}"))).await {
+                panic!("round {round}, call {i} after the kill failed: {status:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_streams_are_retried_on_another_backend_with_the_body_replayed() {
     let refusing = RefusingBackend::start().await;
     let healthy = Echo::start("healthy").await;

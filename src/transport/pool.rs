@@ -7,6 +7,7 @@
 //! publishes the peer's current stream limit and removes the connection when it ends.
 
 use std::future::{poll_fn, Future};
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -15,6 +16,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use h2::client::SendRequest;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use tokio::net::TcpStream;
 
 use super::coalesce::CoalescingIo;
@@ -63,9 +65,26 @@ struct Connection {
     max_streams: AtomicUsize,
     /// Set by the driver task when the connection ended, or by a caller that saw it fail.
     closed: AtomicBool,
+    /// A second handle on the socket (a dup), to look for the peer's FIN or RST before an idle
+    /// connection is lent: the driver task may not have run since the peer closed it.
+    probe: std::net::TcpStream,
 }
 
 impl Connection {
+    /// True when the peer has shut the socket (FIN or RST), even with bytes still unread
+    /// before it. One `poll` with a zero timeout, taken only when lending a connection that
+    /// had no stream in flight, so a busy connection pays nothing.
+    fn peer_closed(&self) -> bool {
+        let gone = PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR;
+        let mut probe = [PollFd::new(&self.probe, gone)];
+        match poll(&mut probe, Some(&Timespec::default())) {
+            Ok(0) => false,
+            Ok(_) => probe[0].revents().intersects(gone),
+            // Cannot tell: lend it, as before the probe; a failure then shows on the stream.
+            Err(_) => false,
+        }
+    }
+
     /// A sender and the slot it holds; the caller has already counted the slot in `streams`.
     fn lend(self: &Arc<Self>) -> (SendRequest<Bytes>, StreamSlot) {
         (
@@ -142,17 +161,18 @@ impl Pool {
                     timeout: connect_timeout,
                 })
             });
-        let (sender, upstream, streams) = connected.inspect_err(|_| {
+        let connected = connected.inspect_err(|_| {
             self.inner.connect_failures.fetch_add(1, Ordering::Relaxed);
         })?;
         let connection = Arc::new(Connection {
-            sender,
-            streams,
+            sender: connected.sender,
+            streams: connected.streams,
             max_streams: AtomicUsize::new(STREAMS_PER_CONNECTION_CAP),
             closed: AtomicBool::new(false),
+            probe: connected.probe,
         });
         tokio::spawn(drive(
-            upstream,
+            connected.upstream,
             Arc::clone(&connection),
             Arc::downgrade(&self.inner),
         ));
@@ -178,14 +198,20 @@ impl PoolInner {
                 continue;
             }
             let max = connection.max_streams.load(Ordering::Relaxed);
-            let reserved = connection
-                .streams
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    (n < max).then_some(n + 1)
-                })
-                .is_ok();
-            if reserved {
-                return Some(connection.lend());
+            let reserved =
+                connection
+                    .streams
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        (n < max).then_some(n + 1)
+                    });
+            match reserved {
+                // Idle until now: the peer may have closed it while nothing watched.
+                Ok(0) if connection.peer_closed() => {
+                    connection.closed.store(true, Ordering::Relaxed);
+                    connection.streams.fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(_) => return Some(connection.lend()),
+                Err(_) => {}
             }
         }
         None
@@ -204,18 +230,24 @@ impl PoolInner {
 
 type Upstream = h2::client::Connection<CoalescingIo<TcpStream>, Bytes>;
 
-async fn connect(
-    addr: &str,
-    settings: &H2Settings,
-) -> Result<(SendRequest<Bytes>, Upstream, Arc<AtomicUsize>), ConnectError> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|source| ConnectError::Refused {
-            addr: addr.to_string(),
-            source,
-        })?;
+/// A new connection: what calls send on, what the driver task polls, the stream count they
+/// share, and the probe.
+struct Connected {
+    sender: SendRequest<Bytes>,
+    upstream: Upstream,
+    streams: Arc<AtomicUsize>,
+    probe: std::net::TcpStream,
+}
+
+async fn connect(addr: &str, settings: &H2Settings) -> Result<Connected, ConnectError> {
+    let refused = |source| ConnectError::Refused {
+        addr: addr.to_string(),
+        source,
+    };
+    let tcp = TcpStream::connect(addr).await.map_err(refused)?;
     // Small frames (HEADERS, WINDOW_UPDATE) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
+    let probe = tcp.as_fd().try_clone_to_owned().map_err(refused)?;
     // One: the stream slot lent to the caller that opens the connection.
     let streams = Arc::new(AtomicUsize::new(1));
     let (sender, upstream) = h2::client::Builder::new()
@@ -228,7 +260,12 @@ async fn connect(
             addr: addr.to_string(),
             source,
         })?;
-    Ok((sender, upstream, streams))
+    Ok(Connected {
+        sender,
+        upstream,
+        streams,
+        probe: probe.into(),
+    })
 }
 
 /// Drives one upstream connection's I/O until it closes, publishing the peer's stream limit
@@ -249,5 +286,68 @@ async fn drive(mut upstream: Upstream, connection: Arc<Connection>, pool: Weak<P
     }
     if let Some(pool) = pool.upgrade() {
         pool.remove(&connection);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    type Accepted = h2::server::Connection<TcpStream, Bytes>;
+
+    /// A real h2 server that hands each connection, once handshaken, to the test, so the test
+    /// decides when the peer closes it.
+    async fn server() -> (String, mpsc::UnboundedReceiver<Accepted>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (accepted, connections) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(connection) = h2::server::handshake(tcp).await else {
+                    continue;
+                };
+                if accepted.send(connection).is_err() {
+                    return;
+                }
+            }
+        });
+        (addr, connections)
+    }
+
+    /// One thread, and no await between the peer's close and the next acquire: the
+    /// connection's driver task cannot have read the EOF, only the probe can see it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_the_peer_closed_is_not_lent_again() {
+        let (addr, mut connections) = server().await;
+        let pool = Pool::new();
+        let (timeout, settings) = (Duration::from_secs(5), H2Settings::default());
+        let (_, slot) = pool.acquire(&addr, timeout, &settings).await.unwrap();
+        // Held, so a new connection cannot reuse its address.
+        let first = Arc::clone(&slot.connection);
+        let peer = connections.recv().await.unwrap();
+        drop(slot);
+        // The peer goes away with bytes (our SETTINGS ack) unread: the kernel resets.
+        drop(peer);
+        let (_, slot) = pool.acquire(&addr, timeout, &settings).await.unwrap();
+        assert!(!Arc::ptr_eq(&first, &slot.connection));
+        assert!(
+            connections.recv().await.is_some(),
+            "a second connection was opened"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idle_live_connection_is_reused() {
+        let (addr, mut connections) = server().await;
+        let pool = Pool::new();
+        let (timeout, settings) = (Duration::from_secs(5), H2Settings::default());
+        let (_, slot) = pool.acquire(&addr, timeout, &settings).await.unwrap();
+        let first = Arc::clone(&slot.connection);
+        let _peer = connections.recv().await.unwrap();
+        drop(slot);
+        let (_, slot) = pool.acquire(&addr, timeout, &settings).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &slot.connection));
     }
 }
