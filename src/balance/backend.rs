@@ -1,4 +1,4 @@
-//! One backend as the balancer sees it: its load (in-flight streams, peak-EWMA latency,
+//! One backend as the balancer sees it: its load (in-flight streams, latency score,
 //! weight) and its state (connect backoff). It refers to its upstream connections and its
 //! counters, which live in the transport and telemetry layers.
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::ewma::{clock_ms, PeakEwma};
+use super::ewma::{clock_ms, ratio_to_baseline, PeakEwma, Score};
 use super::source::SourceKind;
 use crate::config::BackendAddr;
 use crate::telemetry::{BackendGauges, BackendStats};
@@ -18,7 +18,13 @@ use crate::transport::Pool;
 pub(super) const MAX_WEIGHT: u32 = 100;
 
 const BASE_CONNECT_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(10);
+/// A backend that went away is tried again at least this often, so one that returns serves
+/// again within a few seconds.
+const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(3);
+
+/// A backend not picked for this long gets the next call it is drawn for: one probe at a time,
+/// so an avoided backend is judged again by a fresh answer.
+const PROBE_AFTER_MS: u64 = 2_000;
 
 /// One discovered backend: where it is and how much it may take.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +53,13 @@ pub struct Backend {
     weight: AtomicU32,
     /// Streams sent to this backend and not yet finished.
     in_flight: AtomicU64,
+    /// Peak-EWMA latency to response headers, for `/backends` (`ewma_latency_ms`).
     latency: PeakEwma,
+    /// What `p2c_ewma` picks by: calls' latencies against their methods' baselines, with
+    /// failures as the worst latency (ewma.rs).
+    score: Score,
+    /// When the balancer last picked it (ms on the balancer's clock), for probing.
+    last_pick_ms: AtomicU64,
     /// After a failed connect, the backend is skipped until this time (ms on the balancer's
     /// clock), then given another chance. Doubles on each consecutive failure up to
     /// `MAX_CONNECT_BACKOFF`.
@@ -70,6 +82,8 @@ impl Backend {
             source,
             in_flight: AtomicU64::new(0),
             latency: PeakEwma::new(),
+            score: Score::new(),
+            last_pick_ms: AtomicU64::new(clock_ms()),
             skip_until_ms: AtomicU64::new(0),
             connect_streak: AtomicU64::new(0),
         }
@@ -112,9 +126,31 @@ impl Backend {
         }
     }
 
-    /// Records the time from sending the request to the backend's response headers.
-    pub fn observe_latency(&self, rtt: Duration) {
+    /// Records the time from sending the request to the backend's response headers, against
+    /// `baseline`: the typical latency of the call's method across the cluster, which this
+    /// observation updates too.
+    pub fn observe_latency(&self, rtt: Duration, baseline: &AtomicU64) {
         self.latency.observe(rtt);
+        self.score.observe(ratio_to_baseline(baseline, rtt));
+    }
+
+    /// The backend failed a call (a server-side failure code or reset from it, or a deadline
+    /// that passed while it held the call): to the balancer that is the worst latency, so a
+    /// backend that fails fast never looks attractive.
+    pub fn observe_failure(&self) {
+        self.score.observe(f64::INFINITY);
+    }
+
+    /// Marks the backend picked; returns whether it had not been for `PROBE_AFTER_MS` (only
+    /// one caller sees true per interval).
+    pub(super) fn take_pick(&self, now_ms: u64) -> bool {
+        let last = self.last_pick_ms.swap(now_ms, Ordering::Relaxed);
+        now_ms.saturating_sub(last) >= PROBE_AFTER_MS
+    }
+
+    /// True when not picked for `PROBE_AFTER_MS`: the next draw should take it.
+    pub(super) fn due_for_probe(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.last_pick_ms.load(Ordering::Relaxed)) >= PROBE_AFTER_MS
     }
 
     /// A connect failed: back off from this backend, and weigh it down for p2c once the
@@ -125,7 +161,7 @@ impl Backend {
         let backoff = (BASE_CONNECT_BACKOFF * 2u32.pow(streak as u32)).min(MAX_CONNECT_BACKOFF);
         self.skip_until_ms
             .store(clock_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
-        self.latency.observe(Duration::from_secs(1));
+        self.observe_failure();
         streak == 0
     }
 
@@ -138,6 +174,8 @@ impl Backend {
         let was_down = self.connect_streak.swap(0, Ordering::Relaxed) != 0;
         if was_down {
             self.skip_until_ms.store(0, Ordering::Relaxed);
+            // Its failures said nothing about how it serves now.
+            self.score.reset();
         }
         was_down
     }
@@ -147,9 +185,9 @@ impl Backend {
         self.latency.estimate_nanos()
     }
 
-    /// The p2c cost: latency × load, over the weight. Lower is better.
+    /// The p2c cost: latency score × load, over the weight. Lower is better.
     pub(super) fn cost(&self) -> f64 {
-        self.latency_nanos() * (self.in_flight() as f64 + 1.0) / self.weight() as f64
+        self.score.get() * (self.in_flight() as f64 + 1.0) / self.weight() as f64
     }
 
     /// What `/metrics` shows of the backend's live state.

@@ -1,5 +1,6 @@
-//! Peak-EWMA latency, as in Finagle and Linkerd, and the monotonic clock the balancer's atomics
-//! share.
+//! The balancer's latency estimates: each backend's [`Score`] against its calls' method
+//! baselines (what `p2c_ewma` picks by), the peak-EWMA latency that `/backends` shows, and the
+//! monotonic clock their atomics share.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -64,4 +65,129 @@ pub(super) fn clock_ns() -> u64 {
 
 pub(super) fn clock_ms() -> u64 {
     clock_ns() / 1_000_000
+}
+
+// === latency score ===
+
+/// Latency differences smaller than this are noise on a shared machine: it is added to both
+/// sides of every ratio, so 0.3 ms against 0.6 ms compares as 5.3 against 5.6, not as 1 to 2.
+const NOISE_FLOOR_NS: f64 = 5e6;
+
+/// How far one observation may move a score or a baseline: at most this many times the
+/// current value. One long call then raises a backend's score by at most 60% (see
+/// `SCORE_WEIGHT`), while a backend slow on call after call compounds: 1.6, 2.6, 4.1, 6.6, ...
+const MAX_STEP: f64 = 4.0;
+
+/// The weight of one observation in a score.
+const SCORE_WEIGHT: f64 = 0.2;
+
+/// The weight of one observation in a method's baseline; the baseline moves at most 2× per
+/// observation, so a few long calls of a method barely move it.
+const BASELINE_WEIGHT: f64 = 0.1;
+const BASELINE_STEP: f64 = 2.0;
+
+/// How fast an unobserved score returns to neutral (1.0): a backend avoided for a while is
+/// judged afresh by its next calls.
+const SCORE_DECAY_NS: f64 = 10e9;
+
+/// Compares `rtt` with the typical latency of the same method across the cluster, `baseline`
+/// (f64 nanoseconds as bits, 0 before the first observation), and folds `rtt` into it.
+/// Returns the ratio: 1.0 is typical, 3.0 is three times slower than typical. Like is compared
+/// with like: a slow method has a high baseline, so its calls do not make a backend look slow.
+pub(super) fn ratio_to_baseline(baseline: &AtomicU64, rtt: Duration) -> f64 {
+    let rtt = rtt.as_nanos() as f64;
+    let typical = f64::from_bits(baseline.load(Ordering::Relaxed));
+    if typical <= 0.0 {
+        baseline.store(rtt.to_bits(), Ordering::Relaxed);
+        return 1.0;
+    }
+    let step = rtt.min(typical * BASELINE_STEP);
+    let next = typical + BASELINE_WEIGHT * (step - typical);
+    // A lost race between two calls loses one observation; a lock here would serialise calls.
+    baseline.store(next.to_bits(), Ordering::Relaxed);
+    (rtt + NOISE_FLOOR_NS) / (typical + NOISE_FLOOR_NS)
+}
+
+/// A backend's latency score: a moving average of its calls' ratios to their methods'
+/// baselines, where no single observation counts for more than `MAX_STEP` times the current
+/// score. 1.0 is neutral. It decays back towards 1.0 while the backend is not observed.
+#[derive(Debug)]
+pub(super) struct Score {
+    /// f64, as bits.
+    value: AtomicU64,
+    updated_ns: AtomicU64,
+}
+
+impl Score {
+    pub(super) fn new() -> Score {
+        Score {
+            value: AtomicU64::new(1f64.to_bits()),
+            updated_ns: AtomicU64::new(clock_ns()),
+        }
+    }
+
+    /// Folds one ratio in; `f64::INFINITY` (a failure) counts as the largest step.
+    pub(super) fn observe(&self, ratio: f64) {
+        let now = clock_ns();
+        let current = self.value_at(now);
+        let step = ratio.min(current * MAX_STEP);
+        let next = current + SCORE_WEIGHT * (step - current);
+        self.value.store(next.to_bits(), Ordering::Relaxed);
+        self.updated_ns.store(now, Ordering::Relaxed);
+    }
+
+    /// Back to neutral: a backend that answers again after failing is judged afresh.
+    pub(super) fn reset(&self) {
+        self.value.store(1f64.to_bits(), Ordering::Relaxed);
+        self.updated_ns.store(clock_ns(), Ordering::Relaxed);
+    }
+
+    pub(super) fn get(&self) -> f64 {
+        self.value_at(clock_ns())
+    }
+
+    fn value_at(&self, now: u64) -> f64 {
+        let value = f64::from_bits(self.value.load(Ordering::Relaxed));
+        let idle = now.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
+        // Skip the exp() while the score is fresh: under 10 ms, the decay is under 0.1%.
+        if idle < 1e7 {
+            return value;
+        }
+        1.0 + (value - 1.0) * (-idle / SCORE_DECAY_NS).exp()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_outlier_moves_a_score_little_and_a_streak_moves_it_far() {
+        let score = Score::new();
+        score.observe(500.0);
+        assert!((score.get() - 1.6).abs() < 1e-9, "{}", score.get());
+        for _ in 0..5 {
+            score.observe(1.0);
+        }
+        assert!(score.get() < 1.25, "{}", score.get());
+        let slow = Score::new();
+        for _ in 0..6 {
+            slow.observe(60.0);
+        }
+        assert!(slow.get() > 10.0, "{}", slow.get());
+    }
+
+    #[test]
+    fn a_method_baseline_compares_like_with_like() {
+        let baseline = AtomicU64::new(0);
+        assert_eq!(ratio_to_baseline(&baseline, Duration::from_secs(3)), 1.0);
+        let ratio = ratio_to_baseline(&baseline, Duration::from_millis(2900));
+        assert!((0.9..1.1).contains(&ratio), "{ratio}");
+        // One 3 s call of a 1 ms method barely moves its baseline.
+        let fast = AtomicU64::new(0);
+        ratio_to_baseline(&fast, Duration::from_millis(1));
+        ratio_to_baseline(&fast, Duration::from_secs(3));
+        let typical = f64::from_bits(fast.load(Ordering::Relaxed));
+        assert!(typical < 1.2e6, "{typical}");
+    }
 }

@@ -49,10 +49,8 @@ impl Balancer {
     /// Picks an index into `set`, or `None` when it is empty. O(1), lock-free.
     fn pick(&self, set: &BackendSet) -> Option<usize> {
         match self {
-            Balancer::P2cEwma => {
-                p2c::pick(&set.backends, Backend::cost, Some(Backend::latency_nanos))
-            }
-            Balancer::LeastRequest => p2c::pick(&set.backends, least_request::cost, None),
+            Balancer::P2cEwma => p2c::pick(&set.backends, Backend::cost, true),
+            Balancer::LeastRequest => p2c::pick(&set.backends, least_request::cost, false),
             Balancer::RoundRobin(rr) => rr.pick(&set.schedule),
         }
     }
@@ -306,35 +304,45 @@ mod tests {
         }
     }
 
+    fn slow_picks(c: &Cluster) -> usize {
+        (0..1000)
+            .filter(|_| c.pick(&[]).unwrap().address.0 == "slow:1")
+            .count()
+    }
+
     #[test]
-    fn p2c_prefers_the_faster_backend() {
+    fn p2c_weighs_latency_against_the_method_baseline() {
         let c = cluster("p2c_ewma");
         c.update(&endpoints(&[("fast:1", 1), ("slow:1", 1)]));
         let set = c.backends();
-        set.backends[0].observe_latency(Duration::from_millis(1));
-        set.backends[1].observe_latency(Duration::from_millis(3));
-        let slow_picks = (0..1000)
-            .filter(|_| c.pick(&[]).unwrap().address.0 == "slow:1")
-            .count();
-        // 3x slower: still proportional, about 1 draw in 4.
-        assert!(
-            (150..350).contains(&slow_picks),
-            "slow picked {slow_picks} of 1000"
-        );
-        set.backends[1].observe_latency(Duration::from_millis(20));
-        let slow_picks = (0..1000)
-            .filter(|_| c.pick(&[]).unwrap().address.0 == "slow:1")
-            .count();
-        // 20x but only 19 ms slower (one hiccup can do that): still proportional, ~1 in 21.
-        assert!(
-            (15..110).contains(&slow_picks),
-            "slow picked {slow_picks} of 1000"
-        );
-        set.backends[1].observe_latency(Duration::from_millis(500));
-        let slow_picks = (0..1000)
-            .filter(|_| c.pick(&[]).unwrap().address.0 == "slow:1")
-            .count();
-        // 500 ms slower: left alone until its estimate decays back within reach.
-        assert_eq!(slow_picks, 0);
+        let baseline = std::sync::atomic::AtomicU64::new(0);
+        let (fast, slow) = (&set.backends[0], &set.backends[1]);
+        fast.observe_latency(Duration::from_millis(1), &baseline);
+        // Within the noise floor: an even share.
+        slow.observe_latency(Duration::from_millis(3), &baseline);
+        assert!((400..600).contains(&slow_picks(&c)), "{}", slow_picks(&c));
+        // One long call is not a slow backend: it keeps most of its share.
+        slow.observe_latency(Duration::from_secs(3), &baseline);
+        assert!((250..500).contains(&slow_picks(&c)), "{}", slow_picks(&c));
+        // Slow on call after call: it loses nearly all of it.
+        for _ in 0..10 {
+            fast.observe_latency(Duration::from_millis(1), &baseline);
+            slow.observe_latency(Duration::from_millis(300), &baseline);
+        }
+        assert!(slow_picks(&c) < 50, "{}", slow_picks(&c));
+    }
+
+    #[test]
+    fn p2c_avoids_a_backend_that_fails_fast() {
+        let c = cluster("p2c_ewma");
+        c.update(&endpoints(&[("fast:1", 1), ("slow:1", 1)]));
+        let set = c.backends();
+        let baseline = std::sync::atomic::AtomicU64::new(0);
+        for _ in 0..10 {
+            set.backends[0].observe_latency(Duration::from_millis(1), &baseline);
+            // Answers in no time, with a failure.
+            set.backends[1].observe_failure();
+        }
+        assert!(slow_picks(&c) < 50, "{}", slow_picks(&c));
     }
 }

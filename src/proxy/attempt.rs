@@ -70,7 +70,7 @@ impl Call {
                 Ok(Ok(response)) => {
                     // No retry can follow now: the upload stops holding the body for one.
                     answered.store(true, Ordering::Relaxed);
-                    backend.observe_latency(sent_at.elapsed());
+                    backend.observe_latency(sent_at.elapsed(), &self.method.latency_baseline);
                     let bytes_out = &mut self.summary.bytes_out;
                     exchange
                         .respond_with(response, &mut down_send, bytes_out)

@@ -14,13 +14,15 @@ use super::forward::Replay;
 use super::outcome::RetryReason;
 use super::reply;
 use crate::balance::{Backend, Cluster};
-use crate::telemetry::Reject;
+use crate::telemetry::{MethodStats, Reject};
 use crate::transport::H2Settings;
 use crate::wire::{Code, Origin, ProxyStatus};
 
 /// One call in flight, from routing to its end.
 pub(super) struct Call {
     pub(super) cluster: Arc<Cluster>,
+    /// The called method's counters, and its latency baseline for the balancer.
+    pub(super) method: Arc<MethodStats>,
     pub(super) h2: H2Settings,
     pub(super) deadline: Instant,
     pub(super) summary: Summary,
@@ -78,22 +80,29 @@ pub(super) enum AttemptEnd {
 }
 
 impl Call {
-    pub(super) fn new(cluster: Arc<Cluster>, h2: H2Settings, deadline: Instant) -> Call {
+    pub(super) fn new(
+        cluster: Arc<Cluster>,
+        method: Arc<MethodStats>,
+        h2: H2Settings,
+        deadline: Instant,
+    ) -> Call {
         Call {
             cluster,
+            method,
             h2,
             deadline,
             summary: Summary::default(),
         }
     }
 
-    /// Runs the call to its end. Returns how it ended, its summary, and the request headers
-    /// (for the access log).
+    /// Runs the call to its end, and counts it in its method's stats. Returns how it ended,
+    /// its summary, and the request headers (for the access log).
     pub(super) async fn run(
         mut self,
         request: http::request::Parts,
         body: RecvStream,
         respond: SendResponse<Bytes>,
+        started: Instant,
     ) -> (Ending, Summary, http::request::Parts) {
         let mut down = Downstream {
             request,
@@ -103,6 +112,8 @@ impl Call {
         };
         let ending = self.attempts(&mut down).await;
         self.summary.bytes_in = down.bytes_in.load(Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        self.method.record(ending.code, ending.origin, elapsed);
         (ending, self.summary, down.request)
     }
 

@@ -177,14 +177,14 @@ impl Proxy {
             Err(status) => {
                 let ending = Ending::proxy(status.code);
                 reply::status(&mut respond, status);
+                method.record(ending.code, ending.origin, started.elapsed());
                 (ending, Summary::default(), parts)
             }
             Ok(budget) => {
-                let call = Call::new(Arc::clone(&cluster), self.h2, started + budget);
-                call.run(parts, body, respond).await
+                let call = Call::new(Arc::clone(&cluster), method, self.h2, started + budget);
+                call.run(parts, body, respond, started).await
             }
         };
-        method.record(ending.code, ending.origin, started.elapsed());
         self.log(&parts, Some(&cluster), &summary, ending, started, peer);
     }
 

@@ -81,7 +81,8 @@ impl Call {
     /// Acts on how an attempt ended. Counting: an attempt whose request was sent is recorded on
     /// the backend with its code (UNAVAILABLE for one refused before processing); a failed
     /// connect is recorded as a connect failure; a deadline that passes while connecting counts
-    /// as a rejection. An attempt that may be retried is handed back to the attempts loop
+    /// as a rejection. A server-side failure code (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL,
+    /// UNAVAILABLE, DATA_LOSS) on a sent attempt also weighs the backend down in the balancer. An attempt that may be retried is handed back to the attempts loop
     /// (`call.rs`), which answers the client itself when no retry follows.
     pub(super) fn settle(
         &mut self,
@@ -146,6 +147,10 @@ impl Call {
         };
         if legs.upstream.is_some() {
             backend.stats.record(ending.code, legs.picked_at.elapsed());
+            // The balancer counts a server-side failure as the worst latency.
+            if ending.code.is_server_error() {
+                backend.observe_failure();
+            }
         }
         AttemptEnd::Done(ending)
     }

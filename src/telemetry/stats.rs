@@ -194,6 +194,10 @@ pub struct MethodStats {
     pub(super) method: Box<str>,
     pub(super) codes: [[AtomicU64; Code::COUNT]; 2],
     pub(super) duration: Histogram,
+    /// The method's typical latency across the cluster (f64 nanoseconds as bits, 0 until its
+    /// first call), which the balancer compares each backend's latency with. Kept here, beside
+    /// the counters, because the call already holds this object: no second lookup per call.
+    pub latency_baseline: AtomicU64,
 }
 
 impl MethodStats {
@@ -202,6 +206,7 @@ impl MethodStats {
             service: service.into(),
             method: method.into(),
             codes: Default::default(),
+            latency_baseline: AtomicU64::new(0),
             duration: histogram(
                 "sluice_request_duration_seconds",
                 "Duration of calls, from the request headers to the last frame.",

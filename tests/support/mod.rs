@@ -140,10 +140,16 @@ pub struct EchoProcess {
 
 impl EchoProcess {
     pub async fn start(id: &str) -> EchoProcess {
+        EchoProcess::start_on(id, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// An echo backend process listening on `addr` (port 0: one the kernel picks).
+    pub async fn start_on(id: &str, addr: SocketAddr) -> EchoProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("echo.log");
+        let listen = addr.to_string();
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["echo-backend", "--listen", "127.0.0.1:0", "--id", id])
+            .args(["echo-backend", "--listen", &listen, "--id", id])
             .env("RUST_LOG", "warn,sluice::demo=info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("echo log"))

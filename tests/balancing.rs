@@ -1,0 +1,167 @@
+//! The balancer is fair first, then smart: equal backends share evenly, a few long calls do
+//! not mark a backend slow, a backend slow on call after call loses its share, and a backend
+//! that returns gets traffic again within seconds. Default config (p2c_ewma) throughout.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use support::{request, Echo, EchoProcess, EchoRequest, Sluice};
+
+/// Shares per backend id of `calls`, in percent.
+fn shares(counts: &HashMap<String, u32>, calls: u32) -> Vec<(String, f64)> {
+    let mut shares: Vec<(String, f64)> = counts
+        .iter()
+        .map(|(id, n)| (id.clone(), f64::from(*n) * 100.0 / f64::from(calls)))
+        .collect();
+    shares.sort_by(|a, b| a.0.cmp(&b.0));
+    shares
+}
+
+async fn three_equal() -> ([Echo; 3], Sluice) {
+    let backends = [
+        Echo::start("b1").await,
+        Echo::start("b2").await,
+        Echo::start("b3").await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    (backends, sluice)
+}
+
+/// Sends `calls` sequential small calls on one connection; counts them per backend.
+async fn sequential(sluice: &Sluice, calls: u32) -> HashMap<String, u32> {
+    let mut client = sluice.client().await;
+    let mut counts = HashMap::new();
+    for i in 0..calls {
+        let reply = client.unary(request(&format!("{i}"))).await.unwrap();
+        *counts.entry(reply.into_inner().backend_id).or_default() += 1;
+    }
+    counts
+}
+
+/// Sends `calls` calls at once on one connection, each held `held` by the backend.
+async fn concurrent(sluice: &Sluice, calls: u32, held: Duration) -> HashMap<String, u32> {
+    let client = sluice.client().await;
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let ask = EchoRequest {
+                    sleep_ms: held.as_millis() as u32,
+                    ..request(&format!("{i}"))
+                };
+                client.unary(ask).await.unwrap().into_inner().backend_id
+            })
+        })
+        .collect();
+    let mut counts = HashMap::new();
+    for task in tasks {
+        *counts.entry(task.await.unwrap()).or_default() += 1;
+    }
+    counts
+}
+
+fn assert_each_at_least(counts: &HashMap<String, u32>, calls: u32, percent: f64) {
+    let shares = shares(counts, calls);
+    assert_eq!(shares.len(), 3, "{shares:?}");
+    for (id, share) in &shares {
+        assert!(*share >= percent, "{id} got {share:.0}%: {shares:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_backends_share_sequential_calls_evenly() {
+    let (_backends, sluice) = three_equal().await;
+    let counts = sequential(&sluice, 300).await;
+    assert_each_at_least(&counts, 300, 25.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_backends_share_concurrent_calls_evenly() {
+    let (_backends, sluice) = three_equal().await;
+    let counts = concurrent(&sluice, 32, Duration::from_millis(300)).await;
+    assert_each_at_least(&counts, 32, 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_long_calls_do_not_mark_a_backend_slow() {
+    let (_backends, sluice) = three_equal().await;
+    sequential(&sluice, 30).await;
+    // Answered only at their end, as a Go unary handler answers.
+    concurrent(&sluice, 5, Duration::from_secs(3)).await;
+    let counts = sequential(&sluice, 150).await;
+    assert_each_at_least(&counts, 150, 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_long_call_does_not_shut_its_backend_out() {
+    let (_backends, sluice) = three_equal().await;
+    sequential(&sluice, 30).await;
+    concurrent(&sluice, 1, Duration::from_secs(2)).await;
+    let counts = sequential(&sluice, 150).await;
+    assert_each_at_least(&counts, 150, 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_slow_on_every_call_loses_its_share() {
+    let fast1 = Echo::start("fast1").await;
+    let fast2 = Echo::start("fast2").await;
+    let slow = Echo::start_with_delay("slow", Duration::from_millis(300)).await;
+    let sluice = Sluice::start(&Sluice::cluster(&[fast1.addr, fast2.addr, slow.addr], "")).await;
+    let client = sluice.client().await;
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut slow_calls = 0;
+                for i in 0..19 {
+                    let reply = client.unary(request(&format!("{w}-{i}"))).await.unwrap();
+                    slow_calls += u32::from(reply.into_inner().backend_id == "slow");
+                }
+                slow_calls
+            })
+        })
+        .collect();
+    let mut slow_calls = 0;
+    for worker in workers {
+        slow_calls += worker.await.unwrap();
+    }
+    // 304 calls; round robin would give it 101.
+    assert!(
+        slow_calls * 100 < 304 * 8,
+        "slow served {slow_calls} of 304"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_backend_serves_again_within_seconds() {
+    let mut backends = [
+        EchoProcess::start("b1").await,
+        EchoProcess::start("b2").await,
+        EchoProcess::start("b3").await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    let mut client = sluice.client().await;
+    for i in 0..30 {
+        client.unary(request(&format!("warm {i}"))).await.unwrap();
+    }
+    backends[1].kill();
+    // Steady traffic while it is down: its connects fail and it backs off.
+    let down_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < down_until {
+        client.unary(request("while down")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    backends[1] = EchoProcess::start_on("b2-again", addrs[1]).await;
+    let back = Instant::now();
+    let mut served = false;
+    while !served && back.elapsed() < Duration::from_secs(5) {
+        let reply = client.unary(request("after restart")).await.unwrap();
+        served = reply.into_inner().backend_id == "b2-again";
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(served, "the restarted backend got no call in 5 s");
+}
