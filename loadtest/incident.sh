@@ -20,7 +20,7 @@ find_binaries
 if [ "$SMOKE" = 1 ]; then
   TARGETS=${TARGETS:-sluice}; ARGS="--slow-after 2s --duration 6s --rate 100"
 else
-  TARGETS=${TARGETS:-"sluice $(command -v haproxy >/dev/null && echo haproxy)"}; ARGS="--slow-after 10s --duration 30s --rate 200"
+  TARGETS=${TARGETS:-"sluice $(command -v haproxy >/dev/null && echo haproxy || true)"}; ARGS="--slow-after 10s --duration 30s --rate 200"
 fi
 PIN_PROXY=""
 WORK=$(mktemp -d /tmp/sluice-incident.XXXXXX)

@@ -2,7 +2,7 @@
 //! baselines (what `p2c_ewma` picks by), the peak-EWMA latency that `/backends` shows, and the
 //! monotonic clock their atomics share.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -73,13 +73,11 @@ pub(super) fn clock_ms() -> u64 {
 /// sides of every ratio, so 0.3 ms against 0.6 ms compares as 5.3 against 5.6, not as 1 to 2.
 const NOISE_FLOOR_NS: f64 = 5e6;
 
-/// How far one observation may move a score or a baseline: at most this many times the
-/// current value. One long call then raises a backend's score by at most 60% (see
-/// `SCORE_WEIGHT`), while a backend slow on call after call compounds: 1.6, 2.6, 4.1, 6.6, ...
-const MAX_STEP: f64 = 4.0;
+/// A failed call, as a ratio: far worse than any latency a backend could show.
+const FAILURE_RATIO: f32 = 1000.0;
 
-/// The weight of one observation in a score.
-const SCORE_WEIGHT: f64 = 0.2;
+/// Calls a backend's score looks back over.
+const WINDOW: usize = 8;
 
 /// The weight of one observation in a method's baseline; the baseline moves at most 2× per
 /// observation, so a few long calls of a method barely move it.
@@ -108,47 +106,66 @@ pub(super) fn ratio_to_baseline(baseline: &AtomicU64, rtt: Duration) -> f64 {
     (rtt + NOISE_FLOOR_NS) / (typical + NOISE_FLOOR_NS)
 }
 
-/// A backend's latency score: a moving average of its calls' ratios to their methods'
-/// baselines, where no single observation counts for more than `MAX_STEP` times the current
-/// score. 1.0 is neutral. It decays back towards 1.0 while the backend is not observed.
+/// A backend's latency score: the lower median of its last `WINDOW` calls' ratios to their
+/// methods' baselines (a failure counts as `FAILURE_RATIO`). A minority of long calls (up to
+/// 4 of 8) leaves it where the rest put it; a backend slow or failing on most of its calls
+/// takes their value. 1.0 is neutral. It decays back towards 1.0 while the backend is not
+/// observed.
 #[derive(Debug)]
 pub(super) struct Score {
-    /// f64, as bits.
-    value: AtomicU64,
+    /// f32 ratios, as bits: a ring the next observation overwrites at `next % WINDOW`.
+    samples: [AtomicU32; WINDOW],
+    next: AtomicUsize,
+    /// The lower median of `samples` (f64 as bits), computed when a sample arrives.
+    median: AtomicU64,
     updated_ns: AtomicU64,
 }
 
 impl Score {
     pub(super) fn new() -> Score {
-        Score {
-            value: AtomicU64::new(1f64.to_bits()),
-            updated_ns: AtomicU64::new(clock_ns()),
-        }
+        let score = Score {
+            samples: Default::default(),
+            next: AtomicUsize::new(0),
+            median: AtomicU64::new(0),
+            updated_ns: AtomicU64::new(0),
+        };
+        score.reset();
+        score
     }
 
-    /// Folds one ratio in; `f64::INFINITY` (a failure) counts as the largest step.
+    /// Records one call's ratio. Racing calls may overwrite each other's sample; that is
+    /// tolerated, since a lock here would serialise every call on the backend.
     pub(super) fn observe(&self, ratio: f64) {
-        let now = clock_ns();
-        let current = self.value_at(now);
-        let step = ratio.min(current * MAX_STEP);
-        let next = current + SCORE_WEIGHT * (step - current);
-        self.value.store(next.to_bits(), Ordering::Relaxed);
-        self.updated_ns.store(now, Ordering::Relaxed);
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % WINDOW;
+        let ratio = (ratio as f32).min(FAILURE_RATIO);
+        self.samples[slot].store(ratio.to_bits(), Ordering::Relaxed);
+        let mut sorted = [0f32; WINDOW];
+        for (value, sample) in sorted.iter_mut().zip(&self.samples) {
+            *value = f32::from_bits(sample.load(Ordering::Relaxed));
+        }
+        sorted.sort_unstable_by(f32::total_cmp);
+        let median = f64::from(sorted[WINDOW / 2 - 1]);
+        self.median.store(median.to_bits(), Ordering::Relaxed);
+        self.updated_ns.store(clock_ns(), Ordering::Relaxed);
+    }
+
+    /// A failed call: the worst sample.
+    pub(super) fn observe_failure(&self) {
+        self.observe(f64::from(FAILURE_RATIO));
     }
 
     /// Back to neutral: a backend that answers again after failing is judged afresh.
     pub(super) fn reset(&self) {
-        self.value.store(1f64.to_bits(), Ordering::Relaxed);
+        for sample in &self.samples {
+            sample.store(1f32.to_bits(), Ordering::Relaxed);
+        }
+        self.median.store(1f64.to_bits(), Ordering::Relaxed);
         self.updated_ns.store(clock_ns(), Ordering::Relaxed);
     }
 
     pub(super) fn get(&self) -> f64 {
-        self.value_at(clock_ns())
-    }
-
-    fn value_at(&self, now: u64) -> f64 {
-        let value = f64::from_bits(self.value.load(Ordering::Relaxed));
-        let idle = now.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
+        let value = f64::from_bits(self.median.load(Ordering::Relaxed));
+        let idle = clock_ns().saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
         // Skip the exp() while the score is fresh: under 10 ms, the decay is under 0.1%.
         if idle < 1e7 {
             return value;
@@ -162,19 +179,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_outlier_moves_a_score_little_and_a_streak_moves_it_far() {
+    fn a_minority_of_long_calls_leaves_a_score_and_a_majority_moves_it() {
         let score = Score::new();
+        for _ in 0..4 {
+            score.observe(500.0);
+        }
+        assert_eq!(score.get(), 1.0);
         score.observe(500.0);
-        assert!((score.get() - 1.6).abs() < 1e-9, "{}", score.get());
+        assert_eq!(score.get(), 500.0);
+        for _ in 0..4 {
+            score.observe(1.1);
+        }
+        assert!((score.get() - 1.1).abs() < 1e-6, "{}", score.get());
+        let failing = Score::new();
         for _ in 0..5 {
-            score.observe(1.0);
+            failing.observe_failure();
         }
-        assert!(score.get() < 1.25, "{}", score.get());
-        let slow = Score::new();
-        for _ in 0..6 {
-            slow.observe(60.0);
-        }
-        assert!(slow.get() > 10.0, "{}", slow.get());
+        assert_eq!(failing.get(), f64::from(FAILURE_RATIO));
+        failing.reset();
+        assert_eq!(failing.get(), 1.0);
     }
 
     #[test]

@@ -321,9 +321,11 @@ mod tests {
         // Within the noise floor: an even share.
         slow.observe_latency(Duration::from_millis(3), &baseline);
         assert!((400..600).contains(&slow_picks(&c)), "{}", slow_picks(&c));
-        // One long call is not a slow backend: it keeps most of its share.
-        slow.observe_latency(Duration::from_secs(3), &baseline);
-        assert!((250..500).contains(&slow_picks(&c)), "{}", slow_picks(&c));
+        // A few long calls are not a slow backend: it keeps its share.
+        for _ in 0..3 {
+            slow.observe_latency(Duration::from_secs(3), &baseline);
+        }
+        assert!((400..600).contains(&slow_picks(&c)), "{}", slow_picks(&c));
         // Slow on call after call: it loses nearly all of it.
         for _ in 0..10 {
             fast.observe_latency(Duration::from_millis(1), &baseline);

@@ -2,8 +2,9 @@
 //! it avoids the herd a global "least loaded" pick causes when many calls decide at once.
 //!
 //! The preference is proportional, not absolute: candidate `a` wins with probability
-//! `cost(b) / (cost(a) + cost(b))`, so backends within noise of each other share evenly, and a
-//! backend several times costlier still gets the odd call that tells whether it recovered.
+//! `cost(b) / (cost(a) + cost(b))`, so backends within noise of each other share evenly. (The
+//! p2c_ewma cost is squared, see `Backend::cost`, so a far costlier backend gets almost no
+//! calls but its probes.)
 //! With `probe` (p2c_ewma), a candidate not picked for two seconds wins outright, one call per
 //! interval: a backend that was avoided is judged again by a fresh answer.
 

@@ -63,6 +63,7 @@ impl Call {
                 upload: upload.as_mut(),
                 upload_done: request_ended,
                 deadline: deadline.as_mut(),
+                deadline_at: self.deadline,
             };
             match exchange.await_headers(response).await {
                 Err(outcome) => outcome,
@@ -161,6 +162,10 @@ struct Exchange<'a, U> {
     /// The upload has ended (or there was nothing to upload).
     upload_done: bool,
     deadline: Pin<&'a mut Sleep>,
+    /// When `deadline` fires. The timer has millisecond resolution, so it can fire after an
+    /// answer the backend gave on its own expiry of the `grpc-timeout` sluice sent (tonic
+    /// answers CANCELLED then); such an answer arrives after this instant by construction.
+    deadline_at: Instant,
 }
 
 impl<U: Future<Output = Result<(), PipeError>>> Exchange<'_, U> {
@@ -186,7 +191,14 @@ impl<U: Future<Output = Result<(), PipeError>>> Exchange<'_, U> {
                     }
                 }
                 // The backend's response headers, or its failure.
-                result = &mut response => return Ok(result),
+                result = &mut response => {
+                    // The client's deadline has passed, whatever the timer says: that is
+                    // what it must hear.
+                    if Instant::now() >= self.deadline_at {
+                        return Err(Outcome::DeadlineExceeded);
+                    }
+                    return Ok(result);
+                }
             }
         }
     }
