@@ -47,6 +47,8 @@ pub struct EchoStats {
 pub struct EchoService {
     pub id: String,
     pub delay: Duration,
+    /// Answer every unary call with this status, at once: a backend whose dependency broke.
+    pub fail_all: Option<tonic::Code>,
     pub stats: Arc<EchoStats>,
 }
 
@@ -55,6 +57,7 @@ impl EchoService {
         EchoService {
             id: id.into(),
             delay: Duration::ZERO,
+            fail_all: None,
             stats: Arc::default(),
         }
     }
@@ -151,6 +154,10 @@ impl Echo for EchoService {
             finished: false,
         };
         let body = request.get_ref();
+        if let Some(code) = self.fail_all {
+            guard.finished = true;
+            return Err(Status::new(code, format!("{} fails every call", self.id)));
+        }
         tokio::time::sleep(self.delay + Duration::from_millis(body.sleep_ms.into())).await;
         guard.finished = true;
         if let Some(status) = failure(body) {

@@ -165,3 +165,27 @@ async fn a_restarted_backend_serves_again_within_seconds() {
     }
     assert!(served, "the restarted backend got no call in 5 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_fails_fast_gets_few_calls() {
+    let good1 = Echo::start("good1").await;
+    let good2 = Echo::start("good2").await;
+    let broken = Echo::start_failing("broken", tonic::Code::Unavailable).await;
+    let addrs = [good1.addr, good2.addr, broken.addr];
+    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    let mut client = sluice.client().await;
+    let mut failed = 0;
+    for i in 0..600 {
+        failed += u32::from(client.unary(request(&format!("{i}"))).await.is_err());
+    }
+    let broken_calls = broken
+        .stats
+        .calls
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // Round robin would fail 200 of 600.
+    assert!(failed <= 18, "{failed} of 600 calls failed");
+    assert!(
+        broken_calls <= 30,
+        "the broken backend got {broken_calls} of 600 attempts"
+    );
+}

@@ -48,6 +48,9 @@ impl Call {
             Err(outcome) => return self.settle(down, legs, outcome),
         };
         let mut down_send = None;
+        // Time to the response headers: how the backend's latency is judged, once the
+        // attempt's outcome says whether it failed (outcome.rs).
+        let mut headers_after = None;
         let outcome = {
             let answered = AtomicBool::new(false);
             let Downstream {
@@ -71,7 +74,7 @@ impl Call {
                 Ok(Ok(response)) => {
                     // No retry can follow now: the upload stops holding the body for one.
                     answered.store(true, Ordering::Relaxed);
-                    backend.observe_latency(sent_at.elapsed(), &self.method.latency_baseline);
+                    headers_after = Some(sent_at.elapsed());
                     let bytes_out = &mut self.summary.bytes_out;
                     exchange
                         .respond_with(response, &mut down_send, bytes_out)
@@ -82,6 +85,7 @@ impl Call {
         drop(in_flight);
         legs.upstream = Some(&mut up_send);
         legs.downstream = down_send.as_mut();
+        legs.headers_after = headers_after;
         self.settle(down, legs, outcome)
     }
 

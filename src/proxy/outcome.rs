@@ -2,6 +2,8 @@
 //! [`Outcome`] into what the client sees (the backend's answer, a proxy status, a reset), what
 //! the backend sees (an RST_STREAM or not), and what is counted.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use h2::{Reason, SendStream};
 use tokio::time::Instant;
@@ -57,6 +59,8 @@ pub(super) struct Legs<'a> {
     pub(super) upstream: Option<&'a mut SendStream<Bytes>>,
     /// The downstream response stream: the response headers went to the client.
     pub(super) downstream: Option<&'a mut SendStream<Bytes>>,
+    /// How long the backend took to its response headers, when they came.
+    pub(super) headers_after: Option<Duration>,
 }
 
 impl<'a> Legs<'a> {
@@ -67,6 +71,7 @@ impl<'a> Legs<'a> {
             slot: None,
             upstream: None,
             downstream: None,
+            headers_after: None,
         }
     }
 
@@ -147,9 +152,13 @@ impl Call {
         };
         if legs.upstream.is_some() {
             backend.stats.record(ending.code, legs.picked_at.elapsed());
-            // The balancer counts a server-side failure as the worst latency.
+            // One sample per attempt for the balancer: a server-side failure counts as the
+            // worst latency, however fast it came (a backend that fails fast must not look
+            // fast); otherwise the time to response headers.
             if ending.code.is_server_error() {
                 backend.observe_failure();
+            } else if let Some(rtt) = legs.headers_after {
+                backend.observe_latency(rtt, &self.method.latency_baseline);
             }
         }
         AttemptEnd::Done(ending)
