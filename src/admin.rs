@@ -31,6 +31,8 @@ struct BackendsView {
 struct ClusterView {
     name: String,
     discovery: SourceView,
+    /// True while no backend is usable and calls try them all.
+    panic_mode: bool,
     backends: Vec<BackendSnapshot>,
 }
 
@@ -96,6 +98,7 @@ impl Admin {
                 .map(|c| ClusterView {
                     name: c.name.clone(),
                     discovery: c.source.view(),
+                    panic_mode: c.in_panic(),
                     backends: c.backends().backends.iter().map(|b| b.snapshot()).collect(),
                 })
                 .collect(),

@@ -2,7 +2,7 @@
 //! weight) and its state (connect backoff). It refers to its upstream connections and its
 //! counters, which live in the transport and telemetry layers.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,9 +38,14 @@ pub struct Endpoint {
 #[serde(rename_all = "snake_case")]
 pub enum BackendState {
     Healthy,
+    /// Outlier detection took it out after failures in a row, until its ejection time ends.
+    Ejected,
     /// Its last connect failed; it is skipped until its backoff ends, then tried again.
     Unhealthy,
 }
+
+/// The longest an ejection lasts, however often a backend was ejected.
+const MAX_EJECTION_MS: u64 = 5 * 60 * 1000;
 
 /// A backend and its live load and state. Shared by the cluster's snapshot and by every call
 /// that picked it, so a backend removed from discovery lives until its last call ends.
@@ -66,6 +71,14 @@ pub struct Backend {
     skip_until_ms: AtomicU64,
     /// Consecutive failed connects; 0 once one succeeds.
     connect_streak: AtomicU64,
+    /// Failed attempts in a row, for outlier detection; 0 after a success.
+    failure_streak: AtomicU32,
+    /// Until when outlier detection keeps it out (ms on the balancer's clock); 0: never was.
+    ejected_until_ms: AtomicU64,
+    /// How often it was ejected: the n-th ejection lasts n times the base ejection time.
+    ejections: AtomicU32,
+    /// Ejected, and not yet answered well since.
+    on_probation: AtomicBool,
     /// The HTTP/2 connections to this backend (transport layer).
     pub transport: Arc<Pool>,
     /// This backend's attempt counters (telemetry layer); the proxy records into them.
@@ -86,6 +99,10 @@ impl Backend {
             last_pick_ms: AtomicU64::new(clock_ms()),
             skip_until_ms: AtomicU64::new(0),
             connect_streak: AtomicU64::new(0),
+            failure_streak: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            on_probation: AtomicBool::new(false),
         }
     }
 
@@ -103,19 +120,62 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// False while the backend sits out a connect backoff.
-    pub fn is_available(&self) -> bool {
-        self.skip_until_ms.load(Ordering::Relaxed) <= clock_ms()
-    }
-
-    /// Unhealthy from a failed connect until the next one succeeds, including the moments
-    /// between backoffs when it may be tried again (`sluice_backend_up`, `state`).
+    /// Ejected while outlier detection keeps it out; unhealthy from a failed connect until the
+    /// next one succeeds, including the moments between backoffs when it may be tried again
+    /// (`sluice_backend_up`, `state`).
     pub fn state(&self) -> BackendState {
-        if self.connect_streak.load(Ordering::Relaxed) == 0 {
+        if self.is_ejected(clock_ms()) {
+            BackendState::Ejected
+        } else if self.connect_streak.load(Ordering::Relaxed) == 0 {
             BackendState::Healthy
         } else {
             BackendState::Unhealthy
         }
+    }
+
+    pub(super) fn is_ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// May take a call: not in connect backoff, not ejected.
+    pub(super) fn is_usable(&self, now_ms: u64) -> bool {
+        self.skip_until_ms.load(Ordering::Relaxed) <= now_ms && !self.is_ejected(now_ms)
+    }
+
+    /// Counts one failed attempt; returns the failures in a row.
+    pub(super) fn count_failure(&self) -> u32 {
+        self.failure_streak.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Counts one good attempt: the streak ends. A backend back from an ejection is on
+    /// probation until this first good answer (returns true then, once). After a quiet spell
+    /// as long as its last ejection, its next ejection is short again.
+    pub(super) fn count_success(&self, now_ms: u64, base_ejection_ms: u64) -> bool {
+        if self.failure_streak.load(Ordering::Relaxed) != 0 {
+            self.failure_streak.store(0, Ordering::Relaxed);
+        }
+        let ejections = self.ejections.load(Ordering::Relaxed);
+        if ejections == 0 {
+            return false;
+        }
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if now_ms >= until + base_ejection_ms * u64::from(ejections) {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+        self.on_probation.swap(false, Ordering::Relaxed)
+    }
+
+    /// Takes the backend out for `base_ejection_ms` times the number of its ejections, at most
+    /// five minutes; returns how long.
+    pub(super) fn eject(&self, now_ms: u64, base_ejection_ms: u64) -> u64 {
+        let nth = u64::from(self.ejections.fetch_add(1, Ordering::Relaxed)) + 1;
+        let length = (base_ejection_ms * nth).min(MAX_EJECTION_MS);
+        self.ejected_until_ms
+            .store(now_ms + length, Ordering::Relaxed);
+        self.failure_streak.store(0, Ordering::Relaxed);
+        self.on_probation.store(true, Ordering::Relaxed);
+        self.stats.record_ejection();
+        length
     }
 
     /// Marks one stream started; the returned guard marks it finished when dropped.
@@ -208,7 +268,10 @@ impl Backend {
 
     pub fn snapshot(&self) -> BackendSnapshot {
         let (rps, error_ratio) = self.stats.recent_rates();
+        let now = clock_ms();
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
         BackendSnapshot {
+            ejected_for_ms: (until > now).then(|| until - now),
             rps,
             error_ratio,
             address: self.address.to_string(),
@@ -241,6 +304,9 @@ impl Drop for InFlight {
 pub struct BackendSnapshot {
     pub address: String,
     pub state: BackendState,
+    /// While ejected: how long until it takes calls again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_for_ms: Option<u64>,
     pub in_flight: u64,
     pub ewma_latency_ms: f64,
     /// Attempts on this backend: requests sent, plus connects that failed.

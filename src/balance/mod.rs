@@ -8,6 +8,7 @@
 mod backend;
 mod ewma;
 mod least_request;
+mod outlier;
 mod p2c;
 mod retry_budget;
 mod round_robin;
@@ -19,13 +20,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tracing::{info, warn};
 
 pub use backend::{Backend, BackendSnapshot, BackendState, Endpoint, InFlight};
 pub use retry_budget::RetryBudget;
 pub use source::{SourceKind, SourceState, SourceStatus, SourceView};
 
-use crate::config::{BackendAddr, BalancerKind, ClusterConfig};
+use crate::config::{BackendAddr, BalancerKind, ClusterConfig, OutlierDetection};
 use crate::telemetry::{ClusterStats, DiscoveryGauges, Scrape};
+use ewma::clock_ms;
 
 // === Balancer ===
 
@@ -79,6 +82,7 @@ pub struct ClusterSettings {
     pub connect_timeout: Duration,
     pub max_deadline: Duration,
     pub max_attempts: u32,
+    pub outlier_detection: OutlierDetection,
 }
 
 /// A named group of interchangeable backends behind one balancer.
@@ -93,6 +97,8 @@ pub struct Cluster {
     ready: AtomicBool,
     /// Where the backends come from, and whether that source answers (written by discovery).
     pub source: SourceStatus,
+    /// True while no backend is usable and calls try them all anyway (panic mode).
+    panic: AtomicBool,
     /// Call counters; a reload hands them to the next cluster of the same name.
     pub stats: Arc<ClusterStats>,
 }
@@ -111,12 +117,14 @@ impl Cluster {
                 connect_timeout: config.connect_timeout.0,
                 max_deadline: config.max_deadline.0,
                 max_attempts: config.retry.max_attempts.0,
+                outlier_detection: config.outlier_detection,
             },
             balancer: Balancer::new(config.balancer),
             backends: ArcSwap::from_pointee(BackendSet::default()),
             retry_budget: RetryBudget::new(config.retry.budget_ratio.0),
             ready: Default::default(),
             source: SourceStatus::new(&config.discovery.value),
+            panic: AtomicBool::new(false),
         }
     }
 
@@ -178,38 +186,73 @@ impl Cluster {
             invalid_values: (self.source.kind == SourceKind::Etcd)
                 .then(|| self.source.invalid_values()),
         };
-        scrape.cluster(&self.name, &self.stats, discovery, set.backends.len());
+        let backends = set.backends.len();
+        scrape.cluster(
+            &self.name,
+            &self.stats,
+            discovery,
+            backends,
+            self.in_panic(),
+        );
         for backend in &set.backends {
             let stats = &backend.stats;
             scrape.backend(&self.name, &backend.address.0, stats, backend.gauges());
         }
     }
 
-    /// Picks a backend for one attempt, avoiding those in `tried` and those in connect
-    /// backoff when another choice exists.
+    /// Picks a backend for one attempt, avoiding those in `tried`, those in connect backoff
+    /// and those ejected when another choice exists. When none is usable, it tries them all
+    /// rather than fail every call (panic mode, as Envoy's).
     pub fn pick(&self, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
         let set = self.backends.load();
-        let usable =
-            |b: &Arc<Backend>| b.is_available() && !tried.iter().any(|t| Arc::ptr_eq(t, b));
+        let now = clock_ms();
+        let untried = |b: &Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
+        let usable = |b: &Arc<Backend>| b.is_usable(now) && untried(b);
         if let Some(i) = self.balancer.pick(&set) {
             let chosen = &set.backends[i];
             if usable(chosen) {
+                self.leave_panic();
                 return Some(Arc::clone(chosen));
             }
         }
-        // Rare path (a retry, or a backend in backoff): scan from a random offset for one
-        // that is usable, then for one that was at least not tried, then take any.
+        // Rare path (a retry, a backend in backoff or ejected): scan from a random offset for
+        // one that is usable, then for one that was at least not tried, then take any.
         let n = set.backends.len();
         if n == 0 {
             return None;
         }
         let start = fastrand::usize(..n);
         let rotated = || (0..n).map(|k| &set.backends[(start + k) % n]);
+        if let Some(found) = rotated().find(|b| usable(b)) {
+            self.leave_panic();
+            return Some(Arc::clone(found));
+        }
+        if !set.backends.iter().any(|b| b.is_usable(now)) {
+            self.enter_panic();
+        }
         rotated()
-            .find(|b| usable(b))
-            .or_else(|| rotated().find(|b| !tried.iter().any(|t| Arc::ptr_eq(t, b))))
+            .find(|b| untried(b))
             .or_else(|| rotated().next())
             .cloned()
+    }
+
+    /// True while no backend is usable and calls try them all (`sluice_panic_mode`).
+    pub fn in_panic(&self) -> bool {
+        self.panic.load(Ordering::Relaxed)
+    }
+
+    fn enter_panic(&self) {
+        if !self.panic.swap(true, Ordering::Relaxed) {
+            warn!(cluster = %self.name,
+                "panic mode: no backend is usable (all in connect backoff or ejected); calls try them all");
+        }
+    }
+
+    fn leave_panic(&self) {
+        // A load first: the common case writes nothing.
+        if self.panic.load(Ordering::Relaxed) && self.panic.swap(false, Ordering::Relaxed) {
+            info!(cluster = %self.name, "panic mode over: a backend is usable again");
+        }
     }
 }
 

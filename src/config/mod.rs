@@ -25,8 +25,9 @@ pub use serde_saphyr::Spanned;
 
 pub use files::{EtcdTlsFiles, Files, PemFile};
 pub use values::{
-    parse_duration, BackendAddr, DurationValue, EtcdEndpoint, EtcdPrefix, ListenAddr, MaxAttempts,
-    NonEmpty, NotSupportedYet, PathPrefix, PositiveDuration, Ratio, ServiceName, ThreadCount,
+    parse_duration, AtLeastOne, BackendAddr, DurationValue, EtcdEndpoint, EtcdPrefix, ListenAddr,
+    MaxAttempts, NonEmpty, NotSupportedYet, PathPrefix, Percent, PositiveDuration, Ratio,
+    ServiceName, ThreadCount,
 };
 
 /// A config problem, already formatted for an operator: file, key path, what is wrong, where.
@@ -163,8 +164,9 @@ pub struct ClusterConfig {
     pub queue_timeout: Option<NotSupportedYet>,
     #[serde(default)]
     pub health_check: Option<NotSupportedYet>,
+    /// Passive ejection of backends that fail call after call; on unless `off`.
     #[serde(default)]
-    pub outlier_detection: Option<NotSupportedYet>,
+    pub outlier_detection: OutlierDetection,
     #[serde(default)]
     pub tls: Option<NotSupportedYet>,
 }
@@ -284,6 +286,101 @@ pub struct RouteConfig {
     #[serde(default, rename = "match")]
     pub match_: Option<RouteMatch>,
     pub cluster: Spanned<String>,
+}
+
+/// `outlier_detection: { consecutive_failures, base_ejection_time, max_ejection_percent }`, or
+/// `outlier_detection: off`. On by default, with the defaults below.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OutlierDetection {
+    Off,
+    On(OutlierSettings),
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection::On(OutlierSettings::default())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierSettings {
+    /// Failures in a row that eject a backend.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: AtLeastOne,
+    /// How long the first ejection lasts; the n-th lasts n times as long, up to 5 minutes.
+    #[serde(default = "default_base_ejection_time")]
+    pub base_ejection_time: PositiveDuration,
+    /// The largest share of a cluster's backends ejected at once; at least one always stays.
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: Percent,
+}
+
+impl Default for OutlierSettings {
+    fn default() -> Self {
+        OutlierSettings {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_time: default_base_ejection_time(),
+            max_ejection_percent: default_max_ejection_percent(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> AtLeastOne {
+    AtLeastOne(5)
+}
+
+fn default_base_ejection_time() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(10))
+}
+
+fn default_max_ejection_percent() -> Percent {
+    Percent(50)
+}
+
+impl<'de> Deserialize<'de> for OutlierDetection {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        values::checked(deserializer, |written: WrittenOutlier| {
+            match written {
+            WrittenOutlier::Settings(settings) => Ok(OutlierDetection::On(settings)),
+            WrittenOutlier::Word(word) if word == "off" => Ok(OutlierDetection::Off),
+            WrittenOutlier::Word(word) => Err(format!(
+                "{word:?}: expected `off`, or {{ consecutive_failures, base_ejection_time, max_ejection_percent }}"
+            )),
+        }
+        })
+    }
+}
+
+/// What the file says for `outlier_detection`: a word (only `off` is one) or the settings.
+enum WrittenOutlier {
+    Word(String),
+    Settings(OutlierSettings),
+}
+
+impl<'de> Deserialize<'de> for WrittenOutlier {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(OutlierVisitor)
+    }
+}
+
+struct OutlierVisitor;
+
+impl<'de> serde::de::Visitor<'de> for OutlierVisitor {
+    type Value = WrittenOutlier;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("`off`, or { consecutive_failures, base_ejection_time, max_ejection_percent }")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(WrittenOutlier::Word(text.to_string()))
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<Self::Value, M::Error> {
+        let map = serde::de::value::MapAccessDeserializer::new(map);
+        Ok(WrittenOutlier::Settings(OutlierSettings::deserialize(map)?))
+    }
 }
 
 /// `match:` exactly one of `service` or `prefix`.

@@ -244,3 +244,38 @@ fn booleans_are_true_or_false_only() {
     assert!(e.contains("request_id.generate"), "{e}");
     assert!(e.contains("at line 9"), "{e}");
 }
+
+#[test]
+fn outlier_detection_is_on_by_default_and_checked() {
+    let config = Config::parse(MINIMAL, "t.yaml").unwrap();
+    let OutlierDetection::On(settings) = config.clusters[0].outlier_detection else {
+        panic!("on by default");
+    };
+    assert_eq!(settings.consecutive_failures.0, 5);
+    assert_eq!(settings.base_ejection_time.0, Duration::from_secs(10));
+    assert_eq!(settings.max_ejection_percent.0, 50);
+    let off = Config::parse(&format!("{MINIMAL}    outlier_detection: off\n"), "t").unwrap();
+    assert_eq!(off.clusters[0].outlier_detection, OutlierDetection::Off);
+    let cases = [
+        (
+            "{ consecutive_failures: 0 }",
+            "consecutive_failures: must be at least 1",
+        ),
+        (
+            "{ max_ejection_percent: 101 }",
+            "max_ejection_percent: must be between 0 and 100",
+        ),
+        (
+            "{ base_ejection_time: 0s }",
+            "base_ejection_time: must be greater than 0",
+        ),
+        ("{ colour: red }", "unknown field `colour`"),
+        ("sometimes", "expected `off`"),
+    ];
+    for (value, want) in cases {
+        let e = err(&format!("{MINIMAL}    outlier_detection: {value}\n"));
+        assert!(e.contains("clusters[0].outlier_detection"), "{e}");
+        assert!(e.contains(want), "want {want:?} in {e}");
+        assert!(e.contains("at line 9"), "{e}");
+    }
+}

@@ -175,6 +175,32 @@ impl<'de> Deserialize<'de> for MaxAttempts {
     }
 }
 
+/// A count of at least 1 (`outlier_detection.consecutive_failures`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AtLeastOne(pub u32);
+
+impl<'de> Deserialize<'de> for AtLeastOne {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        checked(deserializer, |n: u32| match n {
+            0 => Err("must be at least 1".to_string()),
+            n => Ok(AtLeastOne(n)),
+        })
+    }
+}
+
+/// A percentage, 0 to 100 (`outlier_detection.max_ejection_percent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Percent(pub u32);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        checked(deserializer, |n: u32| match n {
+            0..=100 => Ok(Percent(n)),
+            n => Err(format!("must be between 0 and 100, got {n}")),
+        })
+    }
+}
+
 /// A share between 0 and 1 (`retry.budget_ratio`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Ratio(pub f64);

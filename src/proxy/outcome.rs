@@ -105,6 +105,7 @@ impl Call {
                         "backend unhealthy: connect failed; skipped while it backs off");
                 }
                 backend.stats.record_connect_failure();
+                self.cluster.attempt_ended(backend, true);
                 return AttemptEnd::Retry(RetryReason::Connect(error));
             }
             Outcome::Retry(reason) => {
@@ -155,10 +156,15 @@ impl Call {
             // One sample per attempt for the balancer: a server-side failure counts as the
             // worst latency, however fast it came (a backend that fails fast must not look
             // fast); otherwise the time to response headers.
-            if ending.code.is_server_error() {
+            let failed = ending.code.is_server_error();
+            if failed {
                 backend.observe_failure();
             } else if let Some(rtt) = legs.headers_after {
                 backend.observe_latency(rtt, &self.method.latency_baseline);
+            }
+            // A cancelled call says nothing about the backend either way.
+            if ending.code != Code::Cancelled {
+                self.cluster.attempt_ended(backend, failed);
             }
         }
         AttemptEnd::Done(ending)

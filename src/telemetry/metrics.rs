@@ -53,6 +53,8 @@ pub struct Scrape {
     requests: IntCounterVec,
     upstream_requests: IntCounterVec,
     connect_failures: IntCounterVec,
+    ejections: IntCounterVec,
+    panic_mode: IntGaugeVec,
     rejected: IntCounterVec,
     retries: IntCounterVec,
     in_flight: IntGaugeVec,
@@ -96,6 +98,16 @@ impl Scrape {
                 "sluice_upstream_connect_failures_total",
                 "Attempts that got no stream because the connect or HTTP/2 handshake failed.",
                 CLUSTER_BACKEND,
+            )?,
+            ejections: counter(
+                "sluice_outlier_ejections_total",
+                "Times outlier detection ejected a backend after failures in a row.",
+                CLUSTER_BACKEND,
+            )?,
+            panic_mode: gauge(
+                "sluice_panic_mode",
+                "1 while no backend of the cluster is usable and sluice tries them all.",
+                &["cluster"],
             )?,
             rejected: counter(
                 "sluice_rejected_total",
@@ -164,7 +176,11 @@ impl Scrape {
         stats: &ClusterStats,
         discovery: DiscoveryGauges<'_>,
         backends: usize,
+        panic: bool,
     ) {
+        self.panic_mode
+            .with_label_values(&[name])
+            .set(i64::from(panic));
         self.calls(name, stats, true);
         self.retries
             .with_label_values(&[name])
@@ -210,6 +226,9 @@ impl Scrape {
         self.connect_failures
             .with_label_values(&labels)
             .inc_by(stats.connect_failures());
+        self.ejections
+            .with_label_values(&labels)
+            .inc_by(stats.ejections());
         self.attempt_durations.extend(stats.duration.collect());
         self.in_flight
             .with_label_values(&labels)
@@ -259,10 +278,12 @@ impl Scrape {
     }
 
     fn into_families(self) -> Vec<MetricFamily> {
-        let collectors: [&dyn Collector; 14] = [
+        let collectors: [&dyn Collector; 16] = [
             &self.requests,
             &self.upstream_requests,
             &self.connect_failures,
+            &self.ejections,
+            &self.panic_mode,
             &self.rejected,
             &self.retries,
             &self.in_flight,
@@ -408,7 +429,7 @@ mod tests {
                     connected: true,
                     invalid_values: None,
                 };
-                scrape.cluster("c", &self.0, discovery, 1);
+                scrape.cluster("c", &self.0, discovery, 1, false);
                 let gauges = BackendGauges {
                     in_flight: 3,
                     up: true,

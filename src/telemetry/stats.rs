@@ -82,6 +82,8 @@ pub(super) fn histogram(name: &str, help: &str, labels: &[(&str, &str)]) -> Hist
 pub struct BackendStats {
     codes: [AtomicU64; Code::COUNT],
     connect_failures: AtomicU64,
+    /// Times outlier detection ejected the backend.
+    ejections: AtomicU64,
     pub(super) duration: Histogram,
     /// Samples of `(requests, failures)` over the last `RATE_WINDOW`, taken each second by the
     /// rate sampler (cold path: one lock per second and per page view).
@@ -101,6 +103,7 @@ impl BackendStats {
         BackendStats {
             codes: Default::default(),
             connect_failures: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
             duration: histogram(
                 "sluice_upstream_request_duration_seconds",
                 "Duration of attempts on a backend, from the pick to the last frame.",
@@ -120,6 +123,15 @@ impl BackendStats {
     /// One attempt found no stream: the connect or handshake failed.
     pub fn record_connect_failure(&self) {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Outlier detection ejected the backend.
+    pub fn record_ejection(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn ejections(&self) -> u64 {
+        self.ejections.load(Ordering::Relaxed)
     }
 
     pub fn attempts_with(&self, code: Code) -> u64 {
