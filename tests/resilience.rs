@@ -170,3 +170,64 @@ async fn a_goaway_that_processed_nothing_is_retried_on_another_backend() {
         "the GOAWAY backend was not tried"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_backend_stopped_answering_is_closed_by_ping() {
+    let backend = EchoProcess::start("b1").await;
+    let extra = "    upstream_keepalive: { interval: 1s, timeout: 1s }\n";
+    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], extra)).await;
+    sluice.client().await.unary(request("x")).await.unwrap();
+    // The kernel still ACKs for a stopped process; only a PING can tell.
+    backend.signal("STOP");
+    let closed = sluice.wait_no_connections(backend.addr).await;
+    backend.signal("CONT");
+    assert!(closed, "the connection stayed open:\n{}", sluice.log());
+    assert!(
+        sluice.log().contains("did not answer a PING"),
+        "{}",
+        sluice.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_of_a_removed_backend_is_closed() {
+    let staying = Echo::start("staying").await;
+    let leaving = Echo::start("leaving").await;
+    let extra = "    balancer: round_robin\n";
+    let sluice = Sluice::start(&Sluice::cluster(&[staying.addr, leaving.addr], extra)).await;
+    let mut client = sluice.client().await;
+    for i in 0..4 {
+        client.unary(request(&format!("{i}"))).await.unwrap();
+    }
+    assert!(support::established_with(leaving.addr.port()) > 0);
+    sluice.rewrite_config(&Sluice::cluster(&[staying.addr], extra));
+    sluice.signal("HUP");
+    assert!(
+        sluice
+            .wait_backends("echo", &[staying.addr], Duration::from_secs(10))
+            .await
+    );
+    // The idle timeout (5 min by default) plays no part here.
+    let gone = support::wait_until(Duration::from_secs(10), || {
+        support::established_with(leaving.addr.port()) == 0
+    })
+    .await;
+    assert!(gone, "the removed backend's connection is still open");
+    assert!(support::established_with(staying.addr.port()) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed() {
+    let backend = Echo::start("b1").await;
+    let extra = "    upstream_idle_timeout: 1s\n";
+    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], extra)).await;
+    sluice.client().await.unary(request("x")).await.unwrap();
+    assert!(support::established_with(backend.addr.port()) > 0);
+    let closed = support::wait_until(Duration::from_secs(10), || {
+        support::established_with(backend.addr.port()) == 0
+    })
+    .await;
+    assert!(closed, "an idle connection stayed open");
+    // The next call opens a new one.
+    sluice.client().await.unary(request("y")).await.unwrap();
+}

@@ -28,6 +28,7 @@ pub use source::{SourceKind, SourceState, SourceStatus, SourceView};
 
 use crate::config::{BackendAddr, BalancerKind, ClusterConfig, OutlierDetection};
 use crate::telemetry::{ClusterStats, DiscoveryGauges, Scrape};
+use crate::transport::UpstreamPolicy;
 use ewma::clock_ms;
 
 // === Balancer ===
@@ -79,7 +80,8 @@ impl BackendSet {
 /// Per-cluster settings a call reads.
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
-    pub connect_timeout: Duration,
+    /// Connect timeout, keepalive and idle timeout of the backend connections.
+    pub upstream: UpstreamPolicy,
     pub max_deadline: Duration,
     pub max_attempts: u32,
     pub outlier_detection: OutlierDetection,
@@ -114,7 +116,12 @@ impl Cluster {
             stats,
             name: config.name.value.clone(),
             settings: ClusterSettings {
-                connect_timeout: config.connect_timeout.0,
+                upstream: UpstreamPolicy {
+                    connect_timeout: config.connect_timeout.0,
+                    keepalive_interval: config.upstream_keepalive.interval.0,
+                    keepalive_timeout: config.upstream_keepalive.timeout.0,
+                    idle_timeout: config.upstream_idle_timeout.0,
+                },
                 max_deadline: config.max_deadline.0,
                 max_attempts: config.retry.max_attempts.0,
                 outlier_detection: config.outlier_detection,

@@ -167,8 +167,47 @@ pub struct ClusterConfig {
     /// Passive ejection of backends that fail call after call; on unless `off`.
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
+    /// HTTP/2 PINGs on backend connections.
+    #[serde(default)]
+    pub upstream_keepalive: UpstreamKeepalive,
+    /// A backend connection without a stream this long is closed.
+    #[serde(default = "default_upstream_idle_timeout")]
+    pub upstream_idle_timeout: PositiveDuration,
     #[serde(default)]
     pub tls: Option<NotSupportedYet>,
+}
+
+/// `upstream_keepalive: { interval, timeout }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamKeepalive {
+    /// A PING goes out on each backend connection this often.
+    #[serde(default = "default_keepalive_interval")]
+    pub interval: PositiveDuration,
+    /// A connection whose PING is unanswered this long is closed.
+    #[serde(default = "default_keepalive_timeout")]
+    pub timeout: PositiveDuration,
+}
+
+impl Default for UpstreamKeepalive {
+    fn default() -> Self {
+        UpstreamKeepalive {
+            interval: default_keepalive_interval(),
+            timeout: default_keepalive_timeout(),
+        }
+    }
+}
+
+fn default_keepalive_interval() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(10))
+}
+
+fn default_keepalive_timeout() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(5))
+}
+
+fn default_upstream_idle_timeout() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(300))
 }
 
 fn default_connect_timeout() -> PositiveDuration {

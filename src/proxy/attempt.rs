@@ -98,10 +98,10 @@ impl Call {
         backend: &Backend,
         deadline: Pin<&mut Sleep>,
     ) -> Result<(SendRequest<Bytes>, StreamSlot), Outcome> {
-        let timeout = self.cluster.settings.connect_timeout;
+        let policy = &self.cluster.settings.upstream;
         let lend = async {
             let address = &backend.address.0;
-            let acquired = backend.transport.acquire(address, timeout, &self.h2).await;
+            let acquired = backend.transport.acquire(address, policy, &self.h2).await;
             let (sender, slot) = acquired.map_err(Outcome::ConnectFailed)?;
             if backend.connect_succeeded() {
                 info!(cluster = %self.cluster.name, backend = %address, "backend healthy again");

@@ -5,9 +5,36 @@
 //! and keepalive belong here too, when they are built.
 
 pub mod coalesce;
+mod driver;
 pub mod pool;
 
+use std::time::Duration;
+
 pub use pool::{ConnectError, Pool, StreamSlot};
+
+/// How sluice treats its connections to one cluster's backends (the cluster's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamPolicy {
+    /// Bounds the TCP connect plus the HTTP/2 handshake.
+    pub connect_timeout: Duration,
+    /// A PING goes out on each connection this often...
+    pub keepalive_interval: Duration,
+    /// ...and a connection whose PING is unanswered this long is closed.
+    pub keepalive_timeout: Duration,
+    /// A connection without a stream this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for UpstreamPolicy {
+    fn default() -> Self {
+        UpstreamPolicy {
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
 
 /// HTTP/2 settings for both sides. Windows are larger than the 64 KiB default so one stream
 /// can move a 16 MiB message at loopback speed; receive capacity is released only as bytes

@@ -6,9 +6,7 @@
 //! (pingora's ProxyHttp opened 12–24 per backend that way). Each connection's driver task
 //! publishes the peer's current stream limit and removes the connection when it ends.
 
-use std::future::{poll_fn, Future};
 use std::os::fd::AsFd;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -20,7 +18,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use tokio::net::TcpStream;
 
 use super::coalesce::CoalescingIo;
-use super::H2Settings;
+use super::{driver, H2Settings, UpstreamPolicy};
 
 /// Why no stream could be had from a backend. None of these reached the backend's application,
 /// so each may be retried elsewhere.
@@ -46,7 +44,7 @@ pub struct Pool {
 }
 
 #[derive(Debug, Default)]
-struct PoolInner {
+pub(super) struct PoolInner {
     connections: ArcSwap<Vec<Arc<Connection>>>,
     /// Held while a connection is being opened: concurrent callers wait for it, then share it.
     opening: tokio::sync::Mutex<()>,
@@ -56,15 +54,15 @@ struct PoolInner {
 }
 
 #[derive(Debug)]
-struct Connection {
+pub(super) struct Connection {
     sender: SendRequest<Bytes>,
     /// Streams open on it, counted by us: h2 does not say when the peer's limit is reached.
     /// Shared with the connection's `CoalescingIo`.
     streams: Arc<AtomicUsize>,
     /// The peer's SETTINGS_MAX_CONCURRENT_STREAMS, published by the driver task.
-    max_streams: AtomicUsize,
+    pub(super) max_streams: AtomicUsize,
     /// Set by the driver task when the connection ended, or by a caller that saw it fail.
-    closed: AtomicBool,
+    pub(super) closed: AtomicBool,
     /// A second handle on the socket (a dup), to look for the peer's FIN or RST before an idle
     /// connection is lent: the driver task may not have run since the peer closed it.
     probe: std::net::TcpStream,
@@ -98,7 +96,7 @@ impl Connection {
 
 /// Streams we put on one connection even if the peer allows more: beyond this, a second
 /// connection spreads the load over another socket (and another backend worker thread).
-const STREAMS_PER_CONNECTION_CAP: usize = 1000;
+pub(super) const STREAMS_PER_CONNECTION_CAP: usize = 1000;
 
 /// A stream slot on a connection; dropping it frees the slot.
 #[derive(Debug)]
@@ -130,15 +128,16 @@ impl Pool {
     }
 
     /// Lends a ready stream sender on a connection with a free stream slot, opening a
-    /// connection if none has one. `connect_timeout` bounds the connect and handshake; the
-    /// call's deadline is the caller's to race (one timer owns it, so the outcome of a
+    /// connection if none has one. `policy.connect_timeout` bounds the connect and handshake;
+    /// the call's deadline is the caller's to race (one timer owns it, so the outcome of a
     /// deadline that passes while connecting does not depend on which timer fires first).
     pub async fn acquire(
         &self,
         addr: &str,
-        connect_timeout: Duration,
+        policy: &UpstreamPolicy,
         settings: &H2Settings,
     ) -> Result<(SendRequest<Bytes>, StreamSlot), ConnectError> {
+        let connect_timeout = policy.connect_timeout;
         if let Some(lent) = self.inner.try_reserve() {
             return Ok(lent);
         }
@@ -164,6 +163,7 @@ impl Pool {
         let connected = connected.inspect_err(|_| {
             self.inner.connect_failures.fetch_add(1, Ordering::Relaxed);
         })?;
+        let streams = Arc::clone(&connected.streams);
         let connection = Arc::new(Connection {
             sender: connected.sender,
             streams: connected.streams,
@@ -171,10 +171,14 @@ impl Pool {
             closed: AtomicBool::new(false),
             probe: connected.probe,
         });
-        tokio::spawn(drive(
+        // The driver holds the connection weakly: once the pool and every lent slot let go
+        // of it (the backend left discovery), its sender drops and h2 closes the connection.
+        tokio::spawn(driver::drive(
             connected.upstream,
-            Arc::clone(&connection),
+            Arc::downgrade(&connection),
             Arc::downgrade(&self.inner),
+            streams,
+            *policy,
         ));
         let lent = connection.lend();
         self.inner.connections.rcu(|current| {
@@ -217,18 +221,19 @@ impl PoolInner {
         None
     }
 
-    fn remove(&self, gone: &Arc<Connection>) {
+    /// Takes a connection that ended out of the pool.
+    pub(super) fn remove(&self, gone: &Weak<Connection>) {
         self.connections.rcu(|current| {
             current
                 .iter()
-                .filter(|c| !Arc::ptr_eq(c, gone))
+                .filter(|c| !std::ptr::eq(Arc::as_ptr(c), gone.as_ptr()))
                 .cloned()
                 .collect::<Vec<_>>()
         });
     }
 }
 
-type Upstream = h2::client::Connection<CoalescingIo<TcpStream>, Bytes>;
+pub(super) type Upstream = h2::client::Connection<CoalescingIo<TcpStream>, Bytes>;
 
 /// A new connection: what calls send on, what the driver task polls, the stream count they
 /// share, and the probe.
@@ -268,27 +273,6 @@ async fn connect(addr: &str, settings: &H2Settings) -> Result<Connected, Connect
     })
 }
 
-/// Drives one upstream connection's I/O until it closes, publishing the peer's stream limit
-/// after every poll (only this task can read it), then takes the connection out of the pool.
-async fn drive(mut upstream: Upstream, connection: Arc<Connection>, pool: Weak<PoolInner>) {
-    let result = poll_fn(|cx| {
-        let poll = Pin::new(&mut upstream).poll(cx);
-        let max = upstream
-            .max_concurrent_send_streams()
-            .min(STREAMS_PER_CONNECTION_CAP);
-        connection.max_streams.store(max, Ordering::Relaxed);
-        poll
-    })
-    .await;
-    connection.closed.store(true, Ordering::Relaxed);
-    if let Err(error) = result {
-        tracing::debug!(%error, "upstream connection ended");
-    }
-    if let Some(pool) = pool.upgrade() {
-        pool.remove(&connection);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,15 +306,15 @@ mod tests {
     async fn a_connection_the_peer_closed_is_not_lent_again() {
         let (addr, mut connections) = server().await;
         let pool = Pool::new();
-        let (timeout, settings) = (Duration::from_secs(5), H2Settings::default());
-        let (_, slot) = pool.acquire(&addr, timeout, &settings).await.unwrap();
+        let (policy, settings) = (UpstreamPolicy::default(), H2Settings::default());
+        let (_, slot) = pool.acquire(&addr, &policy, &settings).await.unwrap();
         // Held, so a new connection cannot reuse its address.
         let first = Arc::clone(&slot.connection);
         let peer = connections.recv().await.unwrap();
         drop(slot);
         // The peer goes away with bytes (our SETTINGS ack) unread: the kernel resets.
         drop(peer);
-        let (_, slot) = pool.acquire(&addr, timeout, &settings).await.unwrap();
+        let (_, slot) = pool.acquire(&addr, &policy, &settings).await.unwrap();
         assert!(!Arc::ptr_eq(&first, &slot.connection));
         assert!(
             connections.recv().await.is_some(),
@@ -342,12 +326,12 @@ mod tests {
     async fn an_idle_live_connection_is_reused() {
         let (addr, mut connections) = server().await;
         let pool = Pool::new();
-        let (timeout, settings) = (Duration::from_secs(5), H2Settings::default());
-        let (_, slot) = pool.acquire(&addr, timeout, &settings).await.unwrap();
+        let (policy, settings) = (UpstreamPolicy::default(), H2Settings::default());
+        let (_, slot) = pool.acquire(&addr, &policy, &settings).await.unwrap();
         let first = Arc::clone(&slot.connection);
         let _peer = connections.recv().await.unwrap();
         drop(slot);
-        let (_, slot) = pool.acquire(&addr, timeout, &settings).await.unwrap();
+        let (_, slot) = pool.acquire(&addr, &policy, &settings).await.unwrap();
         assert!(Arc::ptr_eq(&first, &slot.connection));
     }
 }

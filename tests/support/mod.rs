@@ -62,6 +62,23 @@ impl RefusedAddrs {
     }
 }
 
+/// Loopback TCP connections in the ESTABLISHED state with `port` at either end, from
+/// /proc/net/tcp: how a test sees that a connection was really closed.
+pub fn established_with(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port_of = |field: &str| u16::from_str_radix(field.rsplit(':').next()?, 16).ok();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3
+                && fields[3] == "01"
+                && (port_of(fields[1]) == Some(port) || port_of(fields[2]) == Some(port))
+        })
+        .count()
+}
+
 /// Polls the log file at `log` (every 10 ms, at most `budget`) for a line holding `marker`,
 /// and returns the `address=` that line reports: how sluice and the echo backends say which
 /// port they bound when asked for port 0.
@@ -181,6 +198,15 @@ impl EchoProcess {
         let up = wait_for_port(process.addr, Duration::from_secs(20)).await;
         assert!(up, "echo-backend {id} does not accept on {}", process.addr);
         process
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
     }
 
     /// SIGKILL, and wait for the process to be gone.

@@ -1,0 +1,138 @@
+//! The task that drives one upstream connection: it polls the h2 connection, publishes the
+//! peer's stream limit to the pool, PINGs the backend every `keepalive_interval` and closes
+//! the connection when a PING goes unanswered for `keepalive_timeout` (a host that lost power,
+//! a wedged process: the kernel may still ACK, nothing answers), and closes it after
+//! `idle_timeout` without a stream.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, warn};
+
+use super::pool::{Connection, PoolInner, Upstream, STREAMS_PER_CONNECTION_CAP};
+use super::UpstreamPolicy;
+
+/// Why a connection's driver stopped.
+enum End {
+    /// h2 finished the connection: the peer closed it, it failed, or every handle to it was
+    /// dropped (its backend left) and it shut down cleanly.
+    Closed(Result<(), h2::Error>),
+    /// A PING went unanswered for `keepalive_timeout`.
+    PingTimeout,
+    /// No stream for `idle_timeout`.
+    Idle,
+}
+
+/// Drives `upstream` until it ends, then takes it out of the pool.
+pub(super) async fn drive(
+    mut upstream: Upstream,
+    connection: Weak<Connection>,
+    pool: Weak<PoolInner>,
+    streams: Arc<AtomicUsize>,
+    policy: UpstreamPolicy,
+) {
+    let mut keepalive = Keepalive::new(&mut upstream, policy);
+    let end = poll_fn(|cx| {
+        if let Poll::Ready(result) = Pin::new(&mut upstream).poll(cx) {
+            return Poll::Ready(End::Closed(result));
+        }
+        if let Some(connection) = connection.upgrade() {
+            let max = upstream
+                .max_concurrent_send_streams()
+                .min(STREAMS_PER_CONNECTION_CAP);
+            connection.max_streams.store(max, Ordering::Relaxed);
+        }
+        keepalive.poll(cx, streams.load(Ordering::Relaxed))
+    })
+    .await;
+    if let Some(connection) = connection.upgrade() {
+        connection.closed.store(true, Ordering::Relaxed);
+    }
+    match end {
+        End::Closed(Ok(())) => debug!("upstream connection closed"),
+        End::Closed(Err(error)) => debug!(%error, "upstream connection ended"),
+        End::PingTimeout => warn!(
+            timeout = ?policy.keepalive_timeout,
+            "upstream connection closed: its backend did not answer a PING"
+        ),
+        End::Idle => debug!(idle = ?policy.idle_timeout, "idle upstream connection closed"),
+    }
+    if let Some(pool) = pool.upgrade() {
+        pool.remove(&connection);
+    }
+    // Dropping `upstream` here closes the socket; streams still on it fail.
+}
+
+/// The PING and idle bookkeeping of one connection, checked on a one-second tick (or the
+/// keepalive interval, if shorter).
+struct Keepalive {
+    ping: Option<h2::PingPong>,
+    tick: tokio::time::Interval,
+    policy: UpstreamPolicy,
+    /// When the PING in flight went out.
+    ping_sent: Option<Instant>,
+    last_ping: Instant,
+    /// Since when no stream has been open.
+    idle_since: Option<Instant>,
+}
+
+impl Keepalive {
+    fn new(upstream: &mut Upstream, policy: UpstreamPolicy) -> Keepalive {
+        let period = policy.keepalive_interval.min(Duration::from_secs(1));
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Keepalive {
+            ping: upstream.ping_pong(),
+            tick,
+            policy,
+            ping_sent: None,
+            last_ping: Instant::now(),
+            idle_since: None,
+        }
+    }
+
+    /// Registers for the next tick and the next PONG; `Ready` when the connection must close.
+    fn poll(&mut self, cx: &mut std::task::Context<'_>, open_streams: usize) -> Poll<End> {
+        if let Some(ping) = self.ping.as_mut() {
+            if let Poll::Ready(answered) = ping.poll_pong(cx) {
+                self.ping_sent = None;
+                if answered.is_err() {
+                    // The connection is failing; its own poll reports how.
+                    self.ping = None;
+                }
+            }
+        }
+        while self.tick.poll_tick(cx).is_ready() {
+            if let Some(end) = self.on_tick(Instant::now(), open_streams) {
+                return Poll::Ready(end);
+            }
+        }
+        Poll::Pending
+    }
+
+    fn on_tick(&mut self, now: Instant, open_streams: usize) -> Option<End> {
+        if let Some(sent) = self.ping_sent {
+            if now.duration_since(sent) >= self.policy.keepalive_timeout {
+                return Some(End::PingTimeout);
+            }
+        } else if now.duration_since(self.last_ping) >= self.policy.keepalive_interval {
+            if let Some(ping) = self.ping.as_mut() {
+                if ping.send_ping(h2::Ping::opaque()).is_ok() {
+                    self.ping_sent = Some(now);
+                    self.last_ping = now;
+                }
+            }
+        }
+        if open_streams > 0 {
+            self.idle_since = None;
+            return None;
+        }
+        let idle_since = *self.idle_since.get_or_insert(now);
+        (now.duration_since(idle_since) >= self.policy.idle_timeout).then_some(End::Idle)
+    }
+}
