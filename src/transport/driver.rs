@@ -37,17 +37,22 @@ pub(super) async fn drive(
     policy: UpstreamPolicy,
 ) {
     let mut keepalive = Keepalive::new(&mut upstream, policy);
+    let mut published = STREAMS_PER_CONNECTION_CAP;
     let end = poll_fn(|cx| {
         if let Poll::Ready(result) = Pin::new(&mut upstream).poll(cx) {
             return Poll::Ready(End::Closed(result));
         }
-        if let Some(connection) = connection.upgrade() {
-            let max = upstream
-                .max_concurrent_send_streams()
-                .min(STREAMS_PER_CONNECTION_CAP);
-            connection.max_streams.store(max, Ordering::Relaxed);
+        // The driver runs for every batch of frames: reach the connection only on a change.
+        let max = upstream
+            .max_concurrent_send_streams()
+            .min(STREAMS_PER_CONNECTION_CAP);
+        if max != published {
+            if let Some(connection) = connection.upgrade() {
+                connection.max_streams.store(max, Ordering::Relaxed);
+                published = max;
+            }
         }
-        keepalive.poll(cx, streams.load(Ordering::Relaxed))
+        keepalive.poll(cx, &streams)
     })
     .await;
     if let Some(connection) = connection.upgrade() {
@@ -96,9 +101,10 @@ impl Keepalive {
         }
     }
 
-    /// Registers for the next tick and the next PONG; `Ready` when the connection must close.
-    fn poll(&mut self, cx: &mut std::task::Context<'_>, open_streams: usize) -> Poll<End> {
-        if let Some(ping) = self.ping.as_mut() {
+    /// Registers for the next tick and, while a PING is out, its PONG; `Ready` when the
+    /// connection must close.
+    fn poll(&mut self, cx: &mut std::task::Context<'_>, streams: &AtomicUsize) -> Poll<End> {
+        if let (Some(ping), Some(_)) = (self.ping.as_mut(), self.ping_sent) {
             if let Poll::Ready(answered) = ping.poll_pong(cx) {
                 self.ping_sent = None;
                 if answered.is_err() {
@@ -108,6 +114,7 @@ impl Keepalive {
             }
         }
         while self.tick.poll_tick(cx).is_ready() {
+            let open_streams = streams.load(Ordering::Relaxed);
             if let Some(end) = self.on_tick(Instant::now(), open_streams) {
                 return Poll::Ready(end);
             }
