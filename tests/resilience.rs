@@ -231,3 +231,71 @@ async fn an_idle_connection_is_closed() {
     // The next call opens a new one.
     sluice.client().await.unary(request("y")).await.unwrap();
 }
+
+/// The total of `sluice_retries_total` for cluster `echo`.
+fn retries_in(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("sluice_retries_total{cluster=\"echo\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_retries_an_answered_status_on_another_backend() {
+    let broken = Echo::start_failing("broken", Code::Unavailable).await;
+    let good = Echo::start("good").await;
+    let extra = "    balancer: round_robin\n    outlier_detection: off\n    retry: { max_attempts: 2, budget_ratio: 1.0, retry_on: [unavailable] }\n";
+    let sluice = Sluice::start(&Sluice::cluster(&[broken.addr, good.addr], extra)).await;
+    let mut client = sluice.client().await;
+    for i in 0..20 {
+        let reply = client.unary(request(&format!("{i}"))).await;
+        assert_eq!(reply.unwrap().into_inner().backend_id, "good");
+    }
+    assert!(broken.stats.calls.load(Ordering::Relaxed) >= 5);
+    assert!(retries_in(&sluice.metrics().await) >= 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_passes_the_answer_on_when_no_retry_is_left_or_a_message_went_out() {
+    let b1 = Echo::start("b1").await;
+    let b2 = Echo::start("b2").await;
+    let extra = "    retry: { max_attempts: 2, budget_ratio: 1.0, retry_on: [unavailable] }\n";
+    let sluice = Sluice::start(&Sluice::cluster(&[b1.addr, b2.addr], extra)).await;
+    let mut client = sluice.client().await;
+    let calls = || b1.stats.calls.load(Ordering::Relaxed) + b2.stats.calls.load(Ordering::Relaxed);
+    // Trailers-only UNAVAILABLE from both: retried once, then the answer as it came.
+    let mut ask = request("fail");
+    ask.fail_code = Code::Unavailable as i32;
+    ask.fail_message = "said the backend".into();
+    let status = client.unary(ask).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.message(), "said the backend");
+    assert_eq!(calls(), 2);
+    // A response message already went to the client: not retried.
+    let mut ask = request("fail late");
+    ask.fail_code = Code::Unavailable as i32;
+    ask.fail_after_headers = true;
+    let mut stream = client.server_stream(ask).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    assert_eq!(
+        stream.message().await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    assert_eq!(calls(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_stops_when_the_budget_is_spent() {
+    let broken = Echo::start_failing("broken", Code::Unavailable).await;
+    // budget_ratio 0: only the starting balance of 10 retries.
+    let extra = "    outlier_detection: off\n    retry: { max_attempts: 2, budget_ratio: 0.0, retry_on: [unavailable] }\n";
+    let sluice = Sluice::start(&Sluice::cluster(&[broken.addr], extra)).await;
+    let mut client = sluice.client().await;
+    for i in 0..30 {
+        let status = client.unary(request(&format!("{i}"))).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    assert_eq!(retries_in(&sluice.metrics().await), 10);
+    assert_eq!(broken.stats.calls.load(Ordering::Relaxed), 40);
+}

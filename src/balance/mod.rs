@@ -26,9 +26,10 @@ pub use backend::{Backend, BackendSnapshot, BackendState, Endpoint, InFlight};
 pub use retry_budget::RetryBudget;
 pub use source::{SourceKind, SourceState, SourceStatus, SourceView};
 
-use crate::config::{BackendAddr, BalancerKind, ClusterConfig, OutlierDetection};
+use crate::config::{BackendAddr, BalancerKind, ClusterConfig, OutlierDetection, RetryOn};
 use crate::telemetry::{ClusterStats, DiscoveryGauges, Scrape};
 use crate::transport::UpstreamPolicy;
+use crate::wire::Code;
 use ewma::clock_ms;
 
 // === Balancer ===
@@ -84,7 +85,29 @@ pub struct ClusterSettings {
     pub upstream: UpstreamPolicy,
     pub max_deadline: Duration,
     pub max_attempts: u32,
+    /// The gRPC codes (bit `1 << code`) a backend's trailers-only answer is retried on.
+    pub retry_on: u32,
     pub outlier_detection: OutlierDetection,
+}
+
+impl ClusterSettings {
+    /// Whether a trailers-only answer with `code` may be retried on another backend.
+    pub fn retries_on(&self, code: Code) -> bool {
+        self.retry_on & (1 << code as u32) != 0
+    }
+}
+
+/// `retry.retry_on` as a bit set of gRPC codes.
+fn retry_codes(retry_on: &[RetryOn]) -> u32 {
+    retry_on
+        .iter()
+        .map(|on| match on {
+            RetryOn::Unavailable => Code::Unavailable,
+            RetryOn::ResourceExhausted => Code::ResourceExhausted,
+            RetryOn::Internal => Code::Internal,
+            RetryOn::Cancelled => Code::Cancelled,
+        })
+        .fold(0, |codes, code| codes | (1 << code as u32))
 }
 
 /// A named group of interchangeable backends behind one balancer.
@@ -124,6 +147,7 @@ impl Cluster {
                 },
                 max_deadline: config.max_deadline.0,
                 max_attempts: config.retry.max_attempts.0,
+                retry_on: retry_codes(&config.retry.retry_on),
                 outlier_detection: config.outlier_detection,
             },
             balancer: Balancer::new(config.balancer),

@@ -300,6 +300,10 @@ pub struct RetryConfig {
     /// Retries are kept under this share of requests (plus a small floor).
     #[serde(default = "default_budget_ratio")]
     pub budget_ratio: Ratio,
+    /// Statuses a backend may answer (trailers-only, before any message) that are retried on
+    /// another backend; empty by default.
+    #[serde(default)]
+    pub retry_on: Vec<RetryOn>,
 }
 
 impl Default for RetryConfig {
@@ -307,8 +311,19 @@ impl Default for RetryConfig {
         RetryConfig {
             max_attempts: default_max_attempts(),
             budget_ratio: default_budget_ratio(),
+            retry_on: Vec::new(),
         }
     }
+}
+
+/// A status `retry.retry_on` may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn {
+    Unavailable,
+    ResourceExhausted,
+    Internal,
+    Cancelled,
 }
 
 fn default_max_attempts() -> MaxAttempts {

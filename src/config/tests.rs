@@ -279,3 +279,21 @@ fn outlier_detection_is_on_by_default_and_checked() {
         assert!(e.contains("at line 9"), "{e}");
     }
 }
+
+#[test]
+fn retry_on_names_statuses() {
+    let yaml = format!("{MINIMAL}    retry: {{ retry_on: [unavailable, internal] }}\n");
+    let config = Config::parse(&yaml, "t.yaml").unwrap();
+    assert_eq!(
+        config.clusters[0].retry.retry_on,
+        vec![RetryOn::Unavailable, RetryOn::Internal]
+    );
+    let e = err(&format!(
+        "{MINIMAL}    retry: {{ retry_on: [not_found] }}\n"
+    ));
+    assert!(
+        e.contains("clusters[0].retry.retry_on[0]: unknown variant `not_found`"),
+        "{e}"
+    );
+    assert!(e.contains("at line 9"), "{e}");
+}

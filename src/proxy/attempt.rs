@@ -72,13 +72,18 @@ impl Call {
                 Err(outcome) => outcome,
                 Ok(Err(error)) => outcome::before_headers(&error, &backend.address),
                 Ok(Ok(response)) => {
-                    // No retry can follow now: the upload stops holding the body for one.
-                    answered.store(true, Ordering::Relaxed);
                     headers_after = Some(sent_at.elapsed());
-                    let bytes_out = &mut self.summary.bytes_out;
-                    exchange
-                        .respond_with(response, &mut down_send, bytes_out)
-                        .await
+                    match self.retryable_answer(response, &backend.address) {
+                        Err(retry) => retry,
+                        Ok(response) => {
+                            // No retry can follow now: the upload stops holding the body.
+                            answered.store(true, Ordering::Relaxed);
+                            let bytes_out = &mut self.summary.bytes_out;
+                            exchange
+                                .respond_with(response, &mut down_send, bytes_out)
+                                .await
+                        }
+                    }
                 }
             }
         };
@@ -87,6 +92,28 @@ impl Call {
         legs.downstream = down_send.as_mut();
         legs.headers_after = headers_after;
         self.settle(down, legs, outcome)
+    }
+
+    /// A trailers-only answer whose status `retry.retry_on` names, before anything went to
+    /// the client, is kept for a retry (`Err`); any other response goes on (`Ok`).
+    fn retryable_answer(
+        &self,
+        response: Response<RecvStream>,
+        address: &crate::config::BackendAddr,
+    ) -> Result<Response<RecvStream>, Outcome> {
+        if self.cluster.settings.retry_on == 0 || !response.body().is_end_stream() {
+            return Ok(response);
+        }
+        let code = Code::of_headers(response.headers());
+        if !self.cluster.settings.retries_on(code) {
+            return Ok(response);
+        }
+        let (head, _) = response.into_parts();
+        Err(Outcome::Retry(RetryReason::Answered {
+            address: address.0.clone(),
+            code,
+            head: Box::new(head),
+        }))
     }
 
     /// Lends a ready stream on a pooled connection (opening one if needed), bounded by the

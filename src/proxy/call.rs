@@ -148,6 +148,9 @@ impl Call {
             if self.may_retry(attempts, &replay) {
                 debug!(%reason, attempt = attempts, "retrying on another backend");
                 self.cluster.stats.retried();
+                if let RetryReason::Answered { .. } = reason {
+                    self.back_off().await;
+                }
                 continue;
             }
             return self.give_up(down, reason, attempts);
@@ -163,8 +166,23 @@ impl Call {
             && self.cluster.retry_budget.try_withdraw()
     }
 
-    /// The last attempt failed before reaching a backend's application and no retry follows.
+    /// A short jittered pause (5 to 25 ms, never past the deadline) before retrying a call a
+    /// backend answered with a `retry_on` status: the next backend may be under the same
+    /// pressure.
+    async fn back_off(&self) {
+        let pause = std::time::Duration::from_millis(fastrand::u64(5..=25));
+        tokio::time::sleep_until((Instant::now() + pause).min(self.deadline)).await;
+    }
+
+    /// The last attempt ended in a way that could be retried, and no retry follows.
     fn give_up(&mut self, down: &mut Downstream, reason: RetryReason, attempts: u32) -> Ending {
+        if let RetryReason::Answered { code, head, .. } = reason {
+            // The backend's own answer goes to the client as it came.
+            let _ = down
+                .respond
+                .send_response(http::Response::from_parts(*head, ()), true);
+            return Ending::upstream(code);
+        }
         if Instant::now() >= self.deadline {
             let message = format!("sluice: deadline exceeded after {reason}");
             return self.reject(

@@ -28,6 +28,14 @@ pub(super) enum RetryReason {
     Refused(String),
     #[error("backend {0} sent GOAWAY before processing the stream")]
     GoAway(String),
+    /// The backend answered a `retry.retry_on` status before any response message; the
+    /// answer is kept, to pass on if no retry follows.
+    #[error("backend {address} answered {code:?}")]
+    Answered {
+        address: String,
+        code: Code,
+        head: Box<http::response::Parts>,
+    },
 }
 
 /// What an attempt's steps saw.
@@ -108,17 +116,7 @@ impl Call {
                 self.cluster.attempt_ended(backend, true);
                 return AttemptEnd::Retry(RetryReason::Connect(error));
             }
-            Outcome::Retry(reason) => {
-                if let RetryReason::GoAway(_) = reason {
-                    legs.mark_broken();
-                }
-                if legs.upstream.is_some() {
-                    backend
-                        .stats
-                        .record(Code::Unavailable, legs.picked_at.elapsed());
-                }
-                return AttemptEnd::Retry(reason);
-            }
+            Outcome::Retry(reason) => return self.retry(&legs, reason),
             Outcome::ClientGone(reason) => {
                 debug!(?reason, backend = %address, "client left; resetting upstream");
                 if let Some(upstream) = legs.upstream.as_deref_mut() {
@@ -153,21 +151,47 @@ impl Call {
         };
         if legs.upstream.is_some() {
             backend.stats.record(ending.code, legs.picked_at.elapsed());
-            // One sample per attempt for the balancer: a server-side failure counts as the
-            // worst latency, however fast it came (a backend that fails fast must not look
-            // fast); otherwise the time to response headers.
-            let failed = ending.code.is_server_error();
-            if failed {
-                backend.observe_failure();
-            } else if let Some(rtt) = legs.headers_after {
-                backend.observe_latency(rtt, &self.method.latency_baseline);
-            }
-            // A cancelled call says nothing about the backend either way.
-            if ending.code != Code::Cancelled {
-                self.cluster.attempt_ended(backend, failed);
-            }
+            self.judge(backend, ending.code, legs.headers_after);
         }
         AttemptEnd::Done(ending)
+    }
+
+    /// An attempt that may be retried. A backend's `retry_on` answer counts like any answer;
+    /// a stream the backend refused or never processed counts as UNAVAILABLE once sent, and a
+    /// GOAWAY retires its connection.
+    fn retry(&self, legs: &Legs<'_>, reason: RetryReason) -> AttemptEnd {
+        let (backend, elapsed) = (legs.backend, legs.picked_at.elapsed());
+        match &reason {
+            RetryReason::Answered { code, .. } => {
+                backend.stats.record(*code, elapsed);
+                self.judge(backend, *code, legs.headers_after);
+            }
+            RetryReason::GoAway(_) | RetryReason::Refused(_) | RetryReason::Connect(_) => {
+                if let RetryReason::GoAway(_) = reason {
+                    legs.mark_broken();
+                }
+                if legs.upstream.is_some() {
+                    backend.stats.record(Code::Unavailable, elapsed);
+                }
+            }
+        }
+        AttemptEnd::Retry(reason)
+    }
+
+    /// Tells the balancer and outlier detection how a sent attempt ended. One sample per
+    /// attempt: a server-side failure counts as the worst latency, however fast it came (a
+    /// backend that fails fast must not look fast); otherwise the time to response headers.
+    fn judge(&self, backend: &Backend, code: Code, headers_after: Option<Duration>) {
+        let failed = code.is_server_error();
+        if failed {
+            backend.observe_failure();
+        } else if let Some(rtt) = headers_after {
+            backend.observe_latency(rtt, &self.method.latency_baseline);
+        }
+        // A cancelled call says nothing about the backend either way.
+        if code != Code::Cancelled {
+            self.cluster.attempt_ended(backend, failed);
+        }
     }
 
     /// The deadline passed. While connecting, it is a rejection; while the backend held the
