@@ -189,3 +189,52 @@ async fn a_backend_that_fails_fast_gets_few_calls() {
         "the broken backend got {broken_calls} of 600 attempts"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_backend_costs_few_calls() {
+    let backends = [
+        EchoProcess::start("b1").await,
+        EchoProcess::start("b2").await,
+        EchoProcess::start("b3").await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    let client = sluice.client().await;
+    // Every backend has a connection; then one hangs (the kernel still accepts and ACKs).
+    for i in 0..30 {
+        client
+            .clone()
+            .unary(request(&format!("warm {i}")))
+            .await
+            .unwrap();
+    }
+    backends[1].signal("STOP");
+    let until = Instant::now() + Duration::from_secs(8);
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let (mut calls, mut failed) = (0u32, 0u32);
+                while Instant::now() < until {
+                    let mut ask = tonic::Request::new(request(&format!("{w}")));
+                    ask.set_timeout(Duration::from_secs(1));
+                    failed += u32::from(client.unary(ask).await.is_err());
+                    calls += 1;
+                }
+                (calls, failed)
+            })
+        })
+        .collect();
+    let (mut calls, mut failed) = (0, 0);
+    for worker in workers {
+        let (c, f) = worker.await.unwrap();
+        calls += c;
+        failed += f;
+    }
+    backends[1].signal("CONT");
+    // HAProxy or NGINX with TCP checks fail about a third.
+    assert!(
+        failed * 100 <= calls * 5,
+        "{failed} of {calls} calls failed"
+    );
+}
