@@ -33,6 +33,8 @@ struct ClusterView {
     discovery: SourceView,
     /// True while no backend is usable and calls try them all.
     panic_mode: bool,
+    /// Calls waiting for a backend slot.
+    queue_depth: usize,
     backends: Vec<BackendSnapshot>,
 }
 
@@ -99,6 +101,7 @@ impl Admin {
                     name: c.name.clone(),
                     discovery: c.source.view(),
                     panic_mode: c.in_panic(),
+                    queue_depth: c.queue.len(),
                     backends: c.backends().backends.iter().map(|b| b.snapshot()).collect(),
                 })
                 .collect(),

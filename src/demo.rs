@@ -38,6 +38,9 @@ pub struct EchoStats {
     pub cancelled: AtomicU64,
     /// The `grpc-timeout` of the latest call, verbatim.
     pub last_grpc_timeout: Mutex<Option<String>>,
+    /// Unary calls being handled now, and the most ever handled at once.
+    pub active: AtomicU64,
+    pub peak_active: AtomicU64,
     /// Woken whenever `calls` or `cancelled` changes.
     pub changed: Notify,
 }
@@ -128,14 +131,26 @@ fn failure(request: &EchoRequest) -> Option<Status> {
     ))
 }
 
-/// Counts a unary handler dropped before it finished.
+/// Counts a unary handler while it runs, and one dropped before it finished.
 struct CancelGuard<'a> {
     stats: &'a EchoStats,
     finished: bool,
 }
 
+impl<'a> CancelGuard<'a> {
+    fn new(stats: &'a EchoStats) -> CancelGuard<'a> {
+        let active = stats.active.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.peak_active.fetch_max(active, Ordering::Relaxed);
+        CancelGuard {
+            stats,
+            finished: false,
+        }
+    }
+}
+
 impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
         if !self.finished {
             self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
             self.stats.changed.notify_waiters();
@@ -149,10 +164,7 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<EchoResponse, Status>> + 
 impl Echo for EchoService {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
         let timeout = self.arrived(request.metadata());
-        let mut guard = CancelGuard {
-            stats: &self.stats,
-            finished: false,
-        };
+        let mut guard = CancelGuard::new(&self.stats);
         let body = request.get_ref();
         if let Some(code) = self.fail_all {
             guard.finished = true;

@@ -181,10 +181,19 @@ fn check_rejects_invalid_configs_with_path_and_line() {
             &["clusters[0].tls", "not supported yet", "line 8"],
         ),
         (
-            &format!("{VALID}    max_concurrent_streams_per_backend: 10\n"),
+            &format!("{VALID}    max_concurrent_streams_per_backend: 0\n"),
             &[
                 "clusters[0].max_concurrent_streams_per_backend",
-                "not supported yet",
+                "must be at least 1",
+                "line 8",
+            ],
+        ),
+        (
+            &format!("{VALID}    queue_timeout: 0s\n"),
+            &[
+                "clusters[0].queue_timeout",
+                "must be greater than 0",
+                "line 8",
             ],
         ),
         (

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::ewma::{clock_ms, ratio_to_baseline, PeakEwma, Score};
+use super::queue::SlotQueue;
 use super::source::SourceKind;
 use crate::config::BackendAddr;
 use crate::telemetry::{BackendGauges, BackendStats};
@@ -83,11 +84,19 @@ pub struct Backend {
     pub transport: Arc<Pool>,
     /// This backend's attempt counters (telemetry layer); the proxy records into them.
     pub stats: Arc<BackendStats>,
+    /// The cluster's queue of calls waiting for a slot, and the per-backend cap.
+    queue: Arc<SlotQueue>,
 }
 
 impl Backend {
-    pub fn new(endpoint: &Endpoint, source: SourceKind, cluster: &str) -> Backend {
+    pub fn new(
+        endpoint: &Endpoint,
+        source: SourceKind,
+        cluster: &str,
+        queue: Arc<SlotQueue>,
+    ) -> Backend {
         Backend {
+            queue,
             stats: Arc::new(BackendStats::new(cluster, &endpoint.address.0)),
             transport: Arc::new(Pool::new()),
             address: endpoint.address.clone(),
@@ -178,12 +187,23 @@ impl Backend {
         length
     }
 
-    /// Marks one stream started; the returned guard marks it finished when dropped.
-    pub fn start_stream(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight {
+    /// Takes one of the backend's slots, unless it holds its cap already; the returned guard
+    /// frees the slot (and wakes the head of the cluster's queue) when dropped.
+    pub(super) fn try_start_stream(self: &Arc<Self>) -> Option<InFlight> {
+        let cap = self.queue.cap();
+        self.in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InFlight {
             backend: Arc::clone(self),
-        }
+        })
+    }
+
+    /// Below its cap.
+    pub(super) fn has_room(&self) -> bool {
+        self.in_flight() < self.queue.cap()
     }
 
     /// Records the time from sending the request to the backend's response headers, against
@@ -296,6 +316,7 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.queue.slot_freed();
     }
 }
 

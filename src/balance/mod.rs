@@ -10,6 +10,7 @@ mod ewma;
 mod least_request;
 mod outlier;
 mod p2c;
+mod queue;
 mod retry_budget;
 mod round_robin;
 mod source;
@@ -23,6 +24,7 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 pub use backend::{Backend, BackendSnapshot, BackendState, Endpoint, InFlight};
+pub use queue::{SlotQueue, Waiter};
 pub use retry_budget::RetryBudget;
 pub use source::{SourceKind, SourceState, SourceStatus, SourceView};
 
@@ -87,6 +89,10 @@ pub struct ClusterSettings {
     pub max_attempts: u32,
     /// The gRPC codes (bit `1 << code`) a backend's trailers-only answer is retried on.
     pub retry_on: u32,
+    /// How long a call may wait for a free backend slot.
+    pub queue_timeout: Duration,
+    /// Calls that may wait at once; beyond it, shed at once.
+    pub max_queued: usize,
     pub outlier_detection: OutlierDetection,
 }
 
@@ -126,17 +132,43 @@ pub struct Cluster {
     panic: AtomicBool,
     /// Call counters; a reload hands them to the next cluster of the same name.
     pub stats: Arc<ClusterStats>,
+    /// Calls waiting for a backend slot; shared with the backends, and kept across reloads.
+    pub queue: Arc<SlotQueue>,
+}
+
+/// What a pick found.
+pub enum Pick {
+    /// A backend, with the slot taken on it.
+    Backend(Arc<Backend>, InFlight),
+    /// Every candidate holds its cap: wait in the queue.
+    Full,
+    /// The cluster has no backends.
+    Empty,
 }
 
 impl Cluster {
     pub fn new(config: &ClusterConfig) -> Cluster {
-        Cluster::with_stats(config, Arc::new(ClusterStats::new(&config.name.value)))
+        let stats = Arc::new(ClusterStats::new(&config.name.value));
+        let cap = u64::from(config.max_concurrent_streams_per_backend.0);
+        Cluster::with_state(config, stats, Arc::new(SlotQueue::new(cap)))
     }
 
-    /// A cluster that carries on counting in `stats` (those of its predecessor on reload).
-    pub fn with_stats(config: &ClusterConfig, stats: Arc<ClusterStats>) -> Cluster {
+    /// The next generation of `previous` (on reload): it carries on counting in the same
+    /// stats, and its calls wait in the same queue, under the new cap.
+    pub fn after(config: &ClusterConfig, previous: &Cluster) -> Cluster {
+        let queue = Arc::clone(&previous.queue);
+        queue.set_cap(u64::from(config.max_concurrent_streams_per_backend.0));
+        Cluster::with_state(config, Arc::clone(&previous.stats), queue)
+    }
+
+    fn with_state(
+        config: &ClusterConfig,
+        stats: Arc<ClusterStats>,
+        queue: Arc<SlotQueue>,
+    ) -> Cluster {
         Cluster {
             stats,
+            queue,
             name: config.name.value.clone(),
             settings: ClusterSettings {
                 upstream: UpstreamPolicy {
@@ -148,6 +180,8 @@ impl Cluster {
                 max_deadline: config.max_deadline.0,
                 max_attempts: config.retry.max_attempts.0,
                 retry_on: retry_codes(&config.retry.retry_on),
+                queue_timeout: config.queue_timeout.0,
+                max_queued: config.max_queued as usize,
                 outlier_detection: config.outlier_detection,
             },
             balancer: Balancer::new(config.balancer),
@@ -195,7 +229,8 @@ impl Cluster {
                 }
                 None => {
                     changed = true;
-                    let backend = Backend::new(endpoint, self.source.kind, &self.name);
+                    let queue = Arc::clone(&self.queue);
+                    let backend = Backend::new(endpoint, self.source.kind, &self.name, queue);
                     next.push(Arc::new(backend));
                 }
             }
@@ -218,53 +253,57 @@ impl Cluster {
                 .then(|| self.source.invalid_values()),
         };
         let backends = set.backends.len();
-        scrape.cluster(
-            &self.name,
-            &self.stats,
-            discovery,
-            backends,
-            self.in_panic(),
-        );
+        let (panic, queued) = (self.in_panic(), self.queue.len());
+        scrape.cluster(&self.name, &self.stats, discovery, backends, panic, queued);
         for backend in &set.backends {
             let stats = &backend.stats;
             scrape.backend(&self.name, &backend.address.0, stats, backend.gauges());
         }
     }
 
-    /// Picks a backend for one attempt, avoiding those in `tried`, those in connect backoff
-    /// and those ejected when another choice exists. When none is usable, it tries them all
-    /// rather than fail every call (panic mode, as Envoy's).
-    pub fn pick(&self, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
+    /// Picks a backend for one attempt and takes a slot on it, avoiding those in `tried`,
+    /// those in connect backoff, ejected or full, when another choice exists. When none is
+    /// usable, it tries them all rather than fail every call (panic mode, as Envoy's); a
+    /// backend at its cap is never used. While calls wait in the queue, a new call (not
+    /// `queued`) waits behind them rather than take a slot first.
+    pub fn pick(&self, tried: &[Arc<Backend>], queued: bool) -> Pick {
+        if !queued && !self.queue.is_empty() {
+            return Pick::Full;
+        }
         let set = self.backends.load();
         let now = clock_ms();
         let untried = |b: &Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
-        let usable = |b: &Arc<Backend>| b.is_usable(now) && untried(b);
+        let usable = |b: &Arc<Backend>| b.is_usable(now) && b.has_room() && untried(b);
         if let Some(i) = self.balancer.pick(&set) {
             let chosen = &set.backends[i];
-            if usable(chosen) {
+            if let Some(slot) = usable(chosen).then(|| chosen.try_start_stream()).flatten() {
                 self.leave_panic();
-                return Some(Arc::clone(chosen));
+                return Pick::Backend(Arc::clone(chosen), slot);
             }
         }
-        // Rare path (a retry, a backend in backoff or ejected): scan from a random offset for
-        // one that is usable, then for one that was at least not tried, then take any.
+        // Rare path (a retry; a backend in backoff, ejected or full): scan from a random
+        // offset for one that is usable, then for one that was at least not tried, then any.
         let n = set.backends.len();
         if n == 0 {
-            return None;
+            return Pick::Empty;
         }
         let start = fastrand::usize(..n);
         let rotated = || (0..n).map(|k| &set.backends[(start + k) % n]);
-        if let Some(found) = rotated().find(|b| usable(b)) {
+        let take = |b: &Arc<Backend>| Some(Pick::Backend(Arc::clone(b), b.try_start_stream()?));
+        if let Some(pick) = rotated().filter(|b| usable(b)).find_map(take) {
             self.leave_panic();
-            return Some(Arc::clone(found));
+            return pick;
         }
         if !set.backends.iter().any(|b| b.is_usable(now)) {
             self.enter_panic();
+        } else if rotated().any(|b| b.is_usable(now) && !b.has_room()) {
+            // Usable backends exist, and they are full: wait for a slot.
+            return Pick::Full;
         }
-        rotated()
-            .find(|b| untried(b))
-            .or_else(|| rotated().next())
-            .cloned()
+        let fallback = rotated().filter(|b| untried(b)).find_map(take);
+        fallback
+            .or_else(|| rotated().find_map(take))
+            .unwrap_or(Pick::Full)
     }
 
     /// True while no backend is usable and calls try them all (`sluice_panic_mode`).
@@ -301,6 +340,14 @@ mod tests {
             .collect()
     }
 
+    /// The backend a pick finds (its slot is freed at once).
+    fn picked(c: &Cluster, tried: &[Arc<Backend>]) -> Arc<Backend> {
+        match c.pick(tried, false) {
+            Pick::Backend(backend, _slot) => backend,
+            Pick::Full | Pick::Empty => panic!("no backend picked"),
+        }
+    }
+
     fn cluster(balancer: &str) -> Cluster {
         let yaml = format!(
             "listeners: [{{name: l, address: \"127.0.0.1:1\"}}]\nclusters: [{{name: c, balancer: {balancer}, discovery: {{static: [\"a:1\"]}}}}]"
@@ -328,7 +375,7 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &c.backends().backends[0]));
         assert_eq!(a.weight(), 3);
         let picks_a = (0..400)
-            .filter(|_| c.pick(&[]).unwrap().address.0 == "a:1")
+            .filter(|_| picked(&c, &[]).address.0 == "a:1")
             .count();
         assert_eq!(picks_a, 300);
     }
@@ -339,7 +386,7 @@ mod tests {
         c.update(&endpoints(&[("a:1", 3), ("b:1", 1)]));
         let mut count_a = 0;
         for _ in 0..400 {
-            if c.pick(&[]).unwrap().address.0 == "a:1" {
+            if picked(&c, &[]).address.0 == "a:1" {
                 count_a += 1;
             }
         }
@@ -352,7 +399,7 @@ mod tests {
             let c = cluster(kind);
             c.update(&endpoints(&[("heavy:1", 3), ("light:1", 1)]));
             let heavy = (0..8000)
-                .filter(|_| c.pick(&[]).unwrap().address.0 == "heavy:1")
+                .filter(|_| picked(&c, &[]).address.0 == "heavy:1")
                 .count() as f64;
             let ratio = heavy / (8000.0 - heavy);
             assert!(
@@ -369,18 +416,14 @@ mod tests {
             c.update(&endpoints(&[("a:1", 1), ("b:1", 1)]));
             let a = Arc::clone(&c.backends().backends[0]);
             for _ in 0..50 {
-                assert_eq!(
-                    c.pick(&[Arc::clone(&a)]).unwrap().address.0,
-                    "b:1",
-                    "{kind}"
-                );
+                assert_eq!(picked(&c, &[Arc::clone(&a)]).address.0, "b:1", "{kind}");
             }
         }
     }
 
     fn slow_picks(c: &Cluster) -> usize {
         (0..1000)
-            .filter(|_| c.pick(&[]).unwrap().address.0 == "slow:1")
+            .filter(|_| picked(c, &[]).address.0 == "slow:1")
             .count()
     }
 

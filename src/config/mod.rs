@@ -158,10 +158,15 @@ pub struct ClusterConfig {
     pub max_deadline: PositiveDuration,
     #[serde(default)]
     pub retry: RetryConfig,
-    #[serde(default)]
-    pub max_concurrent_streams_per_backend: Option<NotSupportedYet>,
-    #[serde(default)]
-    pub queue_timeout: Option<NotSupportedYet>,
+    /// Calls one backend holds at most.
+    #[serde(default = "default_max_streams_per_backend")]
+    pub max_concurrent_streams_per_backend: AtLeastOne,
+    /// How long a call may wait for a free backend slot (never past its deadline).
+    #[serde(default = "default_queue_timeout")]
+    pub queue_timeout: PositiveDuration,
+    /// Calls that may wait at once, per cluster; beyond it, shed at once. 0: no queue.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: u32,
     #[serde(default)]
     pub health_check: Option<NotSupportedYet>,
     /// Passive ejection of backends that fail call after call; on unless `off`.
@@ -208,6 +213,18 @@ fn default_keepalive_timeout() -> PositiveDuration {
 
 fn default_upstream_idle_timeout() -> PositiveDuration {
     PositiveDuration(std::time::Duration::from_secs(300))
+}
+
+fn default_max_streams_per_backend() -> AtLeastOne {
+    AtLeastOne(1000)
+}
+
+fn default_queue_timeout() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_millis(200))
+}
+
+fn default_max_queued() -> u32 {
+    1000
 }
 
 fn default_connect_timeout() -> PositiveDuration {

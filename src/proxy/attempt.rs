@@ -19,7 +19,7 @@ use tracing::{debug, info};
 use super::call::{AttemptEnd, Call, Downstream};
 use super::forward::{self, PipeError, Replay, Seen};
 use super::outcome::{self, Legs, Outcome, RetryReason};
-use crate::balance::Backend;
+use crate::balance::{Backend, InFlight};
 use crate::transport::StreamSlot;
 use crate::wire::{self, Code};
 
@@ -29,10 +29,10 @@ impl Call {
         &mut self,
         down: &mut Downstream,
         backend: &Arc<Backend>,
+        in_flight: InFlight,
         replay: &mut Replay,
     ) -> AttemptEnd {
         let picked_at = Instant::now();
-        let in_flight = backend.start_stream();
         // One timer for the whole attempt: connecting, waiting, streaming.
         let mut deadline = pin!(sleep_until(self.deadline));
         let mut legs = Legs::new(backend, picked_at);

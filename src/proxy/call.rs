@@ -13,7 +13,7 @@ use tracing::debug;
 use super::forward::Replay;
 use super::outcome::RetryReason;
 use super::reply;
-use crate::balance::{Backend, Cluster};
+use crate::balance::{Backend, Cluster, Pick};
 use crate::telemetry::{MethodStats, Reject};
 use crate::transport::H2Settings;
 use crate::wire::{Code, Origin, ProxyStatus};
@@ -123,6 +123,8 @@ impl Call {
         self.cluster.retry_budget.on_request();
         let mut tried: Vec<Arc<Backend>> = Vec::new();
         let mut replay = Replay::default();
+        // True right after a wait in the queue: this call picks before those behind it.
+        let mut queued = false;
         loop {
             // A call whose deadline has passed is never dispatched.
             if Instant::now() >= self.deadline {
@@ -133,14 +135,26 @@ impl Call {
                     ProxyStatus::deadline_exceeded(message),
                 );
             }
-            let Some(backend) = self.cluster.pick(&tried) else {
-                let message = format!("sluice: cluster {} has no backends", self.cluster.name);
-                return self.reject(down, Reject::NoBackend, ProxyStatus::unavailable(message));
+            let (backend, in_flight) = match self.cluster.pick(&tried, queued) {
+                Pick::Backend(backend, in_flight) => (backend, in_flight),
+                Pick::Full => match self.wait_for_slot(down).await {
+                    Ok(()) => {
+                        queued = true;
+                        continue;
+                    }
+                    Err(ending) => return ending,
+                },
+                Pick::Empty => {
+                    let message = format!("sluice: cluster {} has no backends", self.cluster.name);
+                    let status = ProxyStatus::unavailable(message);
+                    return self.reject(down, Reject::NoBackend, status);
+                }
             };
+            queued = false;
             tried.push(Arc::clone(&backend));
             self.summary.attempts = tried.len() as u32;
             self.summary.backend = Some(Arc::clone(&backend));
-            let reason = match self.attempt(down, &backend, &mut replay).await {
+            let reason = match self.attempt(down, &backend, in_flight, &mut replay).await {
                 AttemptEnd::Done(ending) => return ending,
                 AttemptEnd::Retry(reason) => reason,
             };

@@ -13,6 +13,7 @@ mod attempt;
 mod call;
 pub mod forward;
 mod outcome;
+mod queue;
 mod reply;
 pub mod route;
 

@@ -84,7 +84,7 @@ fn build_router(
         .map(|c| {
             let old = previous.and_then(|r| r.cluster(&c.name.value));
             let cluster = Arc::new(match old {
-                Some(old) => Cluster::with_stats(c, Arc::clone(&old.stats)),
+                Some(old) => Cluster::after(c, old),
                 None => Cluster::new(c),
             });
             // A changed source starts from nothing: an etcd set is not the new prefix's.

@@ -55,6 +55,8 @@ pub struct Scrape {
     connect_failures: IntCounterVec,
     ejections: IntCounterVec,
     panic_mode: IntGaugeVec,
+    queue_depth: IntGaugeVec,
+    queue_waits: Vec<MetricFamily>,
     rejected: IntCounterVec,
     retries: IntCounterVec,
     in_flight: IntGaugeVec,
@@ -109,6 +111,12 @@ impl Scrape {
                 "1 while no backend of the cluster is usable and sluice tries them all.",
                 &["cluster"],
             )?,
+            queue_depth: gauge(
+                "sluice_queue_depth",
+                "Calls waiting for a backend slot.",
+                &["cluster"],
+            )?,
+            queue_waits: Vec::new(),
             rejected: counter(
                 "sluice_rejected_total",
                 "Calls sluice answered without a backend's answer, by reason.",
@@ -177,10 +185,15 @@ impl Scrape {
         discovery: DiscoveryGauges<'_>,
         backends: usize,
         panic: bool,
+        queue_depth: usize,
     ) {
         self.panic_mode
             .with_label_values(&[name])
             .set(i64::from(panic));
+        self.queue_depth
+            .with_label_values(&[name])
+            .set(queue_depth as i64);
+        self.queue_waits.extend(stats.queue_wait.collect());
         self.calls(name, stats, true);
         self.retries
             .with_label_values(&[name])
@@ -278,7 +291,8 @@ impl Scrape {
     }
 
     fn into_families(self) -> Vec<MetricFamily> {
-        let collectors: [&dyn Collector; 16] = [
+        let collectors: [&dyn Collector; 17] = [
+            &self.queue_depth,
             &self.requests,
             &self.upstream_requests,
             &self.connect_failures,
@@ -298,6 +312,7 @@ impl Scrape {
         ];
         let mut families: Vec<MetricFamily> = collectors.iter().flat_map(|c| c.collect()).collect();
         families.extend(merge(self.call_durations));
+        families.extend(merge(self.queue_waits));
         families.extend(merge(self.attempt_durations));
         families
     }
@@ -429,7 +444,7 @@ mod tests {
                     connected: true,
                     invalid_values: None,
                 };
-                scrape.cluster("c", &self.0, discovery, 1, false);
+                scrape.cluster("c", &self.0, discovery, 1, false, 0);
                 let gauges = BackendGauges {
                     in_flight: 3,
                     up: true,

@@ -303,6 +303,8 @@ impl MethodTable {
 #[derive(Debug)]
 pub struct ClusterStats {
     methods: MethodTable,
+    /// How long calls waited for a backend slot (`sluice_queue_wait_seconds`).
+    pub(super) queue_wait: Histogram,
     rejected: [AtomicU64; 4],
     retries: AtomicU64,
     discovery_updates: AtomicU64,
@@ -313,6 +315,11 @@ impl ClusterStats {
     pub fn new(cluster: &str) -> ClusterStats {
         ClusterStats {
             methods: MethodTable::new(cluster),
+            queue_wait: histogram(
+                "sluice_queue_wait_seconds",
+                "Time calls waited for a backend slot (max_concurrent_streams_per_backend).",
+                &[("cluster", cluster)],
+            ),
             rejected: Default::default(),
             retries: AtomicU64::new(0),
             discovery_updates: AtomicU64::new(0),
@@ -335,6 +342,11 @@ impl ClusterStats {
 
     pub(super) fn rejected_count(&self, reason: Reject) -> u64 {
         self.rejected[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// A call waited `waited` in the queue for a backend slot.
+    pub fn queued(&self, waited: Duration) {
+        self.queue_wait.observe(waited.as_secs_f64());
     }
 
     pub fn retried(&self) {

@@ -1,0 +1,60 @@
+//! Waiting for a backend slot: a call that finds every backend of its cluster at
+//! `max_concurrent_streams_per_backend` waits in the cluster's queue, bounded by
+//! `queue_timeout` (never past its deadline) and `max_queued`, then is shed with
+//! RESOURCE_EXHAUSTED, never an HTTP error.
+
+use std::future::poll_fn;
+
+use h2::Reason;
+use tokio::time::{sleep_until, Instant};
+
+use super::call::{Call, Downstream, Ending};
+use crate::telemetry::Reject;
+use crate::wire::{Code, ProxyStatus};
+
+impl Call {
+    /// Waits until a slot is freed for this call (`Ok`: pick again), or answers the call.
+    pub(super) async fn wait_for_slot(&mut self, down: &mut Downstream) -> Result<(), Ending> {
+        let settings = &self.cluster.settings;
+        let cluster = &self.cluster.name;
+        let Some(mut waiter) = self.cluster.queue.join(settings.max_queued) else {
+            let message = format!(
+                "sluice: every backend of cluster {cluster} holds max_concurrent_streams_per_backend calls and {} calls already wait",
+                settings.max_queued
+            );
+            let status = ProxyStatus::new(Code::ResourceExhausted, message);
+            return Err(self.reject(down, Reject::Overloaded, status));
+        };
+        let started = Instant::now();
+        let until = (started + settings.queue_timeout).min(self.deadline);
+        let woken = tokio::select! {
+            // A freed slot: this call is at the head of the queue.
+            woken = &mut waiter.woken => woken.is_ok(),
+            _ = sleep_until(until) => false,
+            // The client left while waiting.
+            reset = poll_fn(|cx| down.respond.poll_reset(cx)) => {
+                let _ = reset.unwrap_or(Reason::CANCEL);
+                return Err(Ending::proxy(Code::Cancelled));
+            }
+        };
+        self.cluster.stats.queued(started.elapsed());
+        if woken {
+            return Ok(());
+        }
+        if Instant::now() >= self.deadline {
+            let message = "sluice: deadline exceeded while waiting for a backend slot";
+            return Err(self.reject(
+                down,
+                Reject::Deadline,
+                ProxyStatus::deadline_exceeded(message),
+            ));
+        }
+        let message = format!(
+            "sluice: every backend of cluster {cluster} is at max_concurrent_streams_per_backend ({}); waited {:?}",
+            self.cluster.queue.cap(),
+            settings.queue_timeout
+        );
+        let status = ProxyStatus::new(Code::ResourceExhausted, message);
+        Err(self.reject(down, Reject::Overloaded, status))
+    }
+}
