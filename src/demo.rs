@@ -259,8 +259,20 @@ pub async fn serve_echo(listener: TcpListener, service: EchoService) -> Result<(
     health_reporter
         .set_serving::<EchoServer<EchoService>>()
         .await;
+    serve_echo_with(listener, service, Some(health_service)).await
+}
+
+/// Serves the echo service, and `health` when given (tests toggle its status, or leave it out
+/// to play a backend without a health service).
+pub async fn serve_echo_with(
+    listener: TcpListener,
+    service: EchoService,
+    health: Option<
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    >,
+) -> Result<(), BoxError> {
     tonic::transport::Server::builder()
-        .add_service(health_service)
+        .add_optional_service(health)
         .add_service(
             EchoServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)

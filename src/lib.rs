@@ -10,6 +10,7 @@
 //! - [`transport`]: upstream HTTP/2 connections per backend (pool, write coalescing, settings).
 //! - [`balance`]: clusters, a backend's load and state, the pick algorithms, the retry budget.
 //! - [`discovery`]: sources that push backend sets into clusters: static lists, etcd watches.
+//! - [`health`]: active grpc.health.v1 checks that take failing backends out of rotation.
 //! - [`lifecycle`]: draining, open connections, readiness, shared by proxy and admin.
 //! - [`proxy`]: one call's life: accept, route, pick, forward, answer.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/backends` and the status page.
@@ -22,6 +23,7 @@ pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod health;
 pub mod lifecycle;
 pub mod proxy;
 pub mod register;

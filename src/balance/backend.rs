@@ -80,6 +80,11 @@ pub struct Backend {
     ejections: AtomicU32,
     /// Ejected, and not yet answered well since.
     on_probation: AtomicBool,
+    /// Active health checks: failed ones in a row, passed ones in a row, and whether the
+    /// checks took it out.
+    checks_failed: AtomicU32,
+    checks_passed: AtomicU32,
+    failing_checks: AtomicBool,
     /// The HTTP/2 connections to this backend (transport layer).
     pub transport: Arc<Pool>,
     /// This backend's attempt counters (telemetry layer); the proxy records into them.
@@ -112,6 +117,9 @@ impl Backend {
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             on_probation: AtomicBool::new(false),
+            checks_failed: AtomicU32::new(0),
+            checks_passed: AtomicU32::new(0),
+            failing_checks: AtomicBool::new(false),
         }
     }
 
@@ -135,6 +143,8 @@ impl Backend {
     pub fn state(&self) -> BackendState {
         if self.is_ejected(clock_ms()) {
             BackendState::Ejected
+        } else if self.failing_checks.load(Ordering::Relaxed) {
+            BackendState::Unhealthy
         } else if self.connect_streak.load(Ordering::Relaxed) == 0 {
             BackendState::Healthy
         } else {
@@ -146,9 +156,34 @@ impl Backend {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
-    /// May take a call: not in connect backoff, not ejected.
+    /// May take a call: not in connect backoff, not ejected, not failing its health checks.
     pub(super) fn is_usable(&self, now_ms: u64) -> bool {
-        self.skip_until_ms.load(Ordering::Relaxed) <= now_ms && !self.is_ejected(now_ms)
+        self.skip_until_ms.load(Ordering::Relaxed) <= now_ms
+            && !self.is_ejected(now_ms)
+            && !self.failing_checks.load(Ordering::Relaxed)
+    }
+
+    /// Counts one active health check; returns the new verdict when it changed: `Some(false)`
+    /// after `unhealthy_threshold` failures in a row, `Some(true)` after `healthy_threshold`
+    /// passes in a row.
+    pub fn health_checked(&self, passed: bool, unhealthy: u32, healthy: u32) -> Option<bool> {
+        let failing = self.failing_checks.load(Ordering::Relaxed);
+        if passed {
+            self.checks_failed.store(0, Ordering::Relaxed);
+            let passes = self.checks_passed.fetch_add(1, Ordering::Relaxed) + 1;
+            if failing && passes >= healthy {
+                self.failing_checks.store(false, Ordering::Relaxed);
+                return Some(true);
+            }
+        } else {
+            self.checks_passed.store(0, Ordering::Relaxed);
+            let failures = self.checks_failed.fetch_add(1, Ordering::Relaxed) + 1;
+            if !failing && failures >= unhealthy {
+                self.failing_checks.store(true, Ordering::Relaxed);
+                return Some(false);
+            }
+        }
+        None
     }
 
     /// Counts one failed attempt; returns the failures in a row.

@@ -168,7 +168,7 @@ pub struct ClusterConfig {
     #[serde(default = "default_max_queued")]
     pub max_queued: u32,
     #[serde(default)]
-    pub health_check: Option<NotSupportedYet>,
+    pub health_check: Option<HealthCheck>,
     /// Passive ejection of backends that fail call after call; on unless `off`.
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
@@ -180,6 +180,42 @@ pub struct ClusterConfig {
     pub upstream_idle_timeout: PositiveDuration,
     #[serde(default)]
     pub tls: Option<NotSupportedYet>,
+}
+
+/// `health_check: { interval, timeout, service, unhealthy_threshold, healthy_threshold }`:
+/// active grpc.health.v1 checks, off unless present.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default = "default_health_interval")]
+    pub interval: PositiveDuration,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: PositiveDuration,
+    /// The service name sent in `Check`; "" asks about the server as a whole.
+    #[serde(default)]
+    pub service: String,
+    /// Failed checks in a row that take a backend out.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: AtLeastOne,
+    /// Passed checks in a row that bring it back.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: AtLeastOne,
+}
+
+fn default_health_interval() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(5))
+}
+
+fn default_health_timeout() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(1))
+}
+
+fn default_unhealthy_threshold() -> AtLeastOne {
+    AtLeastOne(2)
+}
+
+fn default_healthy_threshold() -> AtLeastOne {
+    AtLeastOne(1)
 }
 
 /// `upstream_keepalive: { interval, timeout }`.

@@ -43,8 +43,8 @@ fn unknown_key_names_path_and_line() {
 
 #[test]
 fn later_features_are_rejected_not_ignored() {
-    let e = err(&format!("{MINIMAL}    health_check: {{ interval: 5s }}\n"));
-    assert!(e.contains("clusters[0].health_check"), "{e}");
+    let e = err(&format!("{MINIMAL}    tls: {{ ca_file: ca.pem }}\n"));
+    assert!(e.contains("clusters[0].tls"), "{e}");
     assert!(e.contains("not supported yet"), "{e}");
 }
 
@@ -293,6 +293,28 @@ fn retry_on_names_statuses() {
     ));
     assert!(
         e.contains("clusters[0].retry.retry_on[0]: unknown variant `not_found`"),
+        "{e}"
+    );
+    assert!(e.contains("at line 9"), "{e}");
+}
+
+#[test]
+fn health_check_is_off_unless_present_and_checked() {
+    let config = Config::parse(MINIMAL, "t.yaml").unwrap();
+    assert!(config.clusters[0].health_check.is_none());
+    let on = Config::parse(&format!("{MINIMAL}    health_check: {{}}\n"), "t").unwrap();
+    let check = on.clusters[0].health_check.clone().unwrap();
+    assert_eq!(check.interval.0, Duration::from_secs(5));
+    assert_eq!(check.timeout.0, Duration::from_secs(1));
+    assert_eq!(
+        (check.unhealthy_threshold.0, check.healthy_threshold.0),
+        (2, 1)
+    );
+    let e = err(&format!(
+        "{MINIMAL}    health_check: {{ unhealthy_threshold: 0 }}\n"
+    ));
+    assert!(
+        e.contains("clusters[0].health_check.unhealthy_threshold: must be at least 1"),
         "{e}"
     );
     assert!(e.contains("at line 9"), "{e}");

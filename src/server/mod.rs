@@ -27,6 +27,7 @@ use crate::admin::Admin;
 use crate::balance::Cluster;
 use crate::config::{ClusterConfig, Config};
 use crate::discovery::{self, Watchers};
+use crate::health;
 use crate::lifecycle::Lifecycle;
 use crate::proxy::{Proxy, Router};
 use crate::telemetry::access_log::AccessLog;
@@ -69,15 +70,18 @@ pub fn check_files(config: &Config, origin: &str) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Builds the clusters and router for a config and starts their discovery on `runtime`.
-/// Same-named clusters of `previous` keep their counters, and hand over their backends (and
-/// live connections) when the discovery source is unchanged. The returned [`Watchers`] keep
-/// the etcd watches running.
-fn build_router(
-    config: &Config,
-    previous: Option<&Router>,
-    runtime: &Handle,
-) -> (Router, Watchers) {
+/// What keeps a config generation's background work running: the etcd watches and the
+/// health checkers. Dropping it stops them (on reload, after the next generation started).
+#[derive(Debug)]
+struct Feeds {
+    _watchers: Watchers,
+    _checkers: health::Checkers,
+}
+
+/// Builds the clusters and router for a config and starts their discovery and health checks
+/// on `runtime`. Same-named clusters of `previous` keep their counters and queue, and hand
+/// over their backends (and live connections) when the discovery source is unchanged.
+fn build_router(config: &Config, previous: Option<&Router>, runtime: &Handle) -> (Router, Feeds) {
     let clusters: Vec<(Arc<Cluster>, &ClusterConfig)> = config
         .clusters
         .iter()
@@ -94,9 +98,12 @@ fn build_router(
             (cluster, c)
         })
         .collect();
-    let watchers = discovery::start(&clusters, config, runtime);
+    let feeds = Feeds {
+        _watchers: discovery::start(&clusters, config, runtime),
+        _checkers: health::start(&clusters, runtime),
+    };
     let router = Router::new(config, clusters.into_iter().map(|(c, _)| c).collect());
-    (router, watchers)
+    (router, feeds)
 }
 
 /// The runtime the discovery watches run on: one worker thread, off the data plane's.
@@ -127,7 +134,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
         refuse_port_zero(&config, &origin)?;
     }
     let discovery = discovery_runtime()?;
-    let (router, watchers) = build_router(&config, None, discovery.handle());
+    let (router, feeds) = build_router(&config, None, discovery.handle());
     let shared = Shared {
         router: Arc::new(ArcSwap::from_pointee(router)),
         lifecycle: Lifecycle::new(),
@@ -155,7 +162,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
         Reload {
             path: options.config_path,
             router: Arc::clone(&shared.router),
-            watchers: Mutex::new(watchers),
+            feeds: Mutex::new(feeds),
             restart_only,
             discovery: discovery.handle().clone(),
         },

@@ -14,17 +14,17 @@ use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-use super::{build_router, check_files};
+use super::{build_router, check_files, Feeds};
 use crate::config::{AccessLogConfig, Config, RequestIdConfig};
-use crate::discovery::Watchers;
 use crate::proxy::Router;
 
 pub(super) struct Reload {
     /// The file to re-read (`None` in demo mode).
     pub(super) path: Option<PathBuf>,
     pub(super) router: Arc<ArcSwap<Router>>,
-    /// The etcd watches feeding the current router's clusters; replaced on each reload.
-    pub(super) watchers: Mutex<Watchers>,
+    /// The etcd watches and health checkers of the current router's clusters; replaced on
+    /// each reload.
+    pub(super) feeds: Mutex<Feeds>,
     pub(super) restart_only: RestartOnly,
     /// The runtime the discovery watches run on.
     pub(super) discovery: Handle,
@@ -160,10 +160,11 @@ impl Reload {
             );
         }
         let previous = self.router.load_full();
-        let (next, watchers) = build_router(&config, Some(&previous), &self.discovery);
+        let (next, feeds) = build_router(&config, Some(&previous), &self.discovery);
         self.router.store(Arc::new(next));
-        // The new watches run; the old ones stop (their clusters are no longer routed to).
-        *self.watchers.lock().unwrap_or_else(|e| e.into_inner()) = watchers;
+        // The new watches and checkers run; the old ones stop (their clusters are no longer
+        // routed to).
+        *self.feeds.lock().unwrap_or_else(|e| e.into_inner()) = feeds;
         info!(path = %path.display(), "SIGHUP: config reloaded");
     }
 }

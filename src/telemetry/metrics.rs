@@ -18,7 +18,7 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use super::stats::{unrouted, BackendStats, ClusterStats, Reject, NO_CLUSTER};
+use super::stats::{unrouted, BackendStats, ClusterStats, HealthResult, Reject, NO_CLUSTER};
 use crate::wire::{Code, Origin};
 
 /// Implemented by the owner of the clusters (the router): adds every cluster and backend it
@@ -54,6 +54,7 @@ pub struct Scrape {
     upstream_requests: IntCounterVec,
     connect_failures: IntCounterVec,
     ejections: IntCounterVec,
+    health_checks: IntCounterVec,
     panic_mode: IntGaugeVec,
     queue_depth: IntGaugeVec,
     queue_waits: Vec<MetricFamily>,
@@ -105,6 +106,11 @@ impl Scrape {
                 "sluice_outlier_ejections_total",
                 "Times outlier detection ejected a backend after failures in a row.",
                 CLUSTER_BACKEND,
+            )?,
+            health_checks: counter(
+                "sluice_health_checks_total",
+                "Active grpc.health.v1 checks of a backend, by result.",
+                &["cluster", "backend", "result"],
             )?,
             panic_mode: gauge(
                 "sluice_panic_mode",
@@ -242,6 +248,14 @@ impl Scrape {
         self.ejections
             .with_label_values(&labels)
             .inc_by(stats.ejections());
+        for result in HealthResult::ALL {
+            let n = stats.health_checks(result);
+            if n > 0 {
+                self.health_checks
+                    .with_label_values(&[cluster, address, result.label()])
+                    .inc_by(n);
+            }
+        }
         self.attempt_durations.extend(stats.duration.collect());
         self.in_flight
             .with_label_values(&labels)
@@ -291,7 +305,8 @@ impl Scrape {
     }
 
     fn into_families(self) -> Vec<MetricFamily> {
-        let collectors: [&dyn Collector; 17] = [
+        let collectors: [&dyn Collector; 18] = [
+            &self.health_checks,
             &self.queue_depth,
             &self.requests,
             &self.upstream_requests,

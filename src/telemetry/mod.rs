@@ -9,4 +9,4 @@ pub mod request_id;
 pub mod stats;
 
 pub use metrics::{metrics, BackendGauges, DiscoveryGauges, Export, Scrape};
-pub use stats::{unrouted, BackendStats, ClusterStats, MethodStats, Reject};
+pub use stats::{unrouted, BackendStats, ClusterStats, HealthResult, MethodStats, Reject};

@@ -28,6 +28,43 @@ pub const MAX_METHODS_PER_CLUSTER: usize = 1000;
 /// How far back `/backends` looks for `rps` and `error_ratio`.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
+/// How one active health check of a backend ended (`sluice_health_checks_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthResult {
+    Serving = 0,
+    NotServing = 1,
+    Timeout = 2,
+    /// Transport failure, or a gRPC error other than UNIMPLEMENTED.
+    Error = 3,
+    /// No grpc.health.v1 service: counted, and treated as serving.
+    Unimplemented = 4,
+}
+
+impl HealthResult {
+    pub const ALL: [HealthResult; 5] = [
+        HealthResult::Serving,
+        HealthResult::NotServing,
+        HealthResult::Timeout,
+        HealthResult::Error,
+        HealthResult::Unimplemented,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            HealthResult::Serving => "serving",
+            HealthResult::NotServing => "not_serving",
+            HealthResult::Timeout => "timeout",
+            HealthResult::Error => "error",
+            HealthResult::Unimplemented => "unimplemented",
+        }
+    }
+
+    /// Whether the backend passed: serving, or without a health service at all.
+    pub fn passed(self) -> bool {
+        matches!(self, HealthResult::Serving | HealthResult::Unimplemented)
+    }
+}
+
 /// Why sluice answered a call without a backend's answer (`sluice_rejected_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reject {
@@ -84,6 +121,8 @@ pub struct BackendStats {
     connect_failures: AtomicU64,
     /// Times outlier detection ejected the backend.
     ejections: AtomicU64,
+    /// Active health checks, by [`HealthResult`].
+    health_checks: [AtomicU64; 5],
     pub(super) duration: Histogram,
     /// Samples of `(requests, failures)` over the last `RATE_WINDOW`, taken each second by the
     /// rate sampler (cold path: one lock per second and per page view).
@@ -104,6 +143,7 @@ impl BackendStats {
             codes: Default::default(),
             connect_failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
+            health_checks: Default::default(),
             duration: histogram(
                 "sluice_upstream_request_duration_seconds",
                 "Duration of attempts on a backend, from the pick to the last frame.",
@@ -123,6 +163,15 @@ impl BackendStats {
     /// One attempt found no stream: the connect or handshake failed.
     pub fn record_connect_failure(&self) {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One active health check ended with `result`.
+    pub fn record_health(&self, result: HealthResult) {
+        self.health_checks[result as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn health_checks(&self, result: HealthResult) -> u64 {
+        self.health_checks[result as usize].load(Ordering::Relaxed)
     }
 
     /// Outlier detection ejected the backend.

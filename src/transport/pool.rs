@@ -37,8 +37,8 @@ pub enum ConnectError {
     JustFailed { addr: String },
 }
 
-/// The connections to one backend.
-#[derive(Debug, Default)]
+/// The connections to one backend. Cloning shares them.
+#[derive(Debug, Default, Clone)]
 pub struct Pool {
     inner: Arc<PoolInner>,
 }

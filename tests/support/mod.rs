@@ -12,11 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice::demo::pb::echo_client::EchoClient;
+use sluice::demo::pb::echo_server::EchoServer;
 use sluice::demo::{EchoService, EchoStats, MAX_MESSAGE_SIZE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::server::HealthReporter;
 
 pub use sluice::demo::pb::EchoRequest;
 
@@ -121,6 +124,8 @@ pub async fn wait_until(budget: Duration, mut condition: impl FnMut() -> bool) -
 pub struct Echo {
     pub addr: SocketAddr,
     pub stats: Arc<EchoStats>,
+    /// The backend's grpc.health.v1 status of `echo.v1.Echo`.
+    health: HealthReporter,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -144,15 +149,49 @@ impl Echo {
     }
 
     async fn serve(service: EchoService) -> Echo {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<EchoServer<EchoService>>().await;
+        Echo::serve_with(service, Some(health_service), health).await
+    }
+
+    /// An echo backend without a grpc.health.v1 service.
+    pub async fn start_without_health(id: &str) -> Echo {
+        let (health, _) = tonic_health::server::health_reporter();
+        let none: Option<HealthServer<tonic_health::server::HealthService>> = None;
+        Echo::serve_with(EchoService::new(id), none, health).await
+    }
+
+    async fn serve_with(
+        service: EchoService,
+        health_service: Option<HealthServer<impl Health>>,
+        health: HealthReporter,
+    ) -> Echo {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
         let addr = listener.local_addr().expect("echo addr");
         let stats = Arc::clone(&service.stats);
         let task = tokio::spawn(async move {
-            if let Err(error) = sluice::demo::serve_echo(listener, service).await {
+            let serving = sluice::demo::serve_echo_with(listener, service, health_service);
+            if let Err(error) = serving.await {
                 tracing::error!(%error, "echo backend failed");
             }
         });
-        Echo { addr, stats, task }
+        Echo {
+            addr,
+            stats,
+            health,
+            task,
+        }
+    }
+
+    /// Sets what the backend's health service says of `echo.v1.Echo`.
+    pub async fn set_serving(&self, serving: bool) {
+        if serving {
+            self.health.set_serving::<EchoServer<EchoService>>().await;
+        } else {
+            self.health
+                .set_not_serving::<EchoServer<EchoService>>()
+                .await;
+        }
     }
 }
 

@@ -1,0 +1,209 @@
+//! Active `grpc.health.v1` checks (`clusters[].health_check`, off unless configured).
+//!
+//! One task per cluster, on the discovery runtime, off the data plane. Every `interval`
+//! (±10%), each backend gets a `Check` for the configured `service`, bounded by `timeout`, on
+//! a connection of its own (so a check measures the backend, not the load on the calls'
+//! connections). `unhealthy_threshold` failures in a row (NOT_SERVING, a timeout, a transport
+//! error) take a backend out of rotation: it gets no new calls, calls already running on it
+//! finish. `healthy_threshold` passes bring it back. A backend without the health service
+//! (UNIMPLEMENTED) is logged once and treated as healthy.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use tokio::runtime::Handle;
+use tokio::task::{JoinHandle, JoinSet};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tracing::{info, warn};
+
+use crate::balance::{Backend, Cluster};
+use crate::config::{ClusterConfig, HealthCheck};
+use crate::telemetry::HealthResult;
+use crate::transport::{H2Settings, Pool, UpstreamPolicy};
+use crate::wire::Code;
+
+/// The checker tasks of one config generation; dropping it stops them.
+#[derive(Debug, Default)]
+pub struct Checkers {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Checkers {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts a checker for each cluster whose config has `health_check`.
+pub fn start(clusters: &[(Arc<Cluster>, &ClusterConfig)], runtime: &Handle) -> Checkers {
+    let tasks = clusters
+        .iter()
+        .filter_map(|(cluster, config)| {
+            let check = config.health_check.clone()?;
+            Some(runtime.spawn(check_cluster(Arc::clone(cluster), check)))
+        })
+        .collect();
+    Checkers { tasks }
+}
+
+async fn check_cluster(cluster: Arc<Cluster>, config: HealthCheck) {
+    let mut pools: HashMap<String, Pool> = HashMap::new();
+    let mut without_service: HashSet<String> = HashSet::new();
+    let interval = config.interval.0;
+    loop {
+        tokio::time::sleep(interval.mul_f64(0.9 + fastrand::f64() * 0.2)).await;
+        let backends = cluster.backends().backends.clone();
+        pools.retain(|address, _| backends.iter().any(|b| b.address.0 == *address));
+        let mut checks = JoinSet::new();
+        for backend in &backends {
+            let pool = pools.entry(backend.address.0.clone()).or_default().clone();
+            let (backend, config) = (Arc::clone(backend), config.clone());
+            checks.spawn(async move {
+                let result = check(&pool, &backend.address.0, &config).await;
+                (backend, result)
+            });
+        }
+        while let Some(Ok((backend, result))) = checks.join_next().await {
+            let address = &backend.address.0;
+            if result == HealthResult::Unimplemented && without_service.insert(address.clone()) {
+                info!(cluster = %cluster.name, backend = %address,
+                    "backend has no grpc.health.v1 service; treated as healthy");
+            }
+            judge(&cluster, &backend, result, &config);
+        }
+    }
+}
+
+/// Counts one check and logs a change of verdict.
+fn judge(cluster: &Cluster, backend: &Backend, result: HealthResult, config: &HealthCheck) {
+    backend.stats.record_health(result);
+    let (unhealthy, healthy) = (config.unhealthy_threshold.0, config.healthy_threshold.0);
+    match backend.health_checked(result.passed(), unhealthy, healthy) {
+        Some(false) => warn!(cluster = %cluster.name, backend = %backend.address,
+            result = result.label(), "backend unhealthy: failed its health checks; no new calls"),
+        Some(true) => info!(cluster = %cluster.name, backend = %backend.address,
+            "backend healthy again: passed its health checks"),
+        None => {}
+    }
+}
+
+/// One `Check`, bounded by the configured timeout.
+async fn check(pool: &Pool, address: &str, config: &HealthCheck) -> HealthResult {
+    let timeout = config.timeout.0;
+    let policy = UpstreamPolicy {
+        connect_timeout: timeout,
+        ..UpstreamPolicy::default()
+    };
+    let exchange = ask(pool, address, &config.service, &policy);
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(())) => HealthResult::Error,
+        Err(_) => HealthResult::Timeout,
+    }
+}
+
+/// The largest health answer read; a real one is a few bytes.
+const MAX_ANSWER: usize = 1024;
+
+async fn ask(
+    pool: &Pool,
+    address: &str,
+    service: &str,
+    policy: &UpstreamPolicy,
+) -> Result<HealthResult, ()> {
+    let (sender, _slot) = pool
+        .acquire(address, policy, &H2Settings::default())
+        .await
+        .map_err(drop)?;
+    let mut sender = sender.ready().await.map_err(drop)?;
+    let request = http::Request::post(format!("http://{address}/grpc.health.v1.Health/Check"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(())
+        .map_err(drop)?;
+    let (response, mut body) = sender.send_request(request, false).map_err(drop)?;
+    let message = HealthCheckRequest {
+        service: service.to_string(),
+    };
+    body.send_data(grpc_frame(&message.encode_to_vec()), true)
+        .map_err(drop)?;
+    let (head, mut answer) = response.await.map_err(drop)?.into_parts();
+    if answer.is_end_stream() {
+        // Trailers-only: a status and no message.
+        return Ok(no_answer(Code::of_headers(&head.headers)));
+    }
+    let mut bytes = BytesMut::new();
+    while let Some(chunk) = answer.data().await {
+        let chunk = chunk.map_err(drop)?;
+        let _ = answer.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() > MAX_ANSWER {
+            return Err(());
+        }
+    }
+    let trailers = answer.trailers().await.map_err(drop)?.unwrap_or_default();
+    match Code::of_headers(&trailers) {
+        Code::Ok => Ok(serving(&bytes)),
+        code => Ok(no_answer(code)),
+    }
+}
+
+fn no_answer(code: Code) -> HealthResult {
+    match code {
+        Code::Unimplemented => HealthResult::Unimplemented,
+        // The service asked about is unknown to the backend.
+        Code::NotFound => HealthResult::NotServing,
+        _ => HealthResult::Error,
+    }
+}
+
+/// Reads the status of a length-prefixed `HealthCheckResponse`.
+fn serving(frame: &[u8]) -> HealthResult {
+    let Some(message) = frame.get(5..) else {
+        return HealthResult::Error;
+    };
+    match HealthCheckResponse::decode(message) {
+        Ok(answer) if answer.status == ServingStatus::Serving as i32 => HealthResult::Serving,
+        Ok(_) => HealthResult::NotServing,
+        Err(_) => HealthResult::Error,
+    }
+}
+
+/// A gRPC message frame: not compressed, 4-byte length, the message.
+fn grpc_frame(message: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(5 + message.len());
+    frame.put_u8(0);
+    frame.put_u32(message.len() as u32);
+    frame.extend_from_slice(message);
+    frame.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_as_their_status_says() {
+        let answer = |status: ServingStatus| {
+            let message = HealthCheckResponse {
+                status: status as i32,
+            };
+            grpc_frame(&message.encode_to_vec())
+        };
+        assert_eq!(
+            serving(&answer(ServingStatus::Serving)),
+            HealthResult::Serving
+        );
+        assert_eq!(
+            serving(&answer(ServingStatus::NotServing)),
+            HealthResult::NotServing
+        );
+        assert_eq!(serving(&[0, 0]), HealthResult::Error);
+        assert_eq!(no_answer(Code::Unimplemented), HealthResult::Unimplemented);
+        assert_eq!(no_answer(Code::Unavailable), HealthResult::Error);
+    }
+}

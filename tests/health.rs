@@ -1,0 +1,85 @@
+//! Active grpc.health.v1 checks: a backend whose health service says NOT_SERVING gets no new
+//! calls until it says SERVING again; a backend without a health service stays in.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{request, Echo, Sluice};
+
+const CHECKS: &str = "    health_check: { interval: 200ms, timeout: 500ms, service: \"echo.v1.Echo\", unhealthy_threshold: 2, healthy_threshold: 1 }\n";
+
+/// The `state` `/backends` shows for `address`, polled until it is `want` (at most 10 s).
+async fn wait_state(sluice: &Sluice, address: std::net::SocketAddr, want: &str) -> bool {
+    for _ in 0..500 {
+        let view = sluice.backends_view().await;
+        let found = view["clusters"][0]["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|b| b["address"] == address.to_string().as_str() && b["state"] == want);
+        if found {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_not_serving_gets_no_calls_until_it_serves_again() {
+    let good = Echo::start("good").await;
+    let sick = Echo::start("sick").await;
+    let sluice = Sluice::start(&Sluice::cluster(&[good.addr, sick.addr], CHECKS)).await;
+    sick.set_serving(false).await;
+    assert!(
+        wait_state(&sluice, sick.addr, "unhealthy").await,
+        "{}",
+        sluice.log()
+    );
+    let mut client = sluice.client().await;
+    for i in 0..30 {
+        let reply = client.unary(request(&format!("{i}"))).await.unwrap();
+        assert_eq!(reply.into_inner().backend_id, "good");
+    }
+    let metrics = sluice.metrics().await;
+    let not_serving = format!(
+        "sluice_health_checks_total{{backend=\"{}\",cluster=\"echo\",result=\"not_serving\"}}",
+        sick.addr
+    );
+    assert!(metrics.contains(&not_serving), "{metrics}");
+    assert!(
+        sluice.log().contains("failed its health checks"),
+        "{}",
+        sluice.log()
+    );
+    sick.set_serving(true).await;
+    assert!(
+        wait_state(&sluice, sick.addr, "healthy").await,
+        "{}",
+        sluice.log()
+    );
+    let served = support::wait_until(Duration::from_secs(5), || {
+        sick.stats.calls.load(std::sync::atomic::Ordering::Relaxed) > 0
+    });
+    for i in 0..60 {
+        client.unary(request(&format!("again {i}"))).await.unwrap();
+    }
+    assert!(served.await, "the recovered backend got no call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_without_a_health_service_stays_healthy() {
+    let plain = Echo::start_without_health("plain").await;
+    let sluice = Sluice::start(&Sluice::cluster(&[plain.addr], CHECKS)).await;
+    let logged = support::wait_until(Duration::from_secs(5), || {
+        sluice.log().contains("has no grpc.health.v1 service")
+    })
+    .await;
+    assert!(logged, "{}", sluice.log());
+    assert!(wait_state(&sluice, plain.addr, "healthy").await);
+    let reply = sluice.client().await.unary(request("x")).await.unwrap();
+    assert_eq!(reply.into_inner().backend_id, "plain");
+    let metrics = sluice.metrics().await;
+    assert!(metrics.contains("result=\"unimplemented\""), "{metrics}");
+}
