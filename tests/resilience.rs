@@ -177,10 +177,32 @@ async fn a_connection_whose_backend_stopped_answering_is_closed_by_ping() {
     let extra = "    upstream_keepalive: { interval: 1s, timeout: 1s }\n";
     let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], extra)).await;
     sluice.client().await.unary(request("x")).await.unwrap();
-    // The kernel still ACKs for a stopped process; only a PING can tell.
+    // A call stays open on the connection (PINGs go out only while one is); then the backend
+    // stops. The kernel still ACKs for a stopped process; only a PING can tell.
+    let mut client = sluice.client().await;
+    let held = tokio::spawn(async move {
+        let ask = support::EchoRequest {
+            sleep_ms: 20_000,
+            ..request("held")
+        };
+        client.unary(ask).await
+    });
+    let mut open = false;
+    for _ in 0..500 {
+        let view = sluice.backends_view().await;
+        if view["clusters"][0]["backends"][0]["in_flight"] == 1 {
+            open = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(open, "the held call never reached the backend");
     backend.signal("STOP");
     let closed = sluice.wait_no_connections(backend.addr).await;
     backend.signal("CONT");
+    // The held call failed with the connection, instead of waiting out its 20 s.
+    let status = held.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(closed, "the connection stayed open:\n{}", sluice.log());
     assert!(
         sluice.log().contains("did not answer a PING"),

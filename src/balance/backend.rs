@@ -163,6 +163,13 @@ impl Backend {
             && !self.failing_checks.load(Ordering::Relaxed)
     }
 
+    /// Forgets what health checks said (the cluster's checks were turned off by a reload).
+    pub fn clear_health_checks(&self) {
+        self.failing_checks.store(false, Ordering::Relaxed);
+        self.checks_failed.store(0, Ordering::Relaxed);
+        self.checks_passed.store(0, Ordering::Relaxed);
+    }
+
     /// Counts one active health check; returns the new verdict when it changed: `Some(false)`
     /// after `unhealthy_threshold` failures in a row, `Some(true)` after `healthy_threshold`
     /// passes in a row.
@@ -227,7 +234,7 @@ impl Backend {
     pub(super) fn try_start_stream(self: &Arc<Self>) -> Option<InFlight> {
         let cap = self.queue.cap();
         self.in_flight
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < cap).then_some(n + 1)
             })
             .ok()?;
@@ -300,12 +307,14 @@ impl Backend {
         self.latency.estimate_nanos()
     }
 
-    /// The p2c cost: (latency score × load) squared, over the weight. Lower is better. Squared
-    /// so the proportional choice stays near even between backends within noise (scores 1.05
-    /// and 1.0: 48% / 52%) but leaves a backend 60 times costlier one draw in 3,600, not one in
-    /// 60: in the incident replay, the linear choice still sent 1% of calls to a backend
-    /// 500 ms slower, which put those 500 ms in the p99. The weight stays linear, so shares
-    /// follow weights.
+    /// The p2c cost: (latency score × load) squared, over the weight. Lower is better.
+    /// Squared so the proportional choice stays near even between backends within noise
+    /// (scores 1.05 and 1.0: 48% / 52%) but leaves a backend 60 times slower one draw in
+    /// 3,600, not one in 60 (in the incident replay the linear choice still sent 1% of calls
+    /// to a backend 500 ms slower, which put those 500 ms in the p99), and so in-flight counts
+    /// balance firmly under concurrency. The weight stays linear: at low load shares follow
+    /// weights exactly; under heavy concurrency, calls in flight follow the square root of
+    /// the weights (docs/configuration.md, "Balancers").
     pub(super) fn cost(&self) -> f64 {
         let load = self.score.get() * (self.in_flight() as f64 + 1.0);
         load * load / self.weight() as f64
@@ -350,7 +359,8 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // SeqCst: pairs with the queue's length (queue.rs).
+        self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.backend.queue.slot_freed();
     }
 }

@@ -130,6 +130,8 @@ pub struct Cluster {
     pub source: SourceStatus,
     /// True while no backend is usable and calls try them all anyway (panic mode).
     panic: AtomicBool,
+    /// Held while outlier detection decides an ejection (outlier.rs).
+    ejecting: std::sync::Mutex<()>,
     /// Call counters; a reload hands them to the next cluster of the same name.
     pub stats: Arc<ClusterStats>,
     /// Calls waiting for a backend slot; shared with the backends, and kept across reloads.
@@ -190,6 +192,7 @@ impl Cluster {
             ready: Default::default(),
             source: SourceStatus::new(&config.discovery.value),
             panic: AtomicBool::new(false),
+            ejecting: std::sync::Mutex::new(()),
         }
     }
 

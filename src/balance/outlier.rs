@@ -28,14 +28,18 @@ impl Cluster {
             }
             return;
         }
-        if backend.count_failure() >= settings.consecutive_failures.0 {
-            self.try_eject(backend, &settings, base_ms);
+        let failures = backend.count_failure();
+        if failures >= settings.consecutive_failures.0 {
+            self.try_eject(backend, &settings, base_ms, failures);
         }
     }
 
     /// Ejects `backend` unless that would take out more than `max_ejection_percent` of the
     /// cluster, or its last usable backend. Scans the set: only when a streak is complete.
-    fn try_eject(&self, backend: &Backend, settings: &OutlierSettings, base_ms: u64) {
+    fn try_eject(&self, backend: &Backend, settings: &OutlierSettings, base_ms: u64, streak: u32) {
+        // One ejection decision at a time, so two backends failing together cannot both pass
+        // the max_ejection_percent check.
+        let _deciding = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
         let now = clock_ms();
         if backend.is_ejected(now) {
             return;
@@ -45,8 +49,11 @@ impl Cluster {
         let ejected = set.backends.iter().filter(|b| b.is_ejected(now)).count();
         let percent = settings.max_ejection_percent.0 as usize;
         if (ejected + 1) * 100 > percent * total || ejected + 1 >= total {
-            warn!(cluster = %self.name, backend = %backend.address, ejected, total,
-                "backend fails call after call but stays: ejecting it would pass max_ejection_percent or leave no backend");
+            // Once per streak, not once per failed call.
+            if streak == settings.consecutive_failures.0 {
+                warn!(cluster = %self.name, backend = %backend.address, ejected, total,
+                    "backend fails call after call but stays: ejecting it would pass max_ejection_percent or leave no backend");
+            }
             return;
         }
         let length = backend.eject(now, base_ms);

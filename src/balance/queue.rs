@@ -43,7 +43,9 @@ impl SlotQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        // SeqCst with the in-flight counts (backend.rs): a call that frees a slot and a call
+        // that joins the queue then always see each other, so no wakeup falls between them.
+        self.len.load(Ordering::SeqCst)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -54,8 +56,12 @@ impl SlotQueue {
         self.cap.load(Ordering::Relaxed)
     }
 
+    /// Changes the cap (reload); a higher one frees slots at once.
     pub(super) fn set_cap(&self, cap: u64) {
-        self.cap.store(cap, Ordering::Relaxed);
+        let old = self.cap.swap(cap, Ordering::SeqCst);
+        for _ in old..cap.min(old + self.len() as u64) {
+            self.slot_freed();
+        }
     }
 
     /// Joins the tail; `None` when `max_queued` calls already wait.
@@ -67,7 +73,7 @@ impl SlotQueue {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (wake, woken) = oneshot::channel();
         waiting.push_back((id, wake));
-        self.len.store(waiting.len(), Ordering::Relaxed);
+        self.len.store(waiting.len(), Ordering::SeqCst);
         Some(Waiter {
             queue: Arc::clone(self),
             id,
@@ -75,8 +81,9 @@ impl SlotQueue {
         })
     }
 
-    /// A call finished: the head waiter (still waiting) gets to pick again.
-    pub(super) fn slot_freed(&self) {
+    /// A slot is free: the head waiter (still waiting) gets to pick again. A waiter that was
+    /// woken but could not use the slot calls this again, to pass the wakeup on.
+    pub fn slot_freed(&self) {
         if self.is_empty() {
             return;
         }
@@ -86,7 +93,7 @@ impl SlotQueue {
                 break;
             }
         }
-        self.len.store(waiting.len(), Ordering::Relaxed);
+        self.len.store(waiting.len(), Ordering::SeqCst);
     }
 }
 
@@ -95,8 +102,15 @@ impl Drop for Waiter {
         let mut waiting = self.queue.waiting.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(at) = waiting.iter().position(|(id, _)| *id == self.id) {
             waiting.remove(at);
+            self.queue.len.store(waiting.len(), Ordering::SeqCst);
+            return;
         }
-        self.queue.len.store(waiting.len(), Ordering::Relaxed);
+        drop(waiting);
+        // Woken, but leaving without using the wakeup (its timeout or its client won the
+        // race): pass it on, or a free slot would go unnoticed.
+        if self.woken.try_recv().is_ok() {
+            self.queue.slot_freed();
+        }
     }
 }
 
@@ -119,5 +133,29 @@ mod tests {
         queue.slot_freed();
         assert!(third.woken.try_recv().is_ok());
         assert!(queue.join(0).is_none(), "max_queued 0: no queue");
+    }
+
+    #[test]
+    fn a_woken_waiter_that_leaves_passes_the_wakeup_on() {
+        let queue = Arc::new(SlotQueue::new(1));
+        let first = queue.join(10).unwrap();
+        let mut second = queue.join(10).unwrap();
+        queue.slot_freed();
+        // The first was woken, but its timeout won: it leaves without the slot.
+        drop(first);
+        assert!(second.woken.try_recv().is_ok());
+        assert_eq!(queue.len(), 0);
+    }
+
+    #[test]
+    fn a_higher_cap_wakes_as_many_waiters() {
+        let queue = Arc::new(SlotQueue::new(1));
+        let mut waiters: Vec<_> = (0..3).map(|_| queue.join(10).unwrap()).collect();
+        queue.set_cap(3);
+        let woken = waiters
+            .iter_mut()
+            .filter_map(|w| w.woken.try_recv().ok())
+            .count();
+        assert_eq!(woken, 2);
     }
 }

@@ -128,6 +128,10 @@ impl Call {
         loop {
             // A call whose deadline has passed is never dispatched.
             if Instant::now() >= self.deadline {
+                if queued {
+                    // It was woken for a slot it will not use: pass the wakeup on.
+                    self.cluster.queue.slot_freed();
+                }
                 let message = "sluice: deadline exceeded before the call reached a backend";
                 return self.reject(
                     down,
@@ -135,10 +139,17 @@ impl Call {
                     ProxyStatus::deadline_exceeded(message),
                 );
             }
-            let (backend, in_flight) = match self.cluster.pick(&tried, queued) {
+            let picked = self.cluster.pick(&tried, queued);
+            if queued && !matches!(picked, Pick::Backend(..)) {
+                // Woken for a slot this call cannot use (a retry that tried it already):
+                // pass the wakeup on.
+                self.cluster.queue.slot_freed();
+            }
+            let (backend, in_flight) = match picked {
                 Pick::Backend(backend, in_flight) => (backend, in_flight),
-                Pick::Full => match self.wait_for_slot(down).await {
-                    Ok(()) => {
+                Pick::Full => match self.wait_for_slot(down, &tried).await {
+                    Ok(Some(found)) => found,
+                    Ok(None) => {
                         queued = true;
                         continue;
                     }

@@ -107,6 +107,10 @@ impl Call {
         let address = &backend.address;
         let ending = match outcome {
             Outcome::Finished(code) => Ending::upstream(code),
+            // Another call's connect failed moments ago: that one counted it.
+            Outcome::ConnectFailed(error @ ConnectError::JustFailed { .. }) => {
+                return AttemptEnd::Retry(RetryReason::Connect(error));
+            }
             Outcome::ConnectFailed(error) => {
                 if backend.connect_failed() {
                     warn!(cluster = %self.cluster.name, backend = %address, %error,
@@ -181,9 +185,14 @@ impl Call {
     /// Tells the balancer and outlier detection how a sent attempt ended. One sample per
     /// attempt: a server-side failure counts as the worst latency, however fast it came (a
     /// backend that fails fast must not look fast); otherwise the time to response headers.
+    ///
+    /// A deadline that passes after the response headers came (a long stream, a long poll)
+    /// is the client's choice, not the backend's failure. RESOURCE_EXHAUSTED is a backend
+    /// shedding load: a bad sample for the balancer, though not a failure to eject for.
     fn judge(&self, backend: &Backend, code: Code, headers_after: Option<Duration>) {
-        let failed = code.is_server_error();
-        if failed {
+        let answered_in_time = code == Code::DeadlineExceeded && headers_after.is_some();
+        let failed = code.is_server_error() && !answered_in_time;
+        if failed || code == Code::ResourceExhausted {
             backend.observe_failure();
         } else if let Some(rtt) = headers_after {
             backend.observe_latency(rtt, &self.method.latency_baseline);
@@ -249,8 +258,9 @@ pub(super) fn before_headers(error: &h2::Error, address: &BackendAddr) -> Outcom
     if error.is_reset() && error.reason() == Some(Reason::REFUSED_STREAM) {
         return Outcome::Retry(RetryReason::Refused(address));
     }
-    // A graceful GOAWAY fails only the streams above its last-stream-id: unprocessed.
-    if error.is_go_away() && error.is_remote() && error.reason() == Some(Reason::NO_ERROR) {
+    // A GOAWAY fails only the streams above its last-stream-id, whatever its reason (a
+    // grpc-go server's ENHANCE_YOUR_CALM included): they were not processed.
+    if error.is_go_away() && error.is_remote() {
         return Outcome::Retry(RetryReason::GoAway(address));
     }
     let (message, broken) = if error.is_reset() {

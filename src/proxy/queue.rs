@@ -8,13 +8,22 @@ use std::future::poll_fn;
 use h2::Reason;
 use tokio::time::{sleep_until, Instant};
 
+use std::sync::Arc;
+
 use super::call::{Call, Downstream, Ending};
+use crate::balance::{Backend, InFlight, Pick};
 use crate::telemetry::Reject;
 use crate::wire::{Code, ProxyStatus};
 
 impl Call {
-    /// Waits until a slot is freed for this call (`Ok`: pick again), or answers the call.
-    pub(super) async fn wait_for_slot(&mut self, down: &mut Downstream) -> Result<(), Ending> {
+    /// Waits until a slot is freed for this call, or answers the call. `Ok(Some)`: a slot
+    /// found right after joining the queue (one freed between the pick and the join);
+    /// `Ok(None)`: woken at the head of the queue, pick again.
+    pub(super) async fn wait_for_slot(
+        &mut self,
+        down: &mut Downstream,
+        tried: &[Arc<Backend>],
+    ) -> Result<Option<(Arc<Backend>, InFlight)>, Ending> {
         let settings = &self.cluster.settings;
         let cluster = &self.cluster.name;
         let Some(mut waiter) = self.cluster.queue.join(settings.max_queued) else {
@@ -25,9 +34,14 @@ impl Call {
             let status = ProxyStatus::new(Code::ResourceExhausted, message);
             return Err(self.reject(down, Reject::Overloaded, status));
         };
+        // A slot freed after the pick and before the join woke nobody: look once more.
+        if let Pick::Backend(backend, slot) = self.cluster.pick(tried, true) {
+            return Ok(Some((backend, slot)));
+        }
         let started = Instant::now();
         let until = (started + settings.queue_timeout).min(self.deadline);
         let woken = tokio::select! {
+            biased;
             // A freed slot: this call is at the head of the queue.
             woken = &mut waiter.woken => woken.is_ok(),
             _ = sleep_until(until) => false,
@@ -39,7 +53,7 @@ impl Call {
         };
         self.cluster.stats.queued(started.elapsed());
         if woken {
-            return Ok(());
+            return Ok(None);
         }
         if Instant::now() >= self.deadline {
             let message = "sluice: deadline exceeded while waiting for a backend slot";

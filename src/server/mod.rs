@@ -94,6 +94,12 @@ fn build_router(config: &Config, previous: Option<&Router>, runtime: &Handle) ->
             // A changed source starts from nothing: an etcd set is not the new prefix's.
             if let Some(old) = old.filter(|old| old.source.same_source(&cluster.source)) {
                 cluster.adopt_backends(old);
+                if c.health_check.is_none() {
+                    // Checks turned off: what they said no longer holds.
+                    for backend in &cluster.backends().backends {
+                        backend.clear_health_checks();
+                    }
+                }
             }
             (cluster, c)
         })

@@ -1,8 +1,12 @@
 //! The task that drives one upstream connection: it polls the h2 connection, publishes the
-//! peer's stream limit to the pool, PINGs the backend every `keepalive_interval` and closes
-//! the connection when a PING goes unanswered for `keepalive_timeout` (a host that lost power,
-//! a wedged process: the kernel may still ACK, nothing answers), and closes it after
-//! `idle_timeout` without a stream.
+//! peer's stream limit to the pool, PINGs the backend every `keepalive_interval` while calls
+//! are open on it and closes the connection when a PING goes unanswered for
+//! `keepalive_timeout` (a host that lost power, a wedged process: the kernel may still ACK,
+//! nothing answers), and closes it after `idle_timeout` without a stream.
+//!
+//! PINGs go out only while streams are open, as gRPC clients do: grpc-go and grpc-java servers
+//! by default answer PINGs on a connection without streams with GOAWAY ENHANCE_YOUR_CALM
+//! ("too_many_pings") after a few. An idle connection is the idle timeout's business.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -28,12 +32,22 @@ enum End {
     Idle,
 }
 
+/// How a connection is used: streams open on it now, and streams lent on it so far.
+pub(super) struct Use {
+    pub(super) streams: Arc<AtomicUsize>,
+    pub(super) lends: Arc<AtomicUsize>,
+}
+
+/// Set in place of the stream count of a connection closing for idleness: above any stream
+/// limit, so the pool lends nothing more on it.
+const CLOSING: usize = usize::MAX / 2;
+
 /// Drives `upstream` until it ends, then takes it out of the pool.
 pub(super) async fn drive(
     mut upstream: Upstream,
     connection: Weak<Connection>,
     pool: Weak<PoolInner>,
-    streams: Arc<AtomicUsize>,
+    usage: Use,
     policy: UpstreamPolicy,
 ) {
     let mut keepalive = Keepalive::new(&mut upstream, policy);
@@ -52,7 +66,7 @@ pub(super) async fn drive(
                 published = max;
             }
         }
-        keepalive.poll(cx, &streams)
+        keepalive.poll(cx, &usage)
     })
     .await;
     if let Some(connection) = connection.upgrade() {
@@ -82,8 +96,10 @@ struct Keepalive {
     /// When the PING in flight went out.
     ping_sent: Option<Instant>,
     last_ping: Instant,
-    /// Since when no stream has been open.
+    /// Since when no stream has been open or lent.
     idle_since: Option<Instant>,
+    /// `Use::lends` at the last tick.
+    lends_seen: usize,
 }
 
 impl Keepalive {
@@ -98,12 +114,13 @@ impl Keepalive {
             ping_sent: None,
             last_ping: Instant::now(),
             idle_since: None,
+            lends_seen: 0,
         }
     }
 
     /// Registers for the next tick and, while a PING is out, its PONG; `Ready` when the
     /// connection must close.
-    fn poll(&mut self, cx: &mut std::task::Context<'_>, streams: &AtomicUsize) -> Poll<End> {
+    fn poll(&mut self, cx: &mut std::task::Context<'_>, usage: &Use) -> Poll<End> {
         if let (Some(ping), Some(_)) = (self.ping.as_mut(), self.ping_sent) {
             if let Poll::Ready(answered) = ping.poll_pong(cx) {
                 self.ping_sent = None;
@@ -114,20 +131,22 @@ impl Keepalive {
             }
         }
         while self.tick.poll_tick(cx).is_ready() {
-            let open_streams = streams.load(Ordering::Relaxed);
-            if let Some(end) = self.on_tick(Instant::now(), open_streams) {
+            if let Some(end) = self.on_tick(Instant::now(), usage) {
                 return Poll::Ready(end);
             }
         }
         Poll::Pending
     }
 
-    fn on_tick(&mut self, now: Instant, open_streams: usize) -> Option<End> {
+    fn on_tick(&mut self, now: Instant, usage: &Use) -> Option<End> {
+        let open_streams = usage.streams.load(Ordering::Relaxed);
         if let Some(sent) = self.ping_sent {
             if now.duration_since(sent) >= self.policy.keepalive_timeout {
                 return Some(End::PingTimeout);
             }
-        } else if now.duration_since(self.last_ping) >= self.policy.keepalive_interval {
+        } else if open_streams > 0
+            && now.duration_since(self.last_ping) >= self.policy.keepalive_interval
+        {
             if let Some(ping) = self.ping.as_mut() {
                 if ping.send_ping(h2::Ping::opaque()).is_ok() {
                     self.ping_sent = Some(now);
@@ -135,11 +154,28 @@ impl Keepalive {
                 }
             }
         }
-        if open_streams > 0 {
+        let lends = usage.lends.load(Ordering::Relaxed);
+        if open_streams > 0 || lends != self.lends_seen {
+            // In use since the last tick, even if no stream is open right now.
+            self.lends_seen = lends;
             self.idle_since = None;
             return None;
         }
         let idle_since = *self.idle_since.get_or_insert(now);
-        (now.duration_since(idle_since) >= self.policy.idle_timeout).then_some(End::Idle)
+        if now.duration_since(idle_since) < self.policy.idle_timeout {
+            return None;
+        }
+        // Only if nothing was lent meanwhile: from here on the pool lends nothing on it.
+        let closing =
+            usage
+                .streams
+                .compare_exchange(0, CLOSING, Ordering::SeqCst, Ordering::SeqCst);
+        match closing {
+            Ok(_) => Some(End::Idle),
+            Err(_) => {
+                self.idle_since = None;
+                None
+            }
+        }
     }
 }

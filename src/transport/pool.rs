@@ -57,8 +57,11 @@ pub(super) struct PoolInner {
 pub(super) struct Connection {
     sender: SendRequest<Bytes>,
     /// Streams open on it, counted by us: h2 does not say when the peer's limit is reached.
-    /// Shared with the connection's `CoalescingIo`.
+    /// Shared with the connection's `CoalescingIo` and its driver.
     streams: Arc<AtomicUsize>,
+    /// Streams lent on it so far; the driver reads it to tell an idle connection from a busy
+    /// one between its ticks.
+    lends: Arc<AtomicUsize>,
     /// The peer's SETTINGS_MAX_CONCURRENT_STREAMS, published by the driver task.
     pub(super) max_streams: AtomicUsize,
     /// Set by the driver task when the connection ended, or by a caller that saw it fail.
@@ -85,6 +88,7 @@ impl Connection {
 
     /// A sender and the slot it holds; the caller has already counted the slot in `streams`.
     fn lend(self: &Arc<Self>) -> (SendRequest<Bytes>, StreamSlot) {
+        self.lends.fetch_add(1, Ordering::Relaxed);
         (
             self.sender.clone(),
             StreamSlot {
@@ -164,9 +168,11 @@ impl Pool {
             self.inner.connect_failures.fetch_add(1, Ordering::Relaxed);
         })?;
         let streams = Arc::clone(&connected.streams);
+        let lends = Arc::new(AtomicUsize::new(0));
         let connection = Arc::new(Connection {
             sender: connected.sender,
             streams: connected.streams,
+            lends: Arc::clone(&lends),
             max_streams: AtomicUsize::new(STREAMS_PER_CONNECTION_CAP),
             closed: AtomicBool::new(false),
             probe: connected.probe,
@@ -177,7 +183,7 @@ impl Pool {
             connected.upstream,
             Arc::downgrade(&connection),
             Arc::downgrade(&self.inner),
-            streams,
+            driver::Use { streams, lends },
             *policy,
         ));
         let lent = connection.lend();
