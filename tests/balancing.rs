@@ -137,13 +137,7 @@ async fn a_backend_slow_on_every_call_loses_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_backend_serves_again_within_seconds() {
-    let mut backends = [
-        EchoProcess::start("b1").await,
-        EchoProcess::start("b2").await,
-        EchoProcess::start("b3").await,
-    ];
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    let (mut backends, sluice) = EchoProcess::three_behind_sluice("").await;
     let mut client = sluice.client().await;
     for i in 0..30 {
         client.unary(request(&format!("warm {i}"))).await.unwrap();
@@ -155,7 +149,8 @@ async fn a_restarted_backend_serves_again_within_seconds() {
         client.unary(request("while down")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    backends[1] = EchoProcess::start_on("b2-again", addrs[1]).await;
+    let address = backends[1].addr;
+    backends[1] = EchoProcess::start_on("b2-again", address).await;
     let back = Instant::now();
     let mut served = false;
     while !served && back.elapsed() < Duration::from_secs(5) {
@@ -192,13 +187,7 @@ async fn a_backend_that_fails_fast_gets_few_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_backend_costs_few_calls() {
-    let backends = [
-        EchoProcess::start("b1").await,
-        EchoProcess::start("b2").await,
-        EchoProcess::start("b3").await,
-    ];
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    let (backends, sluice) = EchoProcess::three_behind_sluice("").await;
     let client = sluice.client().await;
     // Every backend has a connection; then one hangs (the kernel still accepts and ACKs).
     for i in 0..30 {

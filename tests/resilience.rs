@@ -11,13 +11,7 @@ use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_after_a_backend_is_killed_all_succeed() {
-    let mut backends = [
-        EchoProcess::start("b1").await,
-        EchoProcess::start("b2").await,
-        EchoProcess::start("b3").await,
-    ];
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    let (mut backends, sluice) = EchoProcess::three_behind_sluice("").await;
     let mut client = sluice.client().await;
     // Warm up: every backend has a pooled connection when the kill comes.
     let mut seen = HashMap::<String, u32>::new();

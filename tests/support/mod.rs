@@ -214,6 +214,19 @@ impl EchoProcess {
         EchoProcess::start_on(id, "127.0.0.1:0".parse().unwrap()).await
     }
 
+    /// Three echo backend processes, `b1`, `b2`, `b3`, and a sluice in front of them (static
+    /// cluster `echo` with `extra` keys).
+    pub async fn three_behind_sluice(extra: &str) -> ([EchoProcess; 3], Sluice) {
+        let backends = [
+            EchoProcess::start("b1").await,
+            EchoProcess::start("b2").await,
+            EchoProcess::start("b3").await,
+        ];
+        let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+        let sluice = Sluice::start(&Sluice::cluster(&addrs, extra)).await;
+        (backends, sluice)
+    }
+
     /// An echo backend process listening on `addr` (port 0: one the kernel picks).
     pub async fn start_on(id: &str, addr: SocketAddr) -> EchoProcess {
         let dir = tempfile::tempdir().expect("tempdir");
