@@ -140,9 +140,11 @@ impl Call {
                 );
             }
             let picked = self.cluster.pick(&tried, queued);
-            if queued && !matches!(picked, Pick::Backend(..)) {
-                // Woken for a slot this call cannot use (a retry that tried it already):
-                // pass the wakeup on.
+            if queued && !tried.is_empty() && !matches!(picked, Pick::Backend(..)) {
+                // A retry woken for a slot on a backend it tried already: pass the wakeup
+                // on. (A first attempt that finds nothing was woken for a slot on a backend
+                // no one may use, one ejected or failing its checks: passing that on would
+                // only send it round the queue.)
                 self.cluster.queue.slot_freed();
             }
             let (backend, in_flight) = match picked {
