@@ -19,17 +19,6 @@ fn shares(counts: &HashMap<String, u32>, calls: u32) -> Vec<(String, f64)> {
     shares
 }
 
-async fn three_equal() -> ([Echo; 3], Sluice) {
-    let backends = [
-        Echo::start("b1").await,
-        Echo::start("b2").await,
-        Echo::start("b3").await,
-    ];
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
-    (backends, sluice)
-}
-
 /// Sends `calls` sequential small calls on one connection; counts them per backend.
 async fn sequential(sluice: &Sluice, calls: u32) -> HashMap<String, u32> {
     let mut client = sluice.client().await;
@@ -73,21 +62,21 @@ fn assert_each_at_least(counts: &HashMap<String, u32>, calls: u32, percent: f64)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn equal_backends_share_sequential_calls_evenly() {
-    let (_backends, sluice) = three_equal().await;
+    let (_backends, sluice) = Echo::three_behind_sluice().await;
     let counts = sequential(&sluice, 300).await;
     assert_each_at_least(&counts, 300, 25.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn equal_backends_share_concurrent_calls_evenly() {
-    let (_backends, sluice) = three_equal().await;
+    let (_backends, sluice) = Echo::three_behind_sluice().await;
     let counts = concurrent(&sluice, 32, Duration::from_millis(300)).await;
     assert_each_at_least(&counts, 32, 20.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_long_calls_do_not_mark_a_backend_slow() {
-    let (_backends, sluice) = three_equal().await;
+    let (_backends, sluice) = Echo::three_behind_sluice().await;
     sequential(&sluice, 30).await;
     // Answered only at their end, as a Go unary handler answers.
     concurrent(&sluice, 5, Duration::from_secs(3)).await;
@@ -97,7 +86,7 @@ async fn a_few_long_calls_do_not_mark_a_backend_slow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_long_call_does_not_shut_its_backend_out() {
-    let (_backends, sluice) = three_equal().await;
+    let (_backends, sluice) = Echo::three_behind_sluice().await;
     sequential(&sluice, 30).await;
     concurrent(&sluice, 1, Duration::from_secs(2)).await;
     let counts = sequential(&sluice, 150).await;

@@ -119,13 +119,7 @@ async fn binary_and_text_metadata_pass_both_ways() {
 /// The incident's first fact: one long-lived connection must still reach every backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_on_one_connection_spread_over_all_backends() {
-    let backends = [
-        Echo::start("b1").await,
-        Echo::start("b2").await,
-        Echo::start("b3").await,
-    ];
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    let (_backends, sluice) = Echo::three_behind_sluice().await;
     let mut client = sluice.client().await;
     let mut per_backend: HashMap<String, u32> = HashMap::new();
     for i in 0..300 {

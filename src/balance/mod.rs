@@ -54,10 +54,10 @@ impl Balancer {
     }
 
     /// Picks an index into `set`, or `None` when it is empty. O(1), lock-free.
-    fn pick(&self, set: &BackendSet) -> Option<usize> {
+    fn pick(&self, set: &BackendSet, now_ms: u64) -> Option<usize> {
         match self {
-            Balancer::P2cEwma => p2c::pick(&set.backends, Backend::cost, true),
-            Balancer::LeastRequest => p2c::pick(&set.backends, least_request::cost, false),
+            Balancer::P2cEwma => p2c::pick(&set.backends, Backend::cost, Some(now_ms)),
+            Balancer::LeastRequest => p2c::pick(&set.backends, least_request::cost, None),
             Balancer::RoundRobin(rr) => rr.pick(&set.schedule),
         }
     }
@@ -277,7 +277,7 @@ impl Cluster {
         let now = clock_ms();
         let untried = |b: &Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
         let usable = |b: &Arc<Backend>| b.is_usable(now) && b.has_room() && untried(b);
-        if let Some(i) = self.balancer.pick(&set) {
+        if let Some(i) = self.balancer.pick(&set, now) {
             let chosen = &set.backends[i];
             if let Some(slot) = usable(chosen).then(|| chosen.try_start_stream()).flatten() {
                 self.leave_panic();

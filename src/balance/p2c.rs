@@ -5,18 +5,18 @@
 //! `cost(b) / (cost(a) + cost(b))`, so backends within noise of each other share evenly. (The
 //! p2c_ewma cost is squared, see `Backend::cost`, so a far costlier backend gets almost no
 //! calls but its probes.)
-//! With `probe` (p2c_ewma), a candidate not picked for two seconds wins outright, one call per
-//! interval: a backend that was avoided is judged again by a fresh answer.
+//! With `probe_at` (p2c_ewma: the time of the pick), a candidate not picked for two seconds
+//! wins outright, one call per interval: a backend that was avoided is judged again by a
+//! fresh answer.
 
 use std::sync::Arc;
 
-use super::ewma::clock_ms;
 use super::Backend;
 
 pub(super) fn pick(
     backends: &[Arc<Backend>],
     cost: impl Fn(&Backend) -> f64,
-    probe: bool,
+    probe_at: Option<u64>,
 ) -> Option<usize> {
     let n = backends.len();
     if n < 2 {
@@ -26,8 +26,7 @@ pub(super) fn pick(
     // A second draw from the other n-1, so the two are always distinct.
     let b = (a + 1 + fastrand::usize(..n - 1)) % n;
     let (backend_a, backend_b) = (&backends[a], &backends[b]);
-    let now_ms = clock_ms();
-    if probe {
+    if let Some(now_ms) = probe_at {
         for (i, candidate) in [(a, backend_a), (b, backend_b)] {
             if candidate.due_for_probe(now_ms) && candidate.take_pick(now_ms) {
                 return Some(i);
@@ -46,7 +45,7 @@ pub(super) fn pick(
     } else {
         (b, backend_b)
     };
-    if probe {
+    if let Some(now_ms) = probe_at {
         chosen.take_pick(now_ms);
     }
     Some(index)

@@ -5,7 +5,6 @@
 
 use std::future::poll_fn;
 
-use h2::Reason;
 use tokio::time::{sleep_until, Instant};
 
 use std::sync::Arc;
@@ -46,8 +45,7 @@ impl Call {
             woken = &mut waiter.woken => woken.is_ok(),
             _ = sleep_until(until) => false,
             // The client left while waiting.
-            reset = poll_fn(|cx| down.respond.poll_reset(cx)) => {
-                let _ = reset.unwrap_or(Reason::CANCEL);
+            _ = poll_fn(|cx| down.respond.poll_reset(cx)) => {
                 return Err(Ending::proxy(Code::Cancelled));
             }
         };

@@ -31,7 +31,7 @@ pub(super) struct Reload {
 }
 
 /// The settings a reload cannot change: they are read once, at start.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct RestartOnly {
     listeners: Vec<(String, SocketAddr)>,
     admin: Option<SocketAddr>,
@@ -62,33 +62,19 @@ impl RestartOnly {
     /// Whether `next` (a new file) changes none of these settings. A new file that asks for
     /// port 0 again keeps the port already bound.
     pub(super) fn unchanged_by(&self, next: &RestartOnly) -> bool {
-        let same_address = |running: &SocketAddr, asked: &SocketAddr| {
-            running == asked || (asked.port() == 0 && running.ip() == asked.ip())
+        let keep_bound = |asked: &mut SocketAddr, running: &SocketAddr| {
+            if asked.port() == 0 && asked.ip() == running.ip() {
+                *asked = *running;
+            }
         };
-        let same_listeners = self.listeners.len() == next.listeners.len()
-            && self
-                .listeners
-                .iter()
-                .zip(&next.listeners)
-                .all(|((a, x), (b, y))| a == b && same_address(x, y));
-        let same_admin = match (&self.admin, &next.admin) {
-            (Some(x), Some(y)) => same_address(x, y),
-            (x, y) => x == y,
-        };
-        same_listeners
-            && same_admin
-            && (
-                &self.threads,
-                self.drain_timeout,
-                &self.log_level,
-                &self.upgrade_sock,
-            ) == (
-                &next.threads,
-                next.drain_timeout,
-                &next.log_level,
-                &next.upgrade_sock,
-            )
-            && (&self.access_log, self.request_id) == (&next.access_log, next.request_id)
+        let mut next = next.clone();
+        for ((_, asked), (_, running)) in next.listeners.iter_mut().zip(&self.listeners) {
+            keep_bound(asked, running);
+        }
+        if let (Some(asked), Some(running)) = (next.admin.as_mut(), &self.admin) {
+            keep_bound(asked, running);
+        }
+        *self == next
     }
 
     fn of(config: &Config) -> RestartOnly {
@@ -166,5 +152,31 @@ impl Reload {
         // routed to).
         *self.feeds.lock().unwrap_or_else(|e| e.into_inner()) = feeds;
         info!(path = %path.display(), "SIGHUP: config reloaded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(listen: &str, level: &str) -> Config {
+        let yaml = format!(
+            "listeners: [{{name: grpc, address: \"{listen}\"}}]\nlog: {{level: {level}}}\nclusters: [{{name: c, discovery: {{static: [\"a:1\"]}}}}]\n"
+        );
+        Config::parse(&yaml, "t").unwrap()
+    }
+
+    fn settings(listen: &str, level: &str) -> RestartOnly {
+        RestartOnly::of(&config(listen, level))
+    }
+
+    #[test]
+    fn port_zero_again_keeps_the_bound_port_and_other_changes_count() {
+        let bound: SocketAddr = "127.0.0.1:41234".parse().unwrap();
+        let running = RestartOnly::running(&config("127.0.0.1:0", "info"), &[bound], None);
+        assert!(running.unchanged_by(&settings("127.0.0.1:0", "info")));
+        assert!(running.unchanged_by(&settings("127.0.0.1:41234", "info")));
+        assert!(!running.unchanged_by(&settings("127.0.0.1:41235", "info")));
+        assert!(!running.unchanged_by(&settings("127.0.0.1:0", "debug")));
     }
 }

@@ -107,6 +107,15 @@ pub async fn address_in_log(log: &Path, marker: &str, budget: Duration) -> Optio
     }
 }
 
+/// Sends `signal` (`HUP`, `STOP`, ...) to `child`, asserting that `kill` did.
+fn send_signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
 /// Polls `condition` every 10 ms until it holds or `budget` passes.
 pub async fn wait_until(budget: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + budget;
@@ -152,6 +161,19 @@ impl Echo {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<EchoServer<EchoService>>().await;
         Echo::serve_with(service, Some(health_service), health).await
+    }
+
+    /// Three echo backends, `b1`, `b2`, `b3`, and a sluice in front of them (static cluster
+    /// `echo`, defaults).
+    pub async fn three_behind_sluice() -> ([Echo; 3], Sluice) {
+        let backends = [
+            Echo::start("b1").await,
+            Echo::start("b2").await,
+            Echo::start("b3").await,
+        ];
+        let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+        let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+        (backends, sluice)
     }
 
     /// An echo backend without a grpc.health.v1 service.
@@ -254,11 +276,7 @@ impl EchoProcess {
 
     /// Sends `signal` (`STOP`, `CONT`, ...) to the process.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        send_signal(&self.child, signal);
     }
 
     /// SIGKILL, and wait for the process to be gone.
@@ -572,11 +590,7 @@ impl Sluice {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        send_signal(&self.child, signal);
     }
 
     /// Waits for the process to exit, at most `budget`.
