@@ -216,3 +216,67 @@ async fn a_hung_backend_costs_few_calls() {
         "{failed} of {calls} calls failed"
     );
 }
+
+/// Calls still waiting on a backend count as latency as they age: a backend that stops
+/// answering loses its traffic within milliseconds, before its first slow answer, instead of
+/// collecting one client call after another until it holds them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_turns_slow_loses_traffic_before_it_answers() {
+    let (backends, sluice) = EchoProcess::three_behind_sluice("").await;
+    let client = sluice.client().await;
+    for i in 0..30 {
+        let warm = request(&format!("warm {i}"));
+        client.clone().unary(warm).await.unwrap();
+    }
+    backends[2].signal("STOP");
+    let stopped_at = Instant::now();
+    let until = stopped_at + Duration::from_secs(2);
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                // Calls answered by the others during the stop, and when each call that the
+                // stopped backend held was sent (after the stop).
+                let (mut answered, mut held) = (0u32, Vec::new());
+                while Instant::now() < until {
+                    let sent = stopped_at.elapsed();
+                    let reply = client.unary(request(&format!("{w}"))).await.unwrap();
+                    if reply.into_inner().backend_id == "b3" {
+                        held.push(sent);
+                    } else if Instant::now() < until {
+                        answered += 1;
+                    }
+                }
+                (answered, held)
+            })
+        })
+        .collect();
+    // Wait out the window, then let the stopped backend answer what it holds.
+    tokio::time::sleep_until((until + Duration::from_millis(200)).into()).await;
+    backends[2].signal("CONT");
+    let (mut answered, mut held) = (0, Vec::new());
+    for worker in workers {
+        let (a, h) = worker.await.unwrap();
+        answered += a;
+        held.extend(h);
+    }
+    held.sort();
+    let late = held
+        .iter()
+        .filter(|s| **s > Duration::from_millis(100))
+        .count();
+    // The calls all 16 workers send in the first moment go a third each way; nothing can
+    // tell yet. Without the pending time, the stopped backend then collected one worker
+    // after another until it held all 16 (3 runs of 3), and the others answered 600-1,400
+    // calls in the 2 s; with it, 7-12 were held and 4,700-10,000 answered. After the first
+    // 100 ms only its probes (one per 2 s) may reach it.
+    assert!(
+        late <= 2,
+        "{late} calls reached the stopped backend after 100 ms: {held:?}"
+    );
+    assert!(held.len() <= 13, "the stopped backend held {held:?}");
+    assert!(
+        answered >= 2000,
+        "only {answered} calls answered during the stop"
+    );
+}

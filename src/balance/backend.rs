@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::ewma::{clock_ms, ratio_to_baseline, PeakEwma, Score};
+use super::ewma::{clock_ms, ratio_to_baseline, PeakEwma, Pending, Score};
 use super::queue::SlotQueue;
 use super::source::SourceKind;
 use crate::config::BackendAddr;
@@ -64,6 +64,9 @@ pub struct Backend {
     /// What `p2c_ewma` picks by: calls' latencies against their methods' baselines, with
     /// failures as the worst latency (ewma.rs).
     score: Score,
+    /// Calls sent and not answered yet: their wait counts as latency while the backend
+    /// answers nothing (`Pending::stall`).
+    pending: Pending,
     /// When the balancer last picked it (ms on the balancer's clock), for probing.
     last_pick_ms: AtomicU64,
     /// After a failed connect, the backend is skipped until this time (ms on the balancer's
@@ -110,6 +113,7 @@ impl Backend {
             in_flight: AtomicU64::new(0),
             latency: PeakEwma::new(),
             score: Score::new(),
+            pending: Pending::default(),
             last_pick_ms: AtomicU64::new(clock_ms()),
             skip_until_ms: AtomicU64::new(0),
             connect_streak: AtomicU64::new(0),
@@ -231,7 +235,7 @@ impl Backend {
 
     /// Takes one of the backend's slots, unless it holds its cap already; the returned guard
     /// frees the slot (and wakes the head of the cluster's queue) when dropped.
-    pub(super) fn try_start_stream(self: &Arc<Self>) -> Option<InFlight> {
+    pub(super) fn try_start_stream(self: &Arc<Self>, now_ms: u64) -> Option<InFlight> {
         let cap = self.queue.cap();
         self.in_flight
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
@@ -240,6 +244,8 @@ impl Backend {
             .ok()?;
         Some(InFlight {
             backend: Arc::clone(self),
+            picked_ms: now_ms,
+            pending: None,
         })
     }
 
@@ -307,7 +313,10 @@ impl Backend {
         self.latency.estimate_nanos()
     }
 
-    /// The p2c cost: (latency score × load) squared, over the weight. Lower is better.
+    /// The p2c cost at `now_ns`: (latency score × load) squared, over the weight. Lower is
+    /// better. The score is the worse of the answered calls' score and the wait of the calls
+    /// still pending, so a backend that stops answering loses traffic before its first slow
+    /// answer (as Finagle's and Linkerd's peak EWMA count pending time).
     /// Squared so the proportional choice stays near even between backends within noise
     /// (scores 1.05 and 1.0: 48% / 52%) but leaves a backend 60 times slower one draw in
     /// 3,600, not one in 60 (in the incident replay the linear choice still sent 1% of calls
@@ -315,8 +324,10 @@ impl Backend {
     /// balance firmly under concurrency. The weight stays linear: at low load shares follow
     /// weights exactly; under heavy concurrency, calls in flight follow the square root of
     /// the weights (docs/configuration.md, "Balancers").
-    pub(super) fn cost(&self) -> f64 {
-        let load = self.score.get() * (self.in_flight() as f64 + 1.0);
+    pub(super) fn cost(&self, now_ns: u64) -> f64 {
+        let stall = self.pending.stall(now_ns / 1_000_000);
+        let score = self.score.get(now_ns).max(stall);
+        let load = score * (self.in_flight() as f64 + 1.0);
         load * load / self.weight() as f64
     }
 
@@ -355,10 +366,34 @@ impl Backend {
 #[derive(Debug)]
 pub struct InFlight {
     backend: Arc<Backend>,
+    /// When the balancer picked the backend (ms on its clock).
+    picked_ms: u64,
+    /// The backend's `Pending` slot while the request awaits its response headers.
+    pending: Option<usize>,
+}
+
+impl InFlight {
+    /// The request went out: until `answered`, its age counts against the backend once it
+    /// passes `baseline`, its method's typical latency across the cluster.
+    pub fn sent(&mut self, baseline: &AtomicU64) {
+        self.pending = self.backend.pending.start(self.picked_ms, baseline);
+    }
+
+    /// The response headers came, `after` the pick: the call no longer waits, and the
+    /// backend has answered.
+    pub fn answered(&mut self, after: Duration) {
+        if let Some(slot) = self.pending.take() {
+            let at = self.picked_ms + after.as_millis() as u64;
+            self.backend.pending.end(slot, Some(at));
+        }
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if let Some(slot) = self.pending.take() {
+            self.backend.pending.end(slot, None);
+        }
         // SeqCst: pairs with the queue's length (queue.rs).
         self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.backend.queue.slot_freed();

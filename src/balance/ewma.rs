@@ -77,7 +77,7 @@ const NOISE_FLOOR_NS: f64 = 5e6;
 const FAILURE_RATIO: f32 = 1000.0;
 
 /// Calls a backend's score looks back over.
-const WINDOW: usize = 8;
+pub(super) const WINDOW: usize = 8;
 
 /// The weight of one observation in a method's baseline; the baseline moves at most 2× per
 /// observation, so a few long calls of a method barely move it.
@@ -163,14 +163,84 @@ impl Score {
         self.updated_ns.store(clock_ns(), Ordering::Relaxed);
     }
 
-    pub(super) fn get(&self) -> f64 {
+    /// The score at `now_ns` (the balancer's clock), decayed towards neutral while unobserved.
+    pub(super) fn get(&self, now_ns: u64) -> f64 {
         let value = f64::from_bits(self.median.load(Ordering::Relaxed));
-        let idle = clock_ns().saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
+        let idle = now_ns.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
         // Skip the exp() while the score is fresh: under 10 ms, the decay is under 0.1%.
         if idle < 1e7 {
             return value;
         }
         1.0 + (value - 1.0) * (-idle / SCORE_DECAY_NS).exp()
+    }
+}
+
+// === calls awaiting an answer ===
+
+/// The resolution of a method's typical latency in a [`Pending`] slot.
+const EXPECTED_UNIT_NS: u64 = 100_000;
+/// Bits of a slot that hold the typical latency, in `EXPECTED_UNIT_NS` (up to ~28 minutes);
+/// the bits above hold when the call was picked, in ms plus one (0 is a free slot).
+const EXPECTED_BITS: u32 = 24;
+const EXPECTED_MAX: u64 = (1 << EXPECTED_BITS) - 1;
+
+/// Calls sent to a backend that have no response headers yet, up to `WINDOW` of them, and
+/// when the backend last answered any call. Each slot packs when the call was picked and its
+/// method's typical latency into one word, so a reader never mixes two calls.
+///
+/// What counts is how long a call has waited *while the backend answered nothing at all*
+/// ([`Pending::stall`]): a stopped or wedged backend scores worse with every millisecond,
+/// before its first slow answer, while a backend that holds one long call and keeps answering
+/// the others is not slow.
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    slots: [AtomicU64; WINDOW],
+    /// When the backend last sent response headers (ms on the balancer's clock).
+    last_answer_ms: AtomicU64,
+}
+
+impl Pending {
+    /// Tracks one call picked at `picked_ms` whose method usually answers in `baseline`
+    /// (f64 nanoseconds as bits, 0 when unknown). Returns its slot, or `None` when all are
+    /// taken (the others are enough to judge by).
+    pub(super) fn start(&self, picked_ms: u64, baseline: &AtomicU64) -> Option<usize> {
+        let typical = f64::from_bits(baseline.load(Ordering::Relaxed)).max(0.0) as u64;
+        let typical = (typical / EXPECTED_UNIT_NS).min(EXPECTED_MAX);
+        let packed = (picked_ms + 1) << EXPECTED_BITS | typical;
+        self.slots.iter().position(|slot| {
+            slot.compare_exchange(0, packed, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    /// The call in `slot` ended; `answered_ms` is when the backend answered it, if it did.
+    pub(super) fn end(&self, slot: usize, answered_ms: Option<u64>) {
+        self.slots[slot].store(0, Ordering::Relaxed);
+        if let Some(at) = answered_ms {
+            // A load first: under load many answers share a millisecond.
+            if self.last_answer_ms.load(Ordering::Relaxed) < at {
+                self.last_answer_ms.fetch_max(at, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The worst wait among the tracked calls, as a ratio like `ratio_to_baseline`'s: the
+    /// time a call has waited since it was picked or since the backend last answered anything,
+    /// whichever is later, against its method's typical latency. 0 without calls waiting.
+    pub(super) fn stall(&self, now_ms: u64) -> f64 {
+        let last_answer = self.last_answer_ms.load(Ordering::Relaxed);
+        let mut worst = 0f64;
+        for slot in &self.slots {
+            let packed = slot.load(Ordering::Relaxed);
+            if packed == 0 {
+                continue;
+            }
+            let picked_ms = (packed >> EXPECTED_BITS) - 1;
+            let typical_ns = ((packed & EXPECTED_MAX) * EXPECTED_UNIT_NS) as f64;
+            let silent_ns = now_ms.saturating_sub(picked_ms.max(last_answer)) as f64 * 1e6;
+            worst = worst.max((silent_ns + NOISE_FLOOR_NS) / (typical_ns + NOISE_FLOOR_NS));
+        }
+        worst.min(f64::from(FAILURE_RATIO))
     }
 }
 
@@ -184,20 +254,47 @@ mod tests {
         for _ in 0..4 {
             score.observe(500.0);
         }
-        assert_eq!(score.get(), 1.0);
+        let now = clock_ns();
+        assert_eq!(score.get(now), 1.0);
         score.observe(500.0);
-        assert_eq!(score.get(), 500.0);
+        assert_eq!(score.get(now), 500.0);
         for _ in 0..4 {
             score.observe(1.1);
         }
-        assert!((score.get() - 1.1).abs() < 1e-6, "{}", score.get());
+        assert!((score.get(now) - 1.1).abs() < 1e-6, "{}", score.get(now));
         let failing = Score::new();
         for _ in 0..5 {
             failing.observe_failure();
         }
-        assert_eq!(failing.get(), f64::from(FAILURE_RATIO));
+        assert_eq!(failing.get(now), f64::from(FAILURE_RATIO));
         failing.reset();
-        assert_eq!(failing.get(), 1.0);
+        assert_eq!(failing.get(now), 1.0);
+    }
+
+    #[test]
+    fn a_call_waiting_while_its_backend_answers_nothing_counts_as_latency() {
+        let pending = Pending::default();
+        // A 1 ms method; calls picked at t = 1000 ms.
+        let fast = AtomicU64::new(1e6f64.to_bits());
+        let first = pending.start(1000, &fast).unwrap();
+        assert!((pending.stall(1000) - 5.0 / 6.0).abs() < 1e-9);
+        // 60 ms without any answer: (60 + 5) / (1 + 5).
+        assert!((pending.stall(1060) - 65.0 / 6.0).abs() < 1e-9);
+        // The backend keeps answering other calls: the waiting one is a long call, not a
+        // stall. It counts only from the last answer.
+        let other = pending.start(1001, &fast).unwrap();
+        pending.end(other, Some(1058));
+        assert!((pending.stall(1060) - 7.0 / 6.0).abs() < 1e-9);
+        // A call of a slow method is not overdue at the same age.
+        pending.end(first, None);
+        let slow = AtomicU64::new(3e9f64.to_bits());
+        pending.start(2000, &slow).unwrap();
+        assert!(pending.stall(2060) < 0.1);
+        // Every slot taken: the next call is not tracked.
+        let full = Pending::default();
+        assert!((0..WINDOW).all(|_| full.start(0, &fast).is_some()));
+        assert_eq!(full.start(0, &fast), None);
+        assert_eq!(Pending::default().stall(5000), 0.0);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::config::{BackendAddr, BalancerKind, ClusterConfig, OutlierDetection, 
 use crate::telemetry::{ClusterStats, DiscoveryGauges, Scrape};
 use crate::transport::UpstreamPolicy;
 use crate::wire::Code;
-use ewma::clock_ms;
+use ewma::clock_ns;
 
 // === Balancer ===
 
@@ -54,9 +54,12 @@ impl Balancer {
     }
 
     /// Picks an index into `set`, or `None` when it is empty. O(1), lock-free.
-    fn pick(&self, set: &BackendSet, now_ms: u64) -> Option<usize> {
+    fn pick(&self, set: &BackendSet, now_ns: u64) -> Option<usize> {
         match self {
-            Balancer::P2cEwma => p2c::pick(&set.backends, Backend::cost, Some(now_ms)),
+            Balancer::P2cEwma => {
+                let cost = |b: &Backend| b.cost(now_ns);
+                p2c::pick(&set.backends, cost, Some(now_ns / 1_000_000))
+            }
             Balancer::LeastRequest => p2c::pick(&set.backends, least_request::cost, None),
             Balancer::RoundRobin(rr) => rr.pick(&set.schedule),
         }
@@ -274,12 +277,16 @@ impl Cluster {
             return Pick::Full;
         }
         let set = self.backends.load();
-        let now = clock_ms();
+        let now_ns = clock_ns();
+        let now = now_ns / 1_000_000;
         let untried = |b: &Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
         let usable = |b: &Arc<Backend>| b.is_usable(now) && b.has_room() && untried(b);
-        if let Some(i) = self.balancer.pick(&set, now) {
+        if let Some(i) = self.balancer.pick(&set, now_ns) {
             let chosen = &set.backends[i];
-            if let Some(slot) = usable(chosen).then(|| chosen.try_start_stream()).flatten() {
+            if let Some(slot) = usable(chosen)
+                .then(|| chosen.try_start_stream(now))
+                .flatten()
+            {
                 self.leave_panic();
                 return Pick::Backend(Arc::clone(chosen), slot);
             }
@@ -292,7 +299,7 @@ impl Cluster {
         }
         let start = fastrand::usize(..n);
         let rotated = || (0..n).map(|k| &set.backends[(start + k) % n]);
-        let take = |b: &Arc<Backend>| Some(Pick::Backend(Arc::clone(b), b.try_start_stream()?));
+        let take = |b: &Arc<Backend>| Some(Pick::Backend(Arc::clone(b), b.try_start_stream(now)?));
         if let Some(pick) = rotated().filter(|b| usable(b)).find_map(take) {
             self.leave_panic();
             return pick;

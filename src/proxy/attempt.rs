@@ -29,7 +29,7 @@ impl Call {
         &mut self,
         down: &mut Downstream,
         backend: &Arc<Backend>,
-        in_flight: InFlight,
+        mut in_flight: InFlight,
         replay: &mut Replay,
     ) -> AttemptEnd {
         let picked_at = Instant::now();
@@ -42,6 +42,7 @@ impl Call {
         };
         legs.slot = Some(&slot);
         let sent_at = Instant::now();
+        in_flight.sent(&self.method.latency_baseline);
         let sent = send_headers(self, down, backend, sender, replay);
         let (response, mut up_send, request_ended) = match sent {
             Ok(sent) => sent,
@@ -72,7 +73,9 @@ impl Call {
                 Err(outcome) => outcome,
                 Ok(Err(error)) => outcome::before_headers(&error, &backend.address),
                 Ok(Ok(response)) => {
-                    headers_after = Some(sent_at.elapsed());
+                    let after_send = sent_at.elapsed();
+                    headers_after = Some(after_send);
+                    in_flight.answered(sent_at - picked_at + after_send);
                     match self.retryable_answer(response, &backend.address) {
                         Err(retry) => retry,
                         Ok(response) => {
