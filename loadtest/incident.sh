@@ -1,20 +1,42 @@
 #!/usr/bin/env bash
 # The incident sluice was built for (README, "Why it exists"), replayed through sluice and
 # through HAProxy.
-# Two backends behind one client connection; after 10 s backend 2 turns slow (+500 ms a call)
-# with a small worker pool and leaking calls; the client sends 200 calls/s with a 1 s deadline.
-# Reports per proxy: each backend's share before and after the slowdown, latency and errors after
-# it, and how many calls the slow backend started after their deadline had passed. Writes the
-# table to loadtest/RESULTS.md.
+# Two backends behind one client connection; after 10 s backend 2 fails; the client sends 200
+# calls/s with a 1 s deadline. How it fails (--failure, default slow):
+#   slow       +500 ms a call, 16 workers, and work that outlives its caller (the incident)
+#   fail-fast  every call answered UNAVAILABLE at once (a broken dependency)
+#   hang       the process stops: connections frozen, PINGs unanswered, TCP still accepted
+#   overload   4 workers of 50 ms a call: 80 calls/s, below its half of the 200
+# Reports per proxy: each backend's share before and after the failure, latency and errors after
+# it, and how many calls the failing backend started after their deadline had passed. Writes one
+# table per failure to loadtest/RESULTS.md.
 #
-#   loadtest/incident.sh            # about 70 s
-#   SMOKE=1 loadtest/incident.sh    # seconds, sluice only, asserts the targets loosely (CI)
+#   loadtest/incident.sh                          # slow, about 70 s
+#   loadtest/incident.sh --failure hang           # one variant
+#   loadtest/incident.sh --failure all            # all four, about 5 minutes
+#   SMOKE=1 loadtest/incident.sh --failure all    # seconds each, sluice only, asserts loosely (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 source loadtest/lib.sh
 
 SMOKE=${SMOKE:-0}
+FAILURES=slow
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --failure) FAILURES=${2:?--failure needs slow, fail-fast, hang, overload or all}; shift 2 ;;
+    --failure=*) FAILURES=${1#--failure=}; shift ;;
+    *) echo "usage: $0 [--failure slow|fail-fast|hang|overload|all]" >&2; exit 2 ;;
+  esac
+done
+[ "$FAILURES" = all ] && FAILURES="slow fail-fast hang overload"
+FAILURES=${FAILURES//,/ }
+for failure in $FAILURES; do
+  case "$failure" in
+    slow|fail-fast|hang|overload) ;;
+    *) echo "unknown failure '$failure': slow, fail-fast, hang, overload or all" >&2; exit 2 ;;
+  esac
+done
 RESULTS_MD=${RESULTS_MD:-$ROOT/loadtest/RESULTS.md}
 find_binaries
 if [ "$SMOKE" = 1 ]; then
@@ -30,52 +52,39 @@ BACKEND2=127.0.0.1:${B2_PORT:-21092}
 trap 'cleanup; rm -rf "$WORK"' EXIT
 trap 'cleanup; exit 130' INT TERM
 
-# sluice with its default balancer (p2c_ewma); HAProxy as a user would set it up for gRPC.
+# sluice with its default config (p2c_ewma); HAProxy as a user would set it up for gRPC: round
+# robin, with its (TCP) health checks every second.
 export SLUICE_BALANCER=p2c_ewma
-REPORTS=$WORK/reports.jsonl
-for target in $TARGETS; do
-  start_proxy "$target"
-  log "incident replay through $target"
-  # shellcheck disable=SC2086
-  report=$(timeout 120 "$LOADTEST" incident --target "127.0.0.1:$PROXY_PORT" \
-    --backend-ports "${BACKEND1##*:},${BACKEND2##*:}" $ARGS --json)
-  echo "{\"name\":\"$target\",\"report\":$report}" >>"$REPORTS"
-  stop_proxy
+export HAPROXY_SERVER_OPTS="check inter 1s"
+SMOKE_FAILED=0
+for failure in $FAILURES; do
+  REPORTS=$WORK/reports-$failure.jsonl
+  for target in $TARGETS; do
+    start_proxy "$target"
+    log "incident replay through $target, failure: $failure"
+    # shellcheck disable=SC2086
+    report=$(timeout 120 "$LOADTEST" incident --target "127.0.0.1:$PROXY_PORT" \
+      --backend-ports "${BACKEND1##*:},${BACKEND2##*:}" $ARGS --failure "$failure" --json)
+    echo "{\"name\":\"$target\",\"report\":$report}" >>"$REPORTS"
+    stop_proxy
+  done
+  python3 loadtest/incident_table.py "$REPORTS" "$SMOKE" >"$WORK/table-$failure.md" || SMOKE_FAILED=1
+  echo "failure: $failure"
+  cat "$WORK/table-$failure.md"
+  if [ "$SMOKE" != 1 ]; then
+    {
+      echo "### Incident replay: $failure"
+      echo
+      echo "\`loadtest/incident.sh --failure $failure\` on $(machine_line): $ARGS, 1 s deadline,"
+      echo "one client connection. $(python3 loadtest/incident_table.py --describe "$failure")"
+      echo "Shares count the calls each backend received; latency and errors are the client's, for"
+      echo "calls sent after the failure began. sluice runs its default config (p2c_ewma, outlier"
+      echo "detection); HAProxy round robin with TCP health checks every second."
+      echo
+      cat "$WORK/table-$failure.md"
+    } >"$WORK/section-$failure.md"
+    write_section "incident-$failure" "$WORK/section-$failure.md"
+    log "wrote $RESULTS_MD"
+  fi
 done
-
-python3 - "$REPORTS" "$SMOKE" >"$WORK/table.md" <<'PY'
-import json, sys
-lines = [json.loads(l) for l in open(sys.argv[1])]
-smoke = sys.argv[2] == "1"
-print("| proxy | b1 / b2 share before | b1 / b2 share after | p50 after ms | p99 after ms | errors after | slow backend: calls started past deadline | slow backend: peak concurrency |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-failed = []
-for line in lines:
-    name, r = line["name"], line["report"]
-    sb, sa, a = r["share_before"], r["share_after"], r["after"]
-    errors = ", ".join(f"{k} {v}" for k, v in a["codes"].items() if k != "OK") or "0"
-    print(f"| {name} | {sb['b1']:.0%} / {sb['b2']:.0%} | {sa['b1']:.0%} / {sa['b2']:.0%} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | {errors} | {r['started_past_deadline']} | {r['slow_max_in_flight']} |")
-    if smoke:
-        if sa["b2"] > 0.2: failed.append(f"slow backend share after {sa['b2']:.0%}")
-        if r["started_past_deadline"] != 0: failed.append("calls started past their deadline")
-        if a["errors"] > a["calls"] * 0.05: failed.append(f"{a['errors']} errors")
-if failed:
-    print("SMOKE FAILED: " + "; ".join(failed), file=sys.stderr)
-    sys.exit(3)
-PY
-cat "$WORK/table.md"
-if [ "$SMOKE" != 1 ]; then
-  {
-    echo "## Incident replay"
-    echo
-    echo "\`loadtest/incident.sh\` on $(machine_line): $ARGS, 1 s deadline, one client connection."
-    echo "Backend 2 turns slow (+500 ms a call, 16 workers, work that outlives its caller) after the"
-    echo "first phase. Shares count the calls each backend received; latency and errors are the"
-    echo "client's, for calls sent after the slowdown. sluice runs its default balancer (p2c_ewma),"
-    echo "HAProxy round robin."
-    echo
-    cat "$WORK/table.md"
-  } >"$WORK/section.md"
-  write_section incident "$WORK/section.md"
-  log "wrote $RESULTS_MD"
-fi
+[ "$SMOKE_FAILED" = 0 ] || exit 3

@@ -103,8 +103,8 @@ frontend fe
 backend be
   balance roundrobin
   http-reuse always
-  server b1 $BACKEND1 proto h2
-  server b2 $BACKEND2 proto h2
+  server b1 $BACKEND1 proto h2 ${HAPROXY_SERVER_OPTS:-}
+  server b2 $BACKEND2 proto h2 ${HAPROXY_SERVER_OPTS:-}
 CONF
 }
 

@@ -6,16 +6,22 @@
 //! caller gave up, as the leaking machine of the incident did. A call that gets a worker after the
 //! deadline its client set (the `x-deadline-unix-ms` header) is counted: work nobody waits for any
 //! more. A call whose caller cancels while it queues never starts.
+//!
+//! How it fails, from `slow_after` on, is a [`Failure`]: slow, failing fast, hung, or
+//! overloaded.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::pb::echo_server::{Echo, EchoServer};
@@ -28,6 +34,23 @@ pub const DEADLINE_HEADER: &str = "x-deadline-unix-ms";
 /// leaves (the idle-streams memory scenario).
 pub const HOLD: &str = "hold";
 
+/// How a backend fails once `slow_after` has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failure {
+    /// Every call takes `slow_delay` more (with `leak` and `workers`, work piles up).
+    #[default]
+    Slow,
+    /// Every call is answered UNAVAILABLE at once, as with a broken dependency.
+    FailFast,
+    /// The process is stopped: its connections freeze (nothing is read or written, not even
+    /// HTTP/2 PINGs), while the kernel still accepts new ones.
+    Hang,
+    /// Its capacity falls below its share: `workers` calls at a time, each working
+    /// `slow_delay`; the rest queue, and a call whose caller left while it queued never runs.
+    Overload,
+}
+
 #[derive(Debug, Clone)]
 pub struct BackendOptions {
     pub id: String,
@@ -38,8 +61,10 @@ pub struct BackendOptions {
     pub slow_delay: Duration,
     /// Slow calls run to the end even when their caller has gone.
     pub leak: bool,
-    /// Calls working at once; the rest queue. `None`: no limit.
+    /// Calls working at once; the rest queue. `None`: no limit. (Until `slow_after` for
+    /// `Overload` too: its workers are the failure.)
     pub workers: Option<usize>,
+    pub failure: Failure,
 }
 
 /// What the backend saw, split at the moment it turned slow.
@@ -74,14 +99,21 @@ impl LoadBackend {
         }
     }
 
+    /// Hung: its connections freeze (see `Freezable`).
+    fn is_hung(&self) -> bool {
+        self.options.failure == Failure::Hang && self.is_slow()
+    }
+
+    /// The failure has begun.
     fn is_slow(&self) -> bool {
         self.options
             .slow_after
             .is_some_and(|after| self.started.elapsed() >= after)
     }
 
-    /// Counts an arriving call; returns how long it must take, and its deadline if it has one.
-    fn arrived(&self, metadata: &MetadataMap) -> (Duration, Option<u128>) {
+    /// Counts an arriving call; returns how long it must take, and its deadline if it has one,
+    /// or the error a backend failing fast answers.
+    fn arrived(&self, metadata: &MetadataMap) -> Result<(Duration, Option<u128>), Status> {
         let slow = self.is_slow();
         let counter = if slow {
             &self.stats.calls_after_slow
@@ -89,6 +121,9 @@ impl LoadBackend {
             &self.stats.calls_before_slow
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if slow && self.options.failure == Failure::FailFast {
+            return Err(Status::unavailable("dependency unavailable"));
+        }
         let deadline = metadata
             .get(DEADLINE_HEADER)
             .and_then(|v| v.to_str().ok())
@@ -99,7 +134,7 @@ impl LoadBackend {
             } else {
                 Duration::ZERO
             };
-        (delay, deadline)
+        Ok((delay, deadline))
     }
 
     /// Queues for a worker, then works for `delay`. A call that gets its worker after its
@@ -109,9 +144,12 @@ impl LoadBackend {
         let now = self.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         self.stats.max_in_flight.fetch_max(now, Ordering::Relaxed);
         let guard = InFlightGuard(Arc::clone(&self.stats));
+        let overloaded = self.options.failure == Failure::Overload;
         let permit = match &self.workers {
-            Some(workers) => Arc::clone(workers).acquire_owned().await.ok(),
-            None => None,
+            Some(workers) if !overloaded || self.is_slow() => {
+                Arc::clone(workers).acquire_owned().await.ok()
+            }
+            _ => None,
         };
         if deadline.is_some_and(|d| now_unix_ms() > d) {
             self.stats
@@ -121,7 +159,7 @@ impl LoadBackend {
         if delay.is_zero() {
             return;
         }
-        if self.options.leak && self.is_slow() {
+        if self.options.leak && self.is_slow() && !overloaded {
             let _ = tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 drop((permit, guard));
@@ -171,7 +209,7 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<EchoResponse, Status>> + 
 #[tonic::async_trait]
 impl Echo for LoadBackend {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
-        let delay = self.arrived(request.metadata());
+        let delay = self.arrived(request.metadata())?;
         self.work(delay).await;
         Ok(self.respond(self.reply(request.get_ref())))
     }
@@ -180,7 +218,7 @@ impl Echo for LoadBackend {
         &self,
         request: Request<Streaming<EchoRequest>>,
     ) -> Result<Response<EchoResponse>, Status> {
-        let delay = self.arrived(request.metadata());
+        let delay = self.arrived(request.metadata())?;
         let mut inbound = request.into_inner();
         let mut last = EchoRequest::default();
         let mut count = 0;
@@ -200,7 +238,7 @@ impl Echo for LoadBackend {
         &self,
         request: Request<EchoRequest>,
     ) -> Result<Response<Self::ServerStreamStream>, Status> {
-        let delay = self.arrived(request.metadata());
+        let delay = self.arrived(request.metadata())?;
         let request = request.into_inner();
         if request.message == HOLD {
             // Open, silent, until the client goes.
@@ -219,7 +257,7 @@ impl Echo for LoadBackend {
         &self,
         request: Request<Streaming<EchoRequest>>,
     ) -> Result<Response<Self::BidiStream>, Status> {
-        let delay = self.arrived(request.metadata());
+        let delay = self.arrived(request.metadata())?;
         self.work(delay).await;
         let id = self.options.id.clone();
         let stream = request.into_inner().map(move |message| {
@@ -234,12 +272,74 @@ impl Echo for LoadBackend {
     }
 }
 
+/// One accepted connection, which freezes when its backend hangs: from then on reads and
+/// writes stay pending and never wake, as a stopped process's socket looks from outside.
+struct Freezable {
+    tcp: TcpStream,
+    backend: LoadBackend,
+}
+
+impl Freezable {
+    fn poll_unless_hung<T>(
+        self: Pin<&mut Self>,
+        io: impl FnOnce(Pin<&mut TcpStream>) -> Poll<T>,
+    ) -> Poll<T> {
+        let this = self.get_mut();
+        if this.backend.is_hung() {
+            return Poll::Pending;
+        }
+        io(Pin::new(&mut this.tcp))
+    }
+}
+
+impl AsyncRead for Freezable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.poll_unless_hung(|tcp| tcp.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Freezable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_unless_hung(|tcp| tcp.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_unless_hung(|tcp| tcp.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_unless_hung(|tcp| tcp.poll_shutdown(cx))
+    }
+}
+
+impl Connected for Freezable {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.tcp.connect_info()
+    }
+}
+
 /// Serves `backend` on `listener` until the task is dropped.
 pub async fn serve(
     listener: TcpListener,
     backend: LoadBackend,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = TcpListenerStream::new(listener);
+    let connections = backend.clone();
+    let incoming = TcpListenerStream::new(listener).map(move |accepted| {
+        accepted.map(|tcp| Freezable {
+            tcp,
+            backend: connections.clone(),
+        })
+    });
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(1 << 20)

@@ -3,11 +3,14 @@
 //!
 //! Two backends (started here, on the given ports) sit behind the proxy under test, and one
 //! client connection sends calls at a fixed rate with a 1 s deadline. After `slow_after`, backend
-//! 2 turns slow (+500 ms a call) and leaks: calls that started work run on after their callers
-//! gave up, holding one of its few workers, so its queue and concurrency grow without bound,
-//! like the slow machine of that outage. The report says, per phase,
-//! the share each backend got; the latency and errors after the slowdown; and how many calls
-//! the slow backend started after their deadline had passed (work nobody waited for).
+//! 2 fails in the chosen way ([`Failure`]). `slow`, the outage itself: +500 ms a call, and it
+//! leaks: calls that started work run on after their callers gave up, holding one of its few
+//! workers, so its queue and concurrency grow without bound, like the slow machine of that
+//! outage. `fail-fast`: UNAVAILABLE at once. `hang`: stopped, its connections frozen.
+//! `overload`: 4 workers of 50 ms each, 80 calls/s, below its half of the rate.
+//! The report says, per phase, the share each backend got; the latency and errors after the
+//! failure began; and how many calls the failing backend started after their deadline had
+//! passed (work nobody waited for).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -18,7 +21,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::backend::{self, BackendOptions, LoadBackend};
+use crate::backend::{self, BackendOptions, Failure, LoadBackend};
 use crate::client::{self, Kind, RunOptions, Tally};
 
 #[derive(Debug, Clone)]
@@ -34,14 +37,21 @@ pub struct IncidentOptions {
     pub deadline: Duration,
     /// The slow backend's worker pool: calls beyond it queue.
     pub slow_workers: usize,
+    pub failure: Failure,
 }
+
+/// `Failure::Overload`: the failing backend's workers and each call's work.
+const OVERLOAD_WORKERS: usize = 4;
+const OVERLOAD_WORK: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Serialize)]
 pub struct IncidentReport {
     pub target: String,
+    pub failure: Failure,
     /// Backend id -> share of the calls that reached a backend, before the slowdown.
     pub share_before: BTreeMap<String, f64>,
-    /// The same after it.
+    /// The same after it. A hung backend counts nothing: its share is the calls the client
+    /// sent that b1 did not receive.
     pub share_after: BTreeMap<String, f64>,
     /// Latency and codes of the calls sent after the slowdown.
     pub after: client::Report,
@@ -57,19 +67,8 @@ pub async fn run(options: IncidentOptions) -> Result<IncidentReport, String> {
     let slow_at = t0 + options.slow_after;
     let mut backends = Vec::new();
     for (i, port) in options.backend_ports.iter().enumerate() {
-        let slow = i == 1;
-        let backend = LoadBackend::new(BackendOptions {
-            id: format!("b{}", i + 1),
-            delay: Duration::from_millis(1),
-            slow_after: Some(options.slow_after),
-            slow_delay: if slow {
-                options.slow_delay
-            } else {
-                Duration::ZERO
-            },
-            leak: slow,
-            workers: slow.then_some(options.slow_workers),
-        });
+        let failing = i == 1;
+        let backend = LoadBackend::new(failing_backend(&options, failing));
         let listener = TcpListener::bind(("127.0.0.1", *port))
             .await
             .map_err(|e| format!("backend port {port}: {e}"))?;
@@ -148,11 +147,20 @@ pub async fn run(options: IncidentOptions) -> Result<IncidentReport, String> {
             stats.calls_before_slow.load(Ordering::Relaxed) - warm[i]
         }
     };
+    let after = after.report(end.saturating_duration_since(slow_at));
+    let after_counts = match options.failure {
+        Failure::Hang => {
+            let b1 = count(0, true);
+            [b1, after.calls.saturating_sub(b1)]
+        }
+        _ => [count(0, true), count(1, true)],
+    };
     Ok(IncidentReport {
         target: options.target,
+        failure: options.failure,
         share_before: share([count(0, false), count(1, false)]),
-        share_after: share([count(0, true), count(1, true)]),
-        after: after.report(end.saturating_duration_since(slow_at)),
+        share_after: share(after_counts),
+        after,
         started_past_deadline: backends[1]
             .stats
             .started_past_deadline
@@ -161,9 +169,35 @@ pub async fn run(options: IncidentOptions) -> Result<IncidentReport, String> {
     })
 }
 
+/// Backend 1 stays well; backend 2 (`failing`) fails as `options.failure` says.
+fn failing_backend(options: &IncidentOptions, failing: bool) -> BackendOptions {
+    let (failure, slow_delay, workers) = match (failing, options.failure) {
+        (false, _) => (Failure::Slow, Duration::ZERO, None),
+        (true, Failure::Slow) => (
+            Failure::Slow,
+            options.slow_delay,
+            Some(options.slow_workers),
+        ),
+        (true, Failure::Overload) => (Failure::Overload, OVERLOAD_WORK, Some(OVERLOAD_WORKERS)),
+        (true, other) => (other, Duration::ZERO, None),
+    };
+    BackendOptions {
+        id: format!("b{}", if failing { 2 } else { 1 }),
+        delay: Duration::from_millis(1),
+        slow_after: Some(options.slow_after),
+        slow_delay,
+        leak: failing && failure == Failure::Slow,
+        workers,
+        failure,
+    }
+}
+
 impl IncidentReport {
     pub fn print(&self) {
-        println!("incident replay through {}", self.target);
+        println!(
+            "incident replay through {} (failure: {:?})",
+            self.target, self.failure
+        );
         let pct = |m: &BTreeMap<String, f64>| {
             m.iter()
                 .map(|(b, s)| format!("{b} {:.1}%", s * 100.0))

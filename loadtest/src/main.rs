@@ -127,6 +127,11 @@ enum Command {
         /// The slow backend's workers; calls beyond them queue.
         #[arg(long, default_value_t = 16)]
         slow_workers: usize,
+        /// How backend 2 fails: slow (--slow-delay more a call, --slow-workers, leaking),
+        /// fail-fast (UNAVAILABLE at once), hang (stopped: nothing read or written), overload
+        /// (4 workers of 50 ms each: 80 calls/s, below its share).
+        #[arg(long, value_enum, default_value = "slow")]
+        failure: backend::Failure,
         #[arg(long)]
         json: bool,
     },
@@ -178,6 +183,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                 slow_delay,
                 leak,
                 workers,
+                failure: backend::Failure::Slow,
             });
             backend::serve(listener, backend)
                 .await
@@ -192,6 +198,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             rate,
             deadline,
             slow_workers,
+            failure,
             json,
         } => {
             let [b1, b2] = backend_ports[..] else {
@@ -206,6 +213,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                 rate,
                 deadline,
                 slow_workers,
+                failure,
             })
             .await?;
             if json {

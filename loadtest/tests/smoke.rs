@@ -26,9 +26,14 @@ fn free_port() -> u16 {
 }
 
 fn smoke(script: &str) {
+    smoke_with(script, &[]);
+}
+
+fn smoke_with(script: &str, args: &[&str]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let output = Command::new("bash")
         .arg(root.join("loadtest").join(script))
+        .args(args)
         .current_dir(&root)
         .env("SMOKE", "1")
         .env("BIN_DIR", bin_dir())
@@ -50,7 +55,7 @@ fn bench_smoke() {
 
 #[test]
 fn incident_smoke() {
-    smoke("incident.sh");
+    smoke_with("incident.sh", &["--failure", "all"]);
 }
 
 #[test]
