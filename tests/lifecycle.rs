@@ -199,7 +199,8 @@ async fn admin_reports_health_readiness_and_live_backend_state() {
     // The status page is static HTML that draws /backends itself (rendered in a real browser
     // by tests/observability.rs); here: it is served whole, with nothing fetched from outside.
     assert!(page.starts_with("<!doctype html>"), "{page}");
-    assert!(page.contains("fetch(\"backends\""), "{page}");
+    assert!(page.contains("getJson(\"backends\")"), "{page}");
+    assert!(page.contains("getJson(\"backends/history\")"), "{page}");
     assert!(
         !page.contains("src=\"http") && !page.contains("href=\"http"),
         "{page}"

@@ -437,6 +437,68 @@ async fn the_status_page_shows_a_killed_backend_as_unhealthy() {
     );
 }
 
+/// The value of `data-last` on chart `kind` in the five-minute row of `address`.
+fn chart_last(dom: &str, address: std::net::SocketAddr, kind: &str) -> Option<String> {
+    let row_start = dom.find(&format!("<tr data-backend=\"{address}\">"))?;
+    let row = &dom[row_start..];
+    let row = &row[..row.find("</tr>")?];
+    let chart = &row[row.find(&format!("data-chart=\"{kind}\""))?..];
+    let value = &chart[chart.find("data-last=\"")? + "data-last=\"".len()..];
+    Some(value[..value.find('"')?].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_charts_each_backends_last_five_minutes() {
+    let good = Echo::start("good").await;
+    let broken = Echo::start_failing("broken", Code::Unavailable).await;
+    let extra =
+        "    balancer: round_robin\n    outlier_detection: { consecutive_failures: 1000 }\n";
+    let sluice = Sluice::start(&Sluice::cluster(&[good.addr, broken.addr], extra)).await;
+    let mut client = sluice.client().await;
+    // Calls until the first 5 s bin with calls has closed (bounded: 20 s).
+    let mut binned = false;
+    let mut calls = 0u64;
+    let end = Instant::now() + Duration::from_secs(20);
+    while !binned && Instant::now() < end {
+        for _ in 0..20 {
+            let _ = client.unary(request("x")).await;
+            calls += 1;
+        }
+        let (status, body) = support::http_get(sluice.admin, "/backends/history")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let history: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(history["bin_seconds"], 5);
+        let requests = &history["clusters"][0]["backends"][1]["requests"];
+        let binned_calls: u64 = requests
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n.as_u64())
+            .sum();
+        assert!(binned_calls <= calls);
+        binned = binned_calls > 0;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(binned, "no history bin with calls in 20 s");
+    let admin = sluice.admin;
+    let dom = tokio::task::spawn_blocking(move || render(admin, None))
+        .await
+        .unwrap();
+    let last = |address, kind| {
+        chart_last(&dom, address, kind)
+            .unwrap_or_else(|| panic!("no {kind} chart for {address} in:\n{dom}"))
+    };
+    // Round robin: half the calls each; every call on `broken` failed, none on `good`.
+    let share: f64 = last(broken.addr, "share").parse().unwrap();
+    assert!((0.4..=0.6).contains(&share), "{share}");
+    assert_eq!(last(broken.addr, "errors"), "1");
+    assert_eq!(last(good.addr, "errors"), "0");
+    let p99: f64 = last(good.addr, "p99").parse().unwrap();
+    assert!(p99 > 0.0 && p99 <= 1000.0, "{p99}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboards_and_alerts_use_only_metrics_sluice_exports() {
     let backend = Echo::start("b1").await;

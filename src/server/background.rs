@@ -1,5 +1,5 @@
 //! Background services: the readiness probe of the listeners, and the per-second rate sampler
-//! behind `/backends`' recent rates.
+//! behind `/backends`' recent rates and the status page's five-minute charts.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use tracing::error;
 
 use crate::lifecycle::Lifecycle;
 use crate::proxy::Router;
+use crate::telemetry::history;
 
 /// Marks the listeners bound once each accepts a TCP connection (pingora does not report it).
 pub(super) struct Readiness {
@@ -48,7 +49,7 @@ impl BackgroundService for Readiness {
 }
 
 /// Samples every backend's counters each second, for the recent rates `/backends` and the
-/// status page show.
+/// status page show, and closes a history bin of every backend at once every `history::BIN`.
 pub(super) struct RateSampler {
     pub(super) router: Arc<ArcSwap<Router>>,
 }
@@ -57,12 +58,20 @@ pub(super) struct RateSampler {
 impl BackgroundService for RateSampler {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let per_bin = history::BIN.as_secs().max(1);
+        let mut seconds = 0u64;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    seconds += 1;
+                    let close_bin = seconds.is_multiple_of(per_bin);
                     for cluster in self.router.load().clusters() {
-                        for backend in &cluster.backends().backends {
+                        // Draining backends too: their bins stay in line with the others'.
+                        for backend in cluster.backends().backends.iter().chain(&cluster.draining()) {
                             backend.stats.sample_rates();
+                            if close_bin {
+                                backend.stats.close_history_bin();
+                            }
                         }
                     }
                 }

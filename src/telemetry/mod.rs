@@ -1,12 +1,15 @@
 //! What sluice tells operators: counters and histograms ([`stats`]), the `/metrics`
-//! exporter ([`metrics`]), the access log ([`access_log`]) and the trace id that joins it with
+//! exporter ([`metrics`]), five minutes of each backend's history for the status page
+//! ([`history`]), the access log ([`access_log`]) and the trace id that joins it with
 //! the backends' logs ([`request_id`]). Knows nothing of routers, clusters or connections:
 //! their owners hand it numbers.
 
 pub mod access_log;
+pub mod history;
 pub mod metrics;
 pub mod request_id;
 pub mod stats;
 
+pub use history::HistoryView;
 pub use metrics::{metrics, BackendGauges, DiscoveryGauges, Export, Scrape};
 pub use stats::{unrouted, BackendStats, ClusterStats, HealthResult, MethodStats, Reject};

@@ -12,11 +12,12 @@ use arc_swap::ArcSwap;
 use prometheus::{Histogram, HistogramOpts};
 use rustc_hash::FxBuildHasher;
 
+use super::history::{History, HistoryView};
 use crate::wire::{Code, GrpcPath, Origin};
 
 /// Latency buckets, in seconds: from 1 ms to 10 min, because the calls worth seeing are the
 /// ones that waited minutes.
-const DURATION_BUCKETS: [f64; 18] = [
+pub(super) const DURATION_BUCKETS: [f64; 18] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0, 600.0,
 ];
@@ -127,6 +128,8 @@ pub struct BackendStats {
     /// Samples of `(requests, failures)` over the last `RATE_WINDOW`, taken each second by the
     /// rate sampler (cold path: one lock per second and per page view).
     recent: Mutex<VecDeque<RateSample>>,
+    /// Five minutes in 5 s bins, for the status page's charts.
+    history: Mutex<History>,
 }
 
 /// The `requests` and `failures` totals at one moment.
@@ -150,6 +153,7 @@ impl BackendStats {
                 &[("cluster", cluster), ("backend", backend)],
             ),
             recent: Mutex::new(VecDeque::new()),
+            history: Mutex::new(History::default()),
         }
     }
 
@@ -224,6 +228,18 @@ impl BackendStats {
         while recent.len() > 2 && now.at.duration_since(recent[1].at) >= RATE_WINDOW {
             recent.pop_front();
         }
+    }
+
+    /// Closes a bin of the five-minute history (the sampler calls this every 5 s, for every
+    /// backend at once).
+    pub fn close_history_bin(&self) {
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.close_bin(self.requests(), self.failures(), &self.duration);
+    }
+
+    pub fn history(&self) -> HistoryView {
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.view()
     }
 
     /// Attempts per second and the share of them that failed, over about the last 10 s.
