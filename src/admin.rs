@@ -1,5 +1,5 @@
-//! The admin endpoint: `/metrics`, `/healthz`, `/readyz`, `/backends` and a plain status page
-//! at `/`.
+//! The admin endpoint: `/metrics`, `/healthz`, `/readyz`, `/backends`, `/backends/history`
+//! and a plain status page at `/`.
 //! Served over HTTP/1.1 by pingora's small `ServeHttp` app; none of it is on the call path.
 
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::balance::{BackendSnapshot, SourceView};
 use crate::lifecycle::Lifecycle;
 use crate::proxy::Router;
-use crate::telemetry::metrics;
+use crate::telemetry::{history, metrics, HistoryView};
 
 pub struct Admin {
     pub router: Arc<ArcSwap<Router>>,
@@ -35,7 +35,28 @@ struct ClusterView {
     panic_mode: bool,
     /// Calls waiting for a backend slot.
     queue_depth: usize,
+    /// The discovered backends, then those removed that still hold calls (`draining`).
     backends: Vec<BackendSnapshot>,
+}
+
+/// `/backends/history`: five minutes of each backend's calls, failures and p99, in bins.
+#[derive(Serialize)]
+struct HistoryPage {
+    bin_seconds: u64,
+    clusters: Vec<ClusterHistory>,
+}
+
+#[derive(Serialize)]
+struct ClusterHistory {
+    name: String,
+    backends: Vec<BackendHistory>,
+}
+
+#[derive(Serialize)]
+struct BackendHistory {
+    address: String,
+    #[serde(flatten)]
+    bins: HistoryView,
 }
 
 #[async_trait]
@@ -57,6 +78,10 @@ impl ServeHttp for Admin {
                 let body = serde_json::to_vec_pretty(&self.backends()).unwrap_or_default();
                 respond(StatusCode::OK, "application/json", body)
             }
+            "/backends/history" => {
+                let body = serde_json::to_vec(&self.history()).unwrap_or_default();
+                respond(StatusCode::OK, "application/json", body)
+            }
             "/" => respond(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
@@ -64,7 +89,7 @@ impl ServeHttp for Admin {
             ),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /metrics /healthz /readyz /backends or /\n",
+                "not found; try /metrics /healthz /readyz /backends /backends/history or /\n",
             ),
         }
     }
@@ -102,9 +127,32 @@ impl Admin {
                     discovery: c.source.view(),
                     panic_mode: c.in_panic(),
                     queue_depth: c.queue.len(),
-                    backends: c.backends().backends.iter().map(|b| b.snapshot()).collect(),
+                    backends: (c.backends().backends.iter())
+                        .chain(&c.draining())
+                        .map(|b| b.snapshot())
+                        .collect(),
                 })
                 .collect(),
+        }
+    }
+}
+
+impl Admin {
+    fn history(&self) -> HistoryPage {
+        let router = self.router.load();
+        let clusters = router.clusters().iter().map(|c| ClusterHistory {
+            name: c.name.clone(),
+            backends: (c.backends().backends.iter())
+                .chain(&c.draining())
+                .map(|b| BackendHistory {
+                    address: b.address.to_string(),
+                    bins: b.stats.history(),
+                })
+                .collect(),
+        });
+        HistoryPage {
+            bin_seconds: history::BIN.as_secs(),
+            clusters: clusters.collect(),
         }
     }
 }

@@ -809,11 +809,23 @@ async fn a_removed_backend_finishes_its_in_flight_calls() {
         !in_flight.is_finished(),
         "the call on A ended before A was removed; the test proves nothing"
     );
+    // A is listed as draining, with its one call, until that call ends.
+    let a_row = |view: &serde_json::Value| {
+        let backends = view["clusters"][0]["backends"].as_array().cloned();
+        let found = backends.unwrap_or_default().into_iter();
+        found
+            .into_iter()
+            .find(|b| b["address"] == a.addr.to_string().as_str())
+    };
+    let row = a_row(&sluice.backends_view().await).expect("A listed while draining");
+    assert_eq!(row["state"], "draining", "{row}");
+    assert_eq!(row["in_flight"], 1, "{row}");
     let reply = in_flight
         .await
         .unwrap()
         .expect("the in-flight call on A finishes");
     assert_eq!(reply.into_inner().backend_id, "a");
+    assert!(a_row(&sluice.backends_view().await).is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,8 +41,12 @@ pub enum BackendState {
     Healthy,
     /// Outlier detection took it out after failures in a row, until its ejection time ends.
     Ejected,
-    /// Its last connect failed; it is skipped until its backoff ends, then tried again.
+    /// Its last connect failed, or it fails its active health checks; it gets no new calls
+    /// until that ends (a backend in connect backoff is tried again when the backoff ends).
     Unhealthy,
+    /// Discovery removed it; the calls it still holds run to their end, and it takes no new
+    /// ones. It leaves `/backends` with its last call.
+    Draining,
 }
 
 /// The longest an ejection lasts, however often a backend was ejected.
@@ -88,6 +92,8 @@ pub struct Backend {
     checks_failed: AtomicU32,
     checks_passed: AtomicU32,
     failing_checks: AtomicBool,
+    /// Discovery removed it (state `draining`).
+    removed: AtomicBool,
     /// The HTTP/2 connections to this backend (transport layer).
     pub transport: Arc<Pool>,
     /// This backend's attempt counters (telemetry layer); the proxy records into them.
@@ -124,6 +130,7 @@ impl Backend {
             checks_failed: AtomicU32::new(0),
             checks_passed: AtomicU32::new(0),
             failing_checks: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
         }
     }
 
@@ -145,7 +152,9 @@ impl Backend {
     /// next one succeeds, including the moments between backoffs when it may be tried again
     /// (`sluice_backend_up`, `state`).
     pub fn state(&self) -> BackendState {
-        if self.is_ejected(clock_ms()) {
+        if self.removed.load(Ordering::Relaxed) {
+            BackendState::Draining
+        } else if self.is_ejected(clock_ms()) {
             BackendState::Ejected
         } else if self.failing_checks.load(Ordering::Relaxed) {
             BackendState::Unhealthy
@@ -154,6 +163,11 @@ impl Backend {
         } else {
             BackendState::Unhealthy
         }
+    }
+
+    /// Discovery removed it (`true`), or listed it again while it was draining (`false`).
+    pub(super) fn set_removed(&self, removed: bool) {
+        self.removed.store(removed, Ordering::Relaxed);
     }
 
     pub(super) fn is_ejected(&self, now_ms: u64) -> bool {

@@ -17,7 +17,7 @@ mod source;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -83,6 +83,11 @@ impl BackendSet {
 
 // === Cluster ===
 
+/// Locks a cold-path mutex; a panic elsewhere while it was held leaves nothing half-done.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Per-cluster settings a call reads.
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
@@ -134,7 +139,10 @@ pub struct Cluster {
     /// True while no backend is usable and calls try them all anyway (panic mode).
     panic: AtomicBool,
     /// Held while outlier detection decides an ejection (outlier.rs).
-    ejecting: std::sync::Mutex<()>,
+    ejecting: Mutex<()>,
+    /// Backends discovery removed while they held calls: `/backends` shows them as
+    /// `draining` until their last call ends (the call's `InFlight` keeps one alive).
+    draining: Mutex<Vec<Weak<Backend>>>,
     /// Call counters; a reload hands them to the next cluster of the same name.
     pub stats: Arc<ClusterStats>,
     /// Calls waiting for a backend slot; shared with the backends, and kept across reloads.
@@ -195,7 +203,8 @@ impl Cluster {
             ready: Default::default(),
             source: SourceStatus::new(&config.discovery.value),
             panic: AtomicBool::new(false),
-            ejecting: std::sync::Mutex::new(()),
+            ejecting: Mutex::new(()),
+            draining: Mutex::new(Vec::new()),
         }
     }
 
@@ -212,6 +221,7 @@ impl Cluster {
     /// ready: its set is known while the new watch lists again.
     pub fn adopt_backends(&self, previous: &Cluster) {
         self.backends.store(previous.backends.load_full());
+        *lock(&self.draining) = lock(&previous.draining).clone();
         if previous.is_ready() {
             self.ready.store(true, Ordering::Release);
         }
@@ -235,18 +245,55 @@ impl Cluster {
                 }
                 None => {
                     changed = true;
-                    let queue = Arc::clone(&self.queue);
-                    let backend = Backend::new(endpoint, self.source.kind, &self.name, queue);
-                    next.push(Arc::new(backend));
+                    next.push(self.revive_or_add(endpoint));
                 }
             }
         }
         changed |= !existing.is_empty();
+        self.start_draining(existing.into_values());
         if changed {
             self.backends.store(Arc::new(BackendSet::new(next)));
         }
         self.ready.store(true, Ordering::Release);
         changed
+    }
+
+    /// A backend for a new endpoint: the one still draining at that address, if any (it keeps
+    /// its connections and statistics), else a new one.
+    fn revive_or_add(&self, endpoint: &Endpoint) -> Arc<Backend> {
+        let mut draining = lock(&self.draining);
+        let found = draining
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|b| b.address == endpoint.address);
+        if let Some(backend) = found {
+            draining.retain(|b| !std::ptr::eq(b.as_ptr(), Arc::as_ptr(&backend)));
+            backend.set_removed(false);
+            backend.set_weight(endpoint.weight);
+            return backend;
+        }
+        let queue = Arc::clone(&self.queue);
+        Arc::new(Backend::new(endpoint, self.source.kind, &self.name, queue))
+    }
+
+    /// Marks removed backends draining; those with calls in flight stay listed until the
+    /// calls end.
+    fn start_draining<'b>(&self, removed: impl Iterator<Item = &'b Arc<Backend>>) {
+        let mut draining = lock(&self.draining);
+        draining.retain(|b| b.upgrade().is_some_and(|b| b.in_flight() > 0));
+        for backend in removed {
+            backend.set_removed(true);
+            if backend.in_flight() > 0 {
+                draining.push(Arc::downgrade(backend));
+            }
+        }
+    }
+
+    /// Backends discovery removed that still hold calls (`/backends`, state `draining`).
+    pub fn draining(&self) -> Vec<Arc<Backend>> {
+        let mut draining = lock(&self.draining);
+        draining.retain(|b| b.upgrade().is_some_and(|b| b.in_flight() > 0));
+        draining.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Hands this cluster and its backends to a `/metrics` scrape.
@@ -287,12 +334,14 @@ impl Cluster {
                 .then(|| chosen.try_start_stream(now))
                 .flatten()
             {
-                self.leave_panic();
+                self.leave_panic(chosen);
                 return Pick::Backend(Arc::clone(chosen), slot);
             }
         }
         // Rare path (a retry; a backend in backoff, ejected or full): scan from a random
-        // offset for one that is usable, then for one that was at least not tried, then any.
+        // offset for one that is usable and untried, then usable though tried (a healthy
+        // backend again beats an ejected one, as in Envoy), then one at least not tried,
+        // then any.
         let n = set.backends.len();
         if n == 0 {
             return Pick::Empty;
@@ -300,8 +349,13 @@ impl Cluster {
         let start = fastrand::usize(..n);
         let rotated = || (0..n).map(|k| &set.backends[(start + k) % n]);
         let take = |b: &Arc<Backend>| Some(Pick::Backend(Arc::clone(b), b.try_start_stream(now)?));
-        if let Some(pick) = rotated().filter(|b| usable(b)).find_map(take) {
-            self.leave_panic();
+        let usable_again = |b: &&Arc<Backend>| b.is_usable(now) && b.has_room();
+        let found = (rotated().filter(|b| usable(b)).find_map(take))
+            .or_else(|| rotated().filter(usable_again).find_map(take));
+        if let Some(pick) = found {
+            if let Pick::Backend(backend, _) = &pick {
+                self.leave_panic(backend);
+            }
             return pick;
         }
         if !set.backends.iter().any(|b| b.is_usable(now)) {
@@ -328,9 +382,14 @@ impl Cluster {
         }
     }
 
-    fn leave_panic(&self) {
+    /// Panic mode ends with a pick of a backend that is healthy, not merely out of its
+    /// connect backoff: while every connect keeps failing, it does not flip on and off.
+    fn leave_panic(&self, picked: &Backend) {
         // A load first: the common case writes nothing.
-        if self.panic.load(Ordering::Relaxed) && self.panic.swap(false, Ordering::Relaxed) {
+        if self.panic.load(Ordering::Relaxed)
+            && picked.state() == BackendState::Healthy
+            && self.panic.swap(false, Ordering::Relaxed)
+        {
             info!(cluster = %self.name, "panic mode over: a backend is usable again");
         }
     }
@@ -374,6 +433,28 @@ mod tests {
         assert!(!c.update(&endpoints(&[("a:1", 1), ("b:1", 1)])));
         assert!(c.update(&endpoints(&[("a:1", 1)])));
         assert!(Arc::ptr_eq(&a, &c.backends().backends[0]));
+    }
+
+    #[test]
+    fn a_removed_backend_drains_and_a_returning_one_is_revived() {
+        let c = cluster("round_robin");
+        c.update(&endpoints(&[("a:1", 1)]));
+        let Pick::Backend(a, slot) = c.pick(&[], false) else {
+            panic!("no pick");
+        };
+        c.update(&endpoints(&[("b:1", 1)]));
+        assert_eq!(a.state(), BackendState::Draining);
+        assert!(Arc::ptr_eq(&c.draining()[0], &a));
+        // Listed again while its call runs: the same backend, with its connections.
+        c.update(&endpoints(&[("a:1", 2), ("b:1", 1)]));
+        assert!(c.draining().is_empty());
+        assert!(Arc::ptr_eq(&c.backends().backends[0], &a));
+        assert_eq!((a.state(), a.weight()), (BackendState::Healthy, 2));
+        // Removed again: listed while its call runs, gone when it ends.
+        c.update(&endpoints(&[("b:1", 1)]));
+        assert_eq!(c.draining().len(), 1);
+        drop(slot);
+        assert!(c.draining().is_empty());
     }
 
     #[test]
@@ -429,6 +510,37 @@ mod tests {
                 assert_eq!(picked(&c, &[Arc::clone(&a)]).address.0, "b:1", "{kind}");
             }
         }
+    }
+
+    #[test]
+    fn a_retry_goes_back_to_a_healthy_backend_before_an_ejected_one() {
+        let c = cluster("p2c_ewma");
+        c.update(&endpoints(&[("a:1", 1), ("b:1", 1)]));
+        let (a, b) = (
+            Arc::clone(&c.backends().backends[0]),
+            Arc::clone(&c.backends().backends[1]),
+        );
+        b.eject(ewma::clock_ms(), 10_000);
+        for _ in 0..20 {
+            assert!(Arc::ptr_eq(&picked(&c, &[Arc::clone(&a)]), &a));
+        }
+        assert!(!c.in_panic());
+    }
+
+    #[test]
+    fn panic_mode_ends_with_a_healthy_backend_not_a_retried_failing_one() {
+        let c = cluster("p2c_ewma");
+        c.update(&endpoints(&[("a:1", 1)]));
+        let a = Arc::clone(&c.backends().backends[0]);
+        a.connect_failed();
+        let _ = c.pick(&[], false);
+        assert!(c.in_panic());
+        // Its backoff over, the failing backend is tried again: that alone does not end it.
+        c.leave_panic(&a);
+        assert!(c.in_panic());
+        a.connect_succeeded();
+        let _ = c.pick(&[], false);
+        assert!(!c.in_panic());
     }
 
     fn slow_picks(c: &Cluster) -> usize {

@@ -125,12 +125,19 @@ impl Call {
         let mut replay = Replay::default();
         // True right after a wait in the queue: this call picks before those behind it.
         let mut queued = false;
+        // When the call first joined the queue, until it gets a slot: a call woken for a
+        // slot it cannot use waits again within the same `queue_timeout`, and its wait is
+        // counted once.
+        let mut queued_since: Option<Instant> = None;
         loop {
             // A call whose deadline has passed is never dispatched.
             if Instant::now() >= self.deadline {
                 if queued {
                     // It was woken for a slot it will not use: pass the wakeup on.
                     self.cluster.queue.slot_freed();
+                }
+                if let Some(since) = queued_since {
+                    self.cluster.stats.queued(since.elapsed());
                 }
                 let message = "sluice: deadline exceeded before the call reached a backend";
                 return self.reject(
@@ -149,7 +156,7 @@ impl Call {
             }
             let (backend, in_flight) = match picked {
                 Pick::Backend(backend, in_flight) => (backend, in_flight),
-                Pick::Full => match self.wait_for_slot(down, &tried).await {
+                Pick::Full => match self.wait_for_slot(down, &tried, &mut queued_since).await {
                     Ok(Some(found)) => found,
                     Ok(None) => {
                         queued = true;
@@ -164,6 +171,9 @@ impl Call {
                 }
             };
             queued = false;
+            if let Some(since) = queued_since.take() {
+                self.cluster.stats.queued(since.elapsed());
+            }
             tried.push(Arc::clone(&backend));
             self.summary.attempts = tried.len() as u32;
             self.summary.backend = Some(Arc::clone(&backend));

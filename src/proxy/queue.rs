@@ -17,11 +17,15 @@ use crate::wire::{Code, ProxyStatus};
 impl Call {
     /// Waits until a slot is freed for this call, or answers the call. `Ok(Some)`: a slot
     /// found right after joining the queue (one freed between the pick and the join);
-    /// `Ok(None)`: woken at the head of the queue, pick again.
+    /// `Ok(None)`: woken at the head of the queue, pick again. `queued_since` is when the
+    /// call first joined: set here on its first wait, and kept, so every wait of one call
+    /// ends by the same `queue_timeout`. The caller counts the wait once, when a slot is
+    /// found; this counts it when the call is shed.
     pub(super) async fn wait_for_slot(
         &mut self,
         down: &mut Downstream,
         tried: &[Arc<Backend>],
+        queued_since: &mut Option<Instant>,
     ) -> Result<Option<(Arc<Backend>, InFlight)>, Ending> {
         let settings = &self.cluster.settings;
         let cluster = &self.cluster.name;
@@ -37,7 +41,7 @@ impl Call {
         if let Pick::Backend(backend, slot) = self.cluster.pick(tried, true) {
             return Ok(Some((backend, slot)));
         }
-        let started = Instant::now();
+        let started = *queued_since.get_or_insert_with(Instant::now);
         let until = (started + settings.queue_timeout).min(self.deadline);
         let woken = tokio::select! {
             biased;
@@ -49,10 +53,11 @@ impl Call {
                 return Err(Ending::proxy(Code::Cancelled));
             }
         };
-        self.cluster.stats.queued(started.elapsed());
         if woken {
             return Ok(None);
         }
+        self.cluster.stats.queued(started.elapsed());
+        *queued_since = None;
         if Instant::now() >= self.deadline {
             let message = "sluice: deadline exceeded while waiting for a backend slot";
             return Err(self.reject(

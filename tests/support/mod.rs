@@ -428,7 +428,8 @@ impl Sluice {
         serde_json::from_str(&body).expect("/backends is JSON")
     }
 
-    /// The addresses (with weights) of cluster `name`, sorted.
+    /// The addresses (with weights) of cluster `name`'s discovered backends (not those
+    /// draining), sorted.
     pub async fn backends_of(&self, name: &str) -> Vec<(String, u64)> {
         let view = self.backends_view().await;
         let mut list: Vec<(String, u64)> = view["clusters"]
@@ -437,6 +438,7 @@ impl Sluice {
             .iter()
             .filter(|c| c["name"] == name)
             .flat_map(|c| c["backends"].as_array().cloned().unwrap_or_default())
+            .filter(|b| b["state"] != "draining")
             .map(|b| {
                 let address = b["address"].as_str().unwrap_or_default().to_string();
                 (address, b["weight"].as_u64().unwrap_or_default())
