@@ -12,11 +12,14 @@ DESCRIBE = {
     "slow": "Backend 2 turns slow after the first phase: +500 ms a call, 16 workers, and work that outlives its caller.",
     "fail-fast": "Backend 2 answers every call UNAVAILABLE at once after the first phase, as with a broken dependency.",
     "hang": "Backend 2 stops after the first phase: its connections freeze (nothing read or written, PINGs unanswered) while TCP connects still succeed. It counts no calls, so its share is the calls that did not reach b1.",
-    "overload": "Backend 2's capacity drops after the first phase to 4 workers of 50 ms a call (80 calls/s, below its half of the rate); calls beyond them queue.",
+    "overload": "Backend 2's capacity drops after the first phase to 4 workers of 51 ms a call (about 78 calls/s, below its half of the rate); calls beyond them queue.",
 }
 
 
 def main():
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
     if sys.argv[1] == "--describe":
         print(DESCRIBE[sys.argv[2]])
         return 0

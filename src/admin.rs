@@ -127,23 +127,17 @@ impl Admin {
                     discovery: c.source.view(),
                     panic_mode: c.in_panic(),
                     queue_depth: c.queue.len(),
-                    backends: (c.backends().backends.iter())
-                        .chain(&c.draining())
-                        .map(|b| b.snapshot())
-                        .collect(),
+                    backends: c.listed_backends().iter().map(|b| b.snapshot()).collect(),
                 })
                 .collect(),
         }
     }
-}
 
-impl Admin {
     fn history(&self) -> HistoryPage {
         let router = self.router.load();
         let clusters = router.clusters().iter().map(|c| ClusterHistory {
             name: c.name.clone(),
-            backends: (c.backends().backends.iter())
-                .chain(&c.draining())
+            backends: (c.listed_backends().iter())
                 .map(|b| BackendHistory {
                     address: b.address.to_string(),
                     bins: b.stats.history(),
@@ -157,7 +151,8 @@ impl Admin {
     }
 }
 
-/// The status page: static HTML whose script draws `/backends` every 2 s (src/status_page.html).
+/// The status page: static HTML whose script draws `/backends` and `/backends/history` every
+/// 2 s (src/status_page.html).
 const STATUS_PAGE: &str = include_str!("status_page.html");
 
 fn text(status: StatusCode, body: &str) -> Response<Vec<u8>> {

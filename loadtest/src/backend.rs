@@ -101,11 +101,11 @@ impl LoadBackend {
 
     /// Hung: its connections freeze (see `Freezable`).
     fn is_hung(&self) -> bool {
-        self.options.failure == Failure::Hang && self.is_slow()
+        self.options.failure == Failure::Hang && self.is_failing()
     }
 
     /// The failure has begun.
-    fn is_slow(&self) -> bool {
+    fn is_failing(&self) -> bool {
         self.options
             .slow_after
             .is_some_and(|after| self.started.elapsed() >= after)
@@ -114,7 +114,7 @@ impl LoadBackend {
     /// Counts an arriving call; returns how long it must take, and its deadline if it has one,
     /// or the error a backend failing fast answers.
     fn arrived(&self, metadata: &MetadataMap) -> Result<(Duration, Option<u128>), Status> {
-        let slow = self.is_slow();
+        let slow = self.is_failing();
         let counter = if slow {
             &self.stats.calls_after_slow
         } else {
@@ -146,7 +146,7 @@ impl LoadBackend {
         let guard = InFlightGuard(Arc::clone(&self.stats));
         let overloaded = self.options.failure == Failure::Overload;
         let permit = match &self.workers {
-            Some(workers) if !overloaded || self.is_slow() => {
+            Some(workers) if !overloaded || self.is_failing() => {
                 Arc::clone(workers).acquire_owned().await.ok()
             }
             _ => None,
@@ -159,7 +159,7 @@ impl LoadBackend {
         if delay.is_zero() {
             return;
         }
-        if self.options.leak && self.is_slow() && !overloaded {
+        if self.options.leak && self.is_failing() && !overloaded {
             let _ = tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 drop((permit, guard));

@@ -7,7 +7,7 @@
 //! leaks: calls that started work run on after their callers gave up, holding one of its few
 //! workers, so its queue and concurrency grow without bound, like the slow machine of that
 //! outage. `fail-fast`: UNAVAILABLE at once. `hang`: stopped, its connections frozen.
-//! `overload`: 4 workers of 50 ms each, 80 calls/s, below its half of the rate.
+//! `overload`: 4 workers of 1 + 50 ms each, about 78 calls/s, below its half of the rate.
 //! The report says, per phase, the share each backend got; the latency and errors after the
 //! failure began; and how many calls the failing backend started after their deadline had
 //! passed (work nobody waited for).

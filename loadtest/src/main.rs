@@ -129,7 +129,7 @@ enum Command {
         slow_workers: usize,
         /// How backend 2 fails: slow (--slow-delay more a call, --slow-workers, leaking),
         /// fail-fast (UNAVAILABLE at once), hang (stopped: nothing read or written), overload
-        /// (4 workers of 50 ms each: 80 calls/s, below its share).
+        /// (4 workers of 1 + 50 ms each: about 78 calls/s, below its share).
         #[arg(long, value_enum, default_value = "slow")]
         failure: backend::Failure,
         #[arg(long)]

@@ -148,8 +148,9 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Ejected while outlier detection keeps it out; unhealthy from a failed connect until the
-    /// next one succeeds, including the moments between backoffs when it may be tried again
+    /// Draining once discovery removed it; ejected while outlier detection keeps it out;
+    /// unhealthy while it fails its health checks, and from a failed connect until the next
+    /// one succeeds, including the moments between backoffs when it may be tried again
     /// (`sluice_backend_up`, `state`).
     pub fn state(&self) -> BackendState {
         if self.removed.load(Ordering::Relaxed) {
@@ -393,20 +394,21 @@ impl InFlight {
         self.pending = self.backend.pending.start(self.picked_ms, baseline);
     }
 
-    /// The response headers came, `after` the pick: the call no longer waits, and the
-    /// backend has answered.
+    /// The response headers came, `after` the attempt began (right after the pick): the
+    /// call no longer waits, and the backend has answered.
     pub fn answered(&mut self, after: Duration) {
         if let Some(slot) = self.pending.take() {
-            let at = self.picked_ms + after.as_millis() as u64;
-            self.backend.pending.end(slot, Some(at));
+            self.backend.pending.end(slot);
         }
+        let at = self.picked_ms + after.as_millis() as u64;
+        self.backend.pending.answered(at);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(slot) = self.pending.take() {
-            self.backend.pending.end(slot, None);
+            self.backend.pending.end(slot);
         }
         // SeqCst: pairs with the queue's length (queue.rs).
         self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);

@@ -1,6 +1,6 @@
 //! The balancer's latency estimates: each backend's [`Score`] against its calls' method
-//! baselines (what `p2c_ewma` picks by), the peak-EWMA latency that `/backends` shows, and the
-//! monotonic clock their atomics share.
+//! baselines and the wait of its [`Pending`] calls (what `p2c_ewma` picks by), the peak-EWMA
+//! latency that `/backends` shows, and the monotonic clock their atomics share.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -202,10 +202,14 @@ pub(super) struct Pending {
 impl Pending {
     /// Tracks one call picked at `picked_ms` whose method usually answers in `baseline`
     /// (f64 nanoseconds as bits, 0 when unknown). Returns its slot, or `None` when all are
-    /// taken (the others are enough to judge by).
+    /// taken (the others are enough to judge by) or the method has no baseline yet (its
+    /// first call could be a long poll: nothing says how long is late).
     pub(super) fn start(&self, picked_ms: u64, baseline: &AtomicU64) -> Option<usize> {
-        let typical = f64::from_bits(baseline.load(Ordering::Relaxed)).max(0.0) as u64;
-        let typical = (typical / EXPECTED_UNIT_NS).min(EXPECTED_MAX);
+        let typical = f64::from_bits(baseline.load(Ordering::Relaxed));
+        if typical <= 0.0 {
+            return None;
+        }
+        let typical = (typical as u64 / EXPECTED_UNIT_NS).min(EXPECTED_MAX);
         let packed = (picked_ms + 1) << EXPECTED_BITS | typical;
         self.slots.iter().position(|slot| {
             slot.compare_exchange(0, packed, Ordering::Relaxed, Ordering::Relaxed)
@@ -213,14 +217,16 @@ impl Pending {
         })
     }
 
-    /// The call in `slot` ended; `answered_ms` is when the backend answered it, if it did.
-    pub(super) fn end(&self, slot: usize, answered_ms: Option<u64>) {
+    /// The call in `slot` ended.
+    pub(super) fn end(&self, slot: usize) {
         self.slots[slot].store(0, Ordering::Relaxed);
-        if let Some(at) = answered_ms {
-            // A load first: under load many answers share a millisecond.
-            if self.last_answer_ms.load(Ordering::Relaxed) < at {
-                self.last_answer_ms.fetch_max(at, Ordering::Relaxed);
-            }
+    }
+
+    /// The backend answered a call, tracked or not, at `at_ms`.
+    pub(super) fn answered(&self, at_ms: u64) {
+        // A load first: under load many answers share a millisecond.
+        if self.last_answer_ms.load(Ordering::Relaxed) < at_ms {
+            self.last_answer_ms.fetch_max(at_ms, Ordering::Relaxed);
         }
     }
 
@@ -283,10 +289,11 @@ mod tests {
         // The backend keeps answering other calls: the waiting one is a long call, not a
         // stall. It counts only from the last answer.
         let other = pending.start(1001, &fast).unwrap();
-        pending.end(other, Some(1058));
+        pending.end(other);
+        pending.answered(1058);
         assert!((pending.stall(1060) - 7.0 / 6.0).abs() < 1e-9);
         // A call of a slow method is not overdue at the same age.
-        pending.end(first, None);
+        pending.end(first);
         let slow = AtomicU64::new(3e9f64.to_bits());
         pending.start(2000, &slow).unwrap();
         assert!(pending.stall(2060) < 0.1);
@@ -294,7 +301,12 @@ mod tests {
         let full = Pending::default();
         assert!((0..WINDOW).all(|_| full.start(0, &fast).is_some()));
         assert_eq!(full.start(0, &fast), None);
+        // An answer to an untracked call counts too: the backend is answering.
+        full.answered(1000);
+        assert!(full.stall(1010) < 3.0);
         assert_eq!(Pending::default().stall(5000), 0.0);
+        // A method without a baseline yet is not tracked.
+        assert_eq!(Pending::default().start(0, &AtomicU64::new(0)), None);
     }
 
     #[test]

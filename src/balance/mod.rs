@@ -276,16 +276,16 @@ impl Cluster {
         Arc::new(Backend::new(endpoint, self.source.kind, &self.name, queue))
     }
 
-    /// Marks removed backends draining; those with calls in flight stay listed until the
-    /// calls end.
+    /// Marks removed backends draining. All are kept (weakly): one whose calls already
+    /// ended leaves the list at the next look, and a call that picked it from the old set
+    /// just before the swap still shows it. (A call that picks it after such a look and
+    /// before the swap is not shown; it still runs to its end.)
     fn start_draining<'b>(&self, removed: impl Iterator<Item = &'b Arc<Backend>>) {
         let mut draining = lock(&self.draining);
         draining.retain(|b| b.upgrade().is_some_and(|b| b.in_flight() > 0));
         for backend in removed {
             backend.set_removed(true);
-            if backend.in_flight() > 0 {
-                draining.push(Arc::downgrade(backend));
-            }
+            draining.push(Arc::downgrade(backend));
         }
     }
 
@@ -294,6 +294,18 @@ impl Cluster {
         let mut draining = lock(&self.draining);
         draining.retain(|b| b.upgrade().is_some_and(|b| b.in_flight() > 0));
         draining.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// What `/backends` lists: the discovered backends, then the draining ones (each once,
+    /// though discovery may swap the set between the two reads).
+    pub fn listed_backends(&self) -> Vec<Arc<Backend>> {
+        let mut listed = self.backends().backends.clone();
+        for backend in self.draining() {
+            if !listed.iter().any(|b| Arc::ptr_eq(b, &backend)) {
+                listed.push(backend);
+            }
+        }
+        listed
     }
 
     /// Hands this cluster and its backends to a `/metrics` scrape.
@@ -350,8 +362,12 @@ impl Cluster {
         let rotated = || (0..n).map(|k| &set.backends[(start + k) % n]);
         let take = |b: &Arc<Backend>| Some(Pick::Backend(Arc::clone(b), b.try_start_stream(now)?));
         let usable_again = |b: &&Arc<Backend>| b.is_usable(now) && b.has_room();
-        let found = (rotated().filter(|b| usable(b)).find_map(take))
-            .or_else(|| rotated().filter(usable_again).find_map(take));
+        let found = (rotated().filter(|b| usable(b)).find_map(take)).or_else(|| {
+            // Without tried backends, this scan would be the one above again.
+            (!tried.is_empty())
+                .then(|| rotated().filter(usable_again).find_map(take))
+                .flatten()
+        });
         if let Some(pick) = found {
             if let Pick::Backend(backend, _) = &pick {
                 self.leave_panic(backend);

@@ -67,7 +67,7 @@ impl BackgroundService for RateSampler {
                     let close_bin = seconds.is_multiple_of(per_bin);
                     for cluster in self.router.load().clusters() {
                         // Draining backends too: their bins stay in line with the others'.
-                        for backend in cluster.backends().backends.iter().chain(&cluster.draining()) {
+                        for backend in &cluster.listed_backends() {
                             backend.stats.sample_rates();
                             if close_bin {
                                 backend.stats.close_history_bin();
