@@ -4,6 +4,7 @@
 //! docs/architecture.md walks one call through them:
 //! - [`wire`]: gRPC rules: status codes, `grpc-timeout`, content types, the proxy's own
 //!   trailers-only statuses.
+//! - [`certs`]: certificates and keys from PEM: parsing, checks, names, expiry.
 //! - [`config`]: the YAML config, parsed with spans, validated once; files read as a separate
 //!   step.
 //! - [`telemetry`]: counters and histograms, the `/metrics` exporter, the access log, trace ids.
@@ -20,6 +21,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod discovery;

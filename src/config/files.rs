@@ -2,16 +2,25 @@
 //! they parse. Kept apart from parsing so that parsing does no I/O, and so a reload can run
 //! this step on a blocking thread instead of a data-plane one.
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-use super::{Config, EtcdTlsConfig, Problem, Spanned};
+use super::{Config, EtcdTlsConfig, ListenerTls, Problem, Spanned};
+use crate::certs;
 
 /// What the config's files held when it was loaded.
 #[derive(Debug, Clone, Default)]
 pub struct Files {
     /// `etcd.tls`, when set.
     pub etcd_tls: Option<EtcdTlsFiles>,
+    /// Each listener's `tls`, in config order (`None`: cleartext).
+    pub listener_tls: Vec<Option<ListenerTlsFiles>>,
+}
+
+/// The PEM files of one listener's TLS, each checked: chains that parse, keys that match them,
+/// a client CA that holds CA certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTlsFiles {
+    /// Certificate chain and key, in config order: the first is the default.
+    pub certificates: Vec<(PemFile, PemFile)>,
+    pub client_ca: Option<PemFile>,
 }
 
 /// The PEM files for TLS to etcd.
@@ -35,27 +44,68 @@ impl Files {
             Some(tls) => Some(read_etcd_tls(tls)?),
             None => None,
         };
-        Ok(Files { etcd_tls })
+        let mut listener_tls = Vec::new();
+        for (i, listener) in config.listeners.iter().enumerate() {
+            let files = listener.tls.as_ref().map(|tls| read_listener_tls(i, tls));
+            listener_tls.push(files.transpose()?);
+        }
+        Ok(Files {
+            etcd_tls,
+            listener_tls,
+        })
     }
 }
 
+/// Reads and checks the files of `listeners[i].tls` (at load, and again when they are
+/// reloaded: SIGHUP, or a change on disk).
+pub fn read_listener_tls(i: usize, tls: &ListenerTls) -> Result<ListenerTlsFiles, Problem> {
+    let mut certificates = Vec::new();
+    for (k, (cert_path, key_path)) in tls.pairs().into_iter().enumerate() {
+        let at = match tls.certificates.is_empty() {
+            true => format!("listeners[{i}].tls"),
+            false => format!("listeners[{i}].tls.certificates[{k}]"),
+        };
+        certificates.push(read_pair(&at, cert_path, key_path)?);
+    }
+    let client_ca = match &tls.client_ca_file {
+        Some(path) => Some(read_ca(
+            &format!("listeners[{i}].tls.client_ca_file"),
+            path,
+        )?),
+        None => None,
+    };
+    Ok(ListenerTlsFiles {
+        certificates,
+        client_ca,
+    })
+}
+
+/// A certificate chain and its key, checked to belong together.
+fn read_pair(
+    at: &str,
+    cert_path: &Spanned<String>,
+    key_path: &Spanned<String>,
+) -> Result<(PemFile, PemFile), Problem> {
+    let cert = read_pem(&format!("{at}.cert_file"), cert_path)?;
+    let key = read_pem(&format!("{at}.key_file"), key_path)?;
+    if let Err(message) = certs::identity(&cert.pem, &key.pem) {
+        let message = format!("{:?} and {:?}: {message}", cert.path, key.path);
+        return Err(Problem::new(at, message).at(cert_path));
+    }
+    Ok((cert, key))
+}
+
+/// A CA file that holds CA certificates.
+fn read_ca(at: &str, path: &Spanned<String>) -> Result<PemFile, Problem> {
+    let ca = read_pem(at, path)?;
+    certs::roots(&ca.pem).map_err(|e| Problem::new(at, format!("{:?}: {e}", ca.path)).at(path))?;
+    Ok(ca)
+}
+
 fn read_etcd_tls(tls: &EtcdTlsConfig) -> Result<EtcdTlsFiles, Problem> {
-    let ca = read_pem("etcd.tls.ca_file", &tls.ca_file)?;
-    check_ca(&ca).map_err(|e| Problem::new("etcd.tls.ca_file", e).at(&tls.ca_file))?;
+    let ca = read_ca("etcd.tls.ca_file", &tls.ca_file)?;
     let identity = match (&tls.cert_file, &tls.key_file) {
-        (Some(cert_path), Some(key_path)) => {
-            let cert = read_pem("etcd.tls.cert_file", cert_path)?;
-            let key = read_pem("etcd.tls.key_file", key_path)?;
-            if CertificateDer::pem_slice_iter(&cert.pem).next().is_none() {
-                let message = format!("{:?} holds no certificate", cert.path);
-                return Err(Problem::new("etcd.tls.cert_file", message).at(cert_path));
-            }
-            PrivateKeyDer::from_pem_slice(&key.pem).map_err(|e| {
-                let message = format!("{:?} holds no usable private key: {e}", key.path);
-                Problem::new("etcd.tls.key_file", message).at(key_path)
-            })?;
-            Some((cert, key))
-        }
+        (Some(cert_path), Some(key_path)) => Some(read_pair("etcd.tls", cert_path, key_path)?),
         // Validation requires both or neither.
         _ => None,
     };
@@ -74,20 +124,4 @@ fn read_pem(key: &str, path: &Spanned<String>) -> Result<PemFile, Problem> {
         path: name.clone(),
         pem,
     })
-}
-
-/// The CA file must hold at least one certificate that parses as one: tonic would silently
-/// drop one it cannot parse, leaving nothing to trust.
-fn check_ca(ca: &PemFile) -> Result<(), String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&ca.pem) {
-        let cert = cert.map_err(|e| format!("{:?}: not a PEM certificate: {e}", ca.path))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("{:?}: not a CA certificate: {e}", ca.path))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{:?} holds no certificate", ca.path));
-    }
-    Ok(())
 }

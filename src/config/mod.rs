@@ -23,11 +23,11 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer};
 pub use serde_saphyr::Spanned;
 
-pub use files::{EtcdTlsFiles, Files, PemFile};
+pub use files::{read_listener_tls, EtcdTlsFiles, Files, ListenerTlsFiles, PemFile};
 pub use values::{
-    parse_duration, AtLeastOne, BackendAddr, DurationValue, EtcdEndpoint, EtcdPrefix, ListenAddr,
-    MaxAttempts, NonEmpty, NotSupportedYet, PathPrefix, Percent, PositiveDuration, Ratio,
-    ServiceName, ThreadCount,
+    parse_duration, AtLeastOne, BackendAddr, DurationValue, EtcdEndpoint, EtcdPrefix,
+    ForwardHeader, ListenAddr, MaxAttempts, NonEmpty, NotSupportedYet, PathPrefix, Percent,
+    PositiveDuration, Ratio, ServiceName, ThreadCount,
 };
 
 /// A config problem, already formatted for an operator: file, key path, what is wrong, where.
@@ -78,8 +78,70 @@ fn default_upgrade_sock() -> String {
 pub struct ListenerConfig {
     pub name: Spanned<String>,
     pub address: ListenAddr,
+    /// TLS on the client leg; absent: cleartext HTTP/2 (h2c, prior knowledge).
     #[serde(default)]
-    pub tls: Option<NotSupportedYet>,
+    pub tls: Option<ListenerTls>,
+}
+
+/// `listeners[].tls`: one certificate (`cert_file` and `key_file`), or several chosen by the
+/// client's SNI (`certificates`, the first one the default); `client_ca_file` asks every
+/// client for a certificate signed by that CA (mTLS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    #[serde(default)]
+    pub cert_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub key_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub certificates: Vec<CertificatePair>,
+    #[serde(default)]
+    pub client_ca_file: Option<Spanned<String>>,
+    /// Sends the verified client identity upstream in this header (Envoy's XFCC format).
+    #[serde(default)]
+    pub forward_client_cert: Option<ForwardClientCert>,
+}
+
+/// One certificate chain and its private key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePair {
+    pub cert_file: Spanned<String>,
+    pub key_file: Spanned<String>,
+}
+
+/// `forward_client_cert: { header }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardClientCert {
+    pub header: ForwardHeader,
+}
+
+impl ListenerTls {
+    /// The certificates in order (the first is the default): `cert_file`/`key_file`, or
+    /// `certificates`. Validation makes sure it is exactly one of the two.
+    pub fn pairs(&self) -> Vec<(&Spanned<String>, &Spanned<String>)> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => vec![(cert, key)],
+            _ => (self.certificates.iter())
+                .map(|p| (&p.cert_file, &p.key_file))
+                .collect(),
+        }
+    }
+
+    /// The file names, for telling whether a new config changes them.
+    pub fn paths(&self) -> Vec<String> {
+        let mut paths: Vec<String> = (self.pairs().into_iter())
+            .flat_map(|(c, k)| [c.value.clone(), k.value.clone()])
+            .collect();
+        paths.extend(self.client_ca_file.as_ref().map(|f| f.value.clone()));
+        paths.extend(
+            self.forward_client_cert
+                .as_ref()
+                .map(|f| f.header.0.to_string()),
+        );
+        paths
+    }
 }
 
 /// `access_log: { path, enabled }`: one JSON line per finished call.
@@ -675,7 +737,7 @@ impl Problem {
         self
     }
 
-    fn in_file(self, origin: &str) -> ConfigError {
+    pub fn in_file(self, origin: &str) -> ConfigError {
         let at = self
             .at
             .map(|l| format!(" at line {} column {}", l.line(), l.column()))

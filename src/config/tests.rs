@@ -319,3 +319,81 @@ fn health_check_is_off_unless_present_and_checked() {
     );
     assert!(e.contains("at line 9"), "{e}");
 }
+
+/// MINIMAL with `tls` lines (indented for the listener) added to its listener.
+fn with_listener_tls(tls: &str) -> String {
+    MINIMAL.replace(
+        "    address: 127.0.0.1:50051\n",
+        &format!("    address: 127.0.0.1:50051\n    tls:\n{tls}"),
+    )
+}
+
+#[test]
+fn listener_tls_needs_exactly_one_way_to_name_its_certificates() {
+    let e = err(&with_listener_tls("      cert_file: a.pem\n"));
+    assert!(
+        e.contains("listeners[0].tls: `cert_file` and `key_file` go together"),
+        "{e}"
+    );
+    assert!(e.ends_with("at line 6 column 18"), "{e}");
+    let both = "      cert_file: a.pem\n      key_file: a.key\n      certificates: [{cert_file: b.pem, key_file: b.key}]\n";
+    let e = err(&with_listener_tls(both));
+    assert!(e.contains("not both"), "{e}");
+    let e = err(&with_listener_tls("      client_ca_file: ca.pem\n"));
+    assert!(e.contains("needs a certificate"), "{e}");
+    let forward = "      cert_file: a.pem\n      key_file: a.key\n      forward_client_cert: { header: x-client }\n";
+    let e = err(&with_listener_tls(forward));
+    assert!(e.contains("listeners[0].tls.forward_client_cert"), "{e}");
+    assert!(e.contains("needs `client_ca_file`"), "{e}");
+    let header = "      cert_file: a.pem\n      key_file: a.key\n      client_ca_file: ca.pem\n      forward_client_cert: { header: X-Client }\n";
+    let e = err(&with_listener_tls(header));
+    assert!(
+        e.contains("listeners[0].tls.forward_client_cert.header"),
+        "{e}"
+    );
+    assert!(e.contains("lowercase"), "{e}");
+    let e = err(&with_listener_tls(
+        "      cert_file: a.pem\n      key_file: a.key\n      sni: yes\n",
+    ));
+    assert!(e.contains("unknown field `sni`"), "{e}");
+}
+
+#[test]
+fn listener_tls_files_are_checked_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let one = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+    let two = rcgen::generate_simple_self_signed(vec!["b.test".into()]).unwrap();
+    let cert = write("a.pem", &one.cert.pem());
+    let key = write("a.key", &one.signing_key.serialize_pem());
+    let other_key = write("b.key", &two.signing_key.serialize_pem());
+    let pair =
+        |cert: &str, key: &str| format!("      cert_file: \"{cert}\"\n      key_file: \"{key}\"\n");
+    let good = with_listener_tls(&pair(&cert, &key));
+    let loaded = Config::parse(&good, "t.yaml").map(|mut c| {
+        c.files = Files::read(&c).map_err(|p| p.in_file("t.yaml")).unwrap();
+        c
+    });
+    let files = loaded.unwrap().files.listener_tls;
+    assert_eq!(files[0].as_ref().unwrap().certificates.len(), 1);
+
+    let e = load_err(&with_listener_tls(&pair(&cert, &other_key)));
+    assert!(e.contains("listeners[0].tls: "), "{e}");
+    assert!(e.contains("does not belong to the certificate"), "{e}");
+    assert!(e.contains("at line 6"), "{e}");
+    let e = load_err(&with_listener_tls(&pair("/nonexistent/a.pem", &key)));
+    assert!(
+        e.contains("listeners[0].tls.cert_file: cannot read \"/nonexistent/a.pem\""),
+        "{e}"
+    );
+    let list = format!("      certificates:\n        - {{ cert_file: \"{cert}\", key_file: \"{key}\" }}\n        - {{ cert_file: \"{cert}\", key_file: \"{other_key}\" }}\n");
+    let e = load_err(&with_listener_tls(&list));
+    assert!(e.contains("listeners[0].tls.certificates[1]"), "{e}");
+    let ca = format!("{}      client_ca_file: \"{key}\"\n", pair(&cert, &key));
+    let e = load_err(&with_listener_tls(&ca));
+    assert!(e.contains("listeners[0].tls.client_ca_file"), "{e}");
+}

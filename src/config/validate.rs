@@ -3,11 +3,16 @@
 
 use std::collections::HashSet;
 
-use super::{Config, DiscoveryConfig, EtcdConfig, Problem, Spanned};
+use super::{Config, DiscoveryConfig, EtcdConfig, ListenerTls, Problem, Spanned};
 
 pub(super) fn check(config: &Config) -> Result<(), Problem> {
     unique_names("listeners", config.listeners.iter().map(|l| &l.name))?;
     unique_names("clusters", config.clusters.iter().map(|c| &c.name))?;
+    for (i, listener) in config.listeners.iter().enumerate() {
+        if let Some(tls) = &listener.tls {
+            listener_tls(i, tls, &listener.name)?;
+        }
+    }
     for (i, cluster) in config.clusters.iter().enumerate() {
         match &cluster.discovery.value {
             DiscoveryConfig::Static(list) => no_duplicates(i, list)?,
@@ -89,6 +94,33 @@ fn routes(config: &Config) -> Result<(), Problem> {
             )
             .at(&route.cluster));
         }
+    }
+    Ok(())
+}
+
+/// `listeners[i].tls`: one certificate or a list, whole pairs, and an identity to forward only
+/// when clients must present one.
+fn listener_tls(i: usize, tls: &ListenerTls, name: &Spanned<String>) -> Result<(), Problem> {
+    let path = format!("listeners[{i}].tls");
+    match (&tls.cert_file, &tls.key_file, tls.certificates.is_empty()) {
+        (Some(_), Some(_), true) | (None, None, false) => {}
+        (Some(one), _, false) | (_, Some(one), false) => {
+            let message = "give `cert_file` and `key_file`, or `certificates`, not both";
+            return Err(Problem::new(path, message).at(one));
+        }
+        (Some(one), None, true) | (None, Some(one), true) => {
+            let message =
+                "`cert_file` and `key_file` go together (a certificate chain and its key)";
+            return Err(Problem::new(path, message).at(one));
+        }
+        (None, None, true) => {
+            let message = "needs a certificate: `cert_file` and `key_file`, or `certificates: [{cert_file, key_file}, ...]`";
+            return Err(Problem::new(path, message).at(name));
+        }
+    }
+    if tls.client_ca_file.is_none() && tls.forward_client_cert.is_some() {
+        let message = "`forward_client_cert` needs `client_ca_file`: without client certificates there is no identity to forward";
+        return Err(Problem::new(format!("{path}.forward_client_cert"), message).at(name));
     }
     Ok(())
 }

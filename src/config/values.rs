@@ -82,6 +82,25 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(bad)
 }
 
+/// The header `forward_client_cert` writes: a valid, lowercase HTTP/2 header name that is
+/// not a pseudo-header and not one gRPC or HTTP/2 reserve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardHeader(pub http::HeaderName);
+
+parse_from_string!(ForwardHeader, |t: &str| {
+    let reserved = t.starts_with(':')
+        || t.starts_with("grpc-")
+        || ["te", "connection", "content-type", "user-agent", "host"].contains(&t);
+    if t != t.to_ascii_lowercase() || reserved {
+        return Err(format!(
+            "{t:?} cannot carry the client certificate: use a lowercase header name that is not reserved, such as \"x-forwarded-client-cert\""
+        ));
+    }
+    http::HeaderName::from_bytes(t.as_bytes())
+        .map(ForwardHeader)
+        .map_err(|_| format!("{t:?} is not a valid header name"))
+});
+
 /// A socket address to listen on: `IP:PORT`. Port 0 asks the kernel for a free port; the
 /// address actually bound is logged at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

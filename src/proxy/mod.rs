@@ -27,25 +27,32 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::{Method, Request};
+use http::{HeaderName, HeaderValue, Method, Request};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::debug;
 
 use crate::balance::Cluster;
 use crate::lifecycle::Lifecycle;
 use crate::telemetry::access_log::{self, AccessLog, Entry};
+use crate::telemetry::metrics;
 use crate::telemetry::{request_id, unrouted, Reject};
 use crate::transport::coalesce::CoalescingIo;
+use crate::transport::tls::{ClientCert, HandshakeFailure, ServerTls};
 use crate::transport::H2Settings;
 use crate::wire::{self, Code, ProxyStatus};
 use call::{Call, Ending, Summary};
 pub use route::Router;
 
-/// How long a new connection may take to send its first bytes.
+/// How long a new connection may take to send its first bytes, and to finish its TLS
+/// handshake.
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first byte of a TLS ClientHello (a handshake record).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// The data plane of one listener, hosted by pingora as a [`ServerApp`].
 pub struct Proxy {
@@ -58,6 +65,20 @@ pub struct Proxy {
     pub generate_request_id: bool,
     /// `sluice_downstream_connections{listener}`, resolved once.
     pub connections_gauge: prometheus::IntGauge,
+    /// TLS on this listener (`listeners[].tls`); `None`: cleartext h2c.
+    pub tls: Option<Arc<ServerTls>>,
+    /// The header that carries the verified client identity upstream (`forward_client_cert`).
+    pub forward_client_cert: Option<HeaderName>,
+}
+
+/// Who is at the other end of a downstream connection.
+#[derive(Debug, Default)]
+pub struct Peer {
+    pub addr: Option<SocketAddr>,
+    /// Under mTLS: the client's verified certificate.
+    pub cert: Option<ClientCert>,
+    /// Its `forward_client_cert` header value, made once per connection.
+    xfcc: Option<HeaderValue>,
 }
 
 #[async_trait]
@@ -70,23 +91,65 @@ impl ServerApp for Proxy {
 }
 
 impl Proxy {
-    /// Serves one downstream connection until it closes. On drain (SIGTERM, or pingora's own
-    /// shutdown during an upgrade) it sends GOAWAY and keeps serving the streams in flight.
-    async fn serve_connection(self: &Arc<Self>, mut io: Stream, mut shutdown: ShutdownWatch) {
+    /// Serves one downstream connection until it closes: the TLS handshake first on a TLS
+    /// listener, else a check that the client speaks HTTP/2.
+    async fn serve_connection(self: &Arc<Self>, mut io: Stream, shutdown: ShutdownWatch) {
         let _open = self.lifecycle.connection_opened();
         self.connections_gauge.inc();
         let _gauge = GaugeGuard(&self.connections_gauge);
-        let peer = io
+        let addr = io
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
-        // Anything but the HTTP/2 preface is a client speaking HTTP/1: tell it plainly.
-        let mut first = [0u8; 4];
+        let Some(tls) = &self.tls else {
+            // Anything but the HTTP/2 preface is a client speaking HTTP/1: tell it plainly.
+            let mut first = [0u8; 4];
+            match tokio::time::timeout(PREFACE_TIMEOUT, io.try_peek(&mut first)).await {
+                Ok(Ok(true)) if &first != b"PRI " => return reply::not_http2(&mut io).await,
+                Ok(Ok(_)) => {}
+                // Closed or silent before sending anything: nothing to answer.
+                Ok(Err(_)) | Err(_) => return,
+            }
+            let peer = Peer {
+                addr,
+                ..Peer::default()
+            };
+            return self.serve_h2(io, Arc::new(peer), shutdown).await;
+        };
+        // A connection closed before its first byte is a TCP health check, not a failed
+        // handshake; one that does not start with a TLS record speaks cleartext.
+        let mut first = [0u8; 1];
         match tokio::time::timeout(PREFACE_TIMEOUT, io.try_peek(&mut first)).await {
-            Ok(Ok(true)) if &first != b"PRI " => return reply::not_http2(&mut io).await,
+            Ok(Ok(true)) if first[0] != TLS_HANDSHAKE_RECORD => {
+                metrics().tls_handshake_failed(&self.listener, "not_tls");
+                debug!(listener = %self.listener, peer = ?addr, "cleartext on a TLS listener");
+                return;
+            }
             Ok(Ok(_)) => {}
-            // Closed or silent before sending anything: nothing to answer.
             Ok(Err(_)) | Err(_) => return,
         }
+        let handshake = tokio::time::timeout(PREFACE_TIMEOUT, tls.accept(io)).await;
+        match handshake.unwrap_or(Err(HandshakeFailure::Timeout)) {
+            Ok((stream, cert)) => {
+                let xfcc = (self.forward_client_cert.as_ref().zip(cert.as_ref()))
+                    .and_then(|(_, cert)| HeaderValue::from_str(&cert.xfcc()).ok());
+                let peer = Peer { addr, cert, xfcc };
+                self.serve_h2(stream, Arc::new(peer), shutdown).await;
+            }
+            Err(failure) => {
+                // A bad client, not a proxy fault: counted, and logged at debug only.
+                metrics().tls_handshake_failed(&self.listener, failure.label());
+                debug!(listener = %self.listener, peer = ?addr, reason = failure.label(),
+                    "TLS handshake failed");
+            }
+        }
+    }
+
+    /// Serves HTTP/2 on a connection until it closes. On drain (SIGTERM, or pingora's own
+    /// shutdown during an upgrade) it sends GOAWAY and keeps serving the streams in flight.
+    async fn serve_h2<IO>(self: &Arc<Self>, io: IO, peer: Arc<Peer>, mut shutdown: ShutdownWatch)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
         // Calls in flight on this connection: write coalescing waits only when there are
         // several (transport/coalesce.rs).
         let streams = Arc::new(AtomicUsize::new(0));
@@ -113,6 +176,7 @@ impl Proxy {
                 next = connection.accept() => match next {
                     Some(Ok((request, respond))) => {
                         let proxy = Arc::clone(self);
+                        let peer = Arc::clone(&peer);
                         let open = StreamCount::open(&streams);
                         // Boxed: tokio copies a task's future when it spawns and finishes it
                         // (7 memcpys); a call's state machine is kilobytes, a box is a pointer.
@@ -147,7 +211,7 @@ impl Proxy {
         &self,
         request: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
-        peer: Option<SocketAddr>,
+        peer: Arc<Peer>,
     ) {
         let started = Instant::now();
         let (mut parts, body) = request.into_parts();
@@ -155,6 +219,13 @@ impl Proxy {
             || !wire::is_grpc_content_type(parts.headers.get(http::header::CONTENT_TYPE))
         {
             return reply::not_grpc(&mut respond, &parts);
+        }
+        // The client's identity goes upstream only as sluice verified it.
+        if let Some(header) = &self.forward_client_cert {
+            parts.headers.remove(header);
+            if let Some(xfcc) = &peer.xfcc {
+                parts.headers.insert(header.clone(), xfcc.clone());
+            }
         }
         // Before the first attempt, so a generated id goes upstream.
         if self.generate_request_id {
@@ -168,7 +239,7 @@ impl Proxy {
             let ending = Ending::proxy(Code::Unimplemented);
             let method = unrouted().method(parts.uri.path());
             method.record(ending.code, ending.origin, started.elapsed());
-            return self.log(&parts, None, &Summary::default(), ending, started, peer);
+            return self.log(&parts, None, &Summary::default(), ending, started, &peer);
         };
         // Not the router guard: it is not meant to be held for a call's whole life.
         let cluster = Arc::clone(cluster);
@@ -186,7 +257,7 @@ impl Proxy {
                 call.run(parts, body, respond, started).await
             }
         };
-        self.log(&parts, Some(&cluster), &summary, ending, started, peer);
+        self.log(&parts, Some(&cluster), &summary, ending, started, &peer);
     }
 
     /// Writes the call's access log line, when the log is on.
@@ -197,13 +268,13 @@ impl Proxy {
         summary: &Summary,
         ending: Ending,
         started: Instant,
-        peer: Option<SocketAddr>,
+        peer: &Peer,
     ) {
         let Some(log) = &self.access_log else { return };
         log.write(&Entry {
             time: access_log::now_rfc3339(),
             listener: &self.listener,
-            peer,
+            peer: peer.addr,
             path: request.uri.path(),
             cluster: cluster.map(|c| c.name.as_str()),
             backend: summary.backend.as_ref().map(|b| b.address.0.as_str()),
@@ -215,6 +286,8 @@ impl Proxy {
             bytes_in: summary.bytes_in,
             bytes_out: summary.bytes_out,
             trace_id: request_id::find(&request.headers).unwrap_or_default(),
+            client_subject: peer.cert.as_ref().map(|c| c.subject.as_str()),
+            client_sans: peer.cert.as_ref().map(ClientCert::sans),
         });
     }
 }

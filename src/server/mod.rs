@@ -7,6 +7,7 @@
 //! `shutdown.drain_timeout` passes, and only then lets pingora stop its runtimes.
 
 mod background;
+mod certificates;
 mod listen;
 mod reload;
 mod signals;
@@ -35,6 +36,7 @@ use crate::telemetry::metrics;
 use crate::transport::H2Settings;
 use crate::BoxError;
 use background::{RateSampler, Readiness};
+use certificates::{CertificateWatch, Certificates};
 use listen::{BufferL4, Listening};
 use reload::{Reload, RestartOnly};
 use signals::SignalWatch;
@@ -139,6 +141,8 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
     if options.upgrade {
         refuse_port_zero(&config, &origin)?;
     }
+    let (certificates, listener_tls) = Certificates::build(&config)?;
+    let certificates = Arc::new(certificates);
     let discovery = discovery_runtime()?;
     let (router, feeds) = build_router(&config, None, discovery.handle());
     let shared = Shared {
@@ -147,7 +151,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
         access_log: start_access_log(&config)?,
     };
     let mut server = pingora_server(&config, options.upgrade);
-    let listeners = add_listeners(&mut server, &config, &shared, options.upgrade)?;
+    let listeners = add_listeners(&mut server, &config, &shared, listener_tls, options.upgrade)?;
     let admin = add_admin(&mut server, &config, &shared, options.upgrade)?;
     let restart_only = RestartOnly::running(&config, &listeners, admin);
     server.add_service(background_service(
@@ -164,8 +168,15 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
         },
     ));
     server.add_service(background_service(
+        "certificates",
+        CertificateWatch {
+            certificates: Arc::clone(&certificates),
+        },
+    ));
+    server.add_service(background_service(
         "reload",
         Reload {
+            certificates,
             path: options.config_path,
             router: Arc::clone(&shared.router),
             feeds: Mutex::new(feeds),
@@ -245,11 +256,16 @@ fn add_listeners(
     server: &mut Server,
     config: &Config,
     shared: &Shared,
+    tls: certificates::ListenerTlsList,
     upgrade: bool,
 ) -> Result<Vec<SocketAddr>, BoxError> {
     let mut bound_listeners = Vec::new();
-    for listener in config.listeners.iter() {
+    for (listener, tls) in config.listeners.iter().zip(tls) {
         let name = &listener.name.value;
+        let forward = listener
+            .tls
+            .as_ref()
+            .and_then(|t| t.forward_client_cert.as_ref());
         let proxy = Proxy {
             listener: name.clone(),
             router: Arc::clone(&shared.router),
@@ -258,6 +274,8 @@ fn add_listeners(
             access_log: shared.access_log.clone(),
             generate_request_id: config.request_id.generate,
             connections_gauge: metrics().downstream_connections(name),
+            tls,
+            forward_client_cert: forward.map(|f| f.header.0.clone()),
         };
         let service_name = format!("listener {name}");
         let what = format!("listener {name:?}");

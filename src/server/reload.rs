@@ -1,5 +1,6 @@
-//! SIGHUP: re-read the config file and swap in its clusters and routes. Established
-//! connections and in-flight streams are untouched; an invalid file is logged and ignored.
+//! SIGHUP: re-read the listeners' TLS files and the config file, and swap in its clusters and
+//! routes. Established connections and in-flight streams are untouched; an invalid file is
+//! logged and ignored.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,11 +15,14 @@ use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
+use super::certificates::Certificates;
 use super::{build_router, check_files, Feeds};
 use crate::config::{AccessLogConfig, Config, RequestIdConfig};
 use crate::proxy::Router;
 
 pub(super) struct Reload {
+    /// The listeners' certificates, re-read on each SIGHUP.
+    pub(super) certificates: Arc<Certificates>,
     /// The file to re-read (`None` in demo mode).
     pub(super) path: Option<PathBuf>,
     pub(super) router: Arc<ArcSwap<Router>>,
@@ -34,6 +38,8 @@ pub(super) struct Reload {
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct RestartOnly {
     listeners: Vec<(String, SocketAddr)>,
+    /// Each listener's TLS file names and forwarded header (their contents reload).
+    listener_tls: Vec<Option<Vec<String>>>,
     admin: Option<SocketAddr>,
     threads: Option<usize>,
     drain_timeout: Duration,
@@ -84,6 +90,9 @@ impl RestartOnly {
                 .iter()
                 .map(|l| (l.name.value.clone(), l.address.0))
                 .collect(),
+            listener_tls: (config.listeners.iter())
+                .map(|l| l.tls.as_ref().map(|t| t.paths()))
+                .collect(),
             admin: config.admin.as_ref().map(|a| a.address.0),
             threads: config.threads.map(|t| t.0),
             drain_timeout: config.shutdown.drain_timeout.0,
@@ -117,6 +126,9 @@ impl BackgroundService for Reload {
 
 impl Reload {
     async fn reload(&self) {
+        // Certificates first: they are reloaded even when the config file is not.
+        let certificates = Arc::clone(&self.certificates);
+        let _ = tokio::task::spawn_blocking(move || certificates.reload_changed("SIGHUP")).await;
         let Some(path) = self.path.clone() else {
             warn!("SIGHUP: this process has no config file to reload (demo mode)");
             return;
@@ -141,8 +153,9 @@ impl Reload {
         };
         if !self.restart_only.unchanged_by(&RestartOnly::of(&config)) {
             warn!(
-                "SIGHUP: changes to listeners, admin, threads, shutdown, log, access_log, \
-                 request_id or upgrade_sock need a restart (or an upgrade); they are ignored"
+                "SIGHUP: changes to listeners (their TLS files' names included), admin, \
+                 threads, shutdown, log, access_log, request_id or upgrade_sock need a restart \
+                 (or an upgrade); they are ignored"
             );
         }
         let previous = self.router.load_full();

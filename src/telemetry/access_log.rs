@@ -41,6 +41,11 @@ pub struct Entry<'a> {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub trace_id: &'a str,
+    /// Under mTLS: the client certificate's subject and SANs (`DNS:...`, `URI:...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_subject: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_sans: Option<Vec<String>>,
 }
 
 impl AccessLog {

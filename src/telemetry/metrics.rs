@@ -352,6 +352,18 @@ pub struct Metrics {
     downstream_connections: IntGaugeVec,
     /// `sluice_access_log_dropped_total`: lines dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
+    /// `sluice_tls_handshake_errors_total{listener, reason}`.
+    tls_handshake_errors: IntCounterVec,
+    /// `sluice_tls_certificate_expiry_timestamp_seconds{listener, cluster, name}`: one of
+    /// `listener` and `cluster` is empty (Prometheus reads an empty label as absent).
+    tls_expiry: IntGaugeVec,
+}
+
+/// Whose certificate an expiry is: a listener's, or a cluster's (its client certificate).
+#[derive(Debug, Clone, Copy)]
+pub enum CertificateOwner<'a> {
+    Listener(&'a str),
+    Cluster(&'a str),
 }
 
 impl Metrics {
@@ -375,6 +387,18 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind.",
         )?;
         registry.register(Box::new(access_log_dropped.clone()))?;
+        let tls_handshake_errors = counter(
+            "sluice_tls_handshake_errors_total",
+            "Failed TLS handshakes on a listener, by reason: no_h2, client_certificate, not_tls, protocol, timeout.",
+            &["listener", "reason"],
+        )?;
+        registry.register(Box::new(tls_handshake_errors.clone()))?;
+        let tls_expiry = gauge(
+            "sluice_tls_certificate_expiry_timestamp_seconds",
+            "When a certificate sluice serves or presents expires (notAfter), in seconds since the Unix epoch; name is its file.",
+            &["listener", "cluster", "name"],
+        )?;
+        registry.register(Box::new(tls_expiry.clone()))?;
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -384,7 +408,27 @@ impl Metrics {
             registry,
             downstream_connections,
             access_log_dropped,
+            tls_handshake_errors,
+            tls_expiry,
         })
+    }
+
+    /// Counts a failed TLS handshake on `listener`.
+    pub fn tls_handshake_failed(&self, listener: &str, reason: &str) {
+        self.tls_handshake_errors
+            .with_label_values(&[listener, reason])
+            .inc();
+    }
+
+    /// Publishes when the certificate in file `name` expires.
+    pub fn tls_certificate_expires(&self, owner: CertificateOwner<'_>, name: &str, at: i64) {
+        let (listener, cluster) = match owner {
+            CertificateOwner::Listener(l) => (l, ""),
+            CertificateOwner::Cluster(c) => ("", c),
+        };
+        self.tls_expiry
+            .with_label_values(&[listener, cluster, name])
+            .set(at);
     }
 
     /// The open-connections gauge of one listener, resolved once when the listener starts.

@@ -11,5 +11,5 @@ pub mod request_id;
 pub mod stats;
 
 pub use history::HistoryView;
-pub use metrics::{metrics, BackendGauges, DiscoveryGauges, Export, Scrape};
+pub use metrics::{metrics, BackendGauges, CertificateOwner, DiscoveryGauges, Export, Scrape};
 pub use stats::{unrouted, BackendStats, ClusterStats, HealthResult, MethodStats, Reject};

@@ -7,6 +7,7 @@
 pub mod coalesce;
 mod driver;
 pub mod pool;
+pub mod tls;
 
 use std::time::Duration;
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod etcd;
+pub mod pki;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -313,6 +314,8 @@ pub struct Sluice {
     log: PathBuf,
     /// Shared with an upgraded successor, which reads the same config and socket path.
     dir: Arc<tempfile::TempDir>,
+    /// Keys added to the listener (`tls:`, ...), indented for it.
+    listener_extra: String,
 }
 
 /// Where an instance's files live, and the addresses its config names.
@@ -320,6 +323,7 @@ struct Layout {
     addr: SocketAddr,
     admin: SocketAddr,
     dir: Arc<tempfile::TempDir>,
+    listener_extra: String,
 }
 
 impl Layout {
@@ -334,9 +338,10 @@ impl Layout {
     /// The config: this instance's listener and admin, then `rest`.
     fn write_config(&self, rest: &str) {
         let config = format!(
-            "listeners:\n  - name: grpc\n    address: \"{}\"\nadmin:\n  address: \"{}\"\nthreads: 2\n\
+            "listeners:\n  - name: grpc\n    address: \"{}\"\n{}admin:\n  address: \"{}\"\nthreads: 2\n\
              upgrade_sock: \"{}\"\nshutdown:\n  drain_timeout: 5s\n{rest}",
             self.addr,
+            self.listener_extra,
             self.admin,
             self.upgrade_sock().display()
         );
@@ -370,6 +375,7 @@ impl Layout {
             child,
             log,
             dir: self.dir,
+            listener_extra: self.listener_extra,
         }
     }
 }
@@ -387,11 +393,24 @@ impl Sluice {
     /// the addresses it bound. The config file is then rewritten with those addresses, so a
     /// reload or an upgrade sees the same ones.
     pub async fn start_unready(rest: &str) -> Sluice {
+        Sluice::start_unready_with_listener("", rest).await
+    }
+
+    /// Like [`Sluice::start`], with `listener_extra` (lines indented by four spaces) added to
+    /// the listener, such as its `tls:` block.
+    pub async fn start_with_listener(listener_extra: &str, rest: &str) -> Sluice {
+        let mut sluice = Sluice::start_unready_with_listener(listener_extra, rest).await;
+        sluice.wait_ready().await;
+        sluice
+    }
+
+    async fn start_unready_with_listener(listener_extra: &str, rest: &str) -> Sluice {
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let layout = Layout {
             addr: any,
             admin: any,
             dir: Arc::new(tempfile::tempdir().expect("tempdir")),
+            listener_extra: listener_extra.to_string(),
         };
         layout.write_config(rest);
         let mut sluice = layout.launch(false, "sluice.log");
@@ -416,6 +435,7 @@ impl Sluice {
             addr: self.addr,
             admin: self.admin,
             dir: Arc::clone(&self.dir),
+            listener_extra: self.listener_extra.clone(),
         }
     }
 
