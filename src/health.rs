@@ -62,8 +62,14 @@ async fn check_cluster(cluster: Arc<Cluster>, config: HealthCheck) {
         for backend in &backends {
             let pool = pools.entry(backend.address.0.clone()).or_default().clone();
             let (backend, config) = (Arc::clone(backend), config.clone());
+            // The checks speak TLS when the calls do.
+            let policy = UpstreamPolicy {
+                tls: cluster.settings.upstream.tls.clone(),
+                connect_timeout: config.timeout.0,
+                ..UpstreamPolicy::default()
+            };
             checks.spawn(async move {
-                let result = check(&pool, &backend.address.0, &config).await;
+                let result = check(&pool, &backend.address.0, &config, &policy).await;
                 (backend, result)
             });
         }
@@ -92,13 +98,14 @@ fn judge(cluster: &Cluster, backend: &Backend, result: HealthResult, config: &He
 }
 
 /// One `Check`, bounded by the configured timeout.
-async fn check(pool: &Pool, address: &str, config: &HealthCheck) -> HealthResult {
+async fn check(
+    pool: &Pool,
+    address: &str,
+    config: &HealthCheck,
+    policy: &UpstreamPolicy,
+) -> HealthResult {
     let timeout = config.timeout.0;
-    let policy = UpstreamPolicy {
-        connect_timeout: timeout,
-        ..UpstreamPolicy::default()
-    };
-    let exchange = ask(pool, address, &config.service, &policy);
+    let exchange = ask(pool, address, &config.service, policy);
     match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok(result)) => result,
         Ok(Err(())) => HealthResult::Error,

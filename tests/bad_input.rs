@@ -178,7 +178,14 @@ fn check_rejects_invalid_configs_with_path_and_line() {
         ),
         (
             &format!("{VALID}    tls: {{ ca_file: ca.pem }}\n"),
-            &["clusters[0].tls", "not supported yet", "line 8"],
+            &["clusters[0].tls.ca_file: cannot read \"ca.pem\"", "line 8"],
+        ),
+        (
+            &VALID.replace(
+                "    address: \"127.0.0.1:50051\"\n",
+                "    address: \"127.0.0.1:50051\"\n    keepalive: { min_ping_interval: 5m }\n",
+            ),
+            &["listeners[0].keepalive", "not supported yet", "line 4"],
         ),
         (
             &format!("{VALID}    max_concurrent_streams_per_backend: 0\n"),

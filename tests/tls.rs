@@ -73,15 +73,28 @@ fn metric(metrics: &str, name: &str, labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A cluster over `backend` that speaks TLS to it, checking its certificate for `name`.
+fn tls_cluster(backend: &Echo, ca_file: &Path, name: &str, extra: &str) -> String {
+    let tls = format!(
+        "    tls: {{ ca_file: \"{}\", server_name: {name} }}\n{extra}",
+        ca_file.display()
+    );
+    Sluice::cluster(&[backend.addr], &tls)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_four_call_types_pass_through_a_tls_listener() {
+async fn all_four_call_types_pass_through_tls_on_both_legs() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("test CA");
     let server = ca.server(dir.path(), "server", &["localhost"]);
-    let backend = Echo::start("b1").await;
+    let backend_cert = ca.server(dir.path(), "backend", &["backend.test"]);
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let backend = Echo::start_tls("b1", &backend_cert.cert_pem, &backend_cert.key_pem).await;
     let listener = tls_block(&[(&server.cert_file, &server.key_file)], "");
-    let sluice =
-        Sluice::start_with_listener(&listener, &Sluice::cluster(&[backend.addr], "")).await;
+    // Health checks too go over TLS: a backend failing them would get no call.
+    let checks = "    health_check: { interval: 200ms }\n";
+    let cluster = tls_cluster(&backend, &ca_file, "backend.test", checks);
+    let sluice = Sluice::start_with_listener(&listener, &cluster).await;
     let mut client = tls_client(&sluice, &ca, "localhost", None).await.unwrap();
 
     let unary = client.unary(request("unary")).await.unwrap().into_inner();
@@ -123,6 +136,54 @@ async fn all_four_call_types_pass_through_a_tls_listener() {
         &format!("name=\"{}\"", server.cert_file.display()),
     );
     assert!(expiry > 1.7e9, "{metrics}");
+    let checked = support::wait_until(Duration::from_secs(5), || {
+        // The four calls reached the TLS backend.
+        backend
+            .stats
+            .calls
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 4
+    })
+    .await;
+    assert!(checked);
+    let mut serving = 0.0;
+    for _ in 0..50 {
+        let checks = sluice.metrics().await;
+        serving = metric(&checks, "sluice_health_checks_total", "result=\"serving\"");
+        if serving >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        serving >= 1.0,
+        "no health check passed over TLS:\n{}",
+        sluice.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_certificate_for_another_name_is_unavailable_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("test CA");
+    let backend_cert = ca.server(dir.path(), "backend", &["backend.test"]);
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let backend = Echo::start_tls("b1", &backend_cert.cert_pem, &backend_cert.key_pem).await;
+    let sluice = Sluice::start(&tls_cluster(&backend, &ca_file, "wrong.test", "")).await;
+    let status = sluice.client().await.unary(request("x")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("TLS handshake with"),
+        "{status:?}"
+    );
+    assert!(status.message().contains("wrong.test"), "{status:?}");
+    assert_eq!(
+        backend
+            .stats
+            .calls
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,4 +397,46 @@ async fn a_certificate_rotated_on_disk_or_by_sighup_serves_new_connections() {
     .await;
     assert!(reloaded, "{}", sluice.log());
     assert!(serves(&sluice, &ca, "third.test").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_presents_its_client_certificate_to_a_backend_that_requires_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("test CA");
+    let backend_cert = ca.server(dir.path(), "backend", &["backend.test"]);
+    let sluice_cert = ca.client(dir.path(), "sluice", "sluice", None);
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let backend = Echo::start_tls_with(
+        "b1",
+        &backend_cert.cert_pem,
+        &backend_cert.key_pem,
+        Some(&ca.cert_pem),
+    )
+    .await;
+    let identity = format!(
+        "    tls: {{ ca_file: \"{}\", server_name: backend.test, cert_file: \"{}\", key_file: \"{}\" }}\n",
+        ca_file.display(),
+        sluice_cert.cert_file.display(),
+        sluice_cert.key_file.display()
+    );
+    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], &identity)).await;
+    let reply = sluice.client().await.unary(request("mtls")).await.unwrap();
+    assert_eq!(reply.into_inner().backend_id, "b1");
+    let metrics = sluice.metrics().await;
+    let expiry = metric(
+        &metrics,
+        "sluice_tls_certificate_expiry_timestamp_seconds",
+        "cluster=\"echo\"",
+    );
+    assert!(expiry > 1.7e9, "{metrics}");
+
+    // Without it, the backend refuses the handshake.
+    let anonymous = Sluice::start(&tls_cluster(&backend, &ca_file, "backend.test", "")).await;
+    let status = anonymous
+        .client()
+        .await
+        .unary(request("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }

@@ -30,6 +30,7 @@ pub use source::{SourceKind, SourceState, SourceStatus, SourceView};
 
 use crate::config::{BackendAddr, BalancerKind, ClusterConfig, OutlierDetection, RetryOn};
 use crate::telemetry::{ClusterStats, DiscoveryGauges, Scrape};
+use crate::transport::tls::ClientTls;
 use crate::transport::UpstreamPolicy;
 use crate::wire::Code;
 use ewma::clock_ns;
@@ -160,22 +161,28 @@ pub enum Pick {
 }
 
 impl Cluster {
-    pub fn new(config: &ClusterConfig) -> Cluster {
+    /// A cluster for `config`; `tls` is its upstream TLS, built from `config.tls`'s files.
+    pub fn new(config: &ClusterConfig, tls: Option<Arc<ClientTls>>) -> Cluster {
         let stats = Arc::new(ClusterStats::new(&config.name.value));
         let cap = u64::from(config.max_concurrent_streams_per_backend.0);
-        Cluster::with_state(config, stats, Arc::new(SlotQueue::new(cap)))
+        Cluster::with_state(config, tls, stats, Arc::new(SlotQueue::new(cap)))
     }
 
     /// The next generation of `previous` (on reload): it carries on counting in the same
     /// stats, and its calls wait in the same queue, under the new cap.
-    pub fn after(config: &ClusterConfig, previous: &Cluster) -> Cluster {
+    pub fn after(
+        config: &ClusterConfig,
+        tls: Option<Arc<ClientTls>>,
+        previous: &Cluster,
+    ) -> Cluster {
         let queue = Arc::clone(&previous.queue);
         queue.set_cap(u64::from(config.max_concurrent_streams_per_backend.0));
-        Cluster::with_state(config, Arc::clone(&previous.stats), queue)
+        Cluster::with_state(config, tls, Arc::clone(&previous.stats), queue)
     }
 
     fn with_state(
         config: &ClusterConfig,
+        tls: Option<Arc<ClientTls>>,
         stats: Arc<ClusterStats>,
         queue: Arc<SlotQueue>,
     ) -> Cluster {
@@ -185,6 +192,7 @@ impl Cluster {
             name: config.name.value.clone(),
             settings: ClusterSettings {
                 upstream: UpstreamPolicy {
+                    tls,
                     connect_timeout: config.connect_timeout.0,
                     keepalive_interval: config.upstream_keepalive.interval.0,
                     keepalive_timeout: config.upstream_keepalive.timeout.0,
@@ -438,7 +446,7 @@ mod tests {
             "listeners: [{{name: l, address: \"127.0.0.1:1\"}}]\nclusters: [{{name: c, balancer: {balancer}, discovery: {{static: [\"a:1\"]}}}}]"
         );
         let config = crate::config::Config::parse(&yaml, "t").unwrap();
-        Cluster::new(&config.clusters[0])
+        Cluster::new(&config.clusters[0], None)
     }
 
     #[test]

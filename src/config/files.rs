@@ -2,7 +2,7 @@
 //! they parse. Kept apart from parsing so that parsing does no I/O, and so a reload can run
 //! this step on a blocking thread instead of a data-plane one.
 
-use super::{Config, EtcdTlsConfig, ListenerTls, Problem, Spanned};
+use super::{Config, EtcdTlsConfig, ListenerTls, Problem, Spanned, UpstreamTls};
 use crate::certs;
 
 /// What the config's files held when it was loaded.
@@ -12,6 +12,17 @@ pub struct Files {
     pub etcd_tls: Option<EtcdTlsFiles>,
     /// Each listener's `tls`, in config order (`None`: cleartext).
     pub listener_tls: Vec<Option<ListenerTlsFiles>>,
+    /// Each cluster's `tls`, in config order (`None`: cleartext).
+    pub cluster_tls: Vec<Option<UpstreamTlsFiles>>,
+}
+
+/// The PEM files of one cluster's upstream TLS, each checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTlsFiles {
+    /// The CA that signs the backends' certificates; `None`: the system's roots.
+    pub ca: Option<PemFile>,
+    /// A client certificate and its key, for mutual TLS to the backends.
+    pub identity: Option<(PemFile, PemFile)>,
 }
 
 /// The PEM files of one listener's TLS, each checked: chains that parse, keys that match them,
@@ -49,11 +60,31 @@ impl Files {
             let files = listener.tls.as_ref().map(|tls| read_listener_tls(i, tls));
             listener_tls.push(files.transpose()?);
         }
+        let mut cluster_tls = Vec::new();
+        for (i, cluster) in config.clusters.iter().enumerate() {
+            let files = cluster.tls.as_ref().map(|tls| read_upstream_tls(i, tls));
+            cluster_tls.push(files.transpose()?);
+        }
         Ok(Files {
             etcd_tls,
             listener_tls,
+            cluster_tls,
         })
     }
+}
+
+fn read_upstream_tls(i: usize, tls: &UpstreamTls) -> Result<UpstreamTlsFiles, Problem> {
+    let at = format!("clusters[{i}].tls");
+    let ca = match &tls.ca_file {
+        Some(path) => Some(read_ca(&format!("{at}.ca_file"), path)?),
+        None => None,
+    };
+    let identity = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some(read_pair(&at, cert, key)?),
+        // Validation requires both or neither.
+        _ => None,
+    };
+    Ok(UpstreamTlsFiles { ca, identity })
 }
 
 /// Reads and checks the files of `listeners[i].tls` (at load, and again when they are

@@ -43,8 +43,11 @@ fn unknown_key_names_path_and_line() {
 
 #[test]
 fn later_features_are_rejected_not_ignored() {
-    let e = err(&format!("{MINIMAL}    tls: {{ ca_file: ca.pem }}\n"));
-    assert!(e.contains("clusters[0].tls"), "{e}");
+    let e = err(&MINIMAL.replace(
+        "    address: 127.0.0.1:50051\n",
+        "    address: 127.0.0.1:50051\n    max_connection_age: 30m\n",
+    ));
+    assert!(e.contains("listeners[0].max_connection_age"), "{e}");
     assert!(e.contains("not supported yet"), "{e}");
 }
 
@@ -396,4 +399,26 @@ fn listener_tls_files_are_checked_at_load() {
     let ca = format!("{}      client_ca_file: \"{key}\"\n", pair(&cert, &key));
     let e = load_err(&with_listener_tls(&ca));
     assert!(e.contains("listeners[0].tls.client_ca_file"), "{e}");
+}
+
+#[test]
+fn cluster_tls_keys_are_checked() {
+    let e = err(&format!("{MINIMAL}    tls: {{ cert_file: c.pem }}\n"));
+    assert!(
+        e.contains("clusters[0].tls: `cert_file` and `key_file` go together"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{MINIMAL}    tls: {{ server_name: \"not a name\" }}\n"
+    ));
+    assert!(e.contains("clusters[0].tls.server_name"), "{e}");
+    assert!(e.contains("not a DNS name or IP address"), "{e}");
+    let e = load_err(&format!(
+        "{MINIMAL}    tls: {{ ca_file: /nonexistent/ca.pem }}\n"
+    ));
+    assert!(
+        e.contains("clusters[0].tls.ca_file: cannot read \"/nonexistent/ca.pem\""),
+        "{e}"
+    );
+    assert!(Config::parse(&format!("{MINIMAL}    tls: {{}}\n"), "t.yaml").is_ok());
 }

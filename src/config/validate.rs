@@ -14,6 +14,13 @@ pub(super) fn check(config: &Config) -> Result<(), Problem> {
         }
     }
     for (i, cluster) in config.clusters.iter().enumerate() {
+        if let Some(tls) = &cluster.tls {
+            if let (Some(one), None) | (None, Some(one)) = (&tls.cert_file, &tls.key_file) {
+                let message =
+                    "`cert_file` and `key_file` go together (a client certificate and its key)";
+                return Err(Problem::new(format!("clusters[{i}].tls"), message).at(one));
+            }
+        }
         match &cluster.discovery.value {
             DiscoveryConfig::Static(list) => no_duplicates(i, list)?,
             DiscoveryConfig::Etcd(_) if config.etcd.is_none() => {

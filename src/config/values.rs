@@ -101,6 +101,16 @@ parse_from_string!(ForwardHeader, |t: &str| {
         .map_err(|_| format!("{t:?} is not a valid header name"))
 });
 
+/// The name upstream TLS checks a backend's certificate against: a DNS name or an IP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsServerName(pub String);
+
+parse_from_string!(TlsServerName, |t: &str| {
+    rustls::pki_types::ServerName::try_from(t)
+        .map(|_| TlsServerName(t.to_string()))
+        .map_err(|_| format!("{t:?} is not a DNS name or IP address"))
+});
+
 /// A socket address to listen on: `IP:PORT`. Port 0 asks the kernel for a free port; the
 /// address actually bound is logged at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,13 +26,15 @@ use tracing::info;
 
 use crate::admin::Admin;
 use crate::balance::Cluster;
+use crate::certs;
 use crate::config::{ClusterConfig, Config};
 use crate::discovery::{self, Watchers};
 use crate::health;
 use crate::lifecycle::Lifecycle;
 use crate::proxy::{Proxy, Router};
 use crate::telemetry::access_log::AccessLog;
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, CertificateOwner};
+use crate::transport::tls::{ClientTls, ClientTlsPem};
 use crate::transport::H2Settings;
 use crate::BoxError;
 use background::{RateSampler, Readiness};
@@ -51,10 +53,13 @@ pub struct RunOptions {
     pub upgrade: bool,
 }
 
-/// The checks on a loaded config that need the layers above config: today, that the etcd TLS
-/// files make a TLS setup (the key suits the certificate). `sluice check`, start-up and reload
-/// run it; `origin` names the file in errors.
+/// The checks on a loaded config that need the layers above config: that the etcd TLS files
+/// make a TLS setup, and that each cluster's upstream TLS builds (its CA, or the system's
+/// roots). `sluice check`, start-up and reload run it; `origin` names the file in errors.
 pub fn check_files(config: &Config, origin: &str) -> Result<(), BoxError> {
+    for i in 0..config.clusters.len() {
+        upstream_tls(config, i).map_err(|e| format!("{origin}: {e}"))?;
+    }
     let Some(tls) = config.etcd.as_ref().and_then(|e| e.tls.as_ref()) else {
         return Ok(());
     };
@@ -80,38 +85,81 @@ struct Feeds {
     _checkers: health::Checkers,
 }
 
+/// A cluster's upstream TLS, with its client certificate's leaf (for the expiry metric).
+type BuiltClientTls = (Arc<ClientTls>, Option<certs::Described>);
+
+/// Cluster `i`'s upstream TLS, built from the files the config load read (`None`: cleartext).
+fn upstream_tls(config: &Config, i: usize) -> Result<Option<BuiltClientTls>, BoxError> {
+    let cluster = &config.clusters[i];
+    let Some(tls) = &cluster.tls else {
+        return Ok(None);
+    };
+    let name = &cluster.name.value;
+    let Some(Some(files)) = config.files.cluster_tls.get(i) else {
+        return Err(format!("clusters[{i}].tls ({name}): the files were not read").into());
+    };
+    let pem = ClientTlsPem {
+        ca: files.ca.as_ref().map(|ca| ca.pem.as_slice()),
+        identity: (files.identity.as_ref()).map(|(c, k)| (c.pem.as_slice(), k.pem.as_slice())),
+        server_name: tls.server_name.as_ref().map(|n| n.0.as_str()),
+    };
+    let (client, leaf) =
+        ClientTls::new(&pem).map_err(|e| format!("clusters[{i}].tls ({name}): {e}"))?;
+    Ok(Some((Arc::new(client), leaf)))
+}
+
 /// Builds the clusters and router for a config and starts their discovery and health checks
 /// on `runtime`. Same-named clusters of `previous` keep their counters and queue, and hand
 /// over their backends (and live connections) when the discovery source is unchanged.
-fn build_router(config: &Config, previous: Option<&Router>, runtime: &Handle) -> (Router, Feeds) {
-    let clusters: Vec<(Arc<Cluster>, &ClusterConfig)> = config
-        .clusters
-        .iter()
-        .map(|c| {
-            let old = previous.and_then(|r| r.cluster(&c.name.value));
-            let cluster = Arc::new(match old {
-                Some(old) => Cluster::after(c, old),
-                None => Cluster::new(c),
-            });
-            // A changed source starts from nothing: an etcd set is not the new prefix's.
-            if let Some(old) = old.filter(|old| old.source.same_source(&cluster.source)) {
-                cluster.adopt_backends(old);
-                if c.health_check.is_none() {
-                    // Checks turned off: what they said no longer holds.
-                    for backend in &cluster.backends().backends {
-                        backend.clear_health_checks();
-                    }
-                }
+fn build_router(
+    config: &Config,
+    previous: Option<&Router>,
+    runtime: &Handle,
+) -> Result<(Router, Feeds), BoxError> {
+    let mut clusters: Vec<(Arc<Cluster>, &ClusterConfig)> = Vec::new();
+    for (i, c) in config.clusters.iter().enumerate() {
+        let tls = upstream_tls(config, i)?.map(|(client, leaf)| {
+            if let (Some(leaf), Some(cert)) =
+                (leaf, &c.tls.as_ref().and_then(|t| t.cert_file.clone()))
+            {
+                let owner = CertificateOwner::Cluster(&c.name.value);
+                metrics().tls_certificate_expires(owner, &cert.value, leaf.not_after);
             }
-            (cluster, c)
-        })
-        .collect();
+            client
+        });
+        clusters.push(new_cluster(c, tls, previous));
+    }
     let feeds = Feeds {
         _watchers: discovery::start(&clusters, config, runtime),
         _checkers: health::start(&clusters, runtime),
     };
     let router = Router::new(config, clusters.into_iter().map(|(c, _)| c).collect());
-    (router, feeds)
+    Ok((router, feeds))
+}
+
+/// One cluster of a new router: the next generation of the same-named cluster of `previous`
+/// if there is one.
+fn new_cluster<'c>(
+    c: &'c ClusterConfig,
+    tls: Option<Arc<ClientTls>>,
+    previous: Option<&Router>,
+) -> (Arc<Cluster>, &'c ClusterConfig) {
+    let old = previous.and_then(|r| r.cluster(&c.name.value));
+    let cluster = Arc::new(match old {
+        Some(old) => Cluster::after(c, tls, old),
+        None => Cluster::new(c, tls),
+    });
+    // A changed source starts from nothing: an etcd set is not the new prefix's.
+    if let Some(old) = old.filter(|old| old.source.same_source(&cluster.source)) {
+        cluster.adopt_backends(old);
+        if c.health_check.is_none() {
+            // Checks turned off: what they said no longer holds.
+            for backend in &cluster.backends().backends {
+                backend.clear_health_checks();
+            }
+        }
+    }
+    (cluster, c)
 }
 
 /// The runtime the discovery watches run on: one worker thread, off the data plane's.
@@ -144,7 +192,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
     let (certificates, listener_tls) = Certificates::build(&config)?;
     let certificates = Arc::new(certificates);
     let discovery = discovery_runtime()?;
-    let (router, feeds) = build_router(&config, None, discovery.handle());
+    let (router, feeds) = build_router(&config, None, discovery.handle())?;
     let shared = Shared {
         router: Arc::new(ArcSwap::from_pointee(router)),
         lifecycle: Lifecycle::new(),

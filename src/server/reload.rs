@@ -159,7 +159,13 @@ impl Reload {
             );
         }
         let previous = self.router.load_full();
-        let (next, feeds) = build_router(&config, Some(&previous), &self.discovery);
+        let (next, feeds) = match build_router(&config, Some(&previous), &self.discovery) {
+            Ok(built) => built,
+            Err(error) => {
+                error!(%error, "SIGHUP: config rejected; the running config stays");
+                return;
+            }
+        };
         self.router.store(Arc::new(next));
         // The new watches and checkers run; the old ones stop (their clusters are no longer
         // routed to).

@@ -50,6 +50,7 @@ pub(super) async fn drive(
     usage: Use,
     policy: UpstreamPolicy,
 ) {
+    let (idle_timeout, ping_timeout) = (policy.idle_timeout, policy.keepalive_timeout);
     let mut keepalive = Keepalive::new(&mut upstream, policy);
     let mut published = STREAMS_PER_CONNECTION_CAP;
     let end = poll_fn(|cx| {
@@ -76,10 +77,10 @@ pub(super) async fn drive(
         End::Closed(Ok(())) => debug!("upstream connection closed"),
         End::Closed(Err(error)) => debug!(%error, "upstream connection ended"),
         End::PingTimeout => warn!(
-            timeout = ?policy.keepalive_timeout,
+            timeout = ?ping_timeout,
             "upstream connection closed: its backend did not answer a PING"
         ),
-        End::Idle => debug!(idle = ?policy.idle_timeout, "idle upstream connection closed"),
+        End::Idle => debug!(idle = ?idle_timeout, "idle upstream connection closed"),
     }
     if let Some(pool) = pool.upgrade() {
         pool.remove(&connection);

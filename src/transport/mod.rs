@@ -8,14 +8,17 @@ pub mod coalesce;
 mod driver;
 pub mod pool;
 pub mod tls;
+mod upstream_io;
 
 use std::time::Duration;
 
 pub use pool::{ConnectError, Pool, StreamSlot};
 
 /// How sluice treats its connections to one cluster's backends (the cluster's config).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct UpstreamPolicy {
+    /// TLS to the backends (`clusters[].tls`); `None`: cleartext HTTP/2.
+    pub tls: Option<std::sync::Arc<tls::ClientTls>>,
     /// Bounds the TCP connect plus the HTTP/2 handshake.
     pub connect_timeout: Duration,
     /// A PING goes out on each connection this often...
@@ -29,6 +32,7 @@ pub struct UpstreamPolicy {
 impl Default for UpstreamPolicy {
     fn default() -> Self {
         UpstreamPolicy {
+            tls: None,
             connect_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),

@@ -18,6 +18,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use tokio::net::TcpStream;
 
 use super::coalesce::CoalescingIo;
+use super::upstream_io::UpstreamIo;
 use super::{driver, H2Settings, UpstreamPolicy};
 
 /// Why no stream could be had from a backend. None of these reached the backend's application,
@@ -31,6 +32,11 @@ pub enum ConnectError {
     },
     #[error("connect to {addr} timed out after {timeout:?}")]
     Timeout { addr: String, timeout: Duration },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("HTTP/2 handshake with {addr} failed: {source}")]
     Handshake { addr: String, source: h2::Error },
     #[error("connect to {addr} failed moments ago (a concurrent attempt)")]
@@ -156,7 +162,7 @@ impl Pool {
                 addr: addr.to_string(),
             });
         }
-        let connected = tokio::time::timeout(connect_timeout, connect(addr, settings))
+        let connected = tokio::time::timeout(connect_timeout, connect(addr, policy, settings))
             .await
             .unwrap_or_else(|_| {
                 Err(ConnectError::Timeout {
@@ -184,7 +190,7 @@ impl Pool {
             Arc::downgrade(&connection),
             Arc::downgrade(&self.inner),
             driver::Use { streams, lends },
-            *policy,
+            policy.clone(),
         ));
         let lent = connection.lend();
         self.inner.connections.rcu(|current| {
@@ -239,7 +245,7 @@ impl PoolInner {
     }
 }
 
-pub(super) type Upstream = h2::client::Connection<CoalescingIo<TcpStream>, Bytes>;
+pub(super) type Upstream = h2::client::Connection<CoalescingIo<UpstreamIo>, Bytes>;
 
 /// A new connection: what calls send on, what the driver task polls, the stream count they
 /// share, and the probe.
@@ -250,7 +256,11 @@ struct Connected {
     probe: std::net::TcpStream,
 }
 
-async fn connect(addr: &str, settings: &H2Settings) -> Result<Connected, ConnectError> {
+async fn connect(
+    addr: &str,
+    policy: &UpstreamPolicy,
+    settings: &H2Settings,
+) -> Result<Connected, ConnectError> {
     let refused = |source| ConnectError::Refused {
         addr: addr.to_string(),
         source,
@@ -259,13 +269,24 @@ async fn connect(addr: &str, settings: &H2Settings) -> Result<Connected, Connect
     // Small frames (HEADERS, WINDOW_UPDATE) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
     let probe = tcp.as_fd().try_clone_to_owned().map_err(refused)?;
+    let io = match &policy.tls {
+        None => UpstreamIo::Plain(tcp),
+        Some(tls) => {
+            let stream = tls.connect(addr, tcp).await;
+            let stream = stream.map_err(|source| ConnectError::Tls {
+                addr: addr.to_string(),
+                source,
+            })?;
+            UpstreamIo::Tls(Box::new(stream))
+        }
+    };
     // One: the stream slot lent to the caller that opens the connection.
     let streams = Arc::new(AtomicUsize::new(1));
     let (sender, upstream) = h2::client::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_frame_size(settings.max_frame_size)
-        .handshake::<_, Bytes>(CoalescingIo::new(tcp, Arc::clone(&streams)))
+        .handshake::<_, Bytes>(CoalescingIo::new(io, Arc::clone(&streams)))
         .await
         .map_err(|source| ConnectError::Handshake {
             addr: addr.to_string(),

@@ -1,17 +1,23 @@
-//! TLS on the client leg: a listener's rustls server config (TLS 1.2 and 1.3, ALPN `h2`
-//! only, certificates chosen by SNI, client certificates when a client CA is set), swapped
-//! whole when its files change, and the verified client identity of a connection.
+//! TLS on both legs. Client side: a listener's rustls server config (TLS 1.2 and 1.3, ALPN
+//! `h2` only, certificates chosen by SNI, client certificates when a client CA is set),
+//! swapped whole when its files change, and the verified client identity of a connection.
+//! Backend side: a cluster's client config ([`ClientTls`]).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use rustls::pki_types::pem::PemObject;
+
 use arc_swap::ArcSwap;
+use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::ClientConfig;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::certs::{self, Identity};
 
@@ -203,6 +209,102 @@ impl ClientCert {
         dns.chain(self.uri.iter().map(|u| format!("URI:{u}")))
             .collect()
     }
+}
+
+/// The PEM contents of a cluster's upstream TLS files.
+pub struct ClientTlsPem<'a> {
+    /// The CA that signs the backends' certificates; `None`: the system's trust store.
+    pub ca: Option<&'a [u8]>,
+    /// A client certificate chain and key (mTLS to the backends).
+    pub identity: Option<(&'a [u8], &'a [u8])>,
+    /// The name to check instead of the backend's host.
+    pub server_name: Option<&'a str>,
+}
+
+/// TLS to one cluster's backends: ALPN `h2`, the backend's certificate checked against the
+/// CA (or the system's roots) for its host or `server_name`.
+#[derive(Debug)]
+pub struct ClientTls {
+    config: Arc<ClientConfig>,
+    server_name: Option<ServerName<'static>>,
+}
+
+impl ClientTls {
+    /// Builds the client config; returns it with the client certificate's leaf, if any (for
+    /// the expiry metric).
+    pub fn new(pem: &ClientTlsPem<'_>) -> Result<(ClientTls, Option<certs::Described>), String> {
+        let roots = match pem.ca {
+            Some(ca) => certs::roots(ca).map_err(|e| format!("ca_file: {e}"))?,
+            None => system_roots()?,
+        };
+        let builder = ClientConfig::builder_with_provider(certs::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let (mut config, leaf) = match pem.identity {
+            Some((cert, key)) => {
+                let identity = certs::identity(cert, key)?;
+                let chain = identity.certified.cert.clone();
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|e| format!("the key file holds no usable private key: {e}"))?;
+                let config = builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("client certificate: {e}"))?;
+                (config, Some(identity.leaf))
+            }
+            None => (builder.with_no_client_auth(), None),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let server_name = match pem.server_name {
+            Some(name) => Some(
+                ServerName::try_from(name.to_string())
+                    .map_err(|_| format!("server_name {name:?} is not a DNS name or IP"))?,
+            ),
+            None => None,
+        };
+        let tls = ClientTls {
+            config: Arc::new(config),
+            server_name,
+        };
+        Ok((tls, leaf))
+    }
+
+    /// The client side of a handshake with the backend at `addr` (`HOST:PORT`).
+    pub async fn connect(
+        &self,
+        addr: &str,
+        tcp: TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => host_name(addr)?,
+        };
+        TlsConnector::from(Arc::clone(&self.config))
+            .connect(name, tcp)
+            .await
+    }
+}
+
+/// The host of `HOST:PORT` (`[v6]:PORT` too) as the name to check.
+fn host_name(addr: &str) -> std::io::Result<ServerName<'static>> {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string()).map_err(|_| {
+        let message =
+            format!("{host:?} is not a name TLS can check; set clusters[].tls.server_name");
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, message)
+    })
+}
+
+/// The system's trust store (rustls-native-certs): what `ca_file` defaults to.
+fn system_roots() -> Result<rustls::RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        return Err("no ca_file, and the system's trust store holds no usable certificate".into());
+    }
+    Ok(roots)
 }
 
 #[cfg(test)]

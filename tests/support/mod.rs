@@ -177,6 +177,49 @@ impl Echo {
         (backends, sluice)
     }
 
+    /// An echo backend that speaks TLS with this certificate chain and key.
+    pub async fn start_tls(id: &str, cert_pem: &str, key_pem: &str) -> Echo {
+        Echo::start_tls_with(id, cert_pem, key_pem, None).await
+    }
+
+    /// Like [`Echo::start_tls`]; with `client_ca`, it requires a client certificate that CA
+    /// signed.
+    pub async fn start_tls_with(
+        id: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        client_ca: Option<&str>,
+    ) -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let addr = listener.local_addr().expect("echo addr");
+        let service = EchoService::new(id);
+        let stats = Arc::clone(&service.stats);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<EchoServer<EchoService>>().await;
+        let identity = tonic::transport::Identity::from_pem(cert_pem, key_pem);
+        let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = client_ca {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .expect("TLS config")
+            .add_service(health_service)
+            .add_service(EchoServer::new(service));
+        let task = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            if let Err(error) = server.serve_with_incoming(incoming).await {
+                tracing::error!(%error, "TLS echo backend failed");
+            }
+        });
+        Echo {
+            addr,
+            stats,
+            health,
+            task,
+        }
+    }
+
     /// An echo backend without a grpc.health.v1 service.
     pub async fn start_without_health(id: &str) -> Echo {
         let (health, _) = tonic_health::server::health_reporter();
