@@ -183,9 +183,13 @@ fn check_rejects_invalid_configs_with_path_and_line() {
         (
             &VALID.replace(
                 "    address: \"127.0.0.1:50051\"\n",
-                "    address: \"127.0.0.1:50051\"\n    keepalive: { min_ping_interval: 5m }\n",
+                "    address: \"127.0.0.1:50051\"\n    max_connections: 100\n",
             ),
-            &["listeners[0].keepalive", "not supported yet", "line 4"],
+            &[
+                "listeners[0].max_connections",
+                "not supported yet",
+                "line 4",
+            ],
         ),
         (
             &format!("{VALID}    max_concurrent_streams_per_backend: 0\n"),

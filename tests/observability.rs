@@ -501,8 +501,20 @@ async fn the_status_page_charts_each_backends_last_five_minutes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboards_and_alerts_use_only_metrics_sluice_exports() {
-    let backend = Echo::start("b1").await;
-    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
+    // A TLS backend and a client certificate, so the TLS series exist too.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::pki::TestCa::new("test CA");
+    let backend_cert = ca.server(dir.path(), "backend", &["backend.test"]);
+    let client_cert = ca.client(dir.path(), "sluice", "sluice", None);
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let backend = Echo::start_tls("b1", &backend_cert.cert_pem, &backend_cert.key_pem).await;
+    let tls = format!(
+        "    tls: {{ ca_file: \"{}\", server_name: backend.test, cert_file: \"{}\", key_file: \"{}\" }}\n",
+        ca_file.display(),
+        client_cert.cert_file.display(),
+        client_cert.key_file.display()
+    );
+    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], &tls)).await;
     let mut client = sluice.client().await;
     client.unary(request("one call")).await.unwrap();
     let exported = Metrics::scrape(&sluice).await.names();

@@ -83,17 +83,70 @@ pub struct ListenerConfig {
     /// TLS on the client leg; absent: cleartext HTTP/2 (h2c, prior knowledge).
     #[serde(default)]
     pub tls: Option<ListenerTls>,
+    /// GOAWAY after this age (±10%); off by default.
+    #[serde(default)]
+    pub max_connection_age: Option<PositiveDuration>,
+    /// After that GOAWAY, streams get this long; absent: as long as they take.
+    #[serde(default)]
+    pub max_connection_age_grace: Option<PositiveDuration>,
+    #[serde(default)]
+    pub keepalive: DownstreamKeepalive,
     // Documented, not built yet: rejected with a clear message rather than as unknown keys.
-    #[serde(default)]
-    pub max_connection_age: Option<NotSupportedYet>,
-    #[serde(default)]
-    pub max_connection_age_grace: Option<NotSupportedYet>,
-    #[serde(default)]
-    pub keepalive: Option<NotSupportedYet>,
     #[serde(default)]
     pub max_connections: Option<NotSupportedYet>,
     #[serde(default)]
     pub max_concurrent_streams: Option<NotSupportedYet>,
+}
+
+/// `listeners[].keepalive`: grpc-go's server keepalive, with its defaults (and an hour's idle
+/// timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamKeepalive {
+    /// A client PING sooner than this after its previous one is a strike; more than two
+    /// strikes get GOAWAY ENHANCE_YOUR_CALM.
+    #[serde(default = "default_min_ping_interval")]
+    pub min_ping_interval: PositiveDuration,
+    /// PINGs while no stream is open are allowed (otherwise each is a strike).
+    #[serde(default)]
+    pub permit_without_stream: bool,
+    /// GOAWAY after this long without a stream.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: PositiveDuration,
+    /// sluice PINGs each client connection this often...
+    #[serde(default = "default_ping_interval")]
+    pub ping_interval: PositiveDuration,
+    /// ...and closes it when the PING is unanswered this long.
+    #[serde(default = "default_ping_timeout")]
+    pub ping_timeout: PositiveDuration,
+}
+
+impl Default for DownstreamKeepalive {
+    fn default() -> Self {
+        DownstreamKeepalive {
+            min_ping_interval: default_min_ping_interval(),
+            permit_without_stream: false,
+            idle_timeout: default_idle_timeout(),
+            ping_interval: default_ping_interval(),
+            ping_timeout: default_ping_timeout(),
+        }
+    }
+}
+
+fn default_min_ping_interval() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(300))
+}
+
+fn default_idle_timeout() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(3600))
+}
+
+fn default_ping_interval() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(2 * 3600))
+}
+
+fn default_ping_timeout() -> PositiveDuration {
+    PositiveDuration(std::time::Duration::from_secs(20))
 }
 
 /// `listeners[].tls`: one certificate (`cert_file` and `key_file`), or several chosen by the

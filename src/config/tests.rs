@@ -45,9 +45,9 @@ fn unknown_key_names_path_and_line() {
 fn later_features_are_rejected_not_ignored() {
     let e = err(&MINIMAL.replace(
         "    address: 127.0.0.1:50051\n",
-        "    address: 127.0.0.1:50051\n    max_connection_age: 30m\n",
+        "    address: 127.0.0.1:50051\n    max_connections: 100\n",
     ));
-    assert!(e.contains("listeners[0].max_connection_age"), "{e}");
+    assert!(e.contains("listeners[0].max_connections"), "{e}");
     assert!(e.contains("not supported yet"), "{e}");
 }
 
@@ -421,4 +421,52 @@ fn cluster_tls_keys_are_checked() {
         "{e}"
     );
     assert!(Config::parse(&format!("{MINIMAL}    tls: {{}}\n"), "t.yaml").is_ok());
+}
+
+#[test]
+fn listener_connection_policy_has_grpc_go_defaults_and_checked_values() {
+    let config = Config::parse(MINIMAL, "t.yaml").unwrap();
+    let listener = &config.listeners[0];
+    assert_eq!(listener.max_connection_age, None);
+    assert_eq!(
+        listener.keepalive.min_ping_interval.0,
+        Duration::from_secs(300)
+    );
+    assert!(!listener.keepalive.permit_without_stream);
+    assert_eq!(listener.keepalive.idle_timeout.0, Duration::from_secs(3600));
+    assert_eq!(
+        listener.keepalive.ping_interval.0,
+        Duration::from_secs(7200)
+    );
+    assert_eq!(listener.keepalive.ping_timeout.0, Duration::from_secs(20));
+    let with = |keys: &str| {
+        MINIMAL.replace(
+            "    address: 127.0.0.1:50051\n",
+            &format!("    address: 127.0.0.1:50051\n{keys}"),
+        )
+    };
+    let e = err(&with("    max_connection_age_grace: 1m\n"));
+    assert!(
+        e.contains("`max_connection_age_grace` needs `max_connection_age`"),
+        "{e}"
+    );
+    let e = err(&with("    max_connection_age: 0s\n"));
+    assert!(e.contains("listeners[0].max_connection_age"), "{e}");
+    let e = err(&with("    keepalive: { ping_timeout: soon }\n"));
+    assert!(e.contains("listeners[0].keepalive.ping_timeout"), "{e}");
+    assert!(e.contains("at line 5"), "{e}");
+    let e = err(&with("    keepalive: { permit_without_stream: yes }\n"));
+    assert!(
+        e.contains("listeners[0].keepalive.permit_without_stream"),
+        "{e}"
+    );
+    let parsed = Config::parse(&with("    max_connection_age: 30m\n    max_connection_age_grace: 1m\n    keepalive: { idle_timeout: 10m }\n"), "t.yaml").unwrap();
+    assert_eq!(
+        parsed.listeners[0].max_connection_age.map(|d| d.0),
+        Some(Duration::from_secs(1800))
+    );
+    assert_eq!(
+        parsed.listeners[0].keepalive.idle_timeout.0,
+        Duration::from_secs(600)
+    );
 }

@@ -12,6 +12,10 @@ pub(super) fn check(config: &Config) -> Result<(), Problem> {
         if let Some(tls) = &listener.tls {
             listener_tls(i, tls, &listener.name)?;
         }
+        if listener.max_connection_age_grace.is_some() && listener.max_connection_age.is_none() {
+            let message = "`max_connection_age_grace` needs `max_connection_age`";
+            return Err(Problem::new(format!("listeners[{i}]"), message).at(&listener.name));
+        }
     }
     for (i, cluster) in config.clusters.iter().enumerate() {
         if let Some(tls) = &cluster.tls {

@@ -11,6 +11,7 @@
 
 mod attempt;
 mod call;
+mod connection;
 pub mod forward;
 mod outcome;
 mod queue;
@@ -31,7 +32,6 @@ use http::{HeaderName, HeaderValue, Method, Request};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -40,11 +40,11 @@ use crate::lifecycle::Lifecycle;
 use crate::telemetry::access_log::{self, AccessLog, Entry};
 use crate::telemetry::metrics;
 use crate::telemetry::{request_id, unrouted, Reject};
-use crate::transport::coalesce::CoalescingIo;
 use crate::transport::tls::{ClientCert, HandshakeFailure, ServerTls};
 use crate::transport::H2Settings;
 use crate::wire::{self, Code, ProxyStatus};
 use call::{Call, Ending, Summary};
+pub use connection::ConnectionPolicy;
 pub use route::Router;
 
 /// How long a new connection may take to send its first bytes, and to finish its TLS
@@ -69,6 +69,8 @@ pub struct Proxy {
     pub tls: Option<Arc<ServerTls>>,
     /// The header that carries the verified client identity upstream (`forward_client_cert`).
     pub forward_client_cert: Option<HeaderName>,
+    /// Max age, idle timeout, PINGs (`listeners[]` keys).
+    pub policy: ConnectionPolicy,
 }
 
 /// Who is at the other end of a downstream connection.
@@ -140,67 +142,6 @@ impl Proxy {
                 metrics().tls_handshake_failed(&self.listener, failure.label());
                 debug!(listener = %self.listener, peer = ?addr, reason = failure.label(),
                     "TLS handshake failed");
-            }
-        }
-    }
-
-    /// Serves HTTP/2 on a connection until it closes. On drain (SIGTERM, or pingora's own
-    /// shutdown during an upgrade) it sends GOAWAY and keeps serving the streams in flight.
-    async fn serve_h2<IO>(self: &Arc<Self>, io: IO, peer: Arc<Peer>, mut shutdown: ShutdownWatch)
-    where
-        IO: AsyncRead + AsyncWrite + Unpin,
-    {
-        // Calls in flight on this connection: write coalescing waits only when there are
-        // several (transport/coalesce.rs).
-        let streams = Arc::new(AtomicUsize::new(0));
-        let handshake = h2::server::Builder::new()
-            .initial_window_size(self.h2.stream_window)
-            .initial_connection_window_size(self.h2.connection_window)
-            .max_frame_size(self.h2.max_frame_size)
-            .max_concurrent_streams(self.h2.max_concurrent_streams)
-            .handshake::<_, Bytes>(CoalescingIo::new(io, Arc::clone(&streams)));
-        let mut connection = match handshake.await {
-            Ok(connection) => connection,
-            Err(error) => {
-                // A bad client, not a proxy fault: debug only, the accept loop goes on.
-                debug!(%error, listener = %self.listener, "downstream handshake failed");
-                return;
-            }
-        };
-        let mut draining = self.lifecycle.draining();
-        let mut goaway_sent = false;
-        loop {
-            tokio::select! {
-                // Ends when the client closes, the connection fails, or (after GOAWAY) the
-                // last stream finishes.
-                next = connection.accept() => match next {
-                    Some(Ok((request, respond))) => {
-                        let proxy = Arc::clone(self);
-                        let peer = Arc::clone(&peer);
-                        let open = StreamCount::open(&streams);
-                        // Boxed: tokio copies a task's future when it spawns and finishes it
-                        // (7 memcpys); a call's state machine is kilobytes, a box is a pointer.
-                        tokio::spawn(Box::pin(async move {
-                            proxy.serve_call(request, respond, peer).await;
-                            drop(open);
-                        }));
-                    }
-                    Some(Err(error)) => {
-                        debug!(%error, listener = %self.listener, "downstream connection error");
-                        break;
-                    }
-                    None => break,
-                },
-                // Fires once, when draining starts.
-                _ = async {
-                    tokio::select! {
-                        _ = draining.wait_for(|d| *d) => {}
-                        _ = shutdown.wait_for(|s| *s) => {}
-                    }
-                }, if !goaway_sent => {
-                    connection.graceful_shutdown();
-                    goaway_sent = true;
-                }
             }
         }
     }

@@ -31,9 +31,10 @@ use crate::config::{ClusterConfig, Config};
 use crate::discovery::{self, Watchers};
 use crate::health;
 use crate::lifecycle::Lifecycle;
-use crate::proxy::{Proxy, Router};
+use crate::proxy::{ConnectionPolicy, Proxy, Router};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::{metrics, CertificateOwner};
+use crate::transport::ping_watch::PingRules;
 use crate::transport::tls::{ClientTls, ClientTlsPem};
 use crate::transport::H2Settings;
 use crate::BoxError;
@@ -324,6 +325,7 @@ fn add_listeners(
             connections_gauge: metrics().downstream_connections(name),
             tls,
             forward_client_cert: forward.map(|f| f.header.0.clone()),
+            policy: connection_policy(listener),
         };
         let service_name = format!("listener {name}");
         let what = format!("listener {name:?}");
@@ -336,6 +338,22 @@ fn add_listeners(
         info!(listener = %name, address = %bound, "listening");
     }
     Ok(bound_listeners)
+}
+
+/// A listener's connection policy, from its config.
+fn connection_policy(listener: &crate::config::ListenerConfig) -> ConnectionPolicy {
+    let keepalive = &listener.keepalive;
+    ConnectionPolicy {
+        max_age: listener.max_connection_age.map(|d| d.0),
+        max_age_grace: listener.max_connection_age_grace.map(|d| d.0),
+        idle_timeout: keepalive.idle_timeout.0,
+        ping_interval: keepalive.ping_interval.0,
+        ping_timeout: keepalive.ping_timeout.0,
+        pings: PingRules {
+            min_interval: keepalive.min_ping_interval.0,
+            permit_without_stream: keepalive.permit_without_stream,
+        },
+    }
 }
 
 /// Adds the admin endpoint, when configured; returns the address bound.

@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 
 use super::certificates::Certificates;
 use super::{build_router, check_files, Feeds};
-use crate::config::{AccessLogConfig, Config, RequestIdConfig};
+use crate::config::{AccessLogConfig, Config, DownstreamKeepalive, RequestIdConfig};
 use crate::proxy::Router;
 
 pub(super) struct Reload {
@@ -40,6 +40,8 @@ pub(super) struct RestartOnly {
     listeners: Vec<(String, SocketAddr)>,
     /// Each listener's TLS file names and forwarded header (their contents reload).
     listener_tls: Vec<Option<Vec<String>>>,
+    /// Each listener's max age, its grace, and keepalive policy.
+    listener_policy: Vec<(Option<Duration>, Option<Duration>, DownstreamKeepalive)>,
     admin: Option<SocketAddr>,
     threads: Option<usize>,
     drain_timeout: Duration,
@@ -92,6 +94,12 @@ impl RestartOnly {
                 .collect(),
             listener_tls: (config.listeners.iter())
                 .map(|l| l.tls.as_ref().map(|t| t.paths()))
+                .collect(),
+            listener_policy: (config.listeners.iter())
+                .map(|l| {
+                    let age = l.max_connection_age.map(|d| d.0);
+                    (age, l.max_connection_age_grace.map(|d| d.0), l.keepalive)
+                })
                 .collect(),
             admin: config.admin.as_ref().map(|a| a.address.0),
             threads: config.threads.map(|t| t.0),

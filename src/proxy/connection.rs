@@ -1,0 +1,234 @@
+//! One downstream HTTP/2 connection's life after its handshake: accept streams, and apply the
+//! listener's connection policy. GOAWAY on drain, after `max_connection_age` (±10%, so a
+//! fleet's clients do not all reconnect at once) and after `keepalive.idle_timeout` without a
+//! stream; the grace after max-age, then the connection closes; server PINGs that find a dead
+//! client (`ping_interval`, `ping_timeout`); GOAWAY ENHANCE_YOUR_CALM for a client that pings
+//! too often (transport/ping_watch.rs).
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::{Ping, PingPong, Reason};
+use pingora_core::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{sleep_until, Instant};
+use tracing::debug;
+
+use super::{Peer, Proxy, StreamCount};
+use crate::transport::coalesce::CoalescingIo;
+use crate::transport::ping_watch::{PingAlarm, PingRules, PingWatch};
+
+/// A listener's policy for its client connections (`listeners[]` keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionPolicy {
+    /// GOAWAY after this age (±10%); `None`: never.
+    pub max_age: Option<Duration>,
+    /// After that GOAWAY, streams get this long, then the connection closes; `None`: as
+    /// long as they take.
+    pub max_age_grace: Option<Duration>,
+    /// GOAWAY after this long without a stream.
+    pub idle_timeout: Duration,
+    /// A server PING this often...
+    pub ping_interval: Duration,
+    /// ...unanswered this long closes the connection.
+    pub ping_timeout: Duration,
+    pub pings: PingRules,
+}
+
+/// Far enough away to stand for "never" in a timer.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The policy's clocks for one connection.
+struct Clocks {
+    /// Checks idleness and PINGs; its period follows the shortest of their timeouts.
+    tick: tokio::time::Interval,
+    idle_since: Instant,
+    next_ping: Instant,
+    ping_sent: Option<Instant>,
+}
+
+impl Clocks {
+    fn new(policy: &ConnectionPolicy) -> Clocks {
+        let now = Instant::now();
+        let shortest = (policy.idle_timeout)
+            .min(policy.ping_interval)
+            .min(policy.ping_timeout);
+        let period = (shortest / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        Clocks {
+            tick: tokio::time::interval_at(now + period, period),
+            idle_since: now,
+            next_ping: now + policy.ping_interval,
+            ping_sent: None,
+        }
+    }
+}
+
+/// What the tick found.
+enum Due {
+    Nothing,
+    Idle,
+    DeadClient,
+    Ping,
+}
+
+impl Proxy {
+    /// Serves HTTP/2 on a connection until it closes. On drain (SIGTERM, or pingora's own
+    /// shutdown during an upgrade) it sends GOAWAY and keeps serving the streams in flight.
+    pub(super) async fn serve_h2<IO>(
+        self: &Arc<Self>,
+        io: IO,
+        peer: Arc<Peer>,
+        mut shutdown: ShutdownWatch,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        // Calls in flight on this connection: write coalescing waits only when there are
+        // several (transport/coalesce.rs), and the PING policy counts on it.
+        let streams = Arc::new(AtomicUsize::new(0));
+        let alarm = Arc::new(PingAlarm::default());
+        let watched = PingWatch::new(
+            io,
+            self.policy.pings,
+            Arc::clone(&streams),
+            Arc::clone(&alarm),
+        );
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(self.h2.stream_window)
+            .initial_connection_window_size(self.h2.connection_window)
+            .max_frame_size(self.h2.max_frame_size)
+            .max_concurrent_streams(self.h2.max_concurrent_streams)
+            .handshake::<_, Bytes>(CoalescingIo::new(watched, Arc::clone(&streams)));
+        let mut connection = match handshake.await {
+            Ok(connection) => connection,
+            Err(error) => {
+                // A bad client, not a proxy fault: debug only, the accept loop goes on.
+                debug!(%error, listener = %self.listener, "downstream handshake failed");
+                return;
+            }
+        };
+        let mut ping = connection.ping_pong();
+        let mut clocks = Clocks::new(&self.policy);
+        // Made once, outside the loop: a timer or waiter registered per accepted stream
+        // would cost every call.
+        let jitter = |age: Duration| age.mul_f64(0.9 + fastrand::f64() * 0.2);
+        let max_age = sleep_until(Instant::now() + self.policy.max_age.map_or(NEVER, jitter));
+        let grace_over = sleep_until(Instant::now() + NEVER);
+        let tripped = alarm.tripped();
+        tokio::pin!(max_age, grace_over, tripped);
+        let mut draining = self.lifecycle.draining();
+        let mut goaway_sent = false;
+        let mut calmed = false;
+        loop {
+            tokio::select! {
+                // Ends when the client closes, the connection fails, or (after GOAWAY) the
+                // last stream finishes.
+                next = connection.accept() => match next {
+                    Some(Ok((request, respond))) => {
+                        let proxy = Arc::clone(self);
+                        let peer = Arc::clone(&peer);
+                        let open = StreamCount::open(&streams);
+                        // Boxed: tokio copies a task's future when it spawns and finishes it
+                        // (7 memcpys); a call's state machine is kilobytes, a box is a pointer.
+                        tokio::spawn(Box::pin(async move {
+                            proxy.serve_call(request, respond, peer).await;
+                            drop(open);
+                        }));
+                    }
+                    Some(Err(error)) => {
+                        debug!(%error, listener = %self.listener, "downstream connection error");
+                        break;
+                    }
+                    None => break,
+                },
+                // Fires once, when draining starts.
+                _ = async {
+                    tokio::select! {
+                        _ = draining.wait_for(|d| *d) => {}
+                        _ = shutdown.wait_for(|s| *s) => {}
+                    }
+                }, if !goaway_sent => {
+                    connection.graceful_shutdown();
+                    goaway_sent = true;
+                }
+                _ = &mut max_age, if !goaway_sent => {
+                    debug!(listener = %self.listener, peer = ?peer.addr,
+                        "max_connection_age reached: GOAWAY");
+                    connection.graceful_shutdown();
+                    goaway_sent = true;
+                    if let Some(grace) = self.policy.max_age_grace {
+                        grace_over.as_mut().reset(Instant::now() + grace);
+                    }
+                }
+                _ = &mut grace_over => {
+                    debug!(listener = %self.listener, peer = ?peer.addr,
+                        "max_connection_age_grace over: closing with streams still open");
+                    connection.abrupt_shutdown(Reason::NO_ERROR);
+                    grace_over.as_mut().reset(Instant::now() + NEVER);
+                }
+                // The GOAWAY goes out and the connection ends with it (`accept` returns None).
+                _ = &mut tripped, if !calmed => {
+                    debug!(listener = %self.listener, peer = ?peer.addr,
+                        "client pings too often: GOAWAY ENHANCE_YOUR_CALM");
+                    connection.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                    calmed = true;
+                }
+                _ = clocks.tick.tick() => match self.due(&mut clocks, &streams) {
+                    Due::Nothing => {}
+                    Due::Idle if !goaway_sent => {
+                        debug!(listener = %self.listener, peer = ?peer.addr,
+                            "idle_timeout: GOAWAY");
+                        connection.graceful_shutdown();
+                        goaway_sent = true;
+                    }
+                    Due::Idle => {}
+                    Due::DeadClient => {
+                        debug!(listener = %self.listener, peer = ?peer.addr,
+                            "client did not answer a PING: closing");
+                        break;
+                    }
+                    Due::Ping => {
+                        let sent = ping.as_mut().is_some_and(|p| p.send_ping(Ping::opaque()).is_ok());
+                        clocks.ping_sent = sent.then(Instant::now);
+                    }
+                },
+                pong = poll_fn(|cx| pong_of(&mut ping, cx)), if clocks.ping_sent.is_some() => {
+                    clocks.ping_sent = None;
+                    clocks.next_ping = Instant::now() + self.policy.ping_interval;
+                    if pong.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// What is due at a tick: idle past the timeout, a PING unanswered past its timeout, or
+    /// the next PING.
+    fn due(&self, clocks: &mut Clocks, streams: &AtomicUsize) -> Due {
+        let now = Instant::now();
+        if streams.load(Ordering::Relaxed) > 0 {
+            clocks.idle_since = now;
+        } else if now.duration_since(clocks.idle_since) >= self.policy.idle_timeout {
+            return Due::Idle;
+        }
+        match clocks.ping_sent {
+            Some(sent) if now.duration_since(sent) >= self.policy.ping_timeout => Due::DeadClient,
+            Some(_) => Due::Nothing,
+            None if now >= clocks.next_ping => Due::Ping,
+            None => Due::Nothing,
+        }
+    }
+}
+
+fn pong_of(
+    ping: &mut Option<PingPong>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<Result<(), h2::Error>> {
+    match ping {
+        Some(ping) => ping.poll_pong(cx).map_ok(drop),
+        None => std::task::Poll::Pending,
+    }
+}

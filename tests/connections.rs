@@ -1,0 +1,190 @@
+//! A listener's connection policy, against a real sluice with raw HTTP/2 clients:
+//! `max_connection_age` (GOAWAY, and the open stream finishes), its grace, the idle timeout,
+//! the PING policy (GOAWAY ENHANCE_YOUR_CALM), and server PINGs that find a dead client.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use support::{grpc_frame, request, Echo, Sluice};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+/// A raw HTTP/2 connection to sluice: its sender, and the task driving it (which ends, with
+/// the reason, when the connection does).
+async fn connect(sluice: &Sluice) -> (SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>) {
+    let tcp = TcpStream::connect(sluice.addr).await.unwrap();
+    let (sender, connection) = h2::client::handshake(tcp).await.unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+/// Starts a unary echo call that the backend holds `held_ms`; resolves to its grpc-status
+/// (`None` if the stream or connection failed first).
+async fn start_call(sender: &SendRequest<Bytes>, held_ms: u32) -> JoinHandle<Option<String>> {
+    let request = http::Request::post("http://sluice/echo.v1.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut sender = sender.clone().ready().await.unwrap();
+    let (response, mut body) = sender.send_request(request, false).unwrap();
+    let mut ask = request_held(held_ms);
+    ask.message = "held".into();
+    body.send_data(Bytes::from(grpc_frame(&ask)), true).unwrap();
+    tokio::spawn(async move {
+        let response = response.await.ok()?;
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.ok()?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = body.trailers().await.ok()??;
+        Some(trailers.get("grpc-status")?.to_str().ok()?.to_string())
+    })
+}
+
+fn request_held(held_ms: u32) -> support::EchoRequest {
+    support::EchoRequest {
+        sleep_ms: held_ms,
+        ..request("held")
+    }
+}
+
+async fn sluice_with(listener: &str) -> (Echo, Sluice) {
+    let backend = Echo::start("b1").await;
+    let sluice = Sluice::start_with_listener(listener, &Sluice::cluster(&[backend.addr], "")).await;
+    (backend, sluice)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_age_sends_goaway_and_the_open_stream_finishes() {
+    let (_backend, sluice) = sluice_with("    max_connection_age: 1s\n").await;
+    let (sender, connection) = connect(&sluice).await;
+    let started = Instant::now();
+    let held = start_call(&sender, 2_000).await;
+    // GOAWAY came at 0.9-1.1 s: the client may open no new stream on this connection.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let refused = match sender.clone().ready().await {
+        Err(_) => true,
+        Ok(mut ready) => {
+            let request = http::Request::post("http://sluice/echo.v1.Echo/Unary")
+                .body(())
+                .unwrap();
+            ready.send_request(request, true).is_err()
+        }
+    };
+    assert!(
+        refused,
+        "a new stream was accepted after max_connection_age"
+    );
+    assert_eq!(
+        held.await.unwrap().as_deref(),
+        Some("0"),
+        "the open stream did not finish"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    // Then the connection closes, cleanly.
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(
+        ended.is_ok_and(|r| r.unwrap().is_ok()),
+        "the connection did not close after its last stream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_grace_the_connection_closes_with_streams_still_open() {
+    let listener = "    max_connection_age: 1s\n    max_connection_age_grace: 1s\n";
+    let (_backend, sluice) = sluice_with(listener).await;
+    let (sender, connection) = connect(&sluice).await;
+    let started = Instant::now();
+    let held = start_call(&sender, 10_000).await;
+    let status = tokio::time::timeout(Duration::from_secs(6), held).await;
+    let status = status
+        .expect("the held call outlived max_connection_age + grace")
+        .unwrap();
+    assert_ne!(status.as_deref(), Some("0"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_gets_goaway_after_the_idle_timeout() {
+    let (_backend, sluice) = sluice_with("    keepalive: { idle_timeout: 1s }\n").await;
+    let (_sender, connection) = connect(&sluice).await;
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(6), connection).await;
+    assert!(ended.is_ok(), "the idle connection stayed open");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // The default (an hour) keeps it open.
+    let (_backend, patient) = sluice_with("").await;
+    let (_sender, connection) = connect(&patient).await;
+    let ended = tokio::time::timeout(Duration::from_secs(3), connection).await;
+    assert!(ended.is_err(), "closed without an idle timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pings_too_often_gets_enhance_your_calm() {
+    let (_backend, sluice) = sluice_with("").await;
+    let tcp = TcpStream::connect(sluice.addr).await.unwrap();
+    let (_sender, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut ping_pong = connection.ping_pong().unwrap();
+    let connection = tokio::spawn(connection);
+    // No stream open, so each PING is a strike; the third one trips the policy.
+    for _ in 0..5 {
+        let pong = ping_pong.ping(h2::Ping::opaque());
+        let pong = tokio::time::timeout(Duration::from_secs(2), pong).await;
+        if !matches!(pong, Ok(Ok(_))) {
+            break;
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    let error = ended
+        .expect("the connection stayed open")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        error.reason(),
+        Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "{error:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_answers_pings_is_closed() {
+    let listener = "    keepalive: { ping_interval: 1s, ping_timeout: 1s }\n";
+    let (_backend, sluice) = sluice_with(listener).await;
+    // A client that sends the preface and its SETTINGS, then reads but answers nothing.
+    let mut tcp = TcpStream::connect(sluice.addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "sluice kept a connection whose client never answered a PING"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_500),
+        "{:?}",
+        started.elapsed()
+    );
+}
