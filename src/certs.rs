@@ -29,15 +29,26 @@ pub struct Identity {
 /// What a certificate says, as sluice uses it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Described {
-    /// The subject, as an RFC 4514 string (`CN=client,O=example`).
+    /// The subject as an RFC 4514 string, last RDN first: `CN=client-a,O=Example`.
     pub subject: String,
-    /// DNS names: the SANs, or the subject's common name when there are none (SNI matches
-    /// these).
+    /// The subject's common name, if any.
+    pub common_name: Option<String>,
+    /// DNS SANs.
     pub dns: Vec<String>,
     /// URI SANs (SPIFFE ids, for instance).
     pub uri: Vec<String>,
     /// notAfter, in seconds since the Unix epoch.
     pub not_after: i64,
+}
+
+impl Described {
+    /// The names SNI matches: the DNS SANs, or the common name when there are none.
+    pub fn server_names(&self) -> Vec<String> {
+        match (self.dns.is_empty(), &self.common_name) {
+            (true, Some(cn)) => vec![cn.clone()],
+            _ => self.dns.clone(),
+        }
+    }
 }
 
 /// Parses a certificate chain (leaf first) and its private key, and checks that they belong
@@ -90,8 +101,12 @@ pub fn roots(pem: &[u8]) -> Result<RootCertStore, String> {
 pub fn describe(cert: &CertificateDer<'_>) -> Result<Described, String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert)
         .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    let subject = parsed.subject();
     let mut described = Described {
-        subject: parsed.subject().to_string(),
+        subject: rfc4514(subject),
+        common_name: (subject.iter_common_name().next())
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string),
         not_after: parsed.validity().not_after.timestamp(),
         ..Described::default()
     };
@@ -104,13 +119,41 @@ pub fn describe(cert: &CertificateDer<'_>) -> Result<Described, String> {
             }
         }
     }
-    if described.dns.is_empty() {
-        let common_name = parsed.subject().iter_common_name().next();
-        if let Some(cn) = common_name.and_then(|cn| cn.as_str().ok()) {
-            described.dns.push(cn.to_string());
-        }
-    }
     Ok(described)
+}
+
+/// A distinguished name as RFC 4514 writes it: RDNs last first, `,` between them, `+`
+/// within one, attribute names by their short form (`CN`, `O`, ...) or dotted OID, and
+/// `,+"\<>;` (and a leading `#` or space) escaped in values.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<String> = (name.iter_rdn().collect::<Vec<_>>().into_iter().rev())
+        .map(|rdn| {
+            let parts: Vec<String> = (rdn.iter())
+                .map(|attr| {
+                    let oid = attr.attr_type();
+                    let key = x509_parser::objects::oid2abbrev(oid, registry)
+                        .map_or_else(|_| oid.to_id_string(), str::to_string);
+                    let value = attr.as_str().map_or_else(|_| "#".to_string(), escape_value);
+                    format!("{key}={value}")
+                })
+                .collect();
+            parts.join("+")
+        })
+        .collect();
+    rdns.join(",")
+}
+
+fn escape_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for (i, c) in value.chars().enumerate() {
+        let leading = i == 0 && (c == '#' || c == ' ');
+        if leading || matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Whether `name` (from SNI) is one of `patterns`: an exact DNS name (any case), or a
@@ -141,6 +184,24 @@ mod tests {
     }
 
     #[test]
+    fn subjects_are_written_as_rfc_4514_and_the_cn_serves_sni_without_sans() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Acme, Inc.");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "client-a");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let described = describe(cert.der()).unwrap();
+        assert_eq!(described.subject, "CN=client-a,O=Acme\\, Inc.");
+        assert!(described.dns.is_empty());
+        assert_eq!(described.server_names(), ["client-a"]);
+    }
+
+    #[test]
     fn bad_files_say_what_is_wrong() {
         assert!(chain(b"").unwrap_err().contains("no certificate"));
         assert!(roots(b"").unwrap_err().contains("no certificate"));
@@ -153,6 +214,7 @@ mod tests {
         );
         let ok = ok.unwrap();
         assert_eq!(ok.leaf.dns, ["a.test"]);
+        assert_eq!(ok.leaf.server_names(), ["a.test"]);
         assert!(ok.leaf.not_after > 0);
         let mismatch = identity(
             cert_pem.as_bytes(),

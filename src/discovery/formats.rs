@@ -78,8 +78,9 @@ fn etcd_naming(value: &Value) -> Result<Decoded, String> {
     }))
 }
 
-/// Kratos' registry value: the first `grpc://` endpoint is the backend; `isSecure=true` needs
-/// upstream TLS, which sluice does not speak yet, so it is refused rather than sent cleartext.
+/// Kratos' registry value: the first `grpc://` endpoint is the backend. `isSecure=true` would
+/// need the value's TLS to follow the cluster's (`clusters[].tls`), which decoding does not know
+/// yet, so it is refused rather than risk sending it cleartext.
 fn kratos(value: &Value) -> Result<Decoded, String> {
     let Some(endpoints) = value.get("endpoints").and_then(Value::as_array) else {
         return Err("\"endpoints\" is missing or not a list".into());
@@ -95,7 +96,7 @@ fn kratos(value: &Value) -> Result<Decoded, String> {
         .any(|pair| pair.eq_ignore_ascii_case("isSecure=true"))
     {
         return Err(format!(
-            "grpc://{authority} has isSecure=true; upstream TLS is not supported yet"
+            "grpc://{authority} has isSecure=true; sluice does not route Kratos TLS endpoints yet"
         ));
     }
     Ok(Decoded::Backend(Endpoint {

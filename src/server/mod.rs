@@ -33,7 +33,7 @@ use crate::health;
 use crate::lifecycle::Lifecycle;
 use crate::proxy::{ConnectionPolicy, Proxy, Router};
 use crate::telemetry::access_log::AccessLog;
-use crate::telemetry::{metrics, CertificateOwner};
+use crate::telemetry::metrics;
 use crate::transport::ping_watch::PingRules;
 use crate::transport::tls::{ClientTls, ClientTlsPem};
 use crate::transport::H2Settings;
@@ -118,18 +118,18 @@ fn build_router(
     runtime: &Handle,
 ) -> Result<(Router, Feeds), BoxError> {
     let mut clusters: Vec<(Arc<Cluster>, &ClusterConfig)> = Vec::new();
+    let mut certificates = Vec::new();
     for (i, c) in config.clusters.iter().enumerate() {
         let tls = upstream_tls(config, i)?.map(|(client, leaf)| {
-            if let (Some(leaf), Some(cert)) =
-                (leaf, &c.tls.as_ref().and_then(|t| t.cert_file.clone()))
-            {
-                let owner = CertificateOwner::Cluster(&c.name.value);
-                metrics().tls_certificate_expires(owner, &cert.value, leaf.not_after);
+            let cert = c.tls.as_ref().and_then(|t| t.cert_file.as_ref());
+            if let (Some(leaf), Some(cert)) = (leaf, cert) {
+                certificates.push((c.name.value.clone(), cert.value.clone(), leaf.not_after));
             }
             client
         });
         clusters.push(new_cluster(c, tls, previous));
     }
+    metrics().set_cluster_certificates(&certificates);
     let feeds = Feeds {
         _watchers: discovery::start(&clusters, config, runtime),
         _checkers: health::start(&clusters, runtime),
@@ -150,8 +150,11 @@ fn new_cluster<'c>(
         Some(old) => Cluster::after(c, tls, old),
         None => Cluster::new(c, tls),
     });
-    // A changed source starts from nothing: an etcd set is not the new prefix's.
-    if let Some(old) = old.filter(|old| old.source.same_source(&cluster.source)) {
+    // A changed source starts from nothing: an etcd set is not the new prefix's. So does a
+    // changed TLS setup: the backends' connections were made with the old one.
+    let same_tls = |old: &Cluster| old.settings.upstream.tls == cluster.settings.upstream.tls;
+    let same = old.filter(|old| old.source.same_source(&cluster.source) && same_tls(old));
+    if let Some(old) = same {
         cluster.adopt_backends(old);
         if c.health_check.is_none() {
             // Checks turned off: what they said no longer holds.

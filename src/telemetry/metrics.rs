@@ -357,6 +357,8 @@ pub struct Metrics {
     /// `sluice_tls_certificate_expiry_timestamp_seconds{listener, cluster, name}`: one of
     /// `listener` and `cluster` is empty (Prometheus reads an empty label as absent).
     tls_expiry: IntGaugeVec,
+    /// The clusters' series of it, so a reload can take down those of removed clusters.
+    cluster_certificates: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 /// Whose certificate an expiry is: a listener's, or a cluster's (its client certificate).
@@ -410,7 +412,25 @@ impl Metrics {
             access_log_dropped,
             tls_handshake_errors,
             tls_expiry,
+            cluster_certificates: Default::default(),
         })
+    }
+
+    /// Replaces the clusters' certificate expiries with `current` (cluster, file, notAfter):
+    /// a cluster removed, or a file no longer used, leaves no stale series behind to keep an
+    /// expiry alert firing.
+    pub fn set_cluster_certificates(&self, current: &[(String, String, i64)]) {
+        let mut published = self
+            .cluster_certificates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (cluster, name) in published.drain(..) {
+            let _ = self.tls_expiry.remove_label_values(&["", &cluster, &name]);
+        }
+        for (cluster, name, at) in current {
+            self.tls_certificate_expires(CertificateOwner::Cluster(cluster), name, *at);
+            published.push((cluster.clone(), name.clone()));
+        }
     }
 
     /// Counts a failed TLS handshake on `listener`.
@@ -474,6 +494,18 @@ mod tests {
 
     impl Export for Nothing {
         fn export(&self, _: &mut Scrape) {}
+    }
+
+    #[test]
+    fn a_reload_takes_down_the_expiry_of_certificates_no_longer_used() {
+        let m = Metrics::new().unwrap();
+        m.tls_certificate_expires(CertificateOwner::Listener("grpc"), "server.pem", 7);
+        m.set_cluster_certificates(&[("old".into(), "old.pem".into(), 5)]);
+        m.set_cluster_certificates(&[("new".into(), "new.pem".into(), 6)]);
+        let text = String::from_utf8(m.encode(&Nothing)).unwrap();
+        assert!(!text.contains("old.pem"), "{text}");
+        assert!(text.contains("cluster=\"new\""), "{text}");
+        assert!(text.contains("name=\"server.pem\""), "{text}");
     }
 
     #[test]

@@ -145,7 +145,7 @@ struct SniResolver {
 impl SniResolver {
     fn new(identities: Vec<Identity>) -> Option<SniResolver> {
         let by_names: Vec<_> = (identities.into_iter())
-            .map(|i| (i.leaf.dns, i.certified))
+            .map(|i| (i.leaf.server_names(), i.certified))
             .collect();
         (!by_names.is_empty()).then_some(SniResolver { by_names })
     }
@@ -222,11 +222,21 @@ pub struct ClientTlsPem<'a> {
 }
 
 /// TLS to one cluster's backends: ALPN `h2`, the backend's certificate checked against the
-/// CA (or the system's roots) for its host or `server_name`.
+/// CA (or the system's roots) for its host or `server_name`. Two are equal when they were
+/// built from the same files and name (a reload that changes them must not reuse the
+/// connections of the old setup).
 #[derive(Debug)]
 pub struct ClientTls {
     config: Arc<ClientConfig>,
     server_name: Option<ServerName<'static>>,
+    /// SHA-256 over what it was built from.
+    fingerprint: Vec<u8>,
+}
+
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &ClientTls) -> bool {
+        self.fingerprint == other.fingerprint
+    }
 }
 
 impl ClientTls {
@@ -265,6 +275,7 @@ impl ClientTls {
         let tls = ClientTls {
             config: Arc::new(config),
             server_name,
+            fingerprint: fingerprint(pem),
         };
         Ok((tls, leaf))
     }
@@ -283,6 +294,24 @@ impl ClientTls {
             .connect(name, tcp)
             .await
     }
+}
+
+fn fingerprint(pem: &ClientTlsPem<'_>) -> Vec<u8> {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let (cert, key) = pem.identity.unwrap_or_default();
+    for part in [
+        pem.ca.unwrap_or_default(),
+        cert,
+        key,
+        pem.server_name.unwrap_or("").as_bytes(),
+    ] {
+        // Length first, so the parts cannot run into each other.
+        context.update(&(part.len() as u64).to_le_bytes());
+        context.update(part);
+    }
+    // `None` CA (the system's roots) differs from an empty file.
+    context.update(&[u8::from(pem.ca.is_some())]);
+    context.finish().as_ref().to_vec()
 }
 
 /// The host of `HOST:PORT` (`[v6]:PORT` too) as the name to check.
