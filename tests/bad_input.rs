@@ -183,11 +183,11 @@ fn check_rejects_invalid_configs_with_path_and_line() {
         (
             &VALID.replace(
                 "    address: \"127.0.0.1:50051\"\n",
-                "    address: \"127.0.0.1:50051\"\n    max_connections: 100\n",
+                "    address: \"127.0.0.1:50051\"\n    max_header_list_size: 0\n",
             ),
             &[
-                "listeners[0].max_connections",
-                "not supported yet",
+                "listeners[0].max_header_list_size",
+                "must be at least 1",
                 "line 4",
             ],
         ),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
+use support::raw_h2::{closed_within, frame, raw, read_until, GOAWAY, PING};
 use support::{grpc_frame, request, Echo, Sluice};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -134,28 +135,28 @@ async fn an_idle_connection_gets_goaway_after_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_pings_too_often_gets_enhance_your_calm() {
     let (_backend, sluice) = sluice_with("").await;
-    let tcp = TcpStream::connect(sluice.addr).await.unwrap();
-    let (_sender, mut connection) = h2::client::handshake(tcp).await.unwrap();
-    let mut ping_pong = connection.ping_pong().unwrap();
-    let connection = tokio::spawn(connection);
+    let mut tcp = raw(&sluice, &[]).await;
     // No stream open, so each PING is a strike; the third one trips the policy.
-    for _ in 0..5 {
-        let pong = ping_pong.ping(h2::Ping::opaque());
-        let pong = tokio::time::timeout(Duration::from_secs(2), pong).await;
-        if !matches!(pong, Ok(Ok(_))) {
-            break;
-        }
+    let pings: Vec<u8> = (0..4u8).flat_map(|k| frame(PING, 0, 0, &[k; 8])).collect();
+    tcp.write_all(&pings).await.unwrap();
+    let (_, goaway) = read_until(&mut tcp, GOAWAY, Duration::from_secs(5))
+        .await
+        .expect("no GOAWAY after too many PINGs");
+    let code = u32::from_be_bytes(goaway[4..8].try_into().unwrap());
+    assert_eq!(code, 0xb, "GOAWAY code {code:#x}, not ENHANCE_YOUR_CALM");
+    assert!(closed_within(&mut tcp, Duration::from_secs(5)).await);
+    // Within the policy, the same PINGs are answered and the connection stays.
+    let listener = "    keepalive: { min_ping_interval: 1ms, permit_without_stream: true }\n";
+    let (_backend, lenient) = sluice_with(listener).await;
+    let mut tcp = raw(&lenient, &[]).await;
+    for k in 0..4u8 {
+        // Paced 10 ms apart, slower than the 1 ms the policy asks for.
+        tcp.write_all(&frame(PING, 0, 0, &[k; 8])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
-    let error = ended
-        .expect("the connection stayed open")
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(
-        error.reason(),
-        Some(h2::Reason::ENHANCE_YOUR_CALM),
-        "{error:?}"
-    );
+    assert!(read_until(&mut tcp, GOAWAY, Duration::from_secs(1))
+        .await
+        .is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,4 +188,66 @@ async fn a_client_that_never_answers_pings_is_closed() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A connection that has served one call, or `None` when sluice closed it.
+async fn served(
+    sluice: &Sluice,
+) -> Option<(SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>)> {
+    let tcp = TcpStream::connect(sluice.addr).await.ok()?;
+    let (sender, connection) = h2::client::handshake(tcp).await.ok()?;
+    let connection = tokio::spawn(connection);
+    let mut ready = sender.clone().ready().await.ok()?;
+    let request = http::Request::post("http://sluice/echo.v1.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .ok()?;
+    let (response, mut body) = ready.send_request(request, false).ok()?;
+    body.send_data(Bytes::from(grpc_frame(&request_held(0))), true)
+        .ok()?;
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .ok()?
+        .ok()?;
+    (response.status() == 200).then_some((sender, connection))
+}
+
+/// A connection that serves, retrying a few times: at start, sluice's own readiness probe may
+/// hold a slot for a moment.
+async fn served_soon(sluice: &Sluice) -> (SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>) {
+    for _ in 0..50 {
+        if let Some(served) = served(sluice).await {
+            return served;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no connection was served:\n{}", sluice.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_are_closed_on_arrival() {
+    let (_backend, sluice) = sluice_with("    max_connections: 2\n").await;
+    let (_first, first_connection) = served_soon(&sluice).await;
+    let (_second, _second_connection) = served_soon(&sluice).await;
+    // With two open, a third is closed as soon as it arrives.
+    let mut third = TcpStream::connect(sluice.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the third connection was served: {read:?}"
+    );
+    let metrics = sluice.metrics().await;
+    let refused = "sluice_downstream_connections_refused_total{listener=\"grpc\"}";
+    assert!(metrics.contains(refused), "{metrics}");
+    assert!(
+        sluice.log().contains("max_connections reached"),
+        "{}",
+        sluice.log()
+    );
+    // One closes; a new one is served again.
+    first_connection.abort();
+    drop(_first);
+    served_soon(&sluice).await;
 }

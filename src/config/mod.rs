@@ -10,8 +10,7 @@
 //! 3. reading the files the config names ([`files`]): a separate step, so parsing does no I/O
 //!    and a reload can run this step off the data-plane threads.
 //!
-//! Documented keys that sluice does not build yet are rejected with "not supported yet"; a key
-//! is never accepted and then ignored.
+//! A key sluice does not know is an error: a key is never accepted and then ignored.
 
 pub mod files;
 mod validate;
@@ -28,8 +27,8 @@ pub use files::{
 };
 pub use values::{
     parse_duration, AtLeastOne, BackendAddr, DurationValue, EtcdEndpoint, EtcdPrefix,
-    ForwardHeader, ListenAddr, MaxAttempts, NonEmpty, NotSupportedYet, PathPrefix, Percent,
-    PositiveDuration, Ratio, ServiceName, ThreadCount, TlsServerName,
+    ForwardHeader, ListenAddr, MaxAttempts, NonEmpty, PathPrefix, Percent, PositiveDuration, Ratio,
+    ServiceName, ThreadCount, TlsServerName,
 };
 
 /// A config problem, already formatted for an operator: file, key path, what is wrong, where.
@@ -91,11 +90,24 @@ pub struct ListenerConfig {
     pub max_connection_age_grace: Option<PositiveDuration>,
     #[serde(default)]
     pub keepalive: DownstreamKeepalive,
-    // Documented, not built yet: rejected with a clear message rather than as unknown keys.
+    /// Client connections open at once; further ones are closed as soon as they are
+    /// accepted. Absent: no limit.
     #[serde(default)]
-    pub max_connections: Option<NotSupportedYet>,
-    #[serde(default)]
-    pub max_concurrent_streams: Option<NotSupportedYet>,
+    pub max_connections: Option<AtLeastOne>,
+    /// Streams (calls) at once per client connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: AtLeastOne,
+    /// The largest request header block accepted, in bytes (SETTINGS_MAX_HEADER_LIST_SIZE).
+    #[serde(default = "default_max_header_list_size")]
+    pub max_header_list_size: AtLeastOne,
+}
+
+fn default_max_concurrent_streams() -> AtLeastOne {
+    AtLeastOne(10_000)
+}
+
+fn default_max_header_list_size() -> AtLeastOne {
+    AtLeastOne(64 * 1024)
 }
 
 /// `listeners[].keepalive`: grpc-go's server keepalive, with its defaults (and an hour's idle

@@ -42,13 +42,20 @@ fn unknown_key_names_path_and_line() {
 }
 
 #[test]
-fn later_features_are_rejected_not_ignored() {
+fn listener_limits_have_defaults_and_refuse_zero() {
+    let config = Config::parse(MINIMAL, "t.yaml").unwrap();
+    let listener = &config.listeners[0];
+    assert_eq!(listener.max_connections, None);
+    assert_eq!(listener.max_concurrent_streams.0, 10_000);
+    assert_eq!(listener.max_header_list_size.0, 65_536);
     let e = err(&MINIMAL.replace(
         "    address: 127.0.0.1:50051\n",
-        "    address: 127.0.0.1:50051\n    max_connections: 100\n",
+        "    address: 127.0.0.1:50051\n    max_connections: 0\n",
     ));
-    assert!(e.contains("listeners[0].max_connections"), "{e}");
-    assert!(e.contains("not supported yet"), "{e}");
+    assert!(
+        e.contains("listeners[0].max_connections: must be at least 1"),
+        "{e}"
+    );
 }
 
 #[test]

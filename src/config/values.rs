@@ -298,19 +298,6 @@ impl<T> std::ops::Deref for NonEmpty<T> {
     }
 }
 
-/// A documented key whose feature is not built yet. Present in a file, it is an error, so no
-/// one believes a health check or a TLS listener is running when it is not.
-#[derive(Debug)]
-pub struct NotSupportedYet;
-
-impl<'de> Deserialize<'de> for NotSupportedYet {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        checked(deserializer, |_: de::IgnoredAny| {
-            Err("not supported yet in this version of sluice (see docs/configuration.md); remove the key".to_string())
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -100,6 +100,7 @@ impl Proxy {
             .initial_connection_window_size(self.h2.connection_window)
             .max_frame_size(self.h2.max_frame_size)
             .max_concurrent_streams(self.h2.max_concurrent_streams)
+            .max_header_list_size(self.h2.max_header_list_size)
             .handshake::<_, Bytes>(CoalescingIo::new(watched, Arc::clone(&streams)));
         let mut connection = match handshake.await {
             Ok(connection) => connection,

@@ -71,6 +71,51 @@ pub struct Proxy {
     pub forward_client_cert: Option<HeaderName>,
     /// Max age, idle timeout, PINGs (`listeners[]` keys).
     pub policy: ConnectionPolicy,
+    /// `max_connections`: beyond it, a new connection is closed as soon as it is accepted.
+    pub max_connections: Option<usize>,
+    /// Connections open on this listener, and when the limit was last logged (ms since start).
+    pub open: ConnectionCount,
+}
+
+/// The connections open on a listener, for `max_connections`.
+#[derive(Debug, Default)]
+pub struct ConnectionCount {
+    open: AtomicUsize,
+    warned_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// One open connection in its listener's count, until dropped.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Proxy {
+    /// Counts a new connection in, or refuses it at `max_connections` (logged once a minute,
+    /// counted in `sluice_downstream_connections_refused_total`).
+    fn admit(&self) -> Option<Counted<'_>> {
+        let count = &self.open.open;
+        let was = count.fetch_add(1, Ordering::Relaxed);
+        let counted = Counted(count);
+        let Some(max) = self.max_connections.filter(|max| was >= *max) else {
+            return Some(counted);
+        };
+        metrics().downstream_connection_refused(&self.listener);
+        let mut warned = self
+            .open
+            .warned_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            tracing::warn!(listener = %self.listener, max_connections = max,
+                "max_connections reached: new client connections are closed as they arrive");
+            *warned = Some(std::time::Instant::now());
+        }
+        None
+    }
 }
 
 /// Who is at the other end of a downstream connection.
@@ -96,9 +141,12 @@ impl Proxy {
     /// Serves one downstream connection until it closes: the TLS handshake first on a TLS
     /// listener, else a check that the client speaks HTTP/2.
     async fn serve_connection(self: &Arc<Self>, mut io: Stream, shutdown: ShutdownWatch) {
+        // The gauge goes up before the count and down after it, so a gauge at 0 means no
+        // connection is counted against max_connections either.
         let _open = self.lifecycle.connection_opened();
         self.connections_gauge.inc();
         let _gauge = GaugeGuard(&self.connections_gauge);
+        let Some(_counted) = self.admit() else { return };
         let addr = io
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));

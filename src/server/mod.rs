@@ -322,7 +322,13 @@ fn add_listeners(
             listener: name.clone(),
             router: Arc::clone(&shared.router),
             lifecycle: Arc::clone(&shared.lifecycle),
-            h2: H2Settings::default(),
+            h2: H2Settings {
+                max_concurrent_streams: listener.max_concurrent_streams.0,
+                max_header_list_size: listener.max_header_list_size.0,
+                ..H2Settings::default()
+            },
+            max_connections: listener.max_connections.map(|n| n.0 as usize),
+            open: Default::default(),
             access_log: shared.access_log.clone(),
             generate_request_id: config.request_id.generate,
             connections_gauge: metrics().downstream_connections(name),

@@ -42,6 +42,8 @@ pub(super) struct RestartOnly {
     listener_tls: Vec<Option<Vec<String>>>,
     /// Each listener's max age, its grace, and keepalive policy.
     listener_policy: Vec<(Option<Duration>, Option<Duration>, DownstreamKeepalive)>,
+    /// Each listener's max_connections, max_concurrent_streams and max_header_list_size.
+    listener_limits: Vec<(Option<u32>, u32, u32)>,
     admin: Option<SocketAddr>,
     threads: Option<usize>,
     drain_timeout: Duration,
@@ -99,6 +101,16 @@ impl RestartOnly {
                 .map(|l| {
                     let age = l.max_connection_age.map(|d| d.0);
                     (age, l.max_connection_age_grace.map(|d| d.0), l.keepalive)
+                })
+                .collect(),
+            listener_limits: (config.listeners.iter())
+                .map(|l| {
+                    let max_connections = l.max_connections.map(|n| n.0);
+                    (
+                        max_connections,
+                        l.max_concurrent_streams.0,
+                        l.max_header_list_size.0,
+                    )
                 })
                 .collect(),
             admin: config.admin.as_ref().map(|a| a.address.0),

@@ -354,6 +354,8 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     /// `sluice_tls_handshake_errors_total{listener, reason}`.
     tls_handshake_errors: IntCounterVec,
+    /// `sluice_downstream_connections_refused_total{listener}`.
+    connections_refused: IntCounterVec,
     /// `sluice_tls_certificate_expiry_timestamp_seconds{listener, cluster, name}`: one of
     /// `listener` and `cluster` is empty (Prometheus reads an empty label as absent).
     tls_expiry: IntGaugeVec,
@@ -395,6 +397,12 @@ impl Metrics {
             &["listener", "reason"],
         )?;
         registry.register(Box::new(tls_handshake_errors.clone()))?;
+        let connections_refused = counter(
+            "sluice_downstream_connections_refused_total",
+            "Client connections closed on arrival because the listener had max_connections open.",
+            &["listener"],
+        )?;
+        registry.register(Box::new(connections_refused.clone()))?;
         let tls_expiry = gauge(
             "sluice_tls_certificate_expiry_timestamp_seconds",
             "When a certificate sluice serves or presents expires (notAfter), in seconds since the Unix epoch; name is its file.",
@@ -411,6 +419,7 @@ impl Metrics {
             downstream_connections,
             access_log_dropped,
             tls_handshake_errors,
+            connections_refused,
             tls_expiry,
             cluster_certificates: Default::default(),
         })
@@ -431,6 +440,13 @@ impl Metrics {
             self.tls_certificate_expires(CertificateOwner::Cluster(cluster), name, *at);
             published.push((cluster.clone(), name.clone()));
         }
+    }
+
+    /// Counts a client connection refused at `max_connections`.
+    pub fn downstream_connection_refused(&self, listener: &str) {
+        self.connections_refused
+            .with_label_values(&[listener])
+            .inc();
     }
 
     /// Counts a failed TLS handshake on `listener`.

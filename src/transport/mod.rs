@@ -49,9 +49,19 @@ impl Default for UpstreamPolicy {
 pub struct H2Settings {
     pub stream_window: u32,
     pub connection_window: u32,
+    /// The connection window sluice opens to each backend. Far larger than `stream_window`:
+    /// many calls share one backend connection, and bytes a call cannot yet forward (its
+    /// client reads slowly, or not at all) hold their share of the connection window until
+    /// they are forwarded. With the client-side window here, four stalled calls would stop
+    /// every other call on that backend connection; with this one it takes 64.
+    pub upstream_connection_window: u32,
     pub max_frame_size: u32,
     /// SETTINGS_MAX_CONCURRENT_STREAMS we advertise to clients.
     pub max_concurrent_streams: u32,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE we advertise to clients, and enforce: a larger request
+    /// header block gets its stream refused (431 semantics), and h2 closes a connection whose
+    /// header block keeps coming in CONTINUATION frames past about 1.25 × this.
+    pub max_header_list_size: u32,
 }
 
 impl Default for H2Settings {
@@ -59,8 +69,10 @@ impl Default for H2Settings {
         H2Settings {
             stream_window: 1 << 20,
             connection_window: 4 << 20,
+            upstream_connection_window: 64 << 20,
             max_frame_size: 16 * 1024,
             max_concurrent_streams: 10_000,
+            max_header_list_size: 64 * 1024,
         }
     }
 }

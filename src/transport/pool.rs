@@ -284,7 +284,7 @@ async fn connect(
     let streams = Arc::new(AtomicUsize::new(1));
     let (sender, upstream) = h2::client::Builder::new()
         .initial_window_size(settings.stream_window)
-        .initial_connection_window_size(settings.connection_window)
+        .initial_connection_window_size(settings.upstream_connection_window)
         .max_frame_size(settings.max_frame_size)
         .handshake::<_, Bytes>(CoalescingIo::new(io, Arc::clone(&streams)))
         .await

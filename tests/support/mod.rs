@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod pki;
+pub mod raw_h2;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -656,6 +657,15 @@ impl Sluice {
 
     pub fn signal(&self, signal: &str) {
         send_signal(&self.child, signal);
+    }
+
+    /// The process's resident memory, in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()));
+        (status.unwrap_or_default().lines())
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Waits for the process to exit, at most `budget`.

@@ -1,0 +1,137 @@
+//! Hand-made HTTP/2 frames on raw sockets, for tests of hostile or unusual clients.
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::Sluice;
+
+pub const DATA: u8 = 0x0;
+pub const HEADERS: u8 = 0x1;
+pub const RST_STREAM: u8 = 0x3;
+pub const SETTINGS: u8 = 0x4;
+pub const PING: u8 = 0x6;
+pub const GOAWAY: u8 = 0x7;
+pub const CONTINUATION: u8 = 0x9;
+pub const END_STREAM: u8 = 0x1;
+pub const END_HEADERS: u8 = 0x4;
+
+pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// `body` as DATA frames of at most 16 KiB (the default SETTINGS_MAX_FRAME_SIZE), the last
+/// with END_STREAM.
+pub fn data_frames(stream: u32, body: &[u8]) -> Vec<u8> {
+    let chunks: Vec<&[u8]> = body.chunks(16 * 1024).collect();
+    let last = chunks.len().saturating_sub(1);
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        out.extend(frame(
+            DATA,
+            if i == last { END_STREAM } else { 0 },
+            stream,
+            chunk,
+        ));
+    }
+    out
+}
+
+/// An HPACK integer with an `n`-bit prefix (the prefix's other bits zero).
+pub fn hpack_int(value: usize, n: u32, out: &mut Vec<u8>) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.push(value as u8);
+        return;
+    }
+    out.push(max as u8);
+    let mut rest = value - max;
+    while rest >= 128 {
+        out.push((rest % 128 + 128) as u8);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+}
+
+/// A literal header field without indexing, new name, no Huffman coding.
+pub fn literal(name: &str, value: &[u8], out: &mut Vec<u8>) {
+    out.push(0);
+    hpack_int(name.len(), 7, out);
+    out.extend_from_slice(name.as_bytes());
+    hpack_int(value.len(), 7, out);
+    out.extend_from_slice(value);
+}
+
+/// The header block of a unary echo call, plus `extra` headers.
+pub fn request_headers(extra: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", &b"POST"[..]),
+        (":scheme", b"http"),
+        (":path", b"/echo.v1.Echo/Unary"),
+        (":authority", b"sluice"),
+        ("content-type", b"application/grpc"),
+        ("te", b"trailers"),
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    {
+        literal(name, value, &mut block);
+    }
+    block
+}
+
+/// A raw connection: the client preface and an empty SETTINGS sent.
+pub async fn raw(sluice: &Sluice, settings: &[u8]) -> TcpStream {
+    let mut tcp = TcpStream::connect(sluice.addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, settings));
+    tcp.write_all(&hello).await.unwrap();
+    tcp
+}
+
+/// Reads frames until one of `kind` arrives (returns its payload) or the connection ends
+/// (`None`), at most `budget`.
+pub async fn read_until(tcp: &mut TcpStream, kind: u8, budget: Duration) -> Option<(u32, Vec<u8>)> {
+    let end = Instant::now() + budget;
+    loop {
+        let mut head = [0u8; 9];
+        let left = end.saturating_duration_since(Instant::now());
+        tokio::time::timeout(left, tcp.read_exact(&mut head))
+            .await
+            .ok()?
+            .ok()?;
+        let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
+        let mut payload = vec![0u8; len];
+        tokio::time::timeout(left, tcp.read_exact(&mut payload))
+            .await
+            .ok()?
+            .ok()?;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if head[3] == kind {
+            return Some((stream, payload));
+        }
+    }
+}
+
+/// Whether the peer closed: EOF or a reset within `budget`, reading and discarding.
+pub async fn closed_within(tcp: &mut TcpStream, budget: Duration) -> bool {
+    let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::timeout(budget, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
