@@ -8,6 +8,11 @@
 #   ROUNDS=1 SCALE=0.2 loadtest/bench.sh   # quicker
 #   SMOKE=1 loadtest/bench.sh              # seconds: sluice and direct, tiny counts, no RESULTS.md
 #   SCENARIOS="small-c1 stream100" TARGETS="sluice haproxy" loadtest/bench.sh
+#   SCENARIOS="tls-small-c16 tls-churn" loadtest/bench.sh   # TLS on the client leg, sluice and
+#                                          # HAProxy only; written to its own section, bench-tls
+#
+# TLS scenarios (tls-*): the proxy terminates TLS 1.3 with a certificate made here by openssl
+# (ECDSA P-256); tls-churn opens a new connection, so a new handshake, every 10 calls.
 #
 # The proxy is pinned to core 1, the client and backends to core 0. Everything listens on
 # 127.0.0.1; every process is started and stopped by PID; every run is bounded by `timeout`.
@@ -22,7 +27,7 @@ SMOKE=${SMOKE:-0}
 SCENARIOS=${SCENARIOS:-"small-c1 small-c16 stream100 large-64k rate2k idle10k"}
 RESULTS_MD=${RESULTS_MD:-$ROOT/loadtest/RESULTS.md}
 if [ "$SMOKE" = 1 ]; then
-  ROUNDS=1; SCALE=0.02; SCENARIOS=${SMOKE_SCENARIOS:-"small-c16 stream100"}; TARGETS=${TARGETS:-"direct sluice"}
+  ROUNDS=1; SCALE=0.02; SCENARIOS=${SMOKE_SCENARIOS:-"small-c16 stream100 tls-churn"}; TARGETS=${TARGETS:-"direct sluice"}
 fi
 find_binaries
 if [ -z "${TARGETS:-}" ]; then
@@ -48,12 +53,21 @@ scenario_args() {  # the load of each scenario; calls scale with SCALE
     large-64k) echo "--connections 1 --streams 16 --payload 65536 --calls $(n 8000)" ;;
     rate2k)    echo "--connections 4 --rate 2000 --payload 100 --calls $(n 20000)" ;;
     idle10k)   echo "--connections 40 --streams 250 --kind hold --duration 5s --calls 10000" ;;
+    tls-small-c16) echo "--connections 16 --streams 16 --payload 100 --calls $(n 60000) $TLS_ARGS" ;;
+    tls-churn) echo "--connections 4 --streams 1 --payload 100 --calls $(n 20000) --calls-per-connection 10 $TLS_ARGS" ;;
     *) log "unknown scenario $1"; exit 2 ;;
   esac
 }
 target_addr() {
   if [ "$1" = direct ]; then echo "$BACKEND1,$BACKEND2"; else echo "127.0.0.1:$PROXY_PORT"; fi
 }
+
+# Certificates for the TLS scenarios: a CA, and a server certificate for localhost.
+TLS_ARGS=""
+case " $SCENARIOS " in *" tls-"*)
+  make_test_certificates "$WORK/tls"
+  TLS_ARGS="--tls-ca $WORK/tls/ca.pem --tls-name localhost" ;;
+esac
 
 $PIN_LOAD "$LOADTEST" backend --port "${BACKEND1##*:}" --id b1 >>"$WORK/backends.log" 2>&1 &
 STARTED_PIDS+=($!)
@@ -66,6 +80,10 @@ TICK=$(getconf CLK_TCK)
 for round in $(seq 1 "$ROUNDS"); do
   for scenario in $SCENARIOS; do
     for target in $TARGETS; do
+      case "$scenario" in
+        tls-*) PROXY_TLS=1; case "$target" in sluice|haproxy) ;; *) continue ;; esac ;;
+        *) PROXY_TLS=0 ;;
+      esac
       start_proxy "$target"
       [ -n "$PROXY_PID" ] && before=$(cpu_ticks "$PROXY_PID") || before=0
       log "round $round  $scenario  $target"
@@ -138,9 +156,12 @@ PY
 cat "$SUMMARY"
 if [ "$SMOKE" != 1 ]; then
   {
-    echo "## Benchmark"
+    case "${RESULTS_SECTION:-bench}" in
+      bench) echo "## Benchmark" ;;
+      *) echo "## Benchmark: $SCENARIOS" ;;
+    esac
     echo
-    echo "\`ROUNDS=$ROUNDS SCALE=$SCALE loadtest/bench.sh\` on $(machine_line)."
+    echo "\`ROUNDS=$ROUNDS SCALE=$SCALE SCENARIOS=\"$SCENARIOS\" loadtest/bench.sh\` on $(machine_line)."
     echo "Versions: $("$SLUICE" --version)$(command -v haproxy >/dev/null && echo ", $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | cut -d' ' -f3)")."
     echo "Medians over rounds. The proxy is pinned to core 1, the client and backends to core 0; +p50/+p99"
     echo "are what the proxy adds over direct (direct spreads connections over both backends, so its"
@@ -149,6 +170,6 @@ if [ "$SMOKE" != 1 ]; then
     echo
     cat "$SUMMARY"
   } >"$WORK/section.md"
-  write_section bench "$WORK/section.md"
+  write_section "${RESULTS_SECTION:-bench}" "$WORK/section.md"
   log "wrote $RESULTS_MD"
 fi

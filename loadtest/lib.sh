@@ -66,11 +66,14 @@ peak_rss_kib() {  # peak_rss_kib PID: VmHWM summed over the process tree
 # Ports default below 32768, outside Linux's ephemeral range, so a client connection cannot hold
 # them. Proxy configs: listener 127.0.0.1:$PROXY_PORT, backends $BACKEND1 and $BACKEND2, one worker
 # thread each (the proxy gets one pinned core), round robin per request.
-write_sluice_conf() {  # write_sluice_conf FILE [BALANCER]
+write_sluice_conf() {  # write_sluice_conf FILE [BALANCER]; TLS on the listener when PROXY_TLS=1
+  local tls=""
+  [ "${PROXY_TLS:-0}" = 1 ] && tls="    tls: { cert_file: \"$WORK/tls/server.pem\", key_file: \"$WORK/tls/server.key\" }"
   cat >"$1" <<CONF
 listeners:
   - name: grpc
     address: "127.0.0.1:$PROXY_PORT"
+$tls
 threads: 1
 upgrade_sock: "$WORK/sluice_upgrade.sock"
 log:
@@ -98,7 +101,7 @@ defaults
   timeout server 60s
   timeout http-request 30s
 frontend fe
-  bind 127.0.0.1:$PROXY_PORT proto h2
+  bind 127.0.0.1:$PROXY_PORT $( [ "${PROXY_TLS:-0}" = 1 ] && echo "ssl crt $WORK/tls/server-combined.pem alpn h2" || echo "proto h2" )
   default_backend be
 backend be
   balance roundrobin
@@ -144,6 +147,19 @@ http {
   }
 }
 CONF
+}
+
+make_test_certificates() {  # make_test_certificates DIR: ca.pem, server.pem/.key (localhost), server-combined.pem
+  local dir=$1
+  mkdir -p "$dir"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=bench CA" -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -subj "/CN=localhost" -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$dir/server.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 2 -extfile "$dir/server.ext" -out "$dir/server.pem" 2>/dev/null
+  cat "$dir/server.pem" "$dir/server.key" >"$dir/server-combined.pem"
 }
 
 start_proxy() {  # start_proxy TARGET: sets PROXY_PID (empty for direct)

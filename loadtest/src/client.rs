@@ -51,6 +51,18 @@ pub struct RunOptions {
     pub messages: u32,
     pub deadline: Option<Duration>,
     pub progress: bool,
+    /// Speak TLS, trusting this CA (PEM) and checking `tls_name`.
+    pub tls: Option<Tls>,
+    /// Closed loop: each worker opens a new connection after this many calls (connection
+    /// churn), instead of sharing its connection for the whole run.
+    pub calls_per_connection: Option<u64>,
+}
+
+/// TLS to the target: the CA that signed its certificate, and the name to check.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub ca_pem: String,
+    pub name: String,
 }
 
 /// The result of a run, as printed and as JSON.
@@ -143,10 +155,20 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     sluice::wire::Code::from_status(code as u32).go_name()
 }
 
-/// Opens one HTTP/2 connection to `target`.
-pub async fn connect(target: &str) -> Result<EchoClient<Channel>, String> {
-    let channel = Endpoint::from_shared(format!("http://{target}"))
-        .map_err(|e| format!("{target}: {e}"))?
+/// Opens one HTTP/2 connection to `target`, over TLS when `tls` is set.
+pub async fn connect(target: &str, tls: Option<&Tls>) -> Result<EchoClient<Channel>, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{target}"))
+        .map_err(|e| format!("{target}: {e}"))?;
+    if let Some(tls) = tls {
+        let config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem))
+            .domain_name(tls.name.clone());
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| format!("{target}: TLS: {e}"))?;
+    }
+    let channel = endpoint
         .tcp_nodelay(true)
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
@@ -258,7 +280,8 @@ pub async fn run(options: RunOptions) -> Result<Report, String> {
     }
     let mut clients = Vec::with_capacity(options.connections);
     for i in 0..options.connections.max(1) {
-        clients.push(connect(&options.targets[i % options.targets.len()]).await?);
+        let target = &options.targets[i % options.targets.len()];
+        clients.push(connect(target, options.tls.as_ref()).await?);
     }
     let payload: Arc<[u8]> = vec![0x5a; options.payload].into();
     let options = Arc::new(options);
@@ -285,9 +308,11 @@ async fn closed_loop(
     let issued = Arc::new(AtomicU64::new(0));
     let end = options.duration.map(|d| started + d);
     let mut workers = Vec::new();
-    for client in clients {
+    for (c, client) in clients.iter().enumerate() {
         for _ in 0..options.streams.max(1) {
             let mut client = client.clone();
+            let target = options.targets[c % options.targets.len()].clone();
+            let mut on_connection = 0u64;
             let options = Arc::clone(options);
             let payload = Arc::clone(payload);
             let issued = Arc::clone(&issued);
@@ -303,6 +328,19 @@ async fn closed_loop(
                     if end.is_some_and(|end| Instant::now() >= end) {
                         break;
                     }
+                    if options
+                        .calls_per_connection
+                        .is_some_and(|n| on_connection >= n)
+                    {
+                        // A new connection (and, with TLS, a full handshake) for the next calls.
+                        match connect(&target, options.tls.as_ref()).await {
+                            Ok(fresh) => client = fresh,
+                            // Counted as an error; the old connection serves the next call.
+                            Err(_) => *tally.codes.entry("ConnectFailed".into()).or_default() += 1,
+                        }
+                        on_connection = 0;
+                    }
+                    on_connection += 1;
                     let result = call(&mut client, &options, &payload, Instant::now()).await;
                     tally.record(result);
                     if let Some(bar) = &bar {

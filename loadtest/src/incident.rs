@@ -90,9 +90,11 @@ pub async fn run(options: IncidentOptions) -> Result<IncidentReport, String> {
         messages: 1,
         deadline: Some(options.deadline),
         progress: false,
+        tls: None,
+        calls_per_connection: None,
     });
     // One client connection, as in the incident: everything multiplexed on it.
-    let connection = client::connect(&options.target).await?;
+    let connection = client::connect(&options.target, None).await?;
     // Warm-up, so the proxy holds connections to both backends; not counted.
     for _ in 0..20 {
         let _ = client::call(&mut connection.clone(), &calls, &[0; 100], Instant::now()).await;

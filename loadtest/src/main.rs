@@ -61,11 +61,29 @@ struct LoadArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Speak TLS to the target, trusting the CA in this PEM file.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// With --tls-ca: the name to check in the target's certificate (sent as SNI).
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
+    /// Closed loop: each worker opens a new connection after this many calls (with TLS, a
+    /// new handshake): the connection-churn scenario.
+    #[arg(long)]
+    calls_per_connection: Option<u64>,
 }
 
 impl LoadArgs {
-    fn options(&self) -> client::RunOptions {
-        client::RunOptions {
+    fn options(&self) -> Result<client::RunOptions, String> {
+        let tls = match &self.tls_ca {
+            Some(path) => Some(client::Tls {
+                ca_pem: std::fs::read_to_string(path)
+                    .map_err(|e| format!("--tls-ca {}: {e}", path.display()))?,
+                name: self.tls_name.clone(),
+            }),
+            None => None,
+        };
+        Ok(client::RunOptions {
             targets: self.target.clone(),
             connections: self.connections,
             streams: self.streams,
@@ -77,7 +95,9 @@ impl LoadArgs {
             messages: self.messages,
             deadline: self.deadline,
             progress: !self.json && std::io::stderr().is_terminal(),
-        }
+            tls,
+            calls_per_connection: self.calls_per_connection,
+        })
     }
 }
 
@@ -157,7 +177,7 @@ fn print_json<T: serde::Serialize>(value: &T) {
 async fn main_async(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Run(args) => {
-            let report = client::run(args.options()).await?;
+            let report = client::run(args.options()?).await?;
             if args.json {
                 print_json(&report);
             } else {
@@ -227,7 +247,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             watch_pid,
             sample_every,
         } => {
-            let report = soak::run(load.options(), watch_pid, sample_every).await?;
+            let report = soak::run(load.options()?, watch_pid, sample_every).await?;
             if load.json {
                 print_json(&report);
             } else {
