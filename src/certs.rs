@@ -81,15 +81,16 @@ pub fn chain(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(chain)
 }
 
-/// The trust anchors of a CA file: every certificate in it must be a usable CA certificate,
-/// and there must be at least one (a CA file that parses to nothing would trust nothing).
+/// The trust anchors of a CA file: every certificate in it must parse as a trust anchor, and
+/// there must be at least one (a CA file that parses to nothing would trust nothing). Whether
+/// one is really a CA is not checked here: a leaf in a CA file simply vouches for nothing.
 pub fn roots(pem: &[u8]) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|e| format!("not a PEM certificate: {e}"))?;
         roots
             .add(cert)
-            .map_err(|e| format!("not a CA certificate: {e}"))?;
+            .map_err(|e| format!("not a usable trust anchor: {e}"))?;
     }
     if roots.is_empty() {
         return Err("holds no certificate".to_string());
@@ -134,7 +135,10 @@ fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
                     let oid = attr.attr_type();
                     let key = x509_parser::objects::oid2abbrev(oid, registry)
                         .map_or_else(|_| oid.to_id_string(), str::to_string);
-                    let value = attr.as_str().map_or_else(|_| "#".to_string(), escape_value);
+                    // RFC 4514: a value that is not a string is `#` and its bytes in hex.
+                    let value = attr
+                        .as_str()
+                        .map_or_else(|_| hex(attr.attr_value().data), escape_value);
                     format!("{key}={value}")
                 })
                 .collect();
@@ -142,6 +146,11 @@ fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
         })
         .collect();
     rdns.join(",")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let digits: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("#{digits}")
 }
 
 fn escape_value(value: &str) -> String {

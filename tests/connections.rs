@@ -251,3 +251,40 @@ async fn connections_past_max_connections_are_closed_on_arrival() {
     drop(_first);
     served_soon(&sluice).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_calls_keep_a_connection_out_of_the_idle_timeout() {
+    let (_backend, sluice) = sluice_with("    keepalive: { idle_timeout: 2s }\n").await;
+    let (sender, connection) = connect(&sluice).await;
+    // A 1 ms call every 300 ms for 4 s: never a call open when the 1 s tick looks, never idle.
+    for _ in 0..13 {
+        let status = start_call(&sender, 0).await.await.unwrap();
+        assert_eq!(status.as_deref(), Some("0"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(!connection.is_finished(), "GOAWAY while calls kept coming");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_inside_its_preface_is_closed() {
+    let (_backend, sluice) = sluice_with("").await;
+    let mut tcp = TcpStream::connect(sluice.addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let started = Instant::now();
+    // sluice's own SETTINGS may arrive first; then the connection must end.
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still open after 15 s");
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}

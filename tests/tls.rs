@@ -440,3 +440,19 @@ async fn sluice_presents_its_client_certificate_to_a_backend_that_requires_one()
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_listener_lets_a_client_set_the_identity_header() {
+    // A cleartext listener: a client's own x-forwarded-client-cert never reaches a backend.
+    let backend = Echo::start("b1").await;
+    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
+    let mut ask = tonic::Request::new(request("forged"));
+    let forged = "Hash=00;Subject=\"CN=admin\"".parse().unwrap();
+    ask.metadata_mut().insert("x-forwarded-client-cert", forged);
+    let reply = sluice.client().await.unary(ask).await.unwrap();
+    assert!(
+        reply.metadata().get("x-forwarded-client-cert").is_none(),
+        "{:?}",
+        reply.metadata()
+    );
+}

@@ -43,10 +43,20 @@ pub struct EtcdTlsFiles {
 }
 
 /// A PEM file: where it was, and what it held.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PemFile {
     pub path: String,
     pub pem: Vec<u8>,
+}
+
+/// The path and size only: a private key must not reach a log through `{:?}`.
+impl std::fmt::Debug for PemFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PemFile")
+            .field("path", &self.path)
+            .field("bytes", &self.pem.len())
+            .finish()
+    }
 }
 
 impl Files {

@@ -33,14 +33,14 @@ use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::balance::Cluster;
 use crate::lifecycle::Lifecycle;
 use crate::telemetry::access_log::{self, AccessLog, Entry};
 use crate::telemetry::metrics;
 use crate::telemetry::{request_id, unrouted, Reject};
-use crate::transport::tls::{ClientCert, HandshakeFailure, ServerTls};
+use crate::transport::tls::{ClientCert, ClientIdentity, HandshakeFailure, ServerTls};
 use crate::transport::H2Settings;
 use crate::wire::{self, Code, ProxyStatus};
 use call::{Call, Ending, Summary};
@@ -69,11 +69,15 @@ pub struct Proxy {
     pub tls: Option<Arc<ServerTls>>,
     /// The header that carries the verified client identity upstream (`forward_client_cert`).
     pub forward_client_cert: Option<HeaderName>,
+    /// Identity headers removed from every request on this listener, whatever the client
+    /// sent: `x-forwarded-client-cert` and every listener's `forward_client_cert` header, so
+    /// no listener lets a client forge an identity that another verifies.
+    pub identity_headers: Arc<[HeaderName]>,
     /// Max age, idle timeout, PINGs (`listeners[]` keys).
     pub policy: ConnectionPolicy,
     /// `max_connections`: beyond it, a new connection is closed as soon as it is accepted.
     pub max_connections: Option<usize>,
-    /// Connections open on this listener, and when the limit was last logged (ms since start).
+    /// Connections open on this listener, and when reaching the limit was last logged.
     pub open: ConnectionCount,
 }
 
@@ -150,10 +154,12 @@ impl Proxy {
         let addr = io
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
+        // One deadline for the first bytes, the TLS handshake and the HTTP/2 preface.
+        let deadline = tokio::time::Instant::now() + PREFACE_TIMEOUT;
         let Some(tls) = &self.tls else {
             // Anything but the HTTP/2 preface is a client speaking HTTP/1: tell it plainly.
             let mut first = [0u8; 4];
-            match tokio::time::timeout(PREFACE_TIMEOUT, io.try_peek(&mut first)).await {
+            match tokio::time::timeout_at(deadline, io.try_peek(&mut first)).await {
                 Ok(Ok(true)) if &first != b"PRI " => return reply::not_http2(&mut io).await,
                 Ok(Ok(_)) => {}
                 // Closed or silent before sending anything: nothing to answer.
@@ -163,12 +169,12 @@ impl Proxy {
                 addr,
                 ..Peer::default()
             };
-            return self.serve_h2(io, Arc::new(peer), shutdown).await;
+            return self.serve_h2(io, Arc::new(peer), deadline, shutdown).await;
         };
         // A connection closed before its first byte is a TCP health check, not a failed
         // handshake; one that does not start with a TLS record speaks cleartext.
         let mut first = [0u8; 1];
-        match tokio::time::timeout(PREFACE_TIMEOUT, io.try_peek(&mut first)).await {
+        match tokio::time::timeout_at(deadline, io.try_peek(&mut first)).await {
             Ok(Ok(true)) if first[0] != TLS_HANDSHAKE_RECORD => {
                 metrics().tls_handshake_failed(&self.listener, "not_tls");
                 debug!(listener = %self.listener, peer = ?addr, "cleartext on a TLS listener");
@@ -177,13 +183,12 @@ impl Proxy {
             Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => return,
         }
-        let handshake = tokio::time::timeout(PREFACE_TIMEOUT, tls.accept(io)).await;
+        let handshake = tokio::time::timeout_at(deadline, tls.accept(io)).await;
         match handshake.unwrap_or(Err(HandshakeFailure::Timeout)) {
             Ok((stream, cert)) => {
-                let xfcc = (self.forward_client_cert.as_ref().zip(cert.as_ref()))
-                    .and_then(|(_, cert)| HeaderValue::from_str(&cert.xfcc()).ok());
-                let peer = Peer { addr, cert, xfcc };
-                self.serve_h2(stream, Arc::new(peer), shutdown).await;
+                let peer = self.peer_with(addr, cert);
+                self.serve_h2(stream, Arc::new(peer), deadline, shutdown)
+                    .await;
             }
             Err(failure) => {
                 // A bad client, not a proxy fault: counted, and logged at debug only.
@@ -192,6 +197,32 @@ impl Proxy {
                     "TLS handshake failed");
             }
         }
+    }
+
+    /// The peer of a TLS connection: its verified certificate (`None` without mTLS), and the
+    /// identity header made from it once for all its calls.
+    fn peer_with(&self, addr: Option<SocketAddr>, cert: ClientIdentity) -> Peer {
+        let cert = match cert {
+            ClientIdentity::None => None,
+            ClientIdentity::Verified(cert) => Some(cert),
+            ClientIdentity::Unreadable(error) => {
+                // Verified by the CA, but not something sluice can describe: the call goes
+                // on without an identity, and the operator learns why.
+                warn!(listener = %self.listener, peer = ?addr, %error,
+                    "client certificate verified but unreadable; no identity forwarded or logged");
+                None
+            }
+        };
+        let xfcc = match (&self.forward_client_cert, &cert) {
+            (Some(_), Some(cert)) => HeaderValue::from_str(&cert.xfcc())
+                .inspect_err(|_| {
+                    warn!(listener = %self.listener, peer = ?addr,
+                        "client certificate names make no valid header value; none forwarded");
+                })
+                .ok(),
+            _ => None,
+        };
+        Peer { addr, cert, xfcc }
     }
 
     /// Runs one gRPC call from its request headers to its last frame, then counts it and
@@ -210,11 +241,11 @@ impl Proxy {
             return reply::not_grpc(&mut respond, &parts);
         }
         // The client's identity goes upstream only as sluice verified it.
-        if let Some(header) = &self.forward_client_cert {
+        for header in self.identity_headers.iter() {
             parts.headers.remove(header);
-            if let Some(xfcc) = &peer.xfcc {
-                parts.headers.insert(header.clone(), xfcc.clone());
-            }
+        }
+        if let (Some(header), Some(xfcc)) = (&self.forward_client_cert, &peer.xfcc) {
+            parts.headers.insert(header.clone(), xfcc.clone());
         }
         // Before the first attempt, so a generated id goes upstream.
         if self.generate_request_id {

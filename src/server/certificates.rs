@@ -17,7 +17,7 @@ use crate::telemetry::{metrics, CertificateOwner};
 use crate::transport::tls::{ServerTls, ServerTlsPem};
 use crate::BoxError;
 
-/// How often the files are read for changes (the bound is 10 s).
+/// How often the files are read for changes: a renewed certificate is served within this.
 const WATCH_EVERY: Duration = Duration::from_secs(5);
 
 /// What each listener serves with, in listener order (`None`: cleartext).
@@ -77,8 +77,10 @@ impl Certificates {
 
 impl ListenerCerts {
     fn reload_if_changed(&self, why: &str) {
-        let read = read_listener_tls(self.index, &self.config);
+        // Read under the lock: a watcher that read the old files must not apply them after a
+        // SIGHUP applied the new ones.
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let read = read_listener_tls(self.index, &self.config);
         let (applied, rejected) = &mut *seen;
         let files = match read {
             Ok(files) if files == *applied => return,

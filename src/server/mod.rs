@@ -150,12 +150,15 @@ fn new_cluster<'c>(
         Some(old) => Cluster::after(c, tls, old),
         None => Cluster::new(c, tls),
     });
-    // A changed source starts from nothing: an etcd set is not the new prefix's. So does a
-    // changed TLS setup: the backends' connections were made with the old one.
-    let same_tls = |old: &Cluster| old.settings.upstream.tls == cluster.settings.upstream.tls;
-    let same = old.filter(|old| old.source.same_source(&cluster.source) && same_tls(old));
-    if let Some(old) = same {
+    // A changed source starts from nothing: an etcd set is not the new prefix's.
+    if let Some(old) = old.filter(|old| old.source.same_source(&cluster.source)) {
         cluster.adopt_backends(old);
+        if old.settings.upstream.tls != cluster.settings.upstream.tls {
+            // Connections made under the old TLS setup serve no new call.
+            for backend in &cluster.backends().backends {
+                backend.transport.retire_connections();
+            }
+        }
         if c.health_check.is_none() {
             // Checks turned off: what they said no longer holds.
             for backend in &cluster.backends().backends {
@@ -312,6 +315,7 @@ fn add_listeners(
     upgrade: bool,
 ) -> Result<Vec<SocketAddr>, BoxError> {
     let mut bound_listeners = Vec::new();
+    let identity_headers = identity_headers(config);
     for (listener, tls) in config.listeners.iter().zip(tls) {
         let name = &listener.name.value;
         let forward = listener
@@ -334,6 +338,7 @@ fn add_listeners(
             connections_gauge: metrics().downstream_connections(name),
             tls,
             forward_client_cert: forward.map(|f| f.header.0.clone()),
+            identity_headers: Arc::clone(&identity_headers),
             policy: connection_policy(listener),
         };
         let service_name = format!("listener {name}");
@@ -347,6 +352,21 @@ fn add_listeners(
         info!(listener = %name, address = %bound, "listening");
     }
     Ok(bound_listeners)
+}
+
+/// The headers no client may set on any listener: Envoy's `x-forwarded-client-cert`, and each
+/// listener's `forward_client_cert` header.
+fn identity_headers(config: &Config) -> Arc<[http::HeaderName]> {
+    let mut headers = vec![http::HeaderName::from_static("x-forwarded-client-cert")];
+    let configured = (config.listeners.iter())
+        .filter_map(|l| l.tls.as_ref()?.forward_client_cert.as_ref())
+        .map(|f| f.header.0.clone());
+    for header in configured {
+        if !headers.contains(&header) {
+            headers.push(header);
+        }
+    }
+    headers.into()
 }
 
 /// A listener's connection policy, from its config.

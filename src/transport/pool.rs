@@ -137,6 +137,16 @@ impl Pool {
         self.inner.connections.load().len()
     }
 
+    /// Lends no more streams on the open connections (they were made under settings that
+    /// changed, such as the cluster's TLS): streams in flight finish on them, then they
+    /// close; the next call opens a new connection.
+    pub fn retire_connections(&self) {
+        let retired = self.inner.connections.swap(Arc::new(Vec::new()));
+        for connection in retired.iter() {
+            connection.closed.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Lends a ready stream sender on a connection with a free stream slot, opening a
     /// connection if none has one. `policy.connect_timeout` bounds the connect and handshake;
     /// the call's deadline is the caller's to race (one timer owns it, so the outcome of a

@@ -88,12 +88,12 @@ impl ServerTls {
         Ok(leaves)
     }
 
-    /// Runs the server side of a handshake on `io`; returns the stream and the client's
-    /// verified certificate, if it sent one.
+    /// Runs the server side of a handshake on `io`; returns the stream and what the client's
+    /// certificate, if it sent one, says.
     pub async fn accept<IO>(
         &self,
         io: IO,
-    ) -> Result<(TlsStream<IO>, Option<ClientCert>), HandshakeFailure>
+    ) -> Result<(TlsStream<IO>, ClientIdentity), HandshakeFailure>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
@@ -102,10 +102,13 @@ impl ServerTls {
             .accept(io)
             .await
             .map_err(|e| HandshakeFailure::of(&e))?;
-        let client = (stream.get_ref().1.peer_certificates())
-            .and_then(|chain| chain.first())
-            .and_then(|leaf| ClientCert::of(leaf).ok());
-        Ok((stream, client))
+        let leaf = (stream.get_ref().1.peer_certificates()).and_then(|chain| chain.first());
+        let identity = match leaf.map(ClientCert::of) {
+            None => ClientIdentity::None,
+            Some(Ok(cert)) => ClientIdentity::Verified(cert),
+            Some(Err(error)) => ClientIdentity::Unreadable(error),
+        };
+        Ok((stream, identity))
     }
 }
 
@@ -162,6 +165,16 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// What a TLS client showed of itself.
+#[derive(Debug)]
+pub enum ClientIdentity {
+    /// No certificate (the listener asks for none).
+    None,
+    Verified(ClientCert),
+    /// Verified by the client CA, but its fields could not be read.
+    Unreadable(String),
+}
+
 /// A client's verified certificate: who it says the client is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCert {
@@ -189,16 +202,16 @@ impl ClientCert {
     }
 
     /// The identity in Envoy's `x-forwarded-client-cert` format:
-    /// `Hash=...;Subject="...";URI=...;DNS=...` (one `URI=`/`DNS=` per name; quotes and
-    /// backslashes in the subject escaped).
+    /// `Hash=...;Subject="...";URI=...;DNS=...` (one `URI=`/`DNS=` per name). The subject is
+    /// always quoted, a name when it holds `,`, `;`, `=` or `"`, with quotes and backslashes
+    /// escaped inside: a crafted name cannot add fields.
     pub fn xfcc(&self) -> String {
-        let subject = self.subject.replace('\\', "\\\\").replace('"', "\\\"");
-        let mut value = format!("Hash={};Subject=\"{subject}\"", self.hash);
+        let mut value = format!("Hash={};Subject={}", self.hash, quoted(&self.subject));
         for uri in &self.uri {
-            let _ = write!(value, ";URI={uri}");
+            let _ = write!(value, ";URI={}", quote_if_needed(uri));
         }
         for dns in &self.dns {
-            let _ = write!(value, ";DNS={dns}");
+            let _ = write!(value, ";DNS={}", quote_if_needed(dns));
         }
         value
     }
@@ -336,9 +349,35 @@ fn system_roots() -> Result<rustls::RootCertStore, String> {
     Ok(roots)
 }
 
+fn quoted(value: &str) -> String {
+    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn quote_if_needed(value: &str) -> String {
+    if value.contains([',', ';', '=', '"', '\\']) {
+        quoted(value)
+    } else {
+        value.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_crafted_name_cannot_add_xfcc_fields() {
+        let cert = ClientCert {
+            subject: "CN=a".into(),
+            dns: vec![],
+            uri: vec!["spiffe://x;By=evil".into()],
+            hash: "ab".into(),
+        };
+        assert_eq!(
+            cert.xfcc(),
+            "Hash=ab;Subject=\"CN=a\";URI=\"spiffe://x;By=evil\""
+        );
+    }
 
     #[test]
     fn xfcc_follows_envoys_format() {
