@@ -525,6 +525,43 @@ async fn weights_from_metadata_are_honoured_by_round_robin() {
     assert!((2.7..=3.3).contains(&(h / l)), "{seen:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kratos_tls_endpoint_is_routed_by_a_cluster_with_tls_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::pki::TestCa::new("test CA");
+    let cert = ca.server(dir.path(), "backend", &["backend.test"]);
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let backend = Echo::start_tls("secure", &cert.cert_pem, &cert.key_pem).await;
+    let etcd = Etcd::start().await;
+    let mut kv = etcd.client().await;
+    let kratos = format!(
+        r#"{{"id":"secure","name":"echo","metadata":{{}},"endpoints":["grpc://{}?isSecure=true"]}}"#,
+        backend.addr
+    );
+    put_leased(&mut kv, "services/echo/secure", &kratos, 60).await;
+    let tls = format!(
+        "    tls: {{ ca_file: \"{}\", server_name: backend.test }}\n",
+        ca_file.display()
+    );
+    let sluice = Sluice::start(&etcd_cluster(&etcd.url(), "services/echo", "kratos", &tls)).await;
+    assert_eq!(
+        sluice.backends_of("echo").await,
+        vec![(backend.addr.to_string(), 1)]
+    );
+    let reply = sluice.client().await.unary(request("tls")).await.unwrap();
+    assert_eq!(reply.into_inner().backend_id, "secure");
+    // Without `tls` the key names no backend, and the log says why.
+    let plain = Sluice::start(&etcd_cluster(&etcd.url(), "services/echo", "kratos", "")).await;
+    assert!(plain.backends_of("echo").await.is_empty());
+    let logged = support::wait_until(WAIT, || {
+        plain
+            .log()
+            .contains("has isSecure=true, and the cluster has no `tls`")
+    })
+    .await;
+    assert!(logged, "{}", plain.log());
+}
+
 /// Runs `sluice register` with `args`; stderr goes to a file in `dir`.
 fn spawn_register(args: &[&str], log: &std::path::Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_sluice"))

@@ -335,22 +335,37 @@ impl PrefixState {
     /// Records what one key's value says. A value that cannot be decoded is skipped (the key
     /// names no backend) and logged once, with the key.
     fn put(&mut self, key: &str, value: &[u8]) {
+        let tls = self.cluster.settings.upstream.tls.is_some();
         match formats::decode(self.format, value) {
             Ok(Decoded::Backend(endpoint)) => {
                 self.invalid.remove(key);
                 self.keys.insert(key.to_string(), endpoint);
             }
+            Ok(Decoded::TlsBackend(endpoint)) if tls => {
+                self.invalid.remove(key);
+                self.keys.insert(key.to_string(), endpoint);
+            }
+            Ok(Decoded::TlsBackend(endpoint)) => {
+                let why = format!(
+                    "{} has isSecure=true, and the cluster has no `tls`: add `tls:` to the cluster to route it",
+                    endpoint.address.0
+                );
+                self.skip(key, &why);
+            }
             Ok(Decoded::Removed) => {
                 self.invalid.remove(key);
                 self.keys.remove(key);
             }
-            Err(why) => {
-                self.keys.remove(key);
-                if self.invalid.insert(key.to_string()) {
-                    warn!(cluster = %self.cluster.name, key, error = %why,
-                        "etcd: skipping a value that cannot be decoded");
-                }
-            }
+            Err(why) => self.skip(key, &why),
+        }
+    }
+
+    /// The key names no backend; logged once, when it turns bad.
+    fn skip(&mut self, key: &str, why: &str) {
+        self.keys.remove(key);
+        if self.invalid.insert(key.to_string()) {
+            warn!(cluster = %self.cluster.name, key, error = %why,
+                "etcd: skipping a value that cannot be decoded");
         }
     }
 

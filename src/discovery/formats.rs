@@ -17,6 +17,9 @@ use crate::config::{BackendAddr, EtcdFormat};
 pub enum Decoded {
     /// The key is this backend.
     Backend(Endpoint),
+    /// The key is this backend, and it speaks only TLS (Kratos' `isSecure=true`): a cluster
+    /// routes to it only with `clusters[].tls`.
+    TlsBackend(Endpoint),
     /// The key names no backend: etcd-naming's `"Op": 1` (delete) update.
     Removed,
 }
@@ -78,9 +81,8 @@ fn etcd_naming(value: &Value) -> Result<Decoded, String> {
     }))
 }
 
-/// Kratos' registry value: the first `grpc://` endpoint is the backend. `isSecure=true` would
-/// need the value's TLS to follow the cluster's (`clusters[].tls`), which decoding does not know
-/// yet, so it is refused rather than risk sending it cleartext.
+/// Kratos' registry value: the first `grpc://` endpoint is the backend; `isSecure=true` makes it
+/// a [`Decoded::TlsBackend`], which only a cluster with TLS takes.
 fn kratos(value: &Value) -> Result<Decoded, String> {
     let Some(endpoints) = value.get("endpoints").and_then(Value::as_array) else {
         return Err("\"endpoints\" is missing or not a list".into());
@@ -91,18 +93,17 @@ fn kratos(value: &Value) -> Result<Decoded, String> {
         .find_map(|e| e.strip_prefix("grpc://"))
         .ok_or("no grpc:// entry in \"endpoints\"")?;
     let (authority, query) = grpc.split_once('?').unwrap_or((grpc, ""));
-    if query
+    let secure = query
         .split('&')
-        .any(|pair| pair.eq_ignore_ascii_case("isSecure=true"))
-    {
-        return Err(format!(
-            "grpc://{authority} has isSecure=true; sluice does not route Kratos TLS endpoints yet"
-        ));
-    }
-    Ok(Decoded::Backend(Endpoint {
+        .any(|pair| pair.eq_ignore_ascii_case("isSecure=true"));
+    let endpoint = Endpoint {
         address: BackendAddr::parse(authority.trim_end_matches('/'))?,
         weight: weight(value.get("metadata"), "metadata")?,
-    }))
+    };
+    Ok(match secure {
+        true => Decoded::TlsBackend(endpoint),
+        false => Decoded::Backend(endpoint),
+    })
 }
 
 /// `weight` inside the metadata object: a positive integer, or a string holding one (Kratos
@@ -187,7 +188,12 @@ mod tests {
         assert!(err(Auto, r#"{"Op":2,"Addr":"a:1"}"#).contains("\"Op\" is 2"));
         assert!(err(Auto, r#"{"Addr":"a:1","Metadata":{"weight":0}}"#).contains("weight"));
         assert!(err(Auto, r#"{"endpoints":["http://a:1"]}"#).contains("no grpc://"));
-        assert!(err(Auto, r#"{"endpoints":["grpc://a:1?isSecure=true"]}"#).contains("TLS"));
+        let secure = decode(Auto, br#"{"endpoints":["grpc://a:1?isSecure=true"]}"#);
+        let endpoint = Endpoint {
+            address: BackendAddr("a:1".into()),
+            weight: 1,
+        };
+        assert_eq!(secure, Ok(Decoded::TlsBackend(endpoint)));
         assert!(err(Auto, r#"{"name":"x"}"#).contains("neither"));
         assert!(decode(Auto, &[0xff, 0xfe]).unwrap_err().contains("UTF-8"));
     }
