@@ -5,6 +5,7 @@
 //! expose. Imports nothing from the crate: config checks files with it, transport builds TLS
 //! with it.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
@@ -136,9 +137,10 @@ fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
                     let key = x509_parser::objects::oid2abbrev(oid, registry)
                         .map_or_else(|_| oid.to_id_string(), str::to_string);
                     // RFC 4514: a value that is not a string is `#` and its bytes in hex.
-                    let value = attr
-                        .as_str()
-                        .map_or_else(|_| hex(attr.attr_value().data), escape_value);
+                    let value = attr.as_str().map_or_else(
+                        |_| format!("#{}", hex(attr.attr_value().data)),
+                        escape_value,
+                    );
                     format!("{key}={value}")
                 })
                 .collect();
@@ -148,9 +150,13 @@ fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
     rdns.join(",")
 }
 
-fn hex(bytes: &[u8]) -> String {
-    let digits: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("#{digits}")
+/// `bytes` as lowercase hex digits.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut digits = String::with_capacity(2 * bytes.len());
+    for byte in bytes {
+        let _ = write!(digits, "{byte:02x}");
+    }
+    digits
 }
 
 fn escape_value(value: &str) -> String {

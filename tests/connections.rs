@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use h2::client::SendRequest;
+use h2::client::{ResponseFuture, SendRequest};
 use support::raw_h2::{closed_within, frame, raw, read_until, GOAWAY, PING};
 use support::{grpc_frame, request, Echo, Sluice};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,19 +22,27 @@ async fn connect(sluice: &Sluice) -> (SendRequest<Bytes>, JoinHandle<Result<(), 
     (sender, tokio::spawn(connection))
 }
 
-/// Starts a unary echo call that the backend holds `held_ms`; resolves to its grpc-status
-/// (`None` if the stream or connection failed first).
-async fn start_call(sender: &SendRequest<Bytes>, held_ms: u32) -> JoinHandle<Option<String>> {
+/// Sends a unary echo call that the backend holds `held_ms`; `None` when the connection
+/// takes no new stream (closed, or after GOAWAY).
+async fn send_call(sender: &SendRequest<Bytes>, held_ms: u32) -> Option<ResponseFuture> {
     let request = http::Request::post("http://sluice/echo.v1.Echo/Unary")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
-        .unwrap();
-    let mut sender = sender.clone().ready().await.unwrap();
-    let (response, mut body) = sender.send_request(request, false).unwrap();
-    let mut ask = request_held(held_ms);
-    ask.message = "held".into();
-    body.send_data(Bytes::from(grpc_frame(&ask)), true).unwrap();
+        .ok()?;
+    let mut ready = sender.clone().ready().await.ok()?;
+    let (response, mut body) = ready.send_request(request, false).ok()?;
+    let ask = request_held(held_ms);
+    body.send_data(Bytes::from(grpc_frame(&ask)), true).ok()?;
+    Some(response)
+}
+
+/// Starts a unary echo call that the backend holds `held_ms`; resolves to its grpc-status
+/// (`None` if the stream or connection failed first).
+async fn start_call(sender: &SendRequest<Bytes>, held_ms: u32) -> JoinHandle<Option<String>> {
+    let response = send_call(sender, held_ms)
+        .await
+        .expect("a new stream on the connection");
     tokio::spawn(async move {
         let response = response.await.ok()?;
         let mut body = response.into_body();
@@ -197,15 +205,7 @@ async fn served(
     let tcp = TcpStream::connect(sluice.addr).await.ok()?;
     let (sender, connection) = h2::client::handshake(tcp).await.ok()?;
     let connection = tokio::spawn(connection);
-    let mut ready = sender.clone().ready().await.ok()?;
-    let request = http::Request::post("http://sluice/echo.v1.Echo/Unary")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .ok()?;
-    let (response, mut body) = ready.send_request(request, false).ok()?;
-    body.send_data(Bytes::from(grpc_frame(&request_held(0))), true)
-        .ok()?;
+    let response = send_call(&sender, 0).await?;
     let response = tokio::time::timeout(Duration::from_secs(5), response)
         .await
         .ok()?

@@ -20,6 +20,15 @@ async fn still_serves(sluice: &Sluice) {
     );
 }
 
+/// Sluice's resident memory grew by less than 64 MiB during `what`.
+fn assert_memory_flat(what: &str, before_kib: u64, after_kib: u64) {
+    eprintln!("{what}: RSS {before_kib} KiB -> {after_kib} KiB");
+    assert!(
+        after_kib < before_kib + 64 * 1024,
+        "{what}: RSS grew from {before_kib} KiB to {after_kib} KiB"
+    );
+}
+
 async fn echo_behind_sluice() -> (Echo, Sluice) {
     let backend = Echo::start("b1").await;
     let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
@@ -129,12 +138,8 @@ async fn a_rapid_reset_flood_keeps_memory_flat() {
         }
     }
     still_serves(&sluice).await;
-    let after = sluice.rss_kib();
-    eprintln!("rapid reset: closed early {closed_early}, RSS {before} KiB -> {after} KiB");
-    assert!(
-        after < before + 64 * 1024,
-        "RSS grew from {before} KiB to {after} KiB"
-    );
+    let what = format!("rapid reset (closed early: {closed_early})");
+    assert_memory_flat(&what, before, sluice.rss_kib());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,12 +164,7 @@ async fn ping_and_settings_floods_keep_memory_flat() {
         let _ = tokio::time::timeout(Duration::from_secs(3), flood).await;
         still_serves(&sluice).await;
     }
-    let after = sluice.rss_kib();
-    eprintln!("PING/SETTINGS floods: RSS {before} KiB -> {after} KiB");
-    assert!(
-        after < before + 64 * 1024,
-        "RSS grew from {before} KiB to {after} KiB"
-    );
+    assert_memory_flat("PING/SETTINGS floods", before, sluice.rss_kib());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,12 +203,7 @@ async fn a_zero_window_that_never_opens_keeps_memory_flat() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     still_serves(&sluice).await;
-    let after = sluice.rss_kib();
-    eprintln!("zero window: RSS {before} KiB -> {after} KiB");
     // Flow control holds it: at most the windows sluice opened to the backend per stream.
-    assert!(
-        after < before + 64 * 1024,
-        "RSS grew from {before} KiB to {after} KiB"
-    );
+    assert_memory_flat("zero window", before, sluice.rss_kib());
     drop(tcp);
 }

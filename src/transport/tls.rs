@@ -189,15 +189,11 @@ impl ClientCert {
     fn of(leaf: &rustls::pki_types::CertificateDer<'_>) -> Result<ClientCert, String> {
         let described = certs::describe(leaf)?;
         let digest = ring::digest::digest(&ring::digest::SHA256, leaf);
-        let mut hash = String::with_capacity(64);
-        for byte in digest.as_ref() {
-            let _ = write!(hash, "{byte:02x}");
-        }
         Ok(ClientCert {
             subject: described.subject,
             dns: described.dns,
             uri: described.uri,
-            hash,
+            hash: certs::hex(digest.as_ref()),
         })
     }
 
