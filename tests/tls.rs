@@ -441,6 +441,69 @@ async fn sluice_presents_its_client_certificate_to_a_backend_that_requires_one()
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }
 
+/// Whether a call through `sluice` succeeds within `budget` (each try may open a connection).
+async fn serves_within(sluice: &Sluice, budget: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < budget {
+        if sluice.client().await.unary(request("try")).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_ca_and_client_certificate_rotated_on_disk_reach_new_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_ca = TestCa::new("old CA");
+    let new_ca = TestCa::new("new CA");
+    // The backend moved to the new CA, for its own certificate and for its clients'.
+    let backend_cert = new_ca.server(dir.path(), "backend", &["backend.test"]);
+    let backend = Echo::start_tls_with(
+        "b1",
+        &backend_cert.cert_pem,
+        &backend_cert.key_pem,
+        Some(&new_ca.cert_pem),
+    )
+    .await;
+    let ca_file = old_ca.write(dir.path(), "ca.pem");
+    let ours = old_ca.client(dir.path(), "sluice", "sluice", None);
+    let tls = format!(
+        "    tls: {{ ca_file: \"{}\", server_name: backend.test, cert_file: \"{}\", key_file: \"{}\" }}\n",
+        ca_file.display(),
+        ours.cert_file.display(),
+        ours.key_file.display()
+    );
+    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], &tls)).await;
+    let status = sluice.client().await.unary(request("x")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
+    // A bad CA file is logged once and the old one stays.
+    std::fs::write(&ca_file, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    let rejected = support::wait_until(Duration::from_secs(12), || {
+        let log = sluice.log();
+        log.contains("new TLS files rejected") && log.contains("cluster echo")
+    })
+    .await;
+    assert!(rejected, "{}", sluice.log());
+
+    // cert-manager writes the new CA and client certificate: new connections use them,
+    // without a SIGHUP.
+    new_ca.write(dir.path(), "ca.pem");
+    new_ca
+        .client(dir.path(), "renewed", "sluice", None)
+        .write_to(&ours.cert_file, &ours.key_file);
+    assert!(
+        serves_within(&sluice, Duration::from_secs(15)).await,
+        "{}",
+        sluice.log()
+    );
+    let log = sluice.log();
+    assert!(log.contains("TLS certificates reloaded"), "{log}");
+    assert!(!log.contains("SIGHUP"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_listener_lets_a_client_set_the_identity_header() {
     // A cleartext listener: a client's own x-forwarded-client-cert never reaches a backend.

@@ -83,7 +83,9 @@ impl Files {
     }
 }
 
-fn read_upstream_tls(i: usize, tls: &UpstreamTls) -> Result<UpstreamTlsFiles, Problem> {
+/// Reads and checks the files of `clusters[i].tls` (at load, and again when they are
+/// reloaded).
+pub fn read_upstream_tls(i: usize, tls: &UpstreamTls) -> Result<UpstreamTlsFiles, Problem> {
     let at = format!("clusters[{i}].tls");
     let ca = match &tls.ca_file {
         Some(path) => Some(read_ca(&format!("{at}.ca_file"), path)?),

@@ -23,7 +23,8 @@ use serde::{Deserialize, Deserializer};
 pub use serde_saphyr::Spanned;
 
 pub use files::{
-    read_listener_tls, EtcdTlsFiles, Files, ListenerTlsFiles, PemFile, UpstreamTlsFiles,
+    read_listener_tls, read_upstream_tls, EtcdTlsFiles, Files, ListenerTlsFiles, PemFile,
+    UpstreamTlsFiles,
 };
 pub use values::{
     parse_duration, AtLeastOne, BackendAddr, DurationValue, EtcdEndpoint, EtcdPrefix,

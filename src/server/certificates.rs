@@ -1,8 +1,8 @@
-//! Listener certificates: built at start, then reloaded without a restart, on SIGHUP and when
-//! their files change on disk (read every `WATCH_EVERY`; cert-manager and certbot replace
-//! files in place or swap symlinks, and both show as new contents). New handshakes use the new
-//! certificate; established connections keep theirs. A bad new file is logged once and the
-//! old certificate stays.
+//! TLS certificates: each listener's, and each cluster's CA and client certificate. Built
+//! with the config, then reloaded without a restart, on SIGHUP and when their files change on
+//! disk (read every `WATCH_EVERY`; cert-manager and certbot replace files in place or swap
+//! symlinks, and both show as new contents). New handshakes use the new files; established
+//! connections keep theirs. A bad new file is logged once and the old certificate stays.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,9 +12,13 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tracing::{error, info};
 
-use crate::config::{read_listener_tls, Config, ListenerTls, ListenerTlsFiles};
+use crate::config::{
+    read_listener_tls, read_upstream_tls, Config, ListenerTls, ListenerTlsFiles, PemFile, Problem,
+    UpstreamTls, UpstreamTlsFiles,
+};
+use crate::proxy::Router;
 use crate::telemetry::{metrics, CertificateOwner};
-use crate::transport::tls::{ServerTls, ServerTlsPem};
+use crate::transport::tls::{ClientTls, ClientTlsPem, ServerTls, ServerTlsPem};
 use crate::BoxError;
 
 /// How often the files are read for changes: a renewed certificate is served within this.
@@ -23,9 +27,30 @@ const WATCH_EVERY: Duration = Duration::from_secs(5);
 /// What each listener serves with, in listener order (`None`: cleartext).
 pub(super) type ListenerTlsList = Vec<Option<Arc<ServerTls>>>;
 
-/// Every TLS listener's certificates.
+/// Every TLS listener's and TLS cluster's certificates.
 pub(super) struct Certificates {
-    listeners: Vec<ListenerCerts>,
+    listeners: Vec<Watched<ListenerCerts>>,
+    /// The current router's clusters; replaced when a config reload builds a new router.
+    clusters: Mutex<Vec<Arc<Watched<ClusterCerts>>>>,
+}
+
+/// One owner's files: those in use, and the last set rejected (so a bad file is logged once).
+struct Watched<T: Reloadable> {
+    owner: T,
+    seen: Mutex<(T::Files, Option<T::Files>)>,
+}
+
+/// Something that serves with TLS files and can take new ones.
+trait Reloadable {
+    type Files: PartialEq;
+    /// `listener=NAME` or `cluster=NAME`, for the log.
+    fn who(&self) -> String;
+    /// Reads and checks the files.
+    fn read(&self) -> Result<Self::Files, Problem>;
+    /// What the files hold, as far as they can be read (to tell one bad version from the next).
+    fn read_raw(&self) -> Self::Files;
+    /// Uses `files` for new handshakes, and publishes their expiry.
+    fn apply(&self, files: &Self::Files) -> Result<(), String>;
 }
 
 struct ListenerCerts {
@@ -33,8 +58,13 @@ struct ListenerCerts {
     index: usize,
     config: ListenerTls,
     tls: Arc<ServerTls>,
-    /// The files in use, and the last set rejected (so a bad file is logged once).
-    seen: Mutex<(ListenerTlsFiles, Option<ListenerTlsFiles>)>,
+}
+
+struct ClusterCerts {
+    name: String,
+    index: usize,
+    config: UpstreamTls,
+    tls: Arc<ClientTls>,
 }
 
 impl Certificates {
@@ -50,64 +80,102 @@ impl Certificates {
                 continue;
             };
             let name = listener.name.value.clone();
-            let (tls, leaves) = ServerTls::new(&pem_of(&files))
+            let (tls, leaves) = ServerTls::new(&listener_pem(&files))
                 .map_err(|e| format!("listeners[{index}].tls ({name}): {e}"))?;
-            publish_expiry(&name, &files, &leaves);
+            publish_listener_expiry(&name, &files, &leaves);
             let tls = Arc::new(tls);
             per_listener.push(Some(Arc::clone(&tls)));
-            listeners.push(ListenerCerts {
+            let owner = ListenerCerts {
                 name,
                 index,
                 config: tls_config.clone(),
                 tls,
-                seen: Mutex::new((files, None)),
-            });
+            };
+            listeners.push(Watched::new(owner, files));
         }
-        Ok((Certificates { listeners }, per_listener))
+        let certificates = Certificates {
+            listeners,
+            clusters: Mutex::new(Vec::new()),
+        };
+        Ok((certificates, per_listener))
     }
 
-    /// Reads every listener's files again and serves new handshakes with those that
-    /// changed and are good (blocking I/O: call off the data plane). `why` goes in the log.
+    /// Watches the TLS files of `router`'s clusters, built from `config`, from now on.
+    pub(super) fn watch_clusters(&self, config: &Config, router: &Router) {
+        let mut clusters = Vec::new();
+        for (index, cluster) in config.clusters.iter().enumerate() {
+            let name = &cluster.name.value;
+            let tls = router
+                .cluster(name)
+                .and_then(|c| c.settings.upstream.tls.clone());
+            let files = config.files.cluster_tls.get(index).cloned().flatten();
+            if let (Some(tls), Some(config), Some(files)) = (tls, &cluster.tls, files) {
+                let owner = ClusterCerts {
+                    name: name.clone(),
+                    index,
+                    config: config.clone(),
+                    tls,
+                };
+                clusters.push(Arc::new(Watched::new(owner, files)));
+            }
+        }
+        *self.clusters.lock().unwrap_or_else(|e| e.into_inner()) = clusters;
+    }
+
+    /// Reads every listener's and cluster's files again and uses those that changed and are
+    /// good (blocking I/O: call off the data plane). `why` goes in the log.
     pub(super) fn reload_changed(&self, why: &str) {
         for listener in &self.listeners {
             listener.reload_if_changed(why);
         }
+        let clusters = self
+            .clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for cluster in clusters {
+            cluster.reload_if_changed(why);
+        }
     }
 }
 
-impl ListenerCerts {
+impl<T: Reloadable> Watched<T> {
+    fn new(owner: T, files: T::Files) -> Watched<T> {
+        Watched {
+            owner,
+            seen: Mutex::new((files, None)),
+        }
+    }
+
     fn reload_if_changed(&self, why: &str) {
         // Read under the lock: a watcher that read the old files must not apply them after a
         // SIGHUP applied the new ones.
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let read = read_listener_tls(self.index, &self.config);
         let (applied, rejected) = &mut *seen;
-        let files = match read {
+        let who = self.owner.who();
+        let files = match self.owner.read() {
             Ok(files) if files == *applied => return,
             Ok(files) => files,
             Err(problem) => {
                 // Logged once per content of the bad files, not every few seconds.
-                let bad = read_raw(&self.config);
+                let bad = self.owner.read_raw();
                 if rejected.as_ref() != Some(&bad) {
                     let problem = problem.in_file("the config");
-                    error!(listener = %self.name, %problem, why,
-                        "new TLS files rejected; the current certificate stays");
+                    error!(%who, %problem, why, "new TLS files rejected; the current certificate stays");
                     *rejected = Some(bad);
                 }
                 return;
             }
         };
-        match self.tls.replace(&pem_of(&files)) {
-            Ok(leaves) => {
-                publish_expiry(&self.name, &files, &leaves);
-                info!(listener = %self.name, why, "TLS certificates reloaded; new handshakes use them");
+        match self.owner.apply(&files) {
+            Ok(()) => {
+                info!(%who, why, "TLS certificates reloaded; new handshakes use them");
                 *applied = files;
                 *rejected = None;
             }
             Err(problem) => {
                 if rejected.as_ref() != Some(&files) {
-                    error!(listener = %self.name, %problem, why,
-                        "new TLS files rejected; the current certificate stays");
+                    error!(%who, %problem, why, "new TLS files rejected; the current certificate stays");
                     *rejected = Some(files);
                 }
             }
@@ -115,22 +183,78 @@ impl ListenerCerts {
     }
 }
 
-/// What the files hold now, as far as they can be read, to tell one bad version from the
-/// next.
-fn read_raw(config: &ListenerTls) -> ListenerTlsFiles {
-    let read = |path: &str| crate::config::PemFile {
-        path: path.to_string(),
-        pem: std::fs::read(path).unwrap_or_default(),
-    };
-    ListenerTlsFiles {
-        certificates: (config.pairs().into_iter())
-            .map(|(c, k)| (read(&c.value), read(&k.value)))
-            .collect(),
-        client_ca: config.client_ca_file.as_ref().map(|f| read(&f.value)),
+impl Reloadable for ListenerCerts {
+    type Files = ListenerTlsFiles;
+
+    fn who(&self) -> String {
+        format!("listener {}", self.name)
+    }
+
+    fn read(&self) -> Result<ListenerTlsFiles, Problem> {
+        read_listener_tls(self.index, &self.config)
+    }
+
+    fn read_raw(&self) -> ListenerTlsFiles {
+        ListenerTlsFiles {
+            certificates: (self.config.pairs().into_iter())
+                .map(|(c, k)| (read_raw(&c.value), read_raw(&k.value)))
+                .collect(),
+            client_ca: self
+                .config
+                .client_ca_file
+                .as_ref()
+                .map(|f| read_raw(&f.value)),
+        }
+    }
+
+    fn apply(&self, files: &ListenerTlsFiles) -> Result<(), String> {
+        let leaves = self.tls.replace(&listener_pem(files))?;
+        publish_listener_expiry(&self.name, files, &leaves);
+        Ok(())
     }
 }
 
-fn pem_of(files: &ListenerTlsFiles) -> ServerTlsPem<'_> {
+impl Reloadable for ClusterCerts {
+    type Files = UpstreamTlsFiles;
+
+    fn who(&self) -> String {
+        format!("cluster {}", self.name)
+    }
+
+    fn read(&self) -> Result<UpstreamTlsFiles, Problem> {
+        read_upstream_tls(self.index, &self.config)
+    }
+
+    fn read_raw(&self) -> UpstreamTlsFiles {
+        let pair = match (&self.config.cert_file, &self.config.key_file) {
+            (Some(c), Some(k)) => Some((read_raw(&c.value), read_raw(&k.value))),
+            _ => None,
+        };
+        UpstreamTlsFiles {
+            ca: self.config.ca_file.as_ref().map(|f| read_raw(&f.value)),
+            identity: pair,
+        }
+    }
+
+    fn apply(&self, files: &UpstreamTlsFiles) -> Result<(), String> {
+        let server_name = self.config.server_name.as_ref().map(|n| n.0.as_str());
+        let leaf = self.tls.replace(&cluster_pem(files, server_name))?;
+        if let (Some(leaf), Some((cert, _))) = (leaf, &files.identity) {
+            let owner = CertificateOwner::Cluster(&self.name);
+            metrics().tls_certificate_expires(owner, &cert.path, leaf.not_after);
+        }
+        Ok(())
+    }
+}
+
+fn read_raw(path: &str) -> PemFile {
+    PemFile {
+        path: path.to_string(),
+        pem: std::fs::read(path).unwrap_or_default(),
+    }
+}
+
+fn listener_pem(files: &ListenerTlsFiles) -> ServerTlsPem<'_> {
     ServerTlsPem {
         certificates: (files.certificates.iter())
             .map(|(cert, key)| (cert.pem.as_slice(), key.pem.as_slice()))
@@ -139,7 +263,23 @@ fn pem_of(files: &ListenerTlsFiles) -> ServerTlsPem<'_> {
     }
 }
 
-fn publish_expiry(listener: &str, files: &ListenerTlsFiles, leaves: &[crate::certs::Described]) {
+/// The PEM of a cluster's files, with the config's `server_name`.
+pub(super) fn cluster_pem<'a>(
+    files: &'a UpstreamTlsFiles,
+    server_name: Option<&'a str>,
+) -> ClientTlsPem<'a> {
+    ClientTlsPem {
+        ca: files.ca.as_ref().map(|ca| ca.pem.as_slice()),
+        identity: (files.identity.as_ref()).map(|(c, k)| (c.pem.as_slice(), k.pem.as_slice())),
+        server_name,
+    }
+}
+
+fn publish_listener_expiry(
+    listener: &str,
+    files: &ListenerTlsFiles,
+    leaves: &[crate::certs::Described],
+) {
     for ((cert, _), leaf) in files.certificates.iter().zip(leaves) {
         let owner = CertificateOwner::Listener(listener);
         metrics().tls_certificate_expires(owner, &cert.path, leaf.not_after);
@@ -154,9 +294,6 @@ pub(super) struct CertificateWatch {
 #[async_trait]
 impl BackgroundService for CertificateWatch {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        if self.certificates.listeners.is_empty() {
-            return;
-        }
         let mut tick = tokio::time::interval(WATCH_EVERY);
         tick.tick().await;
         loop {

@@ -35,7 +35,7 @@ use crate::proxy::{ConnectionPolicy, Proxy, Router};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics;
 use crate::transport::ping_watch::PingRules;
-use crate::transport::tls::{ClientTls, ClientTlsPem};
+use crate::transport::tls::ClientTls;
 use crate::transport::H2Settings;
 use crate::BoxError;
 use background::{RateSampler, Readiness};
@@ -99,11 +99,7 @@ fn upstream_tls(config: &Config, i: usize) -> Result<Option<BuiltClientTls>, Box
     let Some(Some(files)) = config.files.cluster_tls.get(i) else {
         return Err(format!("clusters[{i}].tls ({name}): the files were not read").into());
     };
-    let pem = ClientTlsPem {
-        ca: files.ca.as_ref().map(|ca| ca.pem.as_slice()),
-        identity: (files.identity.as_ref()).map(|(c, k)| (c.pem.as_slice(), k.pem.as_slice())),
-        server_name: tls.server_name.as_ref().map(|n| n.0.as_str()),
-    };
+    let pem = certificates::cluster_pem(files, tls.server_name.as_ref().map(|n| n.0.as_str()));
     let (client, leaf) =
         ClientTls::new(&pem).map_err(|e| format!("clusters[{i}].tls ({name}): {e}"))?;
     Ok(Some((Arc::new(client), leaf)))
@@ -200,6 +196,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
     let certificates = Arc::new(certificates);
     let discovery = discovery_runtime()?;
     let (router, feeds) = build_router(&config, None, discovery.handle())?;
+    certificates.watch_clusters(&config, &router);
     let shared = Shared {
         router: Arc::new(ArcSwap::from_pointee(router)),
         lifecycle: Lifecycle::new(),

@@ -186,6 +186,7 @@ impl Reload {
                 return;
             }
         };
+        self.certificates.watch_clusters(&config, &next);
         self.router.store(Arc::new(next));
         // The new watches and checkers run; the old ones stop (their clusters are no longer
         // routed to).

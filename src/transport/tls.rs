@@ -231,20 +231,26 @@ pub struct ClientTlsPem<'a> {
 }
 
 /// TLS to one cluster's backends: ALPN `h2`, the backend's certificate checked against the
-/// CA (or the system's roots) for its host or `server_name`. Two are equal when they were
-/// built from the same files and name (a reload that changes them must not reuse the
-/// connections of the old setup).
+/// CA (or the system's roots) for its host or `server_name`. New files can replace the CA and
+/// client certificate in place ([`ClientTls::replace`]): new connections use them,
+/// established ones keep theirs. Two are equal when they were built from the same files and
+/// name (a config reload that changes them must not reuse the connections of the old setup).
 #[derive(Debug)]
 pub struct ClientTls {
-    config: Arc<ClientConfig>,
+    current: ArcSwap<BuiltClient>,
     server_name: Option<ServerName<'static>>,
+}
+
+#[derive(Debug)]
+struct BuiltClient {
+    config: Arc<ClientConfig>,
     /// SHA-256 over what it was built from.
     fingerprint: Vec<u8>,
 }
 
 impl PartialEq for ClientTls {
     fn eq(&self, other: &ClientTls) -> bool {
-        self.fingerprint == other.fingerprint
+        self.current.load().fingerprint == other.current.load().fingerprint
     }
 }
 
@@ -252,28 +258,7 @@ impl ClientTls {
     /// Builds the client config; returns it with the client certificate's leaf, if any (for
     /// the expiry metric).
     pub fn new(pem: &ClientTlsPem<'_>) -> Result<(ClientTls, Option<certs::Described>), String> {
-        let roots = match pem.ca {
-            Some(ca) => certs::roots(ca).map_err(|e| format!("ca_file: {e}"))?,
-            None => system_roots()?,
-        };
-        let builder = ClientConfig::builder_with_provider(certs::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots);
-        let (mut config, leaf) = match pem.identity {
-            Some((cert, key)) => {
-                let identity = certs::identity(cert, key)?;
-                let chain = identity.certified.cert.clone();
-                let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key)
-                    .map_err(|e| format!("the key file holds no usable private key: {e}"))?;
-                let config = builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("client certificate: {e}"))?;
-                (config, Some(identity.leaf))
-            }
-            None => (builder.with_no_client_auth(), None),
-        };
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        let (built, leaf) = client_config(pem)?;
         let server_name = match pem.server_name {
             Some(name) => Some(
                 ServerName::try_from(name.to_string())
@@ -282,11 +267,18 @@ impl ClientTls {
             None => None,
         };
         let tls = ClientTls {
-            config: Arc::new(config),
+            current: ArcSwap::from_pointee(built),
             server_name,
-            fingerprint: fingerprint(pem),
         };
         Ok((tls, leaf))
+    }
+
+    /// New connections use the CA and client certificate in `pem` (its `server_name` is
+    /// ignored: that comes from the config); on error, the old ones stay.
+    pub fn replace(&self, pem: &ClientTlsPem<'_>) -> Result<Option<certs::Described>, String> {
+        let (built, leaf) = client_config(pem)?;
+        self.current.store(Arc::new(built));
+        Ok(leaf)
     }
 
     /// The client side of a handshake with the backend at `addr` (`HOST:PORT`).
@@ -299,10 +291,42 @@ impl ClientTls {
             Some(name) => name.clone(),
             None => host_name(addr)?,
         };
-        TlsConnector::from(Arc::clone(&self.config))
+        TlsConnector::from(Arc::clone(&self.current.load().config))
             .connect(name, tcp)
             .await
     }
+}
+
+fn client_config(
+    pem: &ClientTlsPem<'_>,
+) -> Result<(BuiltClient, Option<certs::Described>), String> {
+    let roots = match pem.ca {
+        Some(ca) => certs::roots(ca).map_err(|e| format!("ca_file: {e}"))?,
+        None => system_roots()?,
+    };
+    let builder = ClientConfig::builder_with_provider(certs::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let (mut config, leaf) = match pem.identity {
+        Some((cert, key)) => {
+            let identity = certs::identity(cert, key)?;
+            let chain = identity.certified.cert.clone();
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key)
+                .map_err(|e| format!("the key file holds no usable private key: {e}"))?;
+            let config = builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))?;
+            (config, Some(identity.leaf))
+        }
+        None => (builder.with_no_client_auth(), None),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let built = BuiltClient {
+        config: Arc::new(config),
+        fingerprint: fingerprint(pem),
+    };
+    Ok((built, leaf))
 }
 
 fn fingerprint(pem: &ClientTlsPem<'_>) -> Vec<u8> {
