@@ -334,10 +334,16 @@ pub async fn serve(
     backend: LoadBackend,
 ) -> Result<(), tonic::transport::Error> {
     let connections = backend.clone();
+    // `Server::tcp_nodelay` covers only the sockets tonic accepts itself, not these: without
+    // it, Nagle holds each response until the proxy's ACK of the previous one, which a proxy
+    // that sends nothing back in between gets only with its next request.
     let incoming = TcpListenerStream::new(listener).map(move |accepted| {
-        accepted.map(|tcp| Freezable {
-            tcp,
-            backend: connections.clone(),
+        accepted.map(|tcp| {
+            let _ = tcp.set_nodelay(true);
+            Freezable {
+                tcp,
+                backend: connections.clone(),
+            }
         })
     });
     tonic::transport::Server::builder()
