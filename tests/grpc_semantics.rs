@@ -193,3 +193,24 @@ async fn no_backend_reachable_is_unavailable_not_a_bare_http_error() {
     assert!(status.message().contains("after 2 attempts"), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_ended_by_an_empty_data_frame_reaches_the_backend_in_one_data_frame() {
+    use support::raw_h2::{RecordingBackend, DATA, END_STREAM, HEADERS};
+    let mut backend = RecordingBackend::start().await;
+    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
+    // tonic ends a unary request with an empty DATA frame carrying END_STREAM, right behind
+    // the message. sluice puts END_STREAM on the message's own frame instead: one frame
+    // fewer, and a backend sees the request end where the message does.
+    let _ = sluice.client().await.unary(request("one")).await;
+    let frames = tokio::time::timeout(Duration::from_secs(5), backend.streams.recv())
+        .await
+        .expect("the backend saw the stream end")
+        .expect("the backend is running");
+    let kinds: Vec<(u8, u8)> = frames
+        .iter()
+        .map(|f| (f.kind, f.flags & END_STREAM))
+        .collect();
+    assert_eq!(kinds, [(HEADERS, 0), (DATA, END_STREAM)], "{frames:?}");
+    assert!(frames[1].len > 5, "{frames:?}");
+}

@@ -173,14 +173,21 @@ pub async fn pipe(
         Data(Option<Result<Bytes, h2::Error>>),
         SinkReset(Result<Reason, h2::Error>),
     }
+    // An event read ahead of its turn (see `end_arrived`).
+    let mut read_ahead = None;
     loop {
-        let event = poll_fn(|cx| {
-            if let Poll::Ready(reset) = sink.poll_reset(cx) {
-                return Poll::Ready(Event::SinkReset(reset));
+        let event = match read_ahead.take() {
+            Some(data) => Event::Data(data),
+            None => {
+                poll_fn(|cx| {
+                    if let Poll::Ready(reset) = sink.poll_reset(cx) {
+                        return Poll::Ready(Event::SinkReset(reset));
+                    }
+                    source.poll_data(cx).map(Event::Data)
+                })
+                .await
             }
-            source.poll_data(cx).map(Event::Data)
-        })
-        .await;
+        };
         match event {
             Event::SinkReset(Ok(reason)) => return Err(PipeError::Sink(reason)),
             Event::SinkReset(Err(e)) => return Err(sink_error(e)),
@@ -194,6 +201,7 @@ pub async fn pipe(
                     }
                     continue;
                 }
+                let end = end || end_arrived(source, &mut read_ahead).await;
                 observe(Seen::Data(&chunk));
                 send_all(sink, chunk, end).await?;
                 // Forwarded: now the source may send that much more.
@@ -218,6 +226,25 @@ pub async fn pipe(
                 };
             }
         }
+    }
+}
+
+/// Whether the source's END_STREAM has already arrived, in an empty DATA frame right behind
+/// the chunk just read (how tonic and grpc-go clients end a request). Then the chunk carries
+/// END_STREAM itself: one frame fewer, and no empty DATA frame trailing the message in the
+/// same packet, which makes a tonic 0.14 backend wait for its next packet before it answers.
+/// Never waits: whatever else is ready is kept in `read_ahead` for the next turn.
+async fn end_arrived(
+    source: &mut RecvStream,
+    read_ahead: &mut Option<Option<Result<Bytes, h2::Error>>>,
+) -> bool {
+    match poll_fn(|cx| Poll::Ready(source.poll_data(cx))).await {
+        Poll::Ready(Some(Ok(empty))) if empty.is_empty() && source.is_end_stream() => true,
+        Poll::Ready(next) => {
+            *read_ahead = Some(next);
+            false
+        }
+        Poll::Pending => false,
     }
 }
 

@@ -135,3 +135,79 @@ pub async fn closed_within(tcp: &mut TcpStream, budget: Duration) -> bool {
     .await
     .is_ok()
 }
+
+/// One frame as a raw backend received it: type, flags, stream, payload length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSeen {
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+    pub len: usize,
+}
+
+/// An HTTP/2 backend written frame by frame, to see exactly which frames the proxy sends:
+/// it answers each stream that ends with a trailers-only OK, and reports every stream's
+/// frames (HEADERS, CONTINUATION, DATA) once the stream has ended.
+pub struct RecordingBackend {
+    pub addr: std::net::SocketAddr,
+    pub streams: tokio::sync::mpsc::UnboundedReceiver<Vec<FrameSeen>>,
+    _listener: super::ScriptedListener,
+}
+
+impl RecordingBackend {
+    pub async fn start() -> RecordingBackend {
+        let (report, streams) = tokio::sync::mpsc::unbounded_channel();
+        let listener = super::ScriptedListener::start(move |tcp| {
+            let report = report.clone();
+            async move {
+                let _ = record(tcp, report).await;
+            }
+        })
+        .await;
+        RecordingBackend {
+            addr: listener.addr,
+            streams,
+            _listener: listener,
+        }
+    }
+}
+
+async fn record(
+    mut tcp: TcpStream,
+    report: tokio::sync::mpsc::UnboundedSender<Vec<FrameSeen>>,
+) -> std::io::Result<()> {
+    let mut preface = [0u8; 24];
+    tcp.read_exact(&mut preface).await?;
+    tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
+    let mut open: std::collections::HashMap<u32, Vec<FrameSeen>> = Default::default();
+    loop {
+        let mut head = [0u8; 9];
+        tcp.read_exact(&mut head).await?;
+        let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
+        let mut payload = vec![0u8; len];
+        tcp.read_exact(&mut payload).await?;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if kind == SETTINGS && flags & 1 == 0 {
+            tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await?;
+        }
+        if ![HEADERS, CONTINUATION, DATA].contains(&kind) {
+            continue;
+        }
+        let seen = FrameSeen {
+            kind,
+            flags,
+            stream,
+            len,
+        };
+        open.entry(stream).or_default().push(seen);
+        if flags & END_STREAM != 0 {
+            let mut block = vec![0x88]; // :status 200, from the static table
+            literal("content-type", b"application/grpc", &mut block);
+            literal("grpc-status", b"0", &mut block);
+            tcp.write_all(&frame(HEADERS, END_STREAM | END_HEADERS, stream, &block))
+                .await?;
+            let _ = report.send(open.remove(&stream).unwrap_or_default());
+        }
+    }
+}
