@@ -81,6 +81,8 @@ log:
 clusters:
   - name: bench
     balancer: ${2:-round_robin}
+    # HAProxy and NGINX run without a per-server cap; idle10k holds 5,000 calls per backend.
+    max_concurrent_streams_per_backend: 20000
     discovery:
       static: ["$BACKEND1", "$BACKEND2"]
 CONF

@@ -7,6 +7,7 @@ use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
@@ -60,33 +61,50 @@ impl Call {
                 bytes_in,
                 ..
             } = &mut *down;
-            let upload = forward::upload(body, &mut up_send, replay, &answered, bytes_in);
-            let mut upload = pin!(upload);
+            // Boxed, and dropped as soon as it ends: a long-lived stream (a server stream, a
+            // watch) does not keep an upload that finished long ago.
+            let upload = (!request_ended).then(|| {
+                Box::pin(forward::upload(
+                    body,
+                    &mut up_send,
+                    replay,
+                    &answered,
+                    bytes_in,
+                ))
+            });
             let mut exchange = Exchange {
                 respond,
-                upload: upload.as_mut(),
-                upload_done: request_ended,
+                upload,
                 deadline: deadline.as_mut(),
                 deadline_at: self.deadline,
             };
-            match exchange.await_headers(response).await {
-                Err(outcome) => outcome,
-                Ok(Err(error)) => outcome::before_headers(&error, &backend.address),
+            // Decided without holding the response across the streaming below: what an
+            // await spans stays in every call's future for its whole life.
+            let streaming = match exchange.await_headers(response).await {
+                Err(outcome) => Err(outcome),
+                Ok(Err(error)) => Err(outcome::before_headers(&error, &backend.address)),
                 Ok(Ok(response)) => {
                     let after_send = sent_at.elapsed();
                     headers_after = Some(after_send);
                     in_flight.answered(sent_at - picked_at + after_send);
                     match self.retryable_answer(response, &backend.address) {
-                        Err(retry) => retry,
+                        Err(retry) => Err(retry),
                         Ok(response) => {
                             // No retry can follow now: the upload stops holding the body.
                             answered.store(true, Ordering::Relaxed);
-                            let bytes_out = &mut self.summary.bytes_out;
-                            exchange
-                                .respond_with(response, &mut down_send, bytes_out)
-                                .await
+                            exchange.send_head(response)
                         }
                     }
+                }
+            };
+            match streaming {
+                Err(outcome) => outcome,
+                Ok((mut up_recv, sink)) => {
+                    let sink = down_send.insert(sink);
+                    let bytes_out = &mut self.summary.bytes_out;
+                    exchange
+                        .stream_response(&mut up_recv, sink, bytes_out)
+                        .await
                 }
             }
         };
@@ -131,7 +149,12 @@ impl Call {
         let policy = &self.cluster.settings.upstream;
         let lend = async {
             let address = &backend.address.0;
-            let acquired = backend.transport.acquire(address, policy, &self.h2).await;
+            // Opening a connection (TCP, TLS and HTTP/2 handshakes) is a large future: boxed,
+            // so that a call does not carry its size for its whole life, only when it opens.
+            let acquired = match backend.transport.try_lend() {
+                Some(lent) => Ok(lent),
+                None => Box::pin(backend.transport.acquire(address, policy, &self.h2)).await,
+            };
             let (sender, slot) = acquired.map_err(Outcome::ConnectFailed)?;
             if backend.connect_succeeded() {
                 info!(cluster = %self.cluster.name, backend = %address, "backend healthy again");
@@ -187,14 +210,22 @@ fn send_headers(
     }
 }
 
+/// The upload's end (never, when there is none). A `select!` branch evaluates its future
+/// even while disabled, so this must not fail on `None`.
+fn uploading<U: Future>(upload: &mut Option<Pin<Box<U>>>) -> impl Future<Output = U::Output> + '_ {
+    poll_fn(move |cx| match upload {
+        Some(upload) => upload.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
+}
+
 /// The middle of an attempt: the client's response handle, the upload beside it, and the
 /// attempt's deadline.
 struct Exchange<'a, U> {
     respond: &'a mut SendResponse<Bytes>,
-    /// The upload of the request body, running beside the wait for the response.
-    upload: Pin<&'a mut U>,
-    /// The upload has ended (or there was nothing to upload).
-    upload_done: bool,
+    /// The upload of the request body, running beside the wait for the response; `None`
+    /// once it has ended (or when there was nothing to upload).
+    upload: Option<Pin<Box<U>>>,
     deadline: Pin<&'a mut Sleep>,
     /// When `deadline` fires. The timer has millisecond resolution, so it can fire after an
     /// answer the backend gave on its own expiry of the `grpc-timeout` sluice sent (tonic
@@ -218,8 +249,8 @@ impl<U: Future<Output = Result<(), PipeError>>> Exchange<'_, U> {
                 }
                 _ = &mut self.deadline => return Err(Outcome::DeadlineExceeded),
                 // The request body ended, or the client failed while sending it.
-                result = &mut self.upload, if !self.upload_done => {
-                    self.upload_done = true;
+                result = uploading(&mut self.upload), if self.upload.is_some() => {
+                    self.upload = None;
                     if let Some(outcome) = outcome::upload_ended(result) {
                         return Err(outcome);
                     }
@@ -237,15 +268,14 @@ impl<U: Future<Output = Result<(), PipeError>>> Exchange<'_, U> {
         }
     }
 
-    /// Sends the backend's response headers to the client, then streams the response (unless
-    /// it was trailers-only) while the upload goes on.
-    async fn respond_with(
+    /// Sends the backend's response headers to the client. Returns the response body to
+    /// stream, and the client's stream to stream it to, unless the response was trailers-only
+    /// (then, or on failure, the outcome).
+    fn send_head(
         &mut self,
         response: Response<RecvStream>,
-        down_send: &mut Option<SendStream<Bytes>>,
-        bytes_out: &mut u64,
-    ) -> Outcome {
-        let (parts, mut up_recv) = response.into_parts();
+    ) -> Result<(RecvStream, SendStream<Bytes>), Outcome> {
+        let (parts, up_recv) = response.into_parts();
         let trailers_only = up_recv.is_end_stream();
         // A trailers-only response carries its status in the headers.
         let status = match trailers_only {
@@ -254,12 +284,9 @@ impl<U: Future<Output = Result<(), PipeError>>> Exchange<'_, U> {
         };
         let head = Response::from_parts(parts, ());
         match self.respond.send_response(head, trailers_only) {
-            Err(error) => Outcome::ClientGone(outcome::client_reason(&error)),
-            Ok(_) if trailers_only => Outcome::Finished(status),
-            Ok(stream) => {
-                let sink = down_send.insert(stream);
-                self.stream_response(&mut up_recv, sink, bytes_out).await
-            }
+            Err(error) => Err(Outcome::ClientGone(outcome::client_reason(&error))),
+            Ok(_) if trailers_only => Err(Outcome::Finished(status)),
+            Ok(stream) => Ok((up_recv, stream)),
         }
     }
 
@@ -280,8 +307,8 @@ impl<U: Future<Output = Result<(), PipeError>>> Exchange<'_, U> {
                 biased;
                 _ = &mut self.deadline => break Outcome::DeadlineExceeded,
                 // The request body ended, or the client failed while sending it.
-                result = &mut self.upload, if !self.upload_done => {
-                    self.upload_done = true;
+                result = uploading(&mut self.upload), if self.upload.is_some() => {
+                    self.upload = None;
                     if let Some(outcome) = outcome::upload_ended(result) {
                         break outcome;
                     }

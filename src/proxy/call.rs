@@ -1,6 +1,7 @@
 //! One call after routing: its deadline, and the attempts loop that picks a backend, tries it,
 //! and retries elsewhere what never reached a backend's application.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -28,7 +29,9 @@ pub(super) struct Call {
     pub(super) summary: Summary,
 }
 
-/// The client's side of a call.
+/// The client's side of a call. Built before the call's task starts and used in place, never
+/// moved: an async fn keeps its arguments for its whole life, so a move into a local would
+/// hold a second copy in every call's future.
 pub(super) struct Downstream {
     /// Kept whole so a retry can resend the headers.
     pub(super) request: http::request::Parts,
@@ -36,6 +39,18 @@ pub(super) struct Downstream {
     pub(super) respond: SendResponse<Bytes>,
     /// Request DATA bytes read from the client (the upload counts them as they pass).
     pub(super) bytes_in: AtomicU64,
+}
+
+impl Downstream {
+    pub(super) fn new(request: http::Request<RecvStream>, respond: SendResponse<Bytes>) -> Self {
+        let (request, body) = request.into_parts();
+        Downstream {
+            request,
+            body,
+            respond,
+            bytes_in: AtomicU64::new(0),
+        }
+    }
 }
 
 /// What the access log needs of a finished call besides its status.
@@ -95,26 +110,22 @@ impl Call {
         }
     }
 
-    /// Runs the call to its end, and counts it in its method's stats. Returns how it ended,
-    /// its summary, and the request headers (for the access log).
-    pub(super) async fn run(
+    /// Runs the call to its end, and counts it in its method's stats. Returns how it ended
+    /// and its summary (for the access log).
+    /// (Not an `async fn`, which would keep a second copy of `self`: see `serve_call`.)
+    #[allow(clippy::manual_async_fn)]
+    pub(super) fn run(
         mut self,
-        request: http::request::Parts,
-        body: RecvStream,
-        respond: SendResponse<Bytes>,
+        down: &mut Downstream,
         started: Instant,
-    ) -> (Ending, Summary, http::request::Parts) {
-        let mut down = Downstream {
-            request,
-            body,
-            respond,
-            bytes_in: AtomicU64::new(0),
-        };
-        let ending = self.attempts(&mut down).await;
-        self.summary.bytes_in = down.bytes_in.load(Ordering::Relaxed);
-        let elapsed = started.elapsed();
-        self.method.record(ending.code, ending.origin, elapsed);
-        (ending, self.summary, down.request)
+    ) -> impl Future<Output = (Ending, Summary)> + Send + '_ {
+        async move {
+            let ending = self.attempts(down).await;
+            self.summary.bytes_in = down.bytes_in.load(Ordering::Relaxed);
+            let elapsed = started.elapsed();
+            self.method.record(ending.code, ending.origin, elapsed);
+            (ending, self.summary)
+        }
     }
 
     /// Picks a backend and tries it, again on another backend while the attempt may be

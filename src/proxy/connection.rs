@@ -235,10 +235,8 @@ impl Proxy {
         let open = StreamCount::open(&state.streams);
         // Boxed: tokio copies a task's future when it spawns and finishes it (7 memcpys); a
         // call's state machine is kilobytes, a box is a pointer.
-        tokio::spawn(Box::pin(async move {
-            proxy.serve_call(request, respond, peer).await;
-            drop(open);
-        }));
+        let down = super::call::Downstream::new(request, respond);
+        tokio::spawn(Box::pin(proxy.serve_call(down, peer, open)));
     }
 
     /// What is due at a tick: a PING unanswered past its timeout, the next PING, or (before

@@ -151,6 +151,12 @@ impl Pool {
     /// connection if none has one. `policy.connect_timeout` bounds the connect and handshake;
     /// the call's deadline is the caller's to race (one timer owns it, so the outcome of a
     /// deadline that passes while connecting does not depend on which timer fires first).
+    /// A stream slot on an open connection, if one has room: the common case, and
+    /// synchronous. [`Pool::acquire`] also opens a connection when none has.
+    pub fn try_lend(&self) -> Option<(SendRequest<Bytes>, StreamSlot)> {
+        self.inner.try_reserve()
+    }
+
     pub async fn acquire(
         &self,
         addr: &str,
