@@ -56,10 +56,10 @@ impl Call {
         let outcome = {
             let answered = AtomicBool::new(false);
             let Downstream {
+                request,
                 body,
                 respond,
                 bytes_in,
-                ..
             } = &mut *down;
             // Boxed, and dropped as soon as it ends: a long-lived stream (a server stream, a
             // watch) does not keep an upload that finished long ago.
@@ -92,6 +92,9 @@ impl Call {
                         Ok(response) => {
                             // No retry can follow now: the upload stops holding the body.
                             answered.store(true, Ordering::Relaxed);
+                            if !self.keep_request_headers {
+                                request.headers = http::HeaderMap::new();
+                            }
                             exchange.send_head(response)
                         }
                     }

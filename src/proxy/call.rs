@@ -27,6 +27,10 @@ pub(super) struct Call {
     pub(super) h2: H2Settings,
     pub(super) deadline: Instant,
     pub(super) summary: Summary,
+    /// The access log reads the request's trace header when the call ends; without it, the
+    /// request headers are freed once the backend has answered (no retry can need them then),
+    /// which a long-lived stream would otherwise hold for its whole life.
+    pub(super) keep_request_headers: bool,
 }
 
 /// The client's side of a call. Built before the call's task starts and used in place, never
@@ -107,6 +111,7 @@ impl Call {
             h2,
             deadline,
             summary: Summary::default(),
+            keep_request_headers: true,
         }
     }
 

@@ -286,7 +286,8 @@ impl Proxy {
                 (ending, Summary::default())
             }
             Ok(budget) => {
-                let call = Call::new(Arc::clone(&cluster), method, self.h2, started + budget);
+                let mut call = Call::new(Arc::clone(&cluster), method, self.h2, started + budget);
+                call.keep_request_headers = self.access_log.is_some();
                 call.run(down, started).await
             }
         };
