@@ -152,6 +152,8 @@ async fn a_client_that_pings_too_often_gets_enhance_your_calm() {
         .expect("no GOAWAY after too many PINGs");
     let code = u32::from_be_bytes(goaway[4..8].try_into().unwrap());
     assert_eq!(code, 0xb, "GOAWAY code {code:#x}, not ENHANCE_YOUR_CALM");
+    // grpc-go's debug data, which its clients log and act on (they double their interval).
+    assert_eq!(&goaway[8..], b"too_many_pings");
     assert!(closed_within(&mut tcp, Duration::from_secs(5)).await);
     // Within the policy, the same PINGs are answered and the connection stays.
     let listener = "    keepalive: { min_ping_interval: 1ms, permit_without_stream: true }\n";

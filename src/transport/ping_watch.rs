@@ -4,7 +4,8 @@
 //! after the previous one, or one while no stream is open (unless permitted), is a strike;
 //! DATA or HEADERS the server sends clear the strikes (so BDP pings on a busy stream never
 //! count). More than `MAX_STRIKES` trips the policy: the connection loop is told, and sends
-//! GOAWAY ENHANCE_YOUR_CALM.
+//! GOAWAY ENHANCE_YOUR_CALM. h2 cannot attach debug data to a GOAWAY, so once the policy has
+//! tripped, this wrapper adds grpc-go's `too_many_pings` to that GOAWAY as it goes out.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -18,6 +19,9 @@ use tokio::sync::Notify;
 
 /// Strikes allowed before the policy trips (grpc-go's `maxPingStrikes`).
 const MAX_STRIKES: u32 = 2;
+
+/// The GOAWAY debug data grpc-go sends with ENHANCE_YOUR_CALM for too many pings.
+const TOO_MANY_PINGS: &[u8] = b"too_many_pings";
 
 /// What a client may do with PINGs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +59,9 @@ pub struct PingWatch<T> {
     writing: FrameScan,
     last_ping: Option<Instant>,
     strikes: u32,
+    /// Bytes of our own to write before h2's next ones: its ENHANCE_YOUR_CALM GOAWAY with
+    /// debug data added (only after the policy tripped).
+    own: Vec<u8>,
 }
 
 impl<T> PingWatch<T> {
@@ -75,6 +82,7 @@ impl<T> PingWatch<T> {
             writing: FrameScan::after(0),
             last_ping: None,
             strikes: 0,
+            own: Vec::new(),
         }
     }
 
@@ -116,7 +124,36 @@ impl<T> PingWatch<T> {
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
 const ACK: u8 = 0x1;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// Where, in `buf` (starting at a frame boundary), a GOAWAY ENHANCE_YOUR_CALM without debug
+/// data starts, if its 17 bytes are all in `buf`.
+fn calm_goaway_at(buf: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while buf.len() >= at + 9 {
+        let len =
+            usize::from(buf[at]) << 16 | usize::from(buf[at + 1]) << 8 | usize::from(buf[at + 2]);
+        if buf[at + 3] == GOAWAY && len == 8 && buf.len() >= at + 17 {
+            let code = u32::from_be_bytes([buf[at + 13], buf[at + 14], buf[at + 15], buf[at + 16]]);
+            if code == ENHANCE_YOUR_CALM {
+                return Some(at);
+            }
+        }
+        at += 9 + len;
+    }
+    None
+}
+
+/// The 17-byte GOAWAY `frame`, with `debug` appended to it.
+fn with_debug_data(frame: &[u8], debug: &[u8]) -> Vec<u8> {
+    let len = (8 + debug.len()) as u32;
+    let mut out = len.to_be_bytes()[1..].to_vec();
+    out.extend_from_slice(&frame[3..17]);
+    out.extend_from_slice(debug);
+    out
+}
 
 /// Follows frame boundaries in one direction of an HTTP/2 byte stream.
 #[derive(Debug)]
@@ -173,6 +210,44 @@ impl<T: AsyncRead + Unpin> AsyncRead for PingWatch<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> PingWatch<T> {
+    /// Writes our own pending bytes first.
+    fn poll_own(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.own.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &self.own))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.own.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// After the policy tripped: h2's bytes up to its ENHANCE_YOUR_CALM GOAWAY go through as
+    /// they are; the GOAWAY itself goes out with `too_many_pings` as its debug data.
+    fn poll_write_calmed(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_own(cx))?;
+        let at_boundary = self.writing.skip == 0 && self.writing.have == 0;
+        let buf = match calm_goaway_at(buf).filter(|_| at_boundary) {
+            Some(0) => {
+                let frame = &buf[..17];
+                self.own = with_debug_data(frame, TOO_MANY_PINGS);
+                self.server_sent(frame);
+                // Taken: what the socket does not accept now goes out on the next write or flush.
+                let _ = self.poll_own(cx)?;
+                return Poll::Ready(Ok(17));
+            }
+            Some(at) => &buf[..at],
+            None => buf,
+        };
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.server_sent(&buf[..n]);
+        }
+        polled
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for PingWatch<T> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -180,6 +255,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PingWatch<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.alarm.tripped.load(Ordering::Relaxed) {
+            return this.poll_write_calmed(cx, buf);
+        }
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
             this.server_sent(&buf[..n]);
@@ -193,6 +271,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PingWatch<T> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.alarm.tripped.load(Ordering::Relaxed) {
+            // Rare and at the end of the connection: one slice at a time.
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            return this.poll_write_calmed(cx, first);
+        }
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(mut n)) = polled {
             for buf in bufs {
@@ -212,17 +298,43 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PingWatch<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        std::task::ready!(this.poll_own(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        std::task::ready!(this.poll_own(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn goaway(code: u32) -> Vec<u8> {
+        let mut f = vec![0, 0, 8, GOAWAY, 0, 0, 0, 0, 0];
+        f.extend_from_slice(&5u32.to_be_bytes());
+        f.extend_from_slice(&code.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn the_calm_goaway_is_found_behind_other_frames_and_gets_debug_data() {
+        let mut buf = vec![0, 0, 8, PING, ACK, 0, 0, 0, 0];
+        buf.extend_from_slice(&[7; 8]);
+        buf.extend(goaway(ENHANCE_YOUR_CALM));
+        assert_eq!(calm_goaway_at(&buf), Some(17));
+        assert_eq!(calm_goaway_at(&goaway(0x1)), None);
+        // Cut short: not yet.
+        assert_eq!(calm_goaway_at(&buf[..30]), None);
+        let rewritten = with_debug_data(&goaway(ENHANCE_YOUR_CALM), TOO_MANY_PINGS);
+        assert_eq!(&rewritten[..3], &[0, 0, 22]);
+        assert_eq!(&rewritten[3..17], &goaway(ENHANCE_YOUR_CALM)[3..]);
+        assert_eq!(&rewritten[17..], b"too_many_pings");
+    }
 
     fn frame(kind: u8, flags: u8, payload: usize) -> Vec<u8> {
         let mut f = vec![
