@@ -196,13 +196,22 @@ async fn no_backend_reachable_is_unavailable_not_a_bare_http_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_ended_by_an_empty_data_frame_reaches_the_backend_in_one_data_frame() {
-    use support::raw_h2::{RecordingBackend, DATA, END_STREAM, HEADERS};
+    use support::raw_h2::*;
+    use tokio::io::AsyncWriteExt;
     let mut backend = RecordingBackend::start().await;
     let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
-    // tonic ends a unary request with an empty DATA frame carrying END_STREAM, right behind
-    // the message. sluice puts END_STREAM on the message's own frame instead: one frame
-    // fewer, and a backend sees the request end where the message does.
-    let _ = sluice.client().await.unary(request("one")).await;
+    // As tonic ends a unary request: the message, then an empty DATA frame with END_STREAM,
+    // here in one write so both have arrived when sluice forwards the message. sluice puts
+    // END_STREAM on the message's own frame: one frame fewer, and the backend sees the
+    // request end where the message does.
+    let mut tcp = raw(&sluice, &[]).await;
+    let bytes = [
+        frame(HEADERS, END_HEADERS, 1, &request_headers(&[])),
+        frame(DATA, 0, 1, &support::grpc_frame(&request("one"))),
+        frame(DATA, END_STREAM, 1, &[]),
+    ]
+    .concat();
+    tcp.write_all(&bytes).await.unwrap();
     let frames = tokio::time::timeout(Duration::from_secs(5), backend.streams.recv())
         .await
         .expect("the backend saw the stream end")

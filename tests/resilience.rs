@@ -315,3 +315,59 @@ async fn retry_on_stops_when_the_budget_is_spent() {
     assert_eq!(retries_in(&sluice.metrics().await), 10);
     assert_eq!(broken.stats.calls.load(Ordering::Relaxed), 40);
 }
+
+/// A client stream whose messages arrive together, in separate DATA frames: sluice reads one
+/// frame ahead (to put END_STREAM on the last), and a frame read ahead must be in the replay
+/// when the first backend refuses the stream partway, or the retry would lose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_stream_is_replayed_whole_when_its_frames_came_together() {
+    use prost::Message;
+    use support::raw_h2::*;
+    use tokio::io::AsyncWriteExt;
+    let refusing = RefusingBackend::start().await;
+    let healthy = Echo::start("healthy").await;
+    let config = Sluice::cluster(
+        &[refusing.addr, healthy.addr],
+        "    balancer: round_robin\n    retry: { max_attempts: 2, budget_ratio: 1.0 }\n",
+    );
+    let sluice = Sluice::start(&config).await;
+    let mut tcp = raw(&sluice, &[]).await;
+    let headers = [
+        (":method", &b"POST"[..]),
+        (":scheme", b"http"),
+        (":path", b"/echo.v1.Echo/ClientStream"),
+        (":authority", b"sluice"),
+        ("content-type", b"application/grpc"),
+        ("te", b"trailers"),
+    ];
+    let mut block = Vec::new();
+    for (name, value) in headers {
+        literal(name, value, &mut block);
+    }
+    for call in 0..20u32 {
+        let stream = 2 * call + 1;
+        let mut bytes = frame(HEADERS, END_HEADERS, stream, &block);
+        // 40 messages of 1 KiB: the refusal comes while the upload is still going.
+        for m in 0..40 {
+            let flags = if m == 39 { END_STREAM } else { 0 };
+            let mut message = request(&format!("m{m}"));
+            message.payload = vec![b'p'; 1024];
+            bytes.extend(frame(DATA, flags, stream, &support::grpc_frame(&message)));
+        }
+        tcp.write_all(&bytes).await.unwrap();
+        // The answer's DATA: one gRPC message, an EchoResponse.
+        let (got, payload) = read_until(&mut tcp, DATA, Duration::from_secs(5))
+            .await
+            .expect("an answer");
+        assert_eq!(got, stream);
+        let reply = sluice::demo::pb::EchoResponse::decode(&payload[5..]).unwrap();
+        assert_eq!(
+            (reply.count, reply.message.as_str()),
+            (40, "m39"),
+            "call {call}"
+        );
+        // Read on to this stream's trailers so the next read starts clean.
+        let _ = read_until(&mut tcp, HEADERS, Duration::from_secs(5)).await;
+    }
+    assert!(refusing.refused.load(Ordering::Relaxed) >= 3);
+}

@@ -3,8 +3,9 @@
 //! Two facts measured on the prototype shape this file (docs/architecture.md, "Facts about
 //! `h2` that the engine depends on"):
 //! - h2 (0.4.16+) closes a connection on the 101st empty DATA frame without END_STREAM, and
-//!   tonic clients end every request with one. So END_STREAM rides on the last real chunk, and
-//!   empty chunks are dropped.
+//!   tonic clients end every request with one. So empty chunks without END_STREAM are dropped,
+//!   and END_STREAM rides on the last real chunk when it has already arrived behind it (else it
+//!   goes alone, when it comes).
 //! - `send_data` without reserved capacity buffers without limit. So capacity is reserved and
 //!   awaited first, and the source's receive window is released only as bytes are forwarded:
 //!   a slow reader slows its writer instead of filling the proxy's memory.
@@ -173,19 +174,19 @@ pub async fn pipe(
         Data(Option<Result<Bytes, h2::Error>>),
         SinkReset(Result<Reason, h2::Error>),
     }
-    // An event read ahead of its turn (see `end_arrived`).
+    // An event read ahead of its turn (see `end_arrived`), already shown to `observe`.
     let mut read_ahead = None;
     loop {
-        let event = match read_ahead.take() {
-            Some(data) => Event::Data(data),
+        let (event, observed) = match read_ahead.take() {
+            Some(data) => (Event::Data(data), true),
             None => {
-                poll_fn(|cx| {
+                let event = poll_fn(|cx| {
                     if let Poll::Ready(reset) = sink.poll_reset(cx) {
                         return Poll::Ready(Event::SinkReset(reset));
                     }
                     source.poll_data(cx).map(Event::Data)
-                })
-                .await
+                });
+                (event.await, false)
             }
         };
         match event {
@@ -201,8 +202,10 @@ pub async fn pipe(
                     }
                     continue;
                 }
-                let end = end || end_arrived(source, &mut read_ahead).await;
-                observe(Seen::Data(&chunk));
+                if !observed {
+                    observe(Seen::Data(&chunk));
+                }
+                let end = end || end_arrived(source, &mut read_ahead, &mut observe).await;
                 send_all(sink, chunk, end).await?;
                 // Forwarded: now the source may send that much more.
                 let _ = source.flow_control().release_capacity(len);
@@ -233,14 +236,22 @@ pub async fn pipe(
 /// the chunk just read (how tonic and grpc-go clients end a request). Then the chunk carries
 /// END_STREAM itself: one frame fewer, and no empty DATA frame trailing the message in the
 /// same packet, which makes a tonic 0.14 backend wait for its next packet before it answers.
-/// Never waits: whatever else is ready is kept in `read_ahead` for the next turn.
+/// Never waits: whatever else is ready is kept in `read_ahead` for the next turn, and data is
+/// shown to `observe` at once, so a replay holds it even if the pipe stops before its turn
+/// (the sink reset, or the attempt ended and a retry follows).
 async fn end_arrived(
     source: &mut RecvStream,
     read_ahead: &mut Option<Option<Result<Bytes, h2::Error>>>,
+    observe: &mut impl FnMut(Seen<'_>),
 ) -> bool {
     match poll_fn(|cx| Poll::Ready(source.poll_data(cx))).await {
         Poll::Ready(Some(Ok(empty))) if empty.is_empty() && source.is_end_stream() => true,
         Poll::Ready(next) => {
+            if let Some(Ok(data)) = &next {
+                if !data.is_empty() {
+                    observe(Seen::Data(data));
+                }
+            }
             *read_ahead = Some(next);
             false
         }

@@ -4,6 +4,7 @@
 //! symlinks, and both show as new contents). New handshakes use the new files; established
 //! connections keep theirs. A bad new file is logged once and the old certificate stays.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,13 +39,21 @@ pub(super) struct Certificates {
 struct Watched<T: Reloadable> {
     owner: T,
     seen: Mutex<(T::Files, Option<T::Files>)>,
+    /// A config reload replaced this cluster: a watcher pass still holding it must not
+    /// publish its certificate's expiry again (the new generation owns the series).
+    retired: AtomicBool,
+}
+
+/// Whose files, for the log: `listener=NAME` or `cluster=NAME`.
+enum Owner<'a> {
+    Listener(&'a str),
+    Cluster(&'a str),
 }
 
 /// Something that serves with TLS files and can take new ones.
 trait Reloadable {
     type Files: PartialEq;
-    /// `listener=NAME` or `cluster=NAME`, for the log.
-    fn who(&self) -> String;
+    fn who(&self) -> Owner<'_>;
     /// Reads and checks the files.
     fn read(&self) -> Result<Self::Files, Problem>;
     /// What the files hold, as far as they can be read (to tell one bad version from the next).
@@ -119,7 +128,13 @@ impl Certificates {
                 clusters.push(Arc::new(Watched::new(owner, files)));
             }
         }
-        *self.clusters.lock().unwrap_or_else(|e| e.into_inner()) = clusters;
+        let old = std::mem::replace(
+            &mut *self.clusters.lock().unwrap_or_else(|e| e.into_inner()),
+            clusters,
+        );
+        for cluster in old {
+            cluster.retired.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Reads every listener's and cluster's files again and uses those that changed and are
@@ -144,6 +159,7 @@ impl<T: Reloadable> Watched<T> {
         Watched {
             owner,
             seen: Mutex::new((files, None)),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -151,6 +167,9 @@ impl<T: Reloadable> Watched<T> {
         // Read under the lock: a watcher that read the old files must not apply them after a
         // SIGHUP applied the new ones.
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if self.retired.load(Ordering::Relaxed) {
+            return;
+        }
         let (applied, rejected) = &mut *seen;
         let who = self.owner.who();
         let files = match self.owner.read() {
@@ -160,8 +179,7 @@ impl<T: Reloadable> Watched<T> {
                 // Logged once per content of the bad files, not every few seconds.
                 let bad = self.owner.read_raw();
                 if rejected.as_ref() != Some(&bad) {
-                    let problem = problem.in_file("the config");
-                    error!(%who, %problem, why, "new TLS files rejected; the current certificate stays");
+                    rejected_log(&who, &problem.in_file("the config"), why);
                     *rejected = Some(bad);
                 }
                 return;
@@ -169,13 +187,16 @@ impl<T: Reloadable> Watched<T> {
         };
         match self.owner.apply(&files) {
             Ok(()) => {
-                info!(%who, why, "TLS certificates reloaded; new handshakes use them");
+                match who {
+                    Owner::Listener(listener) => info!(listener = %listener, why, "{RELOADED}"),
+                    Owner::Cluster(cluster) => info!(cluster = %cluster, why, "{RELOADED}"),
+                }
                 *applied = files;
                 *rejected = None;
             }
             Err(problem) => {
                 if rejected.as_ref() != Some(&files) {
-                    error!(%who, %problem, why, "new TLS files rejected; the current certificate stays");
+                    rejected_log(&who, &problem, why);
                     *rejected = Some(files);
                 }
             }
@@ -183,11 +204,21 @@ impl<T: Reloadable> Watched<T> {
     }
 }
 
+const RELOADED: &str = "TLS certificates reloaded; new handshakes use them";
+const REJECTED: &str = "new TLS files rejected; the current certificate stays";
+
+fn rejected_log(who: &Owner<'_>, problem: &dyn std::fmt::Display, why: &str) {
+    match who {
+        Owner::Listener(listener) => error!(listener = %listener, %problem, why, "{REJECTED}"),
+        Owner::Cluster(cluster) => error!(cluster = %cluster, %problem, why, "{REJECTED}"),
+    }
+}
+
 impl Reloadable for ListenerCerts {
     type Files = ListenerTlsFiles;
 
-    fn who(&self) -> String {
-        format!("listener {}", self.name)
+    fn who(&self) -> Owner<'_> {
+        Owner::Listener(&self.name)
     }
 
     fn read(&self) -> Result<ListenerTlsFiles, Problem> {
@@ -217,8 +248,8 @@ impl Reloadable for ListenerCerts {
 impl Reloadable for ClusterCerts {
     type Files = UpstreamTlsFiles;
 
-    fn who(&self) -> String {
-        format!("cluster {}", self.name)
+    fn who(&self) -> Owner<'_> {
+        Owner::Cluster(&self.name)
     }
 
     fn read(&self) -> Result<UpstreamTlsFiles, Problem> {

@@ -59,9 +59,9 @@ pub struct PingWatch<T> {
     writing: FrameScan,
     last_ping: Option<Instant>,
     strikes: u32,
-    /// Bytes of our own to write before h2's next ones: its ENHANCE_YOUR_CALM GOAWAY with
-    /// debug data added (only after the policy tripped).
-    own: Vec<u8>,
+    /// h2's ENHANCE_YOUR_CALM GOAWAY with debug data added, still to be written before h2's
+    /// next bytes (only after the policy tripped).
+    pending_goaway: Vec<u8>,
 }
 
 impl<T> PingWatch<T> {
@@ -82,7 +82,7 @@ impl<T> PingWatch<T> {
             writing: FrameScan::after(0),
             last_ping: None,
             strikes: 0,
-            own: Vec::new(),
+            pending_goaway: Vec::new(),
         }
     }
 
@@ -212,13 +212,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for PingWatch<T> {
 
 impl<T: AsyncWrite + Unpin> PingWatch<T> {
     /// Writes our own pending bytes first.
-    fn poll_own(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.own.is_empty() {
-            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &self.own))?;
+    fn poll_pending_goaway(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending_goaway.is_empty() {
+            let n =
+                std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending_goaway))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.own.drain(..n);
+            self.pending_goaway.drain(..n);
         }
         Poll::Ready(Ok(()))
     }
@@ -226,18 +227,24 @@ impl<T: AsyncWrite + Unpin> PingWatch<T> {
     /// After the policy tripped: h2's bytes up to its ENHANCE_YOUR_CALM GOAWAY go through as
     /// they are; the GOAWAY itself goes out with `too_many_pings` as its debug data.
     fn poll_write_calmed(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        std::task::ready!(self.poll_own(cx))?;
-        let at_boundary = self.writing.skip == 0 && self.writing.have == 0;
-        let buf = match calm_goaway_at(buf).filter(|_| at_boundary) {
+        std::task::ready!(self.poll_pending_goaway(cx))?;
+        // Mid-frame (the socket took part of one): finish that frame alone, so the next
+        // write starts at a boundary where the GOAWAY can be found.
+        let left_in_frame = match self.writing.have {
+            0 => self.writing.skip,
+            have => 9 - have,
+        };
+        let buf = match calm_goaway_at(buf).filter(|_| left_in_frame == 0) {
             Some(0) => {
                 let frame = &buf[..17];
-                self.own = with_debug_data(frame, TOO_MANY_PINGS);
+                self.pending_goaway = with_debug_data(frame, TOO_MANY_PINGS);
                 self.server_sent(frame);
                 // Taken: what the socket does not accept now goes out on the next write or flush.
-                let _ = self.poll_own(cx)?;
+                let _ = self.poll_pending_goaway(cx)?;
                 return Poll::Ready(Ok(17));
             }
             Some(at) => &buf[..at],
+            None if left_in_frame > 0 => &buf[..left_in_frame.min(buf.len())],
             None => buf,
         };
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
@@ -299,13 +306,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PingWatch<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        std::task::ready!(this.poll_own(cx))?;
+        std::task::ready!(this.poll_pending_goaway(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        std::task::ready!(this.poll_own(cx))?;
+        std::task::ready!(this.poll_pending_goaway(cx))?;
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }

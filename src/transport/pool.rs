@@ -147,16 +147,16 @@ impl Pool {
         }
     }
 
-    /// Lends a ready stream sender on a connection with a free stream slot, opening a
-    /// connection if none has one. `policy.connect_timeout` bounds the connect and handshake;
-    /// the call's deadline is the caller's to race (one timer owns it, so the outcome of a
-    /// deadline that passes while connecting does not depend on which timer fires first).
     /// A stream slot on an open connection, if one has room: the common case, and
     /// synchronous. [`Pool::acquire`] also opens a connection when none has.
     pub fn try_lend(&self) -> Option<(SendRequest<Bytes>, StreamSlot)> {
         self.inner.try_reserve()
     }
 
+    /// Lends a ready stream sender on a connection with a free stream slot, opening a
+    /// connection if none has one. `policy.connect_timeout` bounds the connect and handshake;
+    /// the call's deadline is the caller's to race (one timer owns it, so the outcome of a
+    /// deadline that passes while connecting does not depend on which timer fires first).
     pub async fn acquire(
         &self,
         addr: &str,

@@ -660,6 +660,15 @@ impl Sluice {
     }
 
     /// The process's resident memory, in KiB (VmRSS).
+    /// A line of the process's /proc status, without its label (`"THP_enabled"`).
+    pub fn proc_status(&self, field: &str) -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let prefix = format!("{field}:");
+        (status.lines())
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map(|v| v.trim().to_string())
+    }
+
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()));
         (status.unwrap_or_default().lines())
