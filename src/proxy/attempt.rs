@@ -87,17 +87,11 @@ impl Call {
                     let after_send = sent_at.elapsed();
                     headers_after = Some(after_send);
                     in_flight.answered(sent_at - picked_at + after_send);
-                    match self.retryable_answer(response, &backend.address) {
-                        Err(retry) => Err(retry),
-                        Ok(response) => {
-                            // No retry can follow now: the upload stops holding the body.
-                            answered.store(true, Ordering::Relaxed);
-                            if !self.keep_request_headers {
-                                request.headers = http::HeaderMap::new();
-                            }
-                            exchange.send_head(response)
-                        }
-                    }
+                    let answered = Answered {
+                        request,
+                        flag: &answered,
+                    };
+                    self.accept_answer(response, backend, answered, &mut exchange)
                 }
             };
             match streaming {
@@ -116,6 +110,24 @@ impl Call {
         legs.downstream = down_send.as_mut();
         legs.headers_after = headers_after;
         self.settle(down, legs, outcome)
+    }
+
+    /// The backend's response headers: kept for a retry if `retryable_answer` says so;
+    /// otherwise forwarded to the client, and from then on no retry can follow, so the upload
+    /// stops holding the body and the request headers go (unless the access log needs them).
+    fn accept_answer<U: Future<Output = Result<(), PipeError>>>(
+        &self,
+        response: Response<RecvStream>,
+        backend: &Backend,
+        answered: Answered<'_>,
+        exchange: &mut Exchange<'_, U>,
+    ) -> Result<(RecvStream, SendStream<Bytes>), Outcome> {
+        let response = self.retryable_answer(response, &backend.address)?;
+        answered.flag.store(true, Ordering::Relaxed);
+        if !self.keep_request_headers {
+            answered.request.headers = http::HeaderMap::new();
+        }
+        exchange.send_head(response)
     }
 
     /// A trailers-only answer whose status `retry.retry_on` names, before anything went to
@@ -220,6 +232,12 @@ fn uploading<U: Future>(upload: &mut Option<Pin<Box<U>>>) -> impl Future<Output 
         Some(upload) => upload.as_mut().poll(cx),
         None => Poll::Pending,
     })
+}
+
+/// What changes once the backend has answered: the flag the upload reads, and the request.
+struct Answered<'a> {
+    request: &'a mut http::request::Parts,
+    flag: &'a AtomicBool,
 }
 
 /// The middle of an attempt: the client's response handle, the upload beside it, and the
