@@ -136,6 +136,16 @@ fn main() -> ExitCode {
         Command::Check { config: path } => match Config::load(&path) {
             Ok(config) => match sluice::server::check_files(&config, &path.display().to_string()) {
                 Ok(()) => {
+                    for expansion in &config.expansions {
+                        println!(
+                            "{}:{}:{}: {} = {}",
+                            path.display(),
+                            expansion.line,
+                            expansion.column,
+                            expansion.written,
+                            expansion.expanded
+                        );
+                    }
                     println!("{}: valid", path.display());
                     return ExitCode::SUCCESS;
                 }

@@ -312,3 +312,69 @@ fn version_prints_the_crate_version() {
         format!("sluice {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// `sluice check` with `vars` in its environment.
+fn check_with_env(config: &str, vars: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.yaml");
+    std::fs::write(&path, config).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove("SLUICE_TEST_UNSET")
+        .envs(vars.iter().copied())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+#[test]
+fn environment_variables_in_values_are_expanded_and_shown_by_check() {
+    let config = "listeners:
+  - name: grpc
+    address: ${SLUICE_TEST_ADDR}
+    max_connections: ${SLUICE_TEST_MAX}
+admin:
+  address: \"${SLUICE_TEST_UNSET:-127.0.0.1:9901}\"
+clusters:
+  - name: echo
+    discovery:
+      static: [\"${SLUICE_TEST_BACKEND}\"]
+";
+    let vars = [
+        ("SLUICE_TEST_ADDR", "0.0.0.0:50051"),
+        ("SLUICE_TEST_MAX", "500"),
+        ("SLUICE_TEST_BACKEND", "10.0.0.7:50051"),
+    ];
+    let (ok, output) = check_with_env(config, &vars);
+    assert!(ok, "{output}");
+    assert!(
+        output.contains(":3:14: ${SLUICE_TEST_ADDR} = 0.0.0.0:50051"),
+        "{output}"
+    );
+    assert!(output.contains("${SLUICE_TEST_MAX} = 500"), "{output}");
+    assert!(
+        output.contains("${SLUICE_TEST_UNSET:-127.0.0.1:9901} = 127.0.0.1:9901"),
+        "{output}"
+    );
+    assert!(
+        output.contains("${SLUICE_TEST_BACKEND} = 10.0.0.7:50051"),
+        "{output}"
+    );
+
+    // A variable that is not set and has no default is an error naming it and where.
+    let (ok, output) = check_with_env(config, &vars[1..]);
+    assert!(!ok, "{output}");
+    assert!(
+        output.contains("environment variable SLUICE_TEST_ADDR is not set")
+            && output.contains("at line 3 column 14"),
+        "{output}"
+    );
+    // A value that is not what its key takes is reported as usual, at the expanded value.
+    let bad = [("SLUICE_TEST_MAX", "many"), vars[0], vars[2]];
+    let (ok, output) = check_with_env(config, &bad);
+    assert!(!ok, "{output}");
+    assert!(output.contains("max_connections"), "{output}");
+}

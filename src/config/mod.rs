@@ -12,6 +12,7 @@
 //!
 //! A key sluice does not know is an error: a key is never accepted and then ignored.
 
+pub mod env;
 pub mod files;
 mod validate;
 pub mod values;
@@ -69,6 +70,9 @@ pub struct Config {
     /// What step 3 read from disk; empty until [`Config::load`] reads it.
     #[serde(skip)]
     pub files: Files,
+    /// The `${VAR}` values step 1 expanded, for `sluice check`.
+    #[serde(skip)]
+    pub expansions: Vec<env::Expansion>,
 }
 
 fn default_upgrade_sock() -> String {
@@ -675,6 +679,15 @@ impl Config {
     /// Parses and validates config text (no I/O); `origin` names it in errors. The files the
     /// config names are not read: use [`Config::load`] for a config that names any.
     pub fn parse(source: &str, origin: &str) -> Result<Config, ConfigError> {
+        let lookup = |name: &str| std::env::var(name).ok();
+        let (expanded, expansions) =
+            env::expand(source, lookup).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        let mut config = Config::parse_expanded(&expanded, origin)?;
+        config.expansions = expansions;
+        Ok(config)
+    }
+
+    fn parse_expanded(source: &str, origin: &str) -> Result<Config, ConfigError> {
         let options = serde_saphyr::Options {
             with_snippet: false,
             // `true` and `false` only, as YAML 1.2 (and serde_yaml before) has it: no `yes`,
