@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sluice::config::{parse_duration, Config};
+use sluice::config::{parse_duration, Config, LogFormat};
 use sluice::register::{RegisterFormat, Registration};
 use sluice::server::RunOptions;
 use tracing_subscriber::EnvFilter;
@@ -91,16 +91,30 @@ enum Command {
     },
 }
 
-fn init_logging(config_level: Option<&str>) {
+fn init_logging(config_level: Option<&str>, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(config_level.unwrap_or("info")))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only on a terminal: a log file or journald gets plain text.
-    let _ = tracing_subscriber::fmt()
+        .or_else(|_| EnvFilter::try_new(default_filter(config_level.unwrap_or("info"))))
+        .unwrap_or_else(|_| EnvFilter::new(default_filter("info")));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        // Colours only on a terminal: a log file or journald gets plain text.
+        LogFormat::Plain => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        // Fields beside the message, not nested: what log pipelines index.
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// `level`, with pingora's own start-up lines ("Starting service: BG rates") kept to warnings
+/// and errors unless the filter names pingora itself.
+fn default_filter(level: &str) -> String {
+    match level.contains("pingora") {
+        true => level.to_string(),
+        false => format!("{level},pingora_core=warn"),
+    }
 }
 
 fn main() -> ExitCode {
@@ -121,7 +135,7 @@ fn main() -> ExitCode {
             upgrade,
         } => match Config::load(&path) {
             Ok(config) => {
-                init_logging(config.log.level.as_deref());
+                init_logging(config.log.level.as_deref(), config.log.format);
                 let options = RunOptions {
                     config_path: Some(path),
                     upgrade,
@@ -129,7 +143,7 @@ fn main() -> ExitCode {
                 sluice::server::run(config, options)
             }
             Err(error) => {
-                init_logging(None);
+                init_logging(None, LogFormat::Plain);
                 Err(error.into())
             }
         },
@@ -167,22 +181,22 @@ fn main() -> ExitCode {
             metadata,
             format,
         } => {
-            init_logging(None);
+            init_logging(None, LogFormat::Plain);
             match Registration::new(&etcd, &prefix, &addr, ttl, metadata.as_deref(), format) {
                 Ok(registration) => sluice::register::run(registration),
                 Err(error) => Err(error.into()),
             }
         }
         Command::Demo => {
-            init_logging(None);
+            init_logging(None, LogFormat::Plain);
             sluice::demo::run_demo()
         }
         Command::DemoClient { target, calls } => {
-            init_logging(Some("warn"));
+            init_logging(Some("warn"), LogFormat::Plain);
             sluice::demo::run_demo_client(&target, calls)
         }
         Command::EchoBackend { listen, id, delay } => {
-            init_logging(None);
+            init_logging(None, LogFormat::Plain);
             sluice::demo::run_echo_backend(listen, id, delay)
         }
     };

@@ -582,3 +582,77 @@ async fn a_retried_call_counts_once_with_one_attempt_per_backend() {
     ];
     assert_eq!(m.sum("sluice_upstream_requests_total", &healthy_ok), 4.0);
 }
+
+/// Runs sluice with `log` as its `log:` block for `budget`; returns what it wrote to stderr.
+fn stderr_of_a_run_for(log: &str, budget: Duration) -> String {
+    stderr_of_a_run_until(log, None, budget)
+}
+
+/// Runs sluice with `log` as its `log:` block until it has logged `until` (at most 10 s); returns
+/// what it wrote to stderr.
+fn stderr_of_a_run(log: &str, until: &str) -> String {
+    stderr_of_a_run_until(log, Some(until), Duration::from_secs(10))
+}
+
+fn stderr_of_a_run_until(log: &str, until: Option<&str>, budget: Duration) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.yaml");
+    let text = format!(
+        "listeners:\n  - name: grpc\n    address: \"127.0.0.1:0\"\nadmin:\n  address: \"127.0.0.1:0\"\n\
+         upgrade_sock: \"{}\"\nlog: {log}\nclusters:\n  - name: echo\n    discovery:\n      static: [\"127.0.0.1:1\"]\n",
+        dir.path().join("upgrade.sock").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let stderr_path = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut output = String::new();
+    while started.elapsed() < budget {
+        output = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        if until.is_some_and(|until| output.contains(until)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    output
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_with_level_target_message_and_fields() {
+    let output = stderr_of_a_run("{ format: json }", "admin endpoint");
+    let lines: Vec<serde_json::Value> = output
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let listening = lines
+        .iter()
+        .find(|l| l["message"] == "listening")
+        .unwrap_or_else(|| panic!("no listening line in {output}"));
+    assert_eq!(listening["level"], "INFO", "{listening}");
+    assert_eq!(listening["target"], "sluice::server", "{listening}");
+    assert_eq!(listening["listener"], "grpc", "{listening}");
+    assert!(listening["timestamp"].is_string(), "{listening}");
+    assert!(listening["address"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("127.0.0.1:")));
+}
+
+#[test]
+fn pingora_start_up_lines_stay_out_of_the_default_log() {
+    // "listener grpc exited" is never logged; the run lasts until that budget ends, long
+    // after every service has started.
+    let output = stderr_of_a_run_for("{ level: info }", Duration::from_secs(2));
+    assert!(output.contains("listening listener=grpc"), "{output}");
+    assert!(!output.contains("Starting service"), "{output}");
+    // Asked for by name, they are there.
+    let output = stderr_of_a_run("{ level: \"info,pingora_core=info\" }", "Starting service");
+    assert!(output.contains("Starting service"), "{output}");
+}

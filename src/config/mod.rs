@@ -268,6 +268,20 @@ pub struct LogConfig {
     /// A `tracing` filter such as `info` or `sluice=debug`; `RUST_LOG` wins when set.
     #[serde(default)]
     pub level: Option<String>,
+    /// `plain` (the default) or `json`: one object per line, for log pipelines.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `TIME LEVEL TARGET: message key=value ...`, coloured on a terminal.
+    #[default]
+    Plain,
+    /// `{"timestamp":...,"level":...,"target":...,"message":...,key:value,...}` per line.
+    Json,
 }
 
 #[derive(Debug, Deserialize)]
