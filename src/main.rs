@@ -109,11 +109,12 @@ fn init_logging(config_level: Option<&str>, format: LogFormat) {
 }
 
 /// `level`, with pingora's own start-up lines ("Starting service: BG rates") kept to warnings
-/// and errors unless the filter names pingora itself.
+/// and errors when `level` is a plain `info`, `debug` or `trace`. Any other filter (`warn`,
+/// `sluice=debug`, one naming pingora) is taken as written.
 fn default_filter(level: &str) -> String {
-    match level.contains("pingora") {
-        true => level.to_string(),
-        false => format!("{level},pingora_core=warn"),
+    match level.trim().to_ascii_lowercase().as_str() {
+        "info" | "debug" | "trace" => format!("{level},pingora_core=warn"),
+        _ => level.to_string(),
     }
 }
 
@@ -151,14 +152,14 @@ fn main() -> ExitCode {
             Ok(config) => match sluice::server::check_files(&config, &path.display().to_string()) {
                 Ok(()) => {
                     for expansion in &config.expansions {
-                        println!(
-                            "{}:{}:{}: {} = {}",
-                            path.display(),
-                            expansion.line,
-                            expansion.column,
-                            expansion.written,
-                            expansion.expanded
-                        );
+                        // A password in a CI log is a leaked password.
+                        let value = match expansion.secret {
+                            true => "(hidden)",
+                            false => expansion.expanded.as_str(),
+                        };
+                        let (line, column) = (expansion.line, expansion.column);
+                        let written = &expansion.written;
+                        println!("{}:{line}:{column}: {written} = {value}", path.display());
                     }
                     println!("{}: valid", path.display());
                     return ExitCode::SUCCESS;

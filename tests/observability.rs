@@ -583,18 +583,39 @@ async fn a_retried_call_counts_once_with_one_attempt_per_backend() {
     assert_eq!(m.sum("sluice_upstream_requests_total", &healthy_ok), 4.0);
 }
 
-/// Runs sluice with `log` as its `log:` block for `budget`; returns what it wrote to stderr.
-fn stderr_of_a_run_for(log: &str, budget: Duration) -> String {
-    stderr_of_a_run_until(log, None, budget)
+/// When a test run of sluice may stop.
+enum Until<'a> {
+    /// It has logged this.
+    Logged(&'a str),
+    /// Its admin endpoint (read from the log) answers `/readyz` with 200.
+    Ready,
 }
 
 /// Runs sluice with `log` as its `log:` block until it has logged `until` (at most 10 s); returns
 /// what it wrote to stderr.
 fn stderr_of_a_run(log: &str, until: &str) -> String {
-    stderr_of_a_run_until(log, Some(until), Duration::from_secs(10))
+    stderr_of_a_run_until(log, Until::Logged(until), Duration::from_secs(10))
 }
 
-fn stderr_of_a_run_until(log: &str, until: Option<&str>, budget: Duration) -> String {
+/// Whether the admin endpoint named in `log` answers `/readyz` with 200.
+fn ready(log: &str) -> bool {
+    use std::io::{Read, Write};
+    let admin = log
+        .lines()
+        .find(|l| l.contains("admin endpoint"))
+        .and_then(|l| l.split("address=").nth(1))
+        .map(|a| a.trim().trim_matches('"').to_string());
+    let Some(Ok(mut tcp)) = admin.map(std::net::TcpStream::connect) else {
+        return false;
+    };
+    let request = b"GET /readyz HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n";
+    let mut answer = String::new();
+    tcp.write_all(request).is_ok()
+        && tcp.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.1 200")
+}
+
+fn stderr_of_a_run_until(log: &str, until: Until<'_>, budget: Duration) -> String {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("sluice.yaml");
     let text = format!(
@@ -615,14 +636,19 @@ fn stderr_of_a_run_until(log: &str, until: Option<&str>, budget: Duration) -> St
     let mut output = String::new();
     while started.elapsed() < budget {
         output = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-        if until.is_some_and(|until| output.contains(until)) {
+        let done = match until {
+            Until::Logged(text) => output.contains(text),
+            Until::Ready => ready(&output),
+        };
+        if done {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
     let _ = child.wait();
-    output
+    // Read again once it has stopped: no line is half-written now.
+    std::fs::read_to_string(&stderr_path).unwrap_or(output)
 }
 
 #[test]
@@ -647,9 +673,8 @@ fn json_logs_are_one_object_per_line_with_level_target_message_and_fields() {
 
 #[test]
 fn pingora_start_up_lines_stay_out_of_the_default_log() {
-    // "listener grpc exited" is never logged; the run lasts until that budget ends, long
-    // after every service has started.
-    let output = stderr_of_a_run_for("{ level: info }", Duration::from_secs(2));
+    // Until /readyz answers 200: every service, the listener's last, has started by then.
+    let output = stderr_of_a_run_until("{ level: info }", Until::Ready, Duration::from_secs(10));
     assert!(output.contains("listening listener=grpc"), "{output}");
     assert!(!output.contains("Starting service"), "{output}");
     // Asked for by name, they are there.
