@@ -162,10 +162,7 @@ async fn a_backend_that_fails_fast_gets_few_calls() {
     for i in 0..600 {
         failed += u32::from(client.unary(request(&format!("{i}"))).await.is_err());
     }
-    let broken_calls = broken
-        .stats
-        .calls
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let broken_calls = broken.calls();
     // Round robin would fail 200 of 600.
     assert!(failed <= 18, "{failed} of 600 calls failed");
     assert!(

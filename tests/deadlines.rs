@@ -166,13 +166,7 @@ async fn malformed_grpc_timeout_is_an_error_not_a_default() {
         status.message().contains("malformed grpc-timeout"),
         "{status:?}"
     );
-    assert_eq!(
-        backend
-            .stats
-            .calls
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(backend.calls(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,13 +11,8 @@ use std::time::Duration;
 
 use support::raw_h2::*;
 use support::{request, Echo, Sluice};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-const PRIORITY: u8 = 0x2;
-const WINDOW_UPDATE: u8 = 0x8;
-const PADDED: u8 = 0x8;
-const ACK: u8 = 0x1;
 
 const PROTOCOL_ERROR: u32 = 0x1;
 const FLOW_CONTROL_ERROR: u32 = 0x3;
@@ -327,25 +322,19 @@ fn known_deviation(name: &str) -> Option<Seen> {
 async fn next_verdict(tcp: &mut TcpStream, budget: Duration) -> Seen {
     let read = async {
         loop {
-            let mut head = [0u8; 9];
-            if tcp.read_exact(&mut head).await.is_err() {
+            let Ok(frame) = read_frame(tcp).await else {
                 return Seen::Closed;
-            }
-            let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
-            let mut payload = vec![0u8; len];
-            if tcp.read_exact(&mut payload).await.is_err() {
-                return Seen::Closed;
-            }
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            };
             let code_at = |at: usize| {
-                payload
-                    .get(at..at + 4)
+                (frame.payload.get(at..at + 4))
                     .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
             };
-            match head[3] {
+            match frame.kind {
                 GOAWAY => return Seen::Goaway(code_at(4)),
-                RST_STREAM => return Seen::Reset(stream, code_at(0)),
-                PING if head[4] & ACK != 0 && payload == b"conform!" => return Seen::PingAnswered,
+                RST_STREAM => return Seen::Reset(frame.stream, code_at(0)),
+                PING if frame.flags & ACK != 0 && frame.payload == b"conform!" => {
+                    return Seen::PingAnswered
+                }
                 _ => {}
             }
         }

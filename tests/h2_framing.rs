@@ -10,13 +10,8 @@ use std::time::Duration;
 
 use support::raw_h2::*;
 use support::{grpc_frame, request, Echo, Sluice};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-const PRIORITY: u8 = 0x2;
-const WINDOW_UPDATE: u8 = 0x8;
-const PADDED: u8 = 0x8;
-const PRIORITY_FLAG: u8 = 0x20;
 
 async fn echo_behind_sluice() -> (Echo, Sluice) {
     let backend = Echo::start("b1").await;
@@ -31,15 +26,16 @@ async fn response_body(tcp: &mut TcpStream, window_step: Option<u32>) -> Vec<u8>
     let mut body = Vec::new();
     let read = async {
         loop {
-            let mut head = [0u8; 9];
-            tcp.read_exact(&mut head).await.expect("frame header");
-            let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
-            let mut payload = vec![0u8; len];
-            tcp.read_exact(&mut payload).await.expect("frame payload");
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            match (head[3], stream) {
-                (SETTINGS, 0) if head[4] & 1 == 0 => {
-                    tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await.unwrap();
+            let RawFrame {
+                kind,
+                flags,
+                stream,
+                payload,
+            } = read_frame(tcp).await.expect("a frame");
+            let len = payload.len();
+            match (kind, stream) {
+                (SETTINGS, 0) if flags & ACK == 0 => {
+                    tcp.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
                 }
                 (DATA, 1) => {
                     body.extend_from_slice(&payload);
@@ -58,8 +54,8 @@ async fn response_body(tcp: &mut TcpStream, window_step: Option<u32>) -> Vec<u8>
                         }
                     }
                 }
-                (HEADERS, 1) if head[4] & END_STREAM != 0 => return,
-                (GOAWAY | RST_STREAM, _) => panic!("the call failed: frame type {}", head[3]),
+                (HEADERS, 1) if flags & END_STREAM != 0 => return,
+                (GOAWAY | RST_STREAM, _) => panic!("the call failed: frame type {kind}"),
                 _ => {}
             }
         }

@@ -67,8 +67,9 @@ async fn a_backend_killed_between_calls_costs_no_call() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_streams_are_retried_on_another_backend_with_the_body_replayed() {
+/// A backend that refuses every stream and a healthy one, round robin, with retries that the
+/// budget always allows.
+async fn refusing_then_healthy() -> (RefusingBackend, Echo, Sluice) {
     let refusing = RefusingBackend::start().await;
     let healthy = Echo::start("healthy").await;
     let config = Sluice::cluster(
@@ -76,6 +77,12 @@ async fn refused_streams_are_retried_on_another_backend_with_the_body_replayed()
         "    balancer: round_robin\n    retry: { max_attempts: 2, budget_ratio: 1.0 }\n",
     );
     let sluice = Sluice::start(&config).await;
+    (refusing, healthy, sluice)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_streams_are_retried_on_another_backend_with_the_body_replayed() {
+    let (refusing, _healthy, sluice) = refusing_then_healthy().await;
     let mut client = sluice.client().await;
     for i in 0..10 {
         let mut ask = request(&format!("call {i}"));
@@ -324,13 +331,7 @@ async fn a_refused_client_stream_is_replayed_whole_when_its_frames_came_together
     use prost::Message;
     use support::raw_h2::*;
     use tokio::io::AsyncWriteExt;
-    let refusing = RefusingBackend::start().await;
-    let healthy = Echo::start("healthy").await;
-    let config = Sluice::cluster(
-        &[refusing.addr, healthy.addr],
-        "    balancer: round_robin\n    retry: { max_attempts: 2, budget_ratio: 1.0 }\n",
-    );
-    let sluice = Sluice::start(&config).await;
+    let (refusing, _healthy, sluice) = refusing_then_healthy().await;
     let mut tcp = raw(&sluice, &[]).await;
     let headers = [
         (":method", &b"POST"[..]),

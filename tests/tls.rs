@@ -138,11 +138,7 @@ async fn all_four_call_types_pass_through_tls_on_both_legs() {
     assert!(expiry > 1.7e9, "{metrics}");
     let checked = support::wait_until(Duration::from_secs(5), || {
         // The four calls reached the TLS backend.
-        backend
-            .stats
-            .calls
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 4
+        backend.calls() >= 4
     })
     .await;
     assert!(checked);
@@ -177,13 +173,7 @@ async fn a_backend_certificate_for_another_name_is_unavailable_with_the_reason()
         "{status:?}"
     );
     assert!(status.message().contains("wrong.test"), "{status:?}");
-    assert_eq!(
-        backend
-            .stats
-            .calls
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(backend.calls(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

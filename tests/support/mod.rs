@@ -141,6 +141,11 @@ pub struct Echo {
 }
 
 impl Echo {
+    /// Calls this backend has received.
+    pub fn calls(&self) -> u64 {
+        self.stats.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub async fn start(id: &str) -> Echo {
         Echo::start_with_delay(id, Duration::ZERO).await
     }

@@ -11,13 +11,43 @@ use super::Sluice;
 
 pub const DATA: u8 = 0x0;
 pub const HEADERS: u8 = 0x1;
+pub const PRIORITY: u8 = 0x2;
 pub const RST_STREAM: u8 = 0x3;
 pub const SETTINGS: u8 = 0x4;
 pub const PING: u8 = 0x6;
 pub const GOAWAY: u8 = 0x7;
+pub const WINDOW_UPDATE: u8 = 0x8;
 pub const CONTINUATION: u8 = 0x9;
+pub const ACK: u8 = 0x1;
 pub const END_STREAM: u8 = 0x1;
 pub const END_HEADERS: u8 = 0x4;
+pub const PADDED: u8 = 0x8;
+pub const PRIORITY_FLAG: u8 = 0x20;
+
+/// One frame as read off a socket.
+#[derive(Debug)]
+pub struct RawFrame {
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+    pub payload: Vec<u8>,
+}
+
+/// Reads the next whole frame.
+pub async fn read_frame(tcp: &mut TcpStream) -> std::io::Result<RawFrame> {
+    let mut head = [0u8; 9];
+    tcp.read_exact(&mut head).await?;
+    let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await?;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Ok(RawFrame {
+        kind: head[3],
+        flags: head[4],
+        stream,
+        payload,
+    })
+}
 
 pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len();
@@ -102,21 +132,13 @@ pub async fn raw(sluice: &Sluice, settings: &[u8]) -> TcpStream {
 pub async fn read_until(tcp: &mut TcpStream, kind: u8, budget: Duration) -> Option<(u32, Vec<u8>)> {
     let end = Instant::now() + budget;
     loop {
-        let mut head = [0u8; 9];
         let left = end.saturating_duration_since(Instant::now());
-        tokio::time::timeout(left, tcp.read_exact(&mut head))
+        let frame = tokio::time::timeout(left, read_frame(tcp))
             .await
             .ok()?
             .ok()?;
-        let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
-        let mut payload = vec![0u8; len];
-        tokio::time::timeout(left, tcp.read_exact(&mut payload))
-            .await
-            .ok()?
-            .ok()?;
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        if head[3] == kind {
-            return Some((stream, payload));
+        if frame.kind == kind {
+            return Some((frame.stream, frame.payload));
         }
     }
 }
@@ -181,14 +203,14 @@ async fn record(
     tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
     let mut open: std::collections::HashMap<u32, Vec<FrameSeen>> = Default::default();
     loop {
-        let mut head = [0u8; 9];
-        tcp.read_exact(&mut head).await?;
-        let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
-        let mut payload = vec![0u8; len];
-        tcp.read_exact(&mut payload).await?;
-        let (kind, flags) = (head[3], head[4]);
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        if kind == SETTINGS && flags & 1 == 0 {
+        let RawFrame {
+            kind,
+            flags,
+            stream,
+            payload,
+        } = read_frame(&mut tcp).await?;
+        let len = payload.len();
+        if kind == SETTINGS && flags & ACK == 0 {
             tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await?;
         }
         if ![HEADERS, CONTINUATION, DATA].contains(&kind) {
