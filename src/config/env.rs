@@ -25,6 +25,10 @@ pub fn expand(
     source: &str,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<(String, Vec<Expansion>), String> {
+    // Most files use no variables: then the YAML is parsed once, by the config step.
+    if !source.contains("${") {
+        return Ok((source.to_string(), Vec::new()));
+    }
     let mut replacements = Vec::new(); // (byte start, byte end, new text)
     let mut expansions = Vec::new();
     let mut keys = KeyTracker::default();
