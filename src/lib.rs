@@ -16,8 +16,9 @@
 //! - [`proxy`]: one call's life: accept, route, pick, forward, answer.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/backends` and the status page.
 //! - [`server`]: the wiring: pingora, listeners, signals, reload, drain.
-//! - commands: [`register`] (`sluice register`) and [`demo`] (`sluice demo`, the echo backends
-//!   of the demo and the tests); `main.rs` parses the command line.
+//! - commands: [`register`] (`sluice register`), [`probe`] (`sluice health`, the container's
+//!   HEALTHCHECK) and [`demo`] (`sluice demo`, the echo backends of the demo and the tests);
+//!   `main.rs` parses the command line.
 
 pub mod admin;
 pub mod balance;
@@ -27,6 +28,7 @@ pub mod demo;
 pub mod discovery;
 pub mod health;
 pub mod lifecycle;
+pub mod probe;
 pub mod proxy;
 pub mod register;
 pub mod server;

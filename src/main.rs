@@ -70,6 +70,16 @@ enum Command {
         #[arg(long, value_enum, default_value_t = RegisterFormat::EtcdNaming)]
         format: RegisterFormat,
     },
+    /// Ask a running sluice's admin endpoint for /healthz: exit 0 when it answers 200, else 1
+    /// (the container image's HEALTHCHECK).
+    Health {
+        /// The admin address (admin.address); 0.0.0.0 or [::] is asked on loopback.
+        #[arg(long, env = "SLUICE_ADMIN", default_value = "127.0.0.1:9901")]
+        admin: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// The proxy plus three built-in echo backends on loopback; no etcd needed.
     Demo,
     /// Call the demo (or any echo.v1 proxy) on one connection and count answers per backend.
@@ -187,6 +197,17 @@ fn main() -> ExitCode {
                 Ok(registration) => sluice::register::run(registration),
                 Err(error) => Err(error.into()),
             }
+        }
+        Command::Health { admin, timeout } => {
+            let checked = sluice::probe::probe_address(&admin)
+                .and_then(|address| sluice::probe::check(address, timeout));
+            return match checked {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("sluice health: {error}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Demo => {
             init_logging(None, LogFormat::Plain);

@@ -210,3 +210,37 @@ async fn admin_reports_health_readiness_and_live_backend_state() {
         404
     );
 }
+
+/// `sluice health` (the container's HEALTHCHECK) exits 0 against a running sluice's admin
+/// endpoint, asks 0.0.0.0 on loopback, and exits 1 naming the address when nothing answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_health_reports_the_admin_endpoint() {
+    let b1 = Echo::start("b1").await;
+    let sluice = Sluice::start(&Sluice::cluster(&[b1.addr], "")).await;
+    let health = |admin: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["health", "--timeout", "2s"])
+            .env("SLUICE_ADMIN", admin)
+            .output()
+            .expect("run sluice health")
+    };
+    let up = health(sluice.admin.to_string());
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let unspecified = health(format!("0.0.0.0:{}", sluice.admin.port()));
+    assert!(unspecified.status.success());
+    let refused = support::RefusedAddrs::new(1);
+    let down = health(refused.addrs[0].to_string());
+    assert_eq!(down.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        stderr.contains(&format!("http://{}/healthz", refused.addrs[0])),
+        "{stderr}"
+    );
+    // Something that is not sluice's admin endpoint on the port: the gRPC listener.
+    let wrong = health(sluice.addr.to_string());
+    assert_eq!(wrong.status.code(), Some(1));
+}
