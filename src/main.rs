@@ -133,7 +133,8 @@ fn main() -> ExitCode {
     // where THP is "always" (the default of many distributions) every region a thread touches
     // then costs a 2 MiB page: 20 MiB idle instead of 10, and 93 MiB instead of 52 for 10,000
     // held streams (loadtest/RESULTS.md, "Memory per stream"). A proxy's heap is small;
-    // huge pages buy it nothing.
+    // huge pages buy it nothing. mimalloc is also built to do this itself before main
+    // (.cargo/config.toml); this call keeps it so where a CFLAGS of one's own overrides that.
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run {

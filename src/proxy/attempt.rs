@@ -226,7 +226,8 @@ fn send_headers(
 }
 
 /// The upload's end (never, when there is none). A `select!` branch evaluates its future
-/// even while disabled, so this must not fail on `None`.
+/// even while disabled, so this must not fail on `None`. Both `select!`s poll it at every
+/// wakeup, which `forward::upload` relies on to see the answer.
 fn uploading<U: Future>(upload: &mut Option<Pin<Box<U>>>) -> impl Future<Output = U::Output> + '_ {
     poll_fn(move |cx| match upload {
         Some(upload) => upload.as_mut().poll(cx),

@@ -36,8 +36,9 @@ pub enum PipeError {
 enum End {
     /// END_STREAM on a DATA frame.
     Data,
-    /// Trailers, which carried END_STREAM.
-    Trailers(HeaderMap),
+    /// Trailers, which carried END_STREAM. Boxed: request trailers are rare, and a bare
+    /// `HeaderMap` would add 80 bytes to every call's future for its whole life.
+    Trailers(Box<HeaderMap>),
 }
 
 /// What a pipe shows its observer as it forwards.
@@ -116,7 +117,31 @@ impl Drop for Replay {
 /// Forwards the downstream request body to the upstream stream, first replaying what earlier
 /// attempts already read. Records into `replay` until `answered` is set (the backend sent its
 /// response headers, so no retry can follow), then frees what it held.
+///
+/// A request that ends before the answer (a unary call, a server stream's request) is held
+/// until the answer, then freed, not kept for the call's whole life: a server stream can last
+/// hours. The wait registers no waker: the attempt polls the upload at every wakeup of its
+/// `select!`, and sets `answered` before it streams the response.
 pub async fn upload(
+    source: &mut RecvStream,
+    sink: &mut SendStream<Bytes>,
+    replay: &mut Replay,
+    answered: &AtomicBool,
+    received: &AtomicU64,
+) -> Result<(), PipeError> {
+    send_body(source, sink, replay, answered, received).await?;
+    poll_fn(|_| match answered.load(Ordering::Relaxed) {
+        true => Poll::Ready(()),
+        false => Poll::Pending,
+    })
+    .await;
+    if !replay.overflowed {
+        replay.release();
+    }
+    Ok(())
+}
+
+async fn send_body(
     source: &mut RecvStream,
     sink: &mut SendStream<Bytes>,
     replay: &mut Replay,
@@ -130,7 +155,7 @@ pub async fn upload(
         match replay.end.clone() {
             Some(End::Data) => return send_end(sink),
             Some(End::Trailers(trailers)) => {
-                return sink.send_trailers(trailers).map_err(sink_error)
+                return sink.send_trailers(*trailers).map_err(sink_error)
             }
             None => {}
         }
@@ -149,7 +174,7 @@ pub async fn upload(
             Seen::Data(chunk) => replay.record(chunk),
             // Request trailers are rare in gRPC; they are copied only while a retry may follow.
             Seen::Trailers(trailers) if !replay.overflowed => {
-                replay.end = Some(End::Trailers(trailers.clone()));
+                replay.end = Some(End::Trailers(Box::new(trailers.clone())));
             }
             Seen::Trailers(_) => {}
         }
