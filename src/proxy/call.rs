@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream};
+use smallvec::SmallVec;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -137,7 +138,9 @@ impl Call {
     /// retried, the budget allows, and the deadline has not passed.
     async fn attempts(&mut self, down: &mut Downstream) -> Ending {
         self.cluster.retry_budget.on_request();
-        let mut tried: Vec<Arc<Backend>> = Vec::new();
+        // Inline for the first two attempts: most calls make one, and a heap Vec here was an
+        // allocation per call, held for the call's whole life.
+        let mut tried: SmallVec<[Arc<Backend>; 2]> = SmallVec::new();
         let mut replay = Replay::default();
         // True right after a wait in the queue: this call picks before those behind it.
         let mut queued = false;
