@@ -75,6 +75,7 @@ impl Call {
             let mut exchange = Exchange {
                 respond,
                 upload,
+                uploaded: None,
                 deadline: deadline.as_mut(),
                 deadline_at: self.deadline,
             };
@@ -115,15 +116,18 @@ impl Call {
     /// The backend's response headers: kept for a retry if `retryable_answer` says so;
     /// otherwise forwarded to the client, and from then on no retry can follow, so the upload
     /// stops holding the body and the request headers go (unless the access log needs them).
-    fn accept_answer<U: Future<Output = Result<(), PipeError>>>(
+    fn accept_answer<'a, U: Future<Output = Uploaded<'a>>>(
         &self,
         response: Response<RecvStream>,
         backend: &Backend,
         answered: Answered<'_>,
-        exchange: &mut Exchange<'_, U>,
+        exchange: &mut Exchange<'a, U>,
     ) -> Result<(RecvStream, SendStream<Bytes>), Outcome> {
         let response = self.retryable_answer(response, &backend.address)?;
         answered.flag.store(true, Ordering::Relaxed);
+        if let Some(replay) = exchange.uploaded.take() {
+            replay.release();
+        }
         if !self.keep_request_headers {
             answered.request.headers = http::HeaderMap::new();
         }
@@ -225,9 +229,11 @@ fn send_headers(
     }
 }
 
+/// What an upload ends with: the replay it held (to free at the answer), or how it failed.
+type Uploaded<'a> = Result<&'a mut Replay, PipeError>;
+
 /// The upload's end (never, when there is none). A `select!` branch evaluates its future
-/// even while disabled, so this must not fail on `None`. Both `select!`s poll it at every
-/// wakeup, which `forward::upload` relies on to see the answer.
+/// even while disabled, so this must not fail on `None`.
 fn uploading<U: Future>(upload: &mut Option<Pin<Box<U>>>) -> impl Future<Output = U::Output> + '_ {
     poll_fn(move |cx| match upload {
         Some(upload) => upload.as_mut().poll(cx),
@@ -248,6 +254,9 @@ struct Exchange<'a, U> {
     /// The upload of the request body, running beside the wait for the response; `None`
     /// once it has ended (or when there was nothing to upload).
     upload: Option<Pin<Box<U>>>,
+    /// The replay of a request that ended before the answer: kept for a retry until the
+    /// answer, then freed (`accept_answer`).
+    uploaded: Option<&'a mut Replay>,
     deadline: Pin<&'a mut Sleep>,
     /// When `deadline` fires. The timer has millisecond resolution, so it can fire after an
     /// answer the backend gave on its own expiry of the `grpc-timeout` sluice sent (tonic
@@ -255,7 +264,7 @@ struct Exchange<'a, U> {
     deadline_at: Instant,
 }
 
-impl<U: Future<Output = Result<(), PipeError>>> Exchange<'_, U> {
+impl<'a, U: Future<Output = Uploaded<'a>>> Exchange<'a, U> {
     /// Waits for the backend's response headers while the upload runs.
     async fn await_headers(
         &mut self,
@@ -273,8 +282,13 @@ impl<U: Future<Output = Result<(), PipeError>>> Exchange<'_, U> {
                 // The request body ended, or the client failed while sending it.
                 result = uploading(&mut self.upload), if self.upload.is_some() => {
                     self.upload = None;
-                    if let Some(outcome) = outcome::upload_ended(result) {
-                        return Err(outcome);
+                    match result {
+                        Ok(replay) => self.uploaded = Some(replay),
+                        Err(error) => {
+                            if let Some(outcome) = outcome::upload_failed(error) {
+                                return Err(outcome);
+                            }
+                        }
                     }
                 }
                 // The backend's response headers, or its failure.
@@ -328,11 +342,17 @@ impl<U: Future<Output = Result<(), PipeError>>> Exchange<'_, U> {
             tokio::select! {
                 biased;
                 _ = &mut self.deadline => break Outcome::DeadlineExceeded,
-                // The request body ended, or the client failed while sending it.
+                // The request body ended (after the answer: no retry can need it now), or
+                // the client failed while sending it.
                 result = uploading(&mut self.upload), if self.upload.is_some() => {
                     self.upload = None;
-                    if let Some(outcome) = outcome::upload_ended(result) {
-                        break outcome;
+                    match result {
+                        Ok(replay) => replay.release(),
+                        Err(error) => {
+                            if let Some(outcome) = outcome::upload_failed(error) {
+                                break outcome;
+                            }
+                        }
                     }
                 }
                 // The response ended (trailers or END_STREAM), or one side failed.

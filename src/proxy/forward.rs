@@ -104,6 +104,7 @@ impl Replay {
         REPLAY_HELD.fetch_sub(self.held, Ordering::Relaxed);
         self.held = 0;
         self.chunks = Vec::new();
+        self.end = None;
         self.overflowed = true;
     }
 }
@@ -118,27 +119,18 @@ impl Drop for Replay {
 /// attempts already read. Records into `replay` until `answered` is set (the backend sent its
 /// response headers, so no retry can follow), then frees what it held.
 ///
-/// A request that ends before the answer (a unary call, a server stream's request) is held
-/// until the answer, then freed, not kept for the call's whole life: a server stream can last
-/// hours. The wait registers no waker: the attempt polls the upload at every wakeup of its
-/// `select!`, and sets `answered` before it streams the response.
-pub async fn upload(
+/// Returns `replay` when the request has ended: the attempt frees it at the answer (or at once,
+/// if the answer came first), so a request that ends before the answer (a unary call, a server
+/// stream's request) is not held for the call's whole life.
+pub async fn upload<'r>(
     source: &mut RecvStream,
     sink: &mut SendStream<Bytes>,
-    replay: &mut Replay,
+    replay: &'r mut Replay,
     answered: &AtomicBool,
     received: &AtomicU64,
-) -> Result<(), PipeError> {
+) -> Result<&'r mut Replay, PipeError> {
     send_body(source, sink, replay, answered, received).await?;
-    poll_fn(|_| match answered.load(Ordering::Relaxed) {
-        true => Poll::Ready(()),
-        false => Poll::Pending,
-    })
-    .await;
-    if !replay.overflowed {
-        replay.release();
-    }
-    Ok(())
+    Ok(replay)
 }
 
 async fn send_body(

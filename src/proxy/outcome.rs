@@ -227,12 +227,12 @@ impl Call {
     }
 }
 
-/// What the end of the upload means for the attempt: the client leaving ends it; a finished
-/// upload does not, and neither does an upstream failure, which shows on the response too.
-pub(super) fn upload_ended(result: Result<(), PipeError>) -> Option<Outcome> {
-    match result {
-        Err(PipeError::Source(error)) => Some(Outcome::ClientGone(client_reason(&error))),
-        Ok(()) | Err(PipeError::Sink(_)) => None,
+/// What a failed upload means for the attempt: the client leaving ends it; an upstream
+/// failure does not, as it shows on the response too.
+pub(super) fn upload_failed(error: PipeError) -> Option<Outcome> {
+    match error {
+        PipeError::Source(error) => Some(Outcome::ClientGone(client_reason(&error))),
+        PipeError::Sink(_) => None,
     }
 }
 
