@@ -115,7 +115,7 @@ impl Call {
 
     /// The backend's response headers: kept for a retry if `retryable_answer` says so;
     /// otherwise forwarded to the client, and from then on no retry can follow, so the upload
-    /// stops holding the body and the request headers go (unless the access log needs them).
+    /// stops holding the body and the request goes (unless the access log needs it).
     fn accept_answer<'a, U: Future<Output = Uploaded<'a>>>(
         &self,
         response: Response<RecvStream>,
@@ -128,8 +128,8 @@ impl Call {
         if let Some(replay) = exchange.uploaded.take() {
             replay.release();
         }
-        if !self.keep_request_headers {
-            answered.request.headers = http::HeaderMap::new();
+        if !self.keep_request {
+            *answered.request = None;
         }
         exchange.send_head(response)
     }
@@ -212,7 +212,13 @@ fn send_headers(
     mut sender: SendRequest<Bytes>,
     replay: &Replay,
 ) -> Result<(ResponseFuture, SendStream<Bytes>, bool), Outcome> {
-    let mut upstream = Request::from_parts(down.request.clone(), ());
+    let Some(request) = down.request.as_deref() else {
+        // Not reached: the request is freed only after an answer, and no attempt follows one.
+        return Err(Outcome::Retry(RetryReason::GoAway(
+            backend.address.0.clone(),
+        )));
+    };
+    let mut upstream = Request::from_parts(request.clone(), ());
     let remaining = call.deadline.saturating_duration_since(Instant::now());
     upstream
         .headers_mut()
@@ -243,7 +249,7 @@ fn uploading<U: Future>(upload: &mut Option<Pin<Box<U>>>) -> impl Future<Output 
 
 /// What changes once the backend has answered: the flag the upload reads, and the request.
 struct Answered<'a> {
-    request: &'a mut http::request::Parts,
+    request: &'a mut Option<Box<http::request::Parts>>,
     flag: &'a AtomicBool,
 }
 

@@ -28,18 +28,20 @@ pub(super) struct Call {
     pub(super) h2: H2Settings,
     pub(super) deadline: Instant,
     pub(super) summary: Summary,
-    /// The access log reads the request's trace header when the call ends; without it, the
-    /// request headers are freed once the backend has answered (no retry can need them then),
+    /// The access log reads the request's path and trace header when the call ends; without
+    /// it, the request is freed once the backend has answered (no retry can need it then),
     /// which a long-lived stream would otherwise hold for its whole life.
-    pub(super) keep_request_headers: bool,
+    pub(super) keep_request: bool,
 }
 
 /// The client's side of a call. Built before the call's task starts and used in place, never
 /// moved: an async fn keeps its arguments for its whole life, so a move into a local would
 /// hold a second copy in every call's future.
 pub(super) struct Downstream {
-    /// Kept whole so a retry can resend the headers.
-    pub(super) request: http::request::Parts,
+    /// Kept whole so a retry can resend the headers; `None` once the backend has answered,
+    /// unless the access log needs it (`Call::keep_request`). Boxed, so that a held stream
+    /// carries neither the request nor its room in the call's future.
+    pub(super) request: Option<Box<http::request::Parts>>,
     pub(super) body: RecvStream,
     pub(super) respond: SendResponse<Bytes>,
     /// Request DATA bytes read from the client (the upload counts them as they pass).
@@ -50,7 +52,7 @@ impl Downstream {
     pub(super) fn new(request: http::Request<RecvStream>, respond: SendResponse<Bytes>) -> Self {
         let (request, body) = request.into_parts();
         Downstream {
-            request,
+            request: Some(Box::new(request)),
             body,
             respond,
             bytes_in: AtomicU64::new(0),
@@ -112,7 +114,7 @@ impl Call {
             h2,
             deadline,
             summary: Summary::default(),
-            keep_request_headers: true,
+            keep_request: true,
         }
     }
 

@@ -243,11 +243,31 @@ impl Proxy {
 
     async fn serve_call_in_place(&self, down: &mut Downstream, peer: &Peer) {
         let started = Instant::now();
-        let parts = &mut down.request;
+        // What only the time before the first attempt needs lives in blocks: a local in scope
+        // across the call's `await` takes room in every call's future for its whole life.
+        let Some((cluster, call)) = self.prepare_call(down, peer, started) else {
+            return;
+        };
+        let (ending, summary) = call.run(down, started).await;
+        if let Some(request) = down.request.as_deref() {
+            self.log(request, Some(&cluster), &summary, ending, started, peer);
+        }
+    }
+
+    /// Checks, prepares and routes the request, and builds its call; or answers it at once
+    /// (not gRPC, no route, a malformed `grpc-timeout`), counts and logs it, and returns `None`.
+    fn prepare_call(
+        &self,
+        down: &mut Downstream,
+        peer: &Peer,
+        started: Instant,
+    ) -> Option<(Arc<Cluster>, Call)> {
+        let parts = down.request.as_deref_mut()?;
         if parts.method != Method::POST
             || !wire::is_grpc_content_type(parts.headers.get(http::header::CONTENT_TYPE))
         {
-            return reply::not_grpc(&mut down.respond, &down.request);
+            reply::not_grpc(&mut down.respond, parts);
+            return None;
         }
         // The client's identity goes upstream only as sluice verified it.
         for header in self.identity_headers.iter() {
@@ -260,8 +280,8 @@ impl Proxy {
         if self.generate_request_id {
             request_id::ensure(&mut parts.headers);
         }
-        let router = self.router.load();
-        let Some(cluster) = router.route(parts.uri.path()) else {
+        // Not the router guard: it is not meant to be held for a call's whole life.
+        let Some(cluster) = self.router.load().route(parts.uri.path()).map(Arc::clone) else {
             let message = format!("sluice: no route for {}", parts.uri.path());
             reply::status(
                 &mut down.respond,
@@ -269,36 +289,28 @@ impl Proxy {
             );
             unrouted().rejected(Reject::NoRoute);
             let ending = Ending::proxy(Code::Unimplemented);
-            let method = unrouted().method(down.request.uri.path());
+            let method = unrouted().method(parts.uri.path());
             method.record(ending.code, ending.origin, started.elapsed());
-            let summary = Summary::default();
-            return self.log(&down.request, None, &summary, ending, started, peer);
+            self.log(parts, None, &Summary::default(), ending, started, peer);
+            return None;
         };
-        // Not the router guard: it is not meant to be held for a call's whole life.
-        let cluster = Arc::clone(cluster);
-        drop(router);
         let method = cluster.stats.method(parts.uri.path());
-        let (ending, summary) = match deadline_budget(parts, &cluster) {
+        match deadline_budget(parts, &cluster) {
             Err(status) => {
                 let ending = Ending::proxy(status.code);
                 reply::status(&mut down.respond, status);
                 method.record(ending.code, ending.origin, started.elapsed());
-                (ending, Summary::default())
+                let summary = Summary::default();
+                self.log(parts, Some(&cluster), &summary, ending, started, peer);
+                None
             }
             Ok(budget) => {
-                let mut call = Call::new(Arc::clone(&cluster), method, self.h2, started + budget);
-                call.keep_request_headers = self.access_log.is_some();
-                call.run(down, started).await
+                let deadline = started + budget;
+                let mut call = Call::new(Arc::clone(&cluster), method, self.h2, deadline);
+                call.keep_request = self.access_log.is_some();
+                Some((cluster, call))
             }
-        };
-        self.log(
-            &down.request,
-            Some(&cluster),
-            &summary,
-            ending,
-            started,
-            peer,
-        );
+        }
     }
 
     /// Writes the call's access log line, when the log is on.
