@@ -22,7 +22,7 @@ use super::forward::{self, PipeError, Replay, Seen};
 use super::outcome::{self, Legs, Outcome, RetryReason};
 use crate::balance::{Backend, InFlight};
 use crate::transport::StreamSlot;
-use crate::wire::{self, Code};
+use crate::wire::{self, Code, ProxyStatus};
 
 impl Call {
     /// Sends the call to one backend and forwards it to the end, unless it must be retried.
@@ -214,9 +214,12 @@ fn send_headers(
 ) -> Result<(ResponseFuture, SendStream<Bytes>, bool), Outcome> {
     let Some(request) = down.request.as_deref() else {
         // Not reached: the request is freed only after an answer, and no attempt follows one.
-        return Err(Outcome::Retry(RetryReason::GoAway(
-            backend.address.0.clone(),
-        )));
+        // Should it be, the call fails with INTERNAL and the connection stays in the pool.
+        let message = "sluice: the request was freed before this attempt".to_string();
+        return Err(Outcome::BackendFailed {
+            status: ProxyStatus::new(Code::Internal, message),
+            broken: false,
+        });
     };
     let mut upstream = Request::from_parts(request.clone(), ());
     let remaining = call.deadline.saturating_duration_since(Instant::now());
