@@ -290,14 +290,8 @@ impl<'a, U: Future<Output = Uploaded<'a>>> Exchange<'a, U> {
                 _ = &mut self.deadline => return Err(Outcome::DeadlineExceeded),
                 // The request body ended, or the client failed while sending it.
                 result = uploading(&mut self.upload), if self.upload.is_some() => {
-                    self.upload = None;
-                    match result {
-                        Ok(replay) => self.uploaded = Some(replay),
-                        Err(error) => {
-                            if let Some(outcome) = outcome::upload_failed(error) {
-                                return Err(outcome);
-                            }
-                        }
+                    if let Some(outcome) = self.upload_ended(result, false) {
+                        return Err(outcome);
                     }
                 }
                 // The backend's response headers, or its failure.
@@ -311,6 +305,18 @@ impl<'a, U: Future<Output = Uploaded<'a>>> Exchange<'a, U> {
                 }
             }
         }
+    }
+
+    /// The upload ended: drops it, and keeps its replay for a retry until the backend has
+    /// `answered`, or frees it at once after that. Only the client leaving ends the attempt.
+    fn upload_ended(&mut self, result: Uploaded<'a>, answered: bool) -> Option<Outcome> {
+        self.upload = None;
+        match result {
+            Ok(replay) if answered => replay.release(),
+            Ok(replay) => self.uploaded = Some(replay),
+            Err(error) => return outcome::upload_failed(error),
+        }
+        None
     }
 
     /// Sends the backend's response headers to the client. Returns the response body to
@@ -354,14 +360,8 @@ impl<'a, U: Future<Output = Uploaded<'a>>> Exchange<'a, U> {
                 // The request body ended (after the answer: no retry can need it now), or
                 // the client failed while sending it.
                 result = uploading(&mut self.upload), if self.upload.is_some() => {
-                    self.upload = None;
-                    match result {
-                        Ok(replay) => replay.release(),
-                        Err(error) => {
-                            if let Some(outcome) = outcome::upload_failed(error) {
-                                break outcome;
-                            }
-                        }
+                    if let Some(outcome) = self.upload_ended(result, true) {
+                        break outcome;
                     }
                 }
                 // The response ended (trailers or END_STREAM), or one side failed.
