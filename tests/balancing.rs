@@ -74,6 +74,28 @@ async fn equal_backends_share_concurrent_calls_evenly() {
     assert_each_at_least(&counts, 32, 20.0);
 }
 
+/// `threads: 1` runs a single-thread scheduler: the calls of one connection, the upstream
+/// connections and the timers share one thread, and still overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_thread_sluice_serves_concurrent_calls_on_every_backend() {
+    let backends = [
+        Echo::start("b1").await,
+        Echo::start("b2").await,
+        Echo::start("b3").await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let sluice = Sluice::start_with_threads(1, &Sluice::cluster(&addrs, "")).await;
+    let started = Instant::now();
+    let counts = concurrent(&sluice, 32, Duration::from_millis(300)).await;
+    assert_each_at_least(&counts, 32, 20.0);
+    // Served one after another, 32 calls of 300 ms would take 9.6 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the calls did not overlap: {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_long_calls_do_not_mark_a_backend_slow() {
     let (_backends, sluice) = Echo::three_behind_sluice().await;

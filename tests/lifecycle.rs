@@ -10,8 +10,19 @@ use support::{request, Echo, Sluice};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_calls_then_exits_zero() {
+    drain_on_sigterm(2).await;
+}
+
+/// With one thread each listener runs a single-thread scheduler, which shuts down its own way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_thread_sluice_drains_on_sigterm_too() {
+    drain_on_sigterm(1).await;
+}
+
+async fn drain_on_sigterm(threads: usize) {
     let backend = Echo::start("b1").await;
-    let mut sluice = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
+    let mut sluice =
+        Sluice::start_with_threads(threads, &Sluice::cluster(&[backend.addr], "")).await;
     let mut client = sluice.client().await;
     let mut ask = request("long");
     ask.sleep_ms = 800;
@@ -113,8 +124,17 @@ async fn sighup_reloads_clusters_and_keeps_calls_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigquit_hands_the_listeners_to_an_upgraded_process_without_failing_calls() {
+    upgrade_on_sigquit(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_thread_sluice_hands_its_listeners_over_too() {
+    upgrade_on_sigquit(1).await;
+}
+
+async fn upgrade_on_sigquit(threads: usize) {
     let backend = Echo::start("b1").await;
-    let mut old = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
+    let mut old = Sluice::start_with_threads(threads, &Sluice::cluster(&[backend.addr], "")).await;
     let mut old_client = old.client().await;
     let mut long = request("started before the upgrade");
     long.sleep_ms = 2_000;

@@ -355,6 +355,10 @@ async fn wait_for_port(addr: SocketAddr, budget: Duration) -> bool {
 
 // === sluice as a process ===
 
+/// Worker threads of a sluice the harness starts: two, so calls can move between threads
+/// (work stealing), unless a test asks for another count.
+const DEFAULT_THREADS: usize = 2;
+
 pub struct Sluice {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -365,6 +369,8 @@ pub struct Sluice {
     dir: Arc<tempfile::TempDir>,
     /// Keys added to the listener (`tls:`, ...), indented for it.
     listener_extra: String,
+    /// The config's `threads`.
+    threads: usize,
 }
 
 /// Where an instance's files live, and the addresses its config names.
@@ -373,6 +379,7 @@ struct Layout {
     admin: SocketAddr,
     dir: Arc<tempfile::TempDir>,
     listener_extra: String,
+    threads: usize,
 }
 
 impl Layout {
@@ -387,11 +394,12 @@ impl Layout {
     /// The config: this instance's listener and admin, then `rest`.
     fn write_config(&self, rest: &str) {
         let config = format!(
-            "listeners:\n  - name: grpc\n    address: \"{}\"\n{}admin:\n  address: \"{}\"\nthreads: 2\n\
+            "listeners:\n  - name: grpc\n    address: \"{}\"\n{}admin:\n  address: \"{}\"\nthreads: {}\n\
              upgrade_sock: \"{}\"\nshutdown:\n  drain_timeout: 5s\n{rest}",
             self.addr,
             self.listener_extra,
             self.admin,
+            self.threads,
             self.upgrade_sock().display()
         );
         std::fs::write(self.config_path(), config).expect("write config");
@@ -425,6 +433,7 @@ impl Layout {
             log,
             dir: self.dir,
             listener_extra: self.listener_extra,
+            threads: self.threads,
         }
     }
 }
@@ -442,24 +451,38 @@ impl Sluice {
     /// the addresses it bound. The config file is then rewritten with those addresses, so a
     /// reload or an upgrade sees the same ones.
     pub async fn start_unready(rest: &str) -> Sluice {
-        Sluice::start_unready_with_listener("", rest).await
+        Sluice::start_unready_with_listener("", rest, DEFAULT_THREADS).await
+    }
+
+    /// Like [`Sluice::start`], with `threads` worker threads instead of two. One thread runs
+    /// a single-thread scheduler; more run a work-stealing one.
+    pub async fn start_with_threads(threads: usize, rest: &str) -> Sluice {
+        let mut sluice = Sluice::start_unready_with_listener("", rest, threads).await;
+        sluice.wait_ready().await;
+        sluice
     }
 
     /// Like [`Sluice::start`], with `listener_extra` (lines indented by four spaces) added to
     /// the listener, such as its `tls:` block.
     pub async fn start_with_listener(listener_extra: &str, rest: &str) -> Sluice {
-        let mut sluice = Sluice::start_unready_with_listener(listener_extra, rest).await;
+        let mut sluice =
+            Sluice::start_unready_with_listener(listener_extra, rest, DEFAULT_THREADS).await;
         sluice.wait_ready().await;
         sluice
     }
 
-    async fn start_unready_with_listener(listener_extra: &str, rest: &str) -> Sluice {
+    async fn start_unready_with_listener(
+        listener_extra: &str,
+        rest: &str,
+        threads: usize,
+    ) -> Sluice {
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let layout = Layout {
             addr: any,
             admin: any,
             dir: Arc::new(tempfile::tempdir().expect("tempdir")),
             listener_extra: listener_extra.to_string(),
+            threads,
         };
         layout.write_config(rest);
         let mut sluice = layout.launch(false, "sluice.log");
@@ -485,6 +508,7 @@ impl Sluice {
             admin: self.admin,
             dir: Arc::clone(&self.dir),
             listener_extra: self.listener_extra.clone(),
+            threads: self.threads,
         }
     }
 
