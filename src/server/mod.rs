@@ -271,11 +271,22 @@ fn refuse_port_zero(config: &Config, origin: &str) -> Result<(), BoxError> {
 
 /// The pingora server, bootstrapped (in an upgrade, that takes the old process's sockets).
 fn pingora_server(config: &Config, upgrade: bool) -> Server {
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
+    server.bootstrap();
+    server
+}
+
+/// pingora's settings for `config`: worker threads, scheduler, drain and upgrade.
+fn server_conf(config: &Config) -> ServerConf {
     let threads = config
         .threads
         .map(|t| t.0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let conf = ServerConf {
+    ServerConf {
         threads,
         // One thread has nobody to steal from: a current-thread runtime per listener skips the
         // multi-thread scheduler's bookkeeping and its wakeup syscalls (loadtest/RESULTS.md, "CPU
@@ -289,14 +300,7 @@ fn pingora_server(config: &Config, upgrade: bool) -> Server {
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: config.upgrade_sock.clone(),
         ..ServerConf::default()
-    };
-    let opt = Opt {
-        upgrade,
-        ..Opt::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
-    server.bootstrap();
-    server
+    }
 }
 
 fn start_access_log(config: &Config) -> Result<Option<AccessLog>, BoxError> {
@@ -417,4 +421,29 @@ fn add_admin(
     server.add_service(service);
     info!(address = %bound, "admin endpoint");
     Ok(Some(bound))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf_for(threads: &str) -> ServerConf {
+        let yaml = format!(
+            "listeners:\n  - name: grpc\n    address: \"127.0.0.1:0\"\n{threads}\
+             clusters:\n  - name: echo\n    discovery:\n      static: [\"127.0.0.1:1\"]\n"
+        );
+        let config = Config::parse(&yaml, "test.yaml").expect("a valid config");
+        server_conf(&config)
+    }
+
+    #[test]
+    fn one_thread_runs_without_work_stealing_and_more_threads_steal() {
+        let one = conf_for("threads: 1\n");
+        assert_eq!((one.threads, one.work_stealing), (1, false));
+        let two = conf_for("threads: 2\n");
+        assert_eq!((two.threads, two.work_stealing), (2, true));
+        // Unset: one per CPU this process may use, stealing only when there are several.
+        let unset = conf_for("");
+        assert_eq!(unset.work_stealing, unset.threads > 1);
+    }
 }
