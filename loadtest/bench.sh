@@ -10,6 +10,11 @@
 #   SCENARIOS="small-c1 stream100" TARGETS="sluice haproxy" loadtest/bench.sh
 #   SCENARIOS="tls-small-c16 tls-churn" loadtest/bench.sh   # TLS on the client leg, sluice and
 #                                          # HAProxy only; written to its own section, bench-tls
+#   PROFILE=release loadtest/bench.sh      # measure a `cargo build --release` binary instead
+#   BIN_DIR=/tmp/old loadtest/bench.sh     # binaries already built (sluice, sluice-loadtest)
+#
+# sluice is built with the `dist` profile by default: the binary scripts/release and the container
+# image ship (fat LTO, one codegen unit), measured against the Debian builds of HAProxy and NGINX.
 #
 # TLS scenarios (tls-*): the proxy terminates TLS 1.3 with a certificate made here by openssl
 # (ECDSA P-256); tls-churn opens a new connection, so a new handshake, every 10 calls.
@@ -29,6 +34,7 @@ RESULTS_MD=${RESULTS_MD:-$ROOT/loadtest/RESULTS.md}
 if [ "$SMOKE" = 1 ]; then
   ROUNDS=1; SCALE=0.02; SCENARIOS=${SMOKE_SCENARIOS:-"small-c16 stream100 tls-churn"}; TARGETS=${TARGETS:-"direct sluice"}
 fi
+PROFILE=${PROFILE:-dist}
 find_binaries
 if [ -z "${TARGETS:-}" ]; then
   TARGETS="direct sluice"
@@ -154,6 +160,11 @@ if lopsided:
     sys.exit(3)
 PY
 cat "$SUMMARY"
+case "$BIN_DIR" in
+  *target/dist) BUILT_AS="the \`dist\` profile, as scripts/release and the image build it" ;;
+  *target/release) BUILT_AS="the release profile" ;;
+  *) BUILT_AS="prebuilt" ;;
+esac
 if [ "$SMOKE" != 1 ]; then
   {
     case "${RESULTS_SECTION:-bench}" in
@@ -162,6 +173,7 @@ if [ "$SMOKE" != 1 ]; then
     esac
     echo
     echo "\`ROUNDS=$ROUNDS SCALE=$SCALE SCENARIOS=\"$SCENARIOS\" loadtest/bench.sh\` on $(machine_line)."
+    echo "sluice from \`${BIN_DIR#"$ROOT"/}\` ($BUILT_AS)."
     echo "Versions: $("$SLUICE" --version)$(command -v haproxy >/dev/null && echo ", $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | cut -d' ' -f3)")."
     echo "Medians over rounds. The proxy is pinned to core 1, the client and backends to core 0; +p50/+p99"
     echo "are what the proxy adds over direct (direct spreads connections over both backends, so its"

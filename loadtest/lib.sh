@@ -5,10 +5,11 @@ STARTED_PIDS=()
 # Room for 10,000 streams' worth of connections (NGINX opens one upstream per stream).
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-find_binaries() {  # sets SLUICE and LOADTEST: those in $BIN_DIR, else fresh release builds
+find_binaries() {  # sets SLUICE and LOADTEST: those in $BIN_DIR, else fresh builds of $PROFILE
   if [ -z "${BIN_DIR:-}" ]; then
-    cargo build --release -q -p sluice -p sluice-loadtest
-    BIN_DIR=$ROOT/target/release
+    local profile=${PROFILE:-release}
+    cargo build --profile "$profile" -q -p sluice -p sluice-loadtest
+    BIN_DIR=$ROOT/target/$profile
   fi
   SLUICE=$BIN_DIR/sluice
   LOADTEST=$BIN_DIR/sluice-loadtest
