@@ -33,6 +33,7 @@ SCENARIOS=${SCENARIOS:-"small-c1 small-c16 stream100 large-64k rate2k idle10k"}
 RESULTS_MD=${RESULTS_MD:-$ROOT/loadtest/RESULTS.md}
 if [ "$SMOKE" = 1 ]; then
   ROUNDS=1; SCALE=0.02; SCENARIOS=${SMOKE_SCENARIOS:-"small-c16 stream100 tls-churn"}; TARGETS=${TARGETS:-"direct sluice"}
+  PROFILE=${PROFILE:-release}  # a smoke run checks the script, not the numbers: skip the LTO build
 fi
 PROFILE=${PROFILE:-dist}
 find_binaries
