@@ -78,13 +78,7 @@ async fn equal_backends_share_concurrent_calls_evenly() {
 /// connections and the timers share one thread, and still overlap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_thread_sluice_serves_concurrent_calls_on_every_backend() {
-    let backends = [
-        Echo::start("b1").await,
-        Echo::start("b2").await,
-        Echo::start("b3").await,
-    ];
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let sluice = Sluice::start_with_threads(1, &Sluice::cluster(&addrs, "")).await;
+    let (_backends, sluice) = Echo::three_behind_sluice_with_threads(1).await;
     let started = Instant::now();
     let counts = concurrent(&sluice, 32, Duration::from_millis(300)).await;
     assert_each_at_least(&counts, 32, 20.0);

@@ -173,13 +173,18 @@ impl Echo {
     /// Three echo backends, `b1`, `b2`, `b3`, and a sluice in front of them (static cluster
     /// `echo`, defaults).
     pub async fn three_behind_sluice() -> ([Echo; 3], Sluice) {
+        Echo::three_behind_sluice_with_threads(DEFAULT_THREADS).await
+    }
+
+    /// Like [`Echo::three_behind_sluice`], with a sluice of `threads` worker threads.
+    pub async fn three_behind_sluice_with_threads(threads: usize) -> ([Echo; 3], Sluice) {
         let backends = [
             Echo::start("b1").await,
             Echo::start("b2").await,
             Echo::start("b3").await,
         ];
         let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-        let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+        let sluice = Sluice::start_with_threads(threads, &Sluice::cluster(&addrs, "")).await;
         (backends, sluice)
     }
 
@@ -442,9 +447,7 @@ impl Sluice {
     /// Starts `sluice run` with a listener and admin on port 0 and `rest` (clusters,
     /// routes, ...) appended to the config; returns once `/readyz` answers 200.
     pub async fn start(rest: &str) -> Sluice {
-        let mut sluice = Sluice::start_unready(rest).await;
-        sluice.wait_ready().await;
-        sluice
+        Sluice::start_with_threads(DEFAULT_THREADS, rest).await
     }
 
     /// Like [`Sluice::start`], without waiting for `/readyz`: returns once sluice has logged
