@@ -41,6 +41,10 @@ pub struct EchoStats {
     /// Unary calls being handled now, and the most ever handled at once.
     pub active: AtomicU64,
     pub peak_active: AtomicU64,
+    /// With a worker pool: calls that got a worker, and of those, the ones that got it after
+    /// their caller's deadline (`grpc-timeout` at arrival) had passed: work nobody waits for.
+    pub work_started: AtomicU64,
+    pub work_started_late: AtomicU64,
     /// Woken whenever `calls` or `cancelled` changes.
     pub changed: Notify,
 }
@@ -52,7 +56,55 @@ pub struct EchoService {
     pub delay: Duration,
     /// Answer every unary call with this status, at once: a backend whose dependency broke.
     pub fail_all: Option<tonic::Code>,
+    /// Unary calls wait for one of a few workers, then work (`sluice echo-backend --workers`).
+    pub pool: Option<WorkerPool>,
     pub stats: Arc<EchoStats>,
+}
+
+/// A bounded pool of workers, as a server with a fixed thread or connection pool has: calls
+/// beyond `workers` queue for one, then work `work` each.
+#[derive(Debug, Clone)]
+pub struct WorkerPool {
+    workers: Arc<tokio::sync::Semaphore>,
+    work: Duration,
+    /// Drop a queued call whose caller has gone, and skip one whose deadline passed while it
+    /// queued, as a handler that checks its context does. Without it, every queued call is
+    /// worked on, whoever still waits for it: a Go handler that waits on a small database
+    /// pool without looking at its context.
+    checks_context: bool,
+}
+
+impl WorkerPool {
+    pub fn new(workers: usize, work: Duration, checks_context: bool) -> WorkerPool {
+        WorkerPool {
+            workers: Arc::new(tokio::sync::Semaphore::new(workers.max(1))),
+            work,
+            checks_context,
+        }
+    }
+
+    /// Queues for a worker, then works; counts the work, and work started past `deadline`.
+    /// Err: the deadline passed while it queued, and this pool checks its context.
+    async fn run(
+        self,
+        stats: Arc<EchoStats>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), Status> {
+        // The semaphore is never closed: an error here cannot happen.
+        let _worker = self.workers.acquire_owned().await;
+        let late = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        if late && self.checks_context {
+            return Err(Status::deadline_exceeded(
+                "deadline passed while queued for a worker",
+            ));
+        }
+        stats.work_started.fetch_add(1, Ordering::Relaxed);
+        if late {
+            stats.work_started_late.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::time::sleep(self.work).await;
+        Ok(())
+    }
 }
 
 impl EchoService {
@@ -61,8 +113,29 @@ impl EchoService {
             id: id.into(),
             delay: Duration::ZERO,
             fail_all: None,
+            pool: None,
             stats: Arc::default(),
         }
+    }
+
+    /// With a worker pool, waits for a worker and works; a pool that does not check its
+    /// context works on its own task, so the work goes on after the caller has gone.
+    async fn work(&self, metadata: &MetadataMap) -> Result<(), Status> {
+        let Some(pool) = self.pool.clone() else {
+            return Ok(());
+        };
+        let timeout = metadata.get("grpc-timeout").map(|v| v.as_bytes());
+        let deadline = timeout
+            .and_then(crate::wire::parse_timeout)
+            .map(|t| tokio::time::Instant::now() + t);
+        let stats = Arc::clone(&self.stats);
+        if pool.checks_context {
+            return pool.run(stats, deadline).await;
+        }
+        let detached = tokio::spawn(pool.run(stats, deadline));
+        detached
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(e.to_string())))
     }
 
     fn arrived(&self, metadata: &MetadataMap) -> String {
@@ -170,6 +243,7 @@ impl Echo for EchoService {
             guard.finished = true;
             return Err(Status::new(code, format!("{} fails every call", self.id)));
         }
+        self.work(request.metadata()).await?;
         tokio::time::sleep(self.delay + Duration::from_millis(body.sleep_ms.into())).await;
         guard.finished = true;
         if let Some(status) = failure(body) {
@@ -288,16 +362,46 @@ pub async fn serve_echo_with(
     Ok(())
 }
 
-/// `sluice echo-backend`: one echo backend as its own process.
-pub fn run_echo_backend(listen: SocketAddr, id: String, delay: Duration) -> Result<(), BoxError> {
+/// `sluice echo-backend`: one echo backend as its own process. With a worker pool, it logs
+/// its work every 5 s.
+pub fn run_echo_backend(
+    listen: SocketAddr,
+    id: String,
+    delay: Duration,
+    pool: Option<WorkerPool>,
+) -> Result<(), BoxError> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = TcpListener::bind(listen).await?;
         tracing::info!(address = %listener.local_addr()?, %id, "echo backend listening");
         let mut service = EchoService::new(id);
         service.delay = delay;
+        if pool.is_some() {
+            tokio::spawn(report_work(Arc::clone(&service.stats)));
+        }
+        service.pool = pool;
         serve_echo(listener, service).await
     })
+}
+
+/// Logs a worker pool's work every 5 s, while it changes.
+async fn report_work(stats: Arc<EchoStats>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut last = u64::MAX;
+    loop {
+        tick.tick().await;
+        let started = stats.work_started.load(Ordering::Relaxed);
+        if started != last {
+            let late = stats.work_started_late.load(Ordering::Relaxed);
+            let share = late as f64 * 100.0 / started.max(1) as f64;
+            tracing::info!(
+                work.started = started,
+                work.late = late,
+                "work started, and started after the caller's deadline ({share:.1}%)"
+            );
+            last = started;
+        }
+    }
 }
 
 /// The demo's addresses.

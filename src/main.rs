@@ -98,6 +98,16 @@ enum Command {
         /// Added to every call, e.g. `50ms`, to play a slow backend.
         #[arg(long, default_value = "0ms", value_parser = parse_duration)]
         delay: std::time::Duration,
+        /// Unary calls queue for one of this many workers (a server's fixed pool); queued
+        /// work is done even after the caller has gone, unless --checks-context.
+        #[arg(long)]
+        workers: Option<usize>,
+        /// With --workers: how long each call works once it has a worker.
+        #[arg(long, default_value = "25ms", value_parser = parse_duration)]
+        work: std::time::Duration,
+        /// With --workers: drop queued calls whose caller has gone or whose deadline passed.
+        #[arg(long)]
+        checks_context: bool,
     },
 }
 
@@ -218,9 +228,17 @@ fn main() -> ExitCode {
             init_logging(Some("warn"), LogFormat::Plain);
             sluice::demo::run_demo_client(&target, calls)
         }
-        Command::EchoBackend { listen, id, delay } => {
+        Command::EchoBackend {
+            listen,
+            id,
+            delay,
+            workers,
+            work,
+            checks_context,
+        } => {
             init_logging(None, LogFormat::Plain);
-            sluice::demo::run_echo_backend(listen, id, delay)
+            let pool = workers.map(|n| sluice::demo::WorkerPool::new(n, work, checks_context));
+            sluice::demo::run_echo_backend(listen, id, delay, pool)
         }
     };
     match result {

@@ -12,6 +12,8 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+/// How long a client should wait before retrying (gRFC A6), on RESOURCE_EXHAUSTED answers.
+pub const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 
 /// The gRPC status codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +147,8 @@ impl Origin {
 pub struct ProxyStatus {
     pub code: Code,
     pub message: String,
+    /// Sent as `grpc-retry-pushback-ms`: how long a client with a retry policy should wait.
+    pub pushback: Option<Duration>,
 }
 
 impl ProxyStatus {
@@ -152,6 +156,15 @@ impl ProxyStatus {
         ProxyStatus {
             code,
             message: message.into(),
+            pushback: None,
+        }
+    }
+
+    /// Shed for overload: RESOURCE_EXHAUSTED, telling retrying clients to wait `pushback`.
+    pub fn resource_exhausted(message: impl Into<String>, pushback: Duration) -> ProxyStatus {
+        ProxyStatus {
+            pushback: Some(pushback),
+            ..ProxyStatus::new(Code::ResourceExhausted, message)
         }
     }
 
@@ -171,6 +184,10 @@ impl ProxyStatus {
         let message = utf8_percent_encode(&self.message, GRPC_MESSAGE_ESCAPES).to_string();
         if let Ok(value) = HeaderValue::from_str(&message) {
             trailers.insert(GRPC_MESSAGE, value);
+        }
+        if let Some(pushback) = self.pushback {
+            let millis = pushback.as_millis().min(u128::from(u32::MAX)) as u32;
+            trailers.insert(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(millis));
         }
         trailers
     }
@@ -366,5 +383,11 @@ mod tests {
         assert_eq!(h["grpc-status"], "14");
         assert_eq!(h["grpc-message"], "no backend: 100%25 %E2%9C%97");
         assert_eq!(h["content-type"], "application/grpc");
+        assert!(h.get("grpc-retry-pushback-ms").is_none());
+        let shed = ProxyStatus::resource_exhausted("full", Duration::from_millis(250));
+        assert_eq!(
+            shed.to_response().headers()["grpc-retry-pushback-ms"],
+            "250"
+        );
     }
 }

@@ -65,6 +65,10 @@ pub struct BackendOptions {
     /// `Overload` too: its workers are the failure.)
     pub workers: Option<usize>,
     pub failure: Failure,
+    /// Every call's wait for a worker and its work run on a task of their own, so a queued
+    /// call is worked on even after its caller has gone (a handler that never checks its
+    /// context).
+    pub detached: bool,
 }
 
 /// What the backend saw, split at the moment it turned slow.
@@ -72,7 +76,9 @@ pub struct BackendOptions {
 pub struct BackendStats {
     pub calls_before_slow: AtomicU64,
     pub calls_after_slow: AtomicU64,
-    /// Calls that got a worker after their client's deadline had passed.
+    /// Calls that got a worker (or started at once, without workers), and of those, the ones
+    /// that got it after their client's deadline had passed.
+    pub work_started: AtomicU64,
     pub started_past_deadline: AtomicU64,
     /// Calls queued or working now, and the most there ever were.
     pub in_flight: AtomicU64,
@@ -137,10 +143,21 @@ impl LoadBackend {
         Ok((delay, deadline))
     }
 
+    /// Queues for a worker, then works for `delay`: on a task of its own when `detached`, so
+    /// the caller leaving stops nothing.
+    async fn work(&self, timing: (Duration, Option<u128>)) {
+        if self.options.detached {
+            let this = self.clone();
+            let _ = tokio::spawn(async move { this.work_here(timing).await }).await;
+        } else {
+            self.work_here(timing).await;
+        }
+    }
+
     /// Queues for a worker, then works for `delay`. A call that gets its worker after its
     /// deadline is counted. With `leak`, slow work runs on its own task, so it goes on (holding
     /// its worker) when the caller's request is dropped.
-    async fn work(&self, (delay, deadline): (Duration, Option<u128>)) {
+    async fn work_here(&self, (delay, deadline): (Duration, Option<u128>)) {
         let now = self.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         self.stats.max_in_flight.fetch_max(now, Ordering::Relaxed);
         let guard = InFlightGuard(Arc::clone(&self.stats));
@@ -151,6 +168,7 @@ impl LoadBackend {
             }
             _ => None,
         };
+        self.stats.work_started.fetch_add(1, Ordering::Relaxed);
         if deadline.is_some_and(|d| now_unix_ms() > d) {
             self.stats
                 .started_past_deadline

@@ -10,6 +10,7 @@
 //! (the `x-backend-id` response header).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -157,9 +158,24 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 /// Opens one HTTP/2 connection to `target`, over TLS when `tls` is set.
 pub async fn connect(target: &str, tls: Option<&Tls>) -> Result<EchoClient<Channel>, String> {
+    connect_with(target, tls, None).await
+}
+
+/// A cleartext connection from `local`, a loopback address of its own: another client, as a
+/// proxy that tells clients apart by their IP sees it.
+pub async fn connect_from(target: &str, local: IpAddr) -> Result<EchoClient<Channel>, String> {
+    connect_with(target, None, Some(local)).await
+}
+
+async fn connect_with(
+    target: &str,
+    tls: Option<&Tls>,
+    local: Option<IpAddr>,
+) -> Result<EchoClient<Channel>, String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{target}"))
-        .map_err(|e| format!("{target}: {e}"))?;
+        .map_err(|e| format!("{target}: {e}"))?
+        .local_address(local);
     if let Some(tls) = tls {
         let config = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem))

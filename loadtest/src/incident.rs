@@ -191,6 +191,7 @@ fn failing_backend(options: &IncidentOptions, failing: bool) -> BackendOptions {
         leak: failing && failure == Failure::Slow,
         workers,
         failure,
+        detached: false,
     }
 }
 

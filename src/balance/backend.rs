@@ -9,10 +9,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::ewma::{clock_ms, ratio_to_baseline, PeakEwma, Pending, Score};
+use super::limit::{AdaptiveLimit, Sample};
 use super::queue::SlotQueue;
 use super::source::SourceKind;
 use crate::config::BackendAddr;
-use crate::telemetry::{BackendGauges, BackendStats};
+use crate::telemetry::{BackendGauges, BackendStats, MethodLatency};
 use crate::transport::Pool;
 
 /// Weights above this are clamped, which keeps the round-robin schedule small.
@@ -63,6 +64,8 @@ pub struct Backend {
     weight: AtomicU32,
     /// Streams sent to this backend and not yet finished.
     in_flight: AtomicU64,
+    /// Calls sent and not yet answered, and the adaptive limit on them (limit.rs).
+    limit: AdaptiveLimit,
     /// Peak-EWMA latency to response headers, for `/backends` (`ewma_latency_ms`).
     latency: PeakEwma,
     /// What `p2c_ewma` picks by: calls' latencies against their methods' baselines, with
@@ -98,7 +101,8 @@ pub struct Backend {
     pub transport: Arc<Pool>,
     /// This backend's attempt counters (telemetry layer); the proxy records into them.
     pub stats: Arc<BackendStats>,
-    /// The cluster's queue of calls waiting for a slot, and the per-backend cap.
+    /// The cluster's queue of calls waiting for a slot, and the limits its backends take
+    /// slots under.
     queue: Arc<SlotQueue>,
 }
 
@@ -110,6 +114,7 @@ impl Backend {
         queue: Arc<SlotQueue>,
     ) -> Backend {
         Backend {
+            limit: AdaptiveLimit::new(&queue.policy),
             queue,
             stats: Arc::new(BackendStats::new(cluster, &endpoint.address.0)),
             transport: Arc::new(Pool::new()),
@@ -248,33 +253,60 @@ impl Backend {
         length
     }
 
-    /// Takes one of the backend's slots, unless it holds its cap already; the returned guard
-    /// frees the slot (and wakes the head of the cluster's queue) when dropped.
+    /// Takes one of the backend's slots, unless it holds its limit of unanswered calls or its
+    /// cap of streams already; the returned guard frees the slot (and wakes the head of the
+    /// cluster's queue) when dropped.
     pub(super) fn try_start_stream(self: &Arc<Self>, now_ms: u64) -> Option<InFlight> {
-        let cap = self.queue.cap();
-        self.in_flight
+        let policy = &self.queue.policy;
+        let (cap, admitted) = (policy.cap(), self.limit.admitted(policy));
+        let load = (self.limit.try_take(admitted)).or_else(|| self.limit.try_exceed(policy))?;
+        let within_cap = self
+            .in_flight
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < cap).then_some(n + 1)
-            })
-            .ok()?;
+            });
+        if within_cap.is_err() {
+            self.limit.release();
+            return None;
+        }
         Some(InFlight {
             backend: Arc::clone(self),
             picked_ms: now_ms,
             pending: None,
+            load,
+            answered: false,
         })
     }
 
-    /// Below its cap.
+    /// Below its cap of streams, and below its limit of unanswered calls or with room for
+    /// one more by the pace of its answers (limit.rs, `try_exceed`).
     pub(super) fn has_room(&self) -> bool {
-        self.in_flight() < self.queue.cap()
+        let policy = &self.queue.policy;
+        let awaiting = self.limit.awaiting();
+        self.in_flight() < policy.cap()
+            && (awaiting < self.limit.admitted(policy)
+                || (policy.is_adaptive() && self.limit.has_room_for(awaiting + 1, policy)))
+    }
+
+    /// How many unanswered calls it may hold now (`concurrency_limit`).
+    pub fn concurrency_limit(&self) -> u64 {
+        self.limit.admitted(&self.queue.policy)
+    }
+
+    /// Teaches the concurrency limit how an attempt went: `load` is what the attempt's
+    /// [`InFlight::load`] said. A limit that grew lets a waiting call in.
+    pub fn observe_limit(&self, sample: Sample, load: u64, method: &MethodLatency) {
+        if self.limit.observe(sample, load, method, &self.queue.policy) {
+            self.queue.slot_freed();
+        }
     }
 
     /// Records the time from sending the request to the backend's response headers, against
     /// `baseline`: the typical latency of the call's method across the cluster, which this
     /// observation updates too.
-    pub fn observe_latency(&self, rtt: Duration, baseline: &AtomicU64) {
+    pub fn observe_latency(&self, rtt: Duration, method: &MethodLatency) {
         self.latency.observe(rtt);
-        self.score.observe(ratio_to_baseline(baseline, rtt));
+        self.score.observe(ratio_to_baseline(&method.baseline, rtt));
     }
 
     /// The backend failed a call (a server-side failure code or reset from it, or a deadline
@@ -339,10 +371,15 @@ impl Backend {
     /// balance firmly under concurrency. The weight stays linear: at low load shares follow
     /// weights exactly; under heavy concurrency, calls in flight follow the square root of
     /// the weights (docs/configuration.md, "Balancers").
+    /// The load is also scaled by how full the backend is against its concurrency limit,
+    /// `limit / (limit - unanswered)`: 1 when idle, 2 at half its limit, and the limit itself
+    /// when full, so a backend near its limit is a worse pick than its in-flight count says.
     pub(super) fn cost(&self, now_ns: u64) -> f64 {
         let stall = self.pending.stall(now_ns / 1_000_000);
         let score = self.score.get(now_ns).max(stall);
-        let load = score * (self.in_flight() as f64 + 1.0);
+        let limit = self.limit.value(&self.queue.policy);
+        let headroom = (limit - self.limit.awaiting() as f64).max(1.0);
+        let load = score * (self.in_flight() as f64 + 1.0) * (limit / headroom);
         load * load / self.weight() as f64
     }
 
@@ -350,6 +387,7 @@ impl Backend {
     pub fn gauges(&self) -> BackendGauges {
         BackendGauges {
             in_flight: self.in_flight(),
+            concurrency_limit: self.concurrency_limit(),
             up: self.state() == BackendState::Healthy,
             connections: self.transport.connections(),
             weight: self.weight(),
@@ -367,6 +405,8 @@ impl Backend {
             address: self.address.to_string(),
             state: self.state(),
             in_flight: self.in_flight(),
+            unanswered: self.limit.awaiting(),
+            concurrency_limit: self.concurrency_limit(),
             ewma_latency_ms: self.latency_nanos() / 1e6,
             requests: self.stats.requests(),
             failures: self.stats.failures(),
@@ -385,13 +425,23 @@ pub struct InFlight {
     picked_ms: u64,
     /// The backend's `Pending` slot while the request awaits its response headers.
     pending: Option<usize>,
+    /// The backend's unanswered calls when it was picked, this one included.
+    load: u64,
+    /// The response headers came: the call no longer counts against the concurrency limit.
+    answered: bool,
 }
 
 impl InFlight {
+    /// The backend's unanswered calls when it was picked, this one included: whether it
+    /// answered under light or heavy load (limit.rs).
+    pub fn load(&self) -> u64 {
+        self.load
+    }
+
     /// The request went out: until `answered`, its age counts against the backend once it
     /// passes `baseline`, its method's typical latency across the cluster.
-    pub fn sent(&mut self, baseline: &AtomicU64) {
-        self.pending = self.backend.pending.start(self.picked_ms, baseline);
+    pub fn sent(&mut self, method: &MethodLatency) {
+        self.pending = self.backend.pending.start(self.picked_ms, &method.baseline);
     }
 
     /// The response headers came, `after` the attempt began (right after the pick): the
@@ -402,6 +452,16 @@ impl InFlight {
         }
         let at = self.picked_ms + after.as_millis() as u64;
         self.backend.pending.answered(at);
+        self.release_unanswered();
+    }
+
+    /// Frees the call's place under the concurrency limit, once, and lets a waiting call in.
+    fn release_unanswered(&mut self) {
+        if !self.answered {
+            self.answered = true;
+            self.backend.limit.release();
+            self.backend.queue.slot_freed();
+        }
     }
 }
 
@@ -409,6 +469,10 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(slot) = self.pending.take() {
             self.backend.pending.end(slot);
+        }
+        if !self.answered {
+            self.answered = true;
+            self.backend.limit.release();
         }
         // SeqCst: pairs with the queue's length (queue.rs).
         self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -425,6 +489,11 @@ pub struct BackendSnapshot {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ejected_for_ms: Option<u64>,
     pub in_flight: u64,
+    /// Of those, the calls the backend has not answered yet (what `concurrency_limit` bounds).
+    pub unanswered: u64,
+    /// How many unanswered calls it may hold now: learned by `adaptive_concurrency`, else
+    /// `max_concurrent_streams_per_backend`.
+    pub concurrency_limit: u64,
     pub ewma_latency_ms: f64,
     /// Attempts on this backend: requests sent, plus connects that failed.
     pub requests: u64,

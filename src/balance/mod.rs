@@ -8,6 +8,7 @@
 mod backend;
 mod ewma;
 mod least_request;
+mod limit;
 mod outlier;
 mod p2c;
 mod queue;
@@ -24,11 +25,14 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 pub use backend::{Backend, BackendSnapshot, BackendState, Endpoint, InFlight};
-pub use queue::{SlotQueue, Waiter};
+pub use limit::{LimitPolicy, Sample};
+pub use queue::{ClientId, SlotQueue, Waiter, Wake};
 pub use retry_budget::RetryBudget;
 pub use source::{SourceKind, SourceState, SourceStatus, SourceView};
 
-use crate::config::{BackendAddr, BalancerKind, ClusterConfig, OutlierDetection, RetryOn};
+use crate::config::{
+    BackendAddr, BalancerKind, ClientKeyConfig, ClusterConfig, OutlierDetection, RetryOn,
+};
 use crate::telemetry::{ClusterStats, DiscoveryGauges, Scrape};
 use crate::transport::tls::ClientTls;
 use crate::transport::UpstreamPolicy;
@@ -103,6 +107,9 @@ pub struct ClusterSettings {
     /// Calls that may wait at once; beyond it, shed at once.
     pub max_queued: usize,
     pub outlier_detection: OutlierDetection,
+    /// Who a client is, when a full queue sheds the client with the most waiting
+    /// (`client_key`).
+    pub client_key: ClientKeyConfig,
 }
 
 impl ClusterSettings {
@@ -161,28 +168,38 @@ pub enum Pick {
 }
 
 impl Cluster {
-    /// A cluster for `config`; `tls` is its upstream TLS, built from `config.tls`'s files.
-    pub fn new(config: &ClusterConfig, tls: Option<Arc<ClientTls>>) -> Cluster {
+    /// A cluster for `config`; `tls` is its upstream TLS, built from `config.tls`'s files;
+    /// `client_key` is the top-level `client_key`.
+    pub fn new(
+        config: &ClusterConfig,
+        tls: Option<Arc<ClientTls>>,
+        client_key: &ClientKeyConfig,
+    ) -> Cluster {
         let stats = Arc::new(ClusterStats::new(&config.name.value));
-        let cap = u64::from(config.max_concurrent_streams_per_backend.0);
-        Cluster::with_state(config, tls, stats, Arc::new(SlotQueue::new(cap)))
+        let queue = Arc::new(SlotQueue::new(LimitPolicy::new(config)));
+        Cluster::with_state(config, tls, client_key, stats, queue)
     }
 
     /// The next generation of `previous` (on reload): it carries on counting in the same
-    /// stats, and its calls wait in the same queue, under the new cap.
+    /// stats, and its calls wait in the same queue, under the new limits.
     pub fn after(
         config: &ClusterConfig,
         tls: Option<Arc<ClientTls>>,
+        client_key: &ClientKeyConfig,
         previous: &Cluster,
     ) -> Cluster {
         let queue = Arc::clone(&previous.queue);
-        queue.set_cap(u64::from(config.max_concurrent_streams_per_backend.0));
-        Cluster::with_state(config, tls, Arc::clone(&previous.stats), queue)
+        let new_cap = u64::from(config.max_concurrent_streams_per_backend.0);
+        let old_cap = queue.policy.set(config);
+        queue.cap_raised(old_cap, new_cap);
+        let stats = Arc::clone(&previous.stats);
+        Cluster::with_state(config, tls, client_key, stats, queue)
     }
 
     fn with_state(
         config: &ClusterConfig,
         tls: Option<Arc<ClientTls>>,
+        client_key: &ClientKeyConfig,
         stats: Arc<ClusterStats>,
         queue: Arc<SlotQueue>,
     ) -> Cluster {
@@ -204,6 +221,7 @@ impl Cluster {
                 queue_timeout: config.queue_timeout.0,
                 max_queued: config.max_queued as usize,
                 outlier_detection: config.outlier_detection,
+                client_key: client_key.clone(),
             },
             balancer: Balancer::new(config.balancer),
             backends: ArcSwap::from_pointee(BackendSet::default()),
@@ -446,7 +464,7 @@ mod tests {
             "listeners: [{{name: l, address: \"127.0.0.1:1\"}}]\nclusters: [{{name: c, balancer: {balancer}, discovery: {{static: [\"a:1\"]}}}}]"
         );
         let config = crate::config::Config::parse(&yaml, "t").unwrap();
-        Cluster::new(&config.clusters[0], None)
+        Cluster::new(&config.clusters[0], None, &config.client_key)
     }
 
     #[test]
@@ -578,7 +596,7 @@ mod tests {
         let c = cluster("p2c_ewma");
         c.update(&endpoints(&[("fast:1", 1), ("slow:1", 1)]));
         let set = c.backends();
-        let baseline = std::sync::atomic::AtomicU64::new(0);
+        let baseline = crate::telemetry::MethodLatency::default();
         let (fast, slow) = (&set.backends[0], &set.backends[1]);
         fast.observe_latency(Duration::from_millis(1), &baseline);
         // Within the noise floor: an even share.
@@ -602,7 +620,7 @@ mod tests {
         let c = cluster("p2c_ewma");
         c.update(&endpoints(&[("fast:1", 1), ("slow:1", 1)]));
         let set = c.backends();
-        let baseline = std::sync::atomic::AtomicU64::new(0);
+        let baseline = crate::telemetry::MethodLatency::default();
         for _ in 0..10 {
             set.backends[0].observe_latency(Duration::from_millis(1), &baseline);
             // Answers in no time, with a failure.

@@ -1,50 +1,92 @@
-//! Calls waiting for a backend with a free slot, first come first served.
+//! Calls waiting for a backend with a free slot, served fairly between clients.
 //!
-//! A backend holds at most `max_concurrent_streams_per_backend` calls. When every candidate is
-//! full, a call joins its cluster's queue; a call that finishes on any backend of the cluster
-//! wakes the head of the queue at once (no polling), which then picks again. While anyone
-//! waits, new calls queue behind them instead of taking a freed slot first.
+//! A backend holds at most its concurrency limit of unanswered calls and
+//! `max_concurrent_streams_per_backend` streams ([`LimitPolicy`]). When every candidate is
+//! full, a call joins its cluster's queue; a slot freed on any backend of the cluster wakes the
+//! next waiter at once (no polling), which then picks again. While anyone waits, new calls
+//! queue behind them instead of taking a freed slot first.
+//!
+//! Waiters are grouped by client (`client_key`). Clients take turns, each served first come
+//! first served, so a client sending ten times the others' calls waits ten times as long, not
+//! everyone. When the queue is full, a newcomer displaces the newest waiter of the client with
+//! the most waiting, unless that is its own client: the client sending the most is shed first.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
+use rustc_hash::FxBuildHasher;
 use tokio::sync::oneshot;
+
+use super::limit::LimitPolicy;
+
+/// Who a waiting call belongs to: a hash of its `client_key` value.
+pub type ClientId = u64;
 
 /// One cluster's queue, shared by its backends and kept across reloads.
 #[derive(Debug)]
 pub struct SlotQueue {
-    waiting: Mutex<VecDeque<(u64, oneshot::Sender<()>)>>,
-    /// `waiting.len()`, readable without the lock (every finished call reads it).
+    waiting: Mutex<Waiting>,
+    /// The number of waiters, readable without the lock (every finished call reads it).
     len: AtomicUsize,
     next_id: AtomicU64,
-    /// Calls one backend may hold (`max_concurrent_streams_per_backend`); a reload may change
-    /// it.
-    cap: AtomicU64,
+    /// The limits backends take slots under; a reload sets them again.
+    pub policy: LimitPolicy,
+    /// How long a waiter recently waited per call served before it (ns, f64 bits; 0 until a
+    /// waiter was served): what a newcomer's wait is expected from.
+    wait_per_place: AtomicU64,
+}
+
+/// Waiters by client, and the clients' turns.
+#[derive(Debug, Default)]
+struct Waiting {
+    by_client: HashMap<ClientId, VecDeque<(u64, oneshot::Sender<Wake>)>, FxBuildHasher>,
+    /// Clients with waiters, the next to be served first.
+    turns: VecDeque<ClientId>,
+    len: usize,
+}
+
+/// Why a waiter was woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A slot is free: pick again.
+    Slot,
+    /// The queue was full, and this waiter's client had the most waiting: shed it.
+    Displaced,
 }
 
 /// A place in the queue; dropping it (timeout, cancel, woken) leaves the queue.
 #[derive(Debug)]
 pub struct Waiter {
     queue: Arc<SlotQueue>,
+    client: ClientId,
     id: u64,
-    /// Fires when a slot was freed for this waiter.
-    pub woken: oneshot::Receiver<()>,
+    /// Waiters to be served before this one when it joined.
+    pub ahead: usize,
+    /// Fires when a slot was freed for this waiter, or it was displaced.
+    pub woken: oneshot::Receiver<Wake>,
 }
 
 impl SlotQueue {
-    pub fn new(cap: u64) -> SlotQueue {
+    pub fn new(policy: LimitPolicy) -> SlotQueue {
         SlotQueue {
-            waiting: Mutex::new(VecDeque::new()),
+            waiting: Mutex::new(Waiting::default()),
             len: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
-            cap: AtomicU64::new(cap),
+            policy,
+            wait_per_place: AtomicU64::new(0),
         }
     }
 
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn len(&self) -> usize {
-        // SeqCst with the in-flight counts (backend.rs): a call that frees a slot and a call
-        // that joins the queue then always see each other, so no wakeup falls between them.
+        // SeqCst with the in-flight and unanswered counts (backend.rs, limit.rs): a call that
+        // frees a slot and a call that joins the queue then always see each other, so no
+        // wakeup falls between them.
         self.len.load(Ordering::SeqCst)
     }
 
@@ -52,63 +94,155 @@ impl SlotQueue {
         self.len() == 0
     }
 
-    pub fn cap(&self) -> u64 {
-        self.cap.load(Ordering::Relaxed)
-    }
-
-    /// Changes the cap (reload); a higher one frees slots at once.
-    pub(super) fn set_cap(&self, cap: u64) {
-        let old = self.cap.swap(cap, Ordering::SeqCst);
-        for _ in old..cap.min(old + self.len() as u64) {
+    /// Wakes as many waiters as a raised cap (reload) frees slots at once.
+    pub(super) fn cap_raised(&self, old: u64, new: u64) {
+        for _ in old..new.min(old + self.len() as u64) {
             self.slot_freed();
         }
     }
 
-    /// Joins the tail; `None` when `max_queued` calls already wait.
-    pub fn join(self: &Arc<Self>, max_queued: usize) -> Option<Waiter> {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        if waiting.len() >= max_queued {
+    /// Joins behind `client`'s other waiters; `None` when `max_queued` calls already wait and
+    /// none of another client may be displaced.
+    pub fn join(self: &Arc<Self>, client: ClientId, max_queued: usize) -> Option<Waiter> {
+        let mut waiting = self.lock();
+        let own = waiting.by_client.get(&client).map_or(0, VecDeque::len);
+        if waiting.len >= max_queued && !waiting.displace_heaviest(client, own) {
             return None;
         }
+        let ahead = waiting.ahead_of_newcomer(client, own);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (wake, woken) = oneshot::channel();
-        waiting.push_back((id, wake));
-        self.len.store(waiting.len(), Ordering::SeqCst);
+        let queue = waiting.by_client.entry(client).or_default();
+        queue.push_back((id, wake));
+        if queue.len() == 1 {
+            waiting.turns.push_back(client);
+        }
+        waiting.len += 1;
+        self.len.store(waiting.len, Ordering::SeqCst);
         Some(Waiter {
             queue: Arc::clone(self),
+            client,
             id,
+            ahead,
             woken,
         })
     }
 
-    /// A slot is free: the head waiter (still waiting) gets to pick again. A waiter that was
+    /// A slot is free: the next client's first waiter gets to pick again. A waiter that was
     /// woken but could not use the slot calls this again, to pass the wakeup on.
     pub fn slot_freed(&self) {
         if self.is_empty() {
             return;
         }
-        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((_, wake)) = waiting.pop_front() {
-            if wake.send(()).is_ok() {
+        let mut waiting = self.lock();
+        while let Some(client) = waiting.turns.pop_front() {
+            let Some(queue) = waiting.by_client.get_mut(&client) else {
+                continue;
+            };
+            let first = queue.pop_front();
+            if queue.is_empty() {
+                waiting.by_client.remove(&client);
+            } else {
+                waiting.turns.push_back(client);
+            }
+            let Some((_, wake)) = first else { continue };
+            waiting.len -= 1;
+            if wake.send(Wake::Slot).is_ok() {
                 break;
             }
         }
-        self.len.store(waiting.len(), Ordering::SeqCst);
+        self.len.store(waiting.len, Ordering::SeqCst);
+    }
+
+    /// A waiter got its slot after `waited`, with `ahead` waiters served before it: teaches
+    /// the expected wait of the next ones.
+    pub fn served(&self, waited: Duration, ahead: usize) {
+        let sample = waited.as_nanos() as f64 / (ahead + 1) as f64;
+        let current = f64::from_bits(self.wait_per_place.load(Ordering::Relaxed));
+        let next = match current {
+            0.0 => sample,
+            current => current + 0.2 * (sample - current),
+        };
+        self.wait_per_place.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// How long a waiter with `ahead` waiters before it is expected to wait; zero until a
+    /// waiter has been served.
+    pub fn expected_wait(&self, ahead: usize) -> Duration {
+        let per_place = f64::from_bits(self.wait_per_place.load(Ordering::Relaxed));
+        Duration::from_nanos((per_place * (ahead + 1) as f64) as u64)
+    }
+
+    /// How long a call that joined now would be expected to wait (for `grpc-retry-pushback-ms`):
+    /// every waiter is ahead of it, at worst.
+    pub fn expected_wait_of_newcomer(&self) -> Duration {
+        self.expected_wait(self.len())
+    }
+}
+
+impl Waiting {
+    /// Makes room for `client` (with `own` waiters) in a full queue: displaces the newest
+    /// waiter of the client with the most, if that client has more than `client` would
+    /// after joining. Returns whether there is room now.
+    fn displace_heaviest(&mut self, client: ClientId, own: usize) -> bool {
+        let heaviest = (self.by_client.iter_mut())
+            .filter(|(id, _)| **id != client)
+            .max_by_key(|(_, queue)| queue.len())
+            .filter(|(_, queue)| queue.len() > own + 1);
+        let Some((_, queue)) = heaviest else {
+            return false;
+        };
+        // It has more than one waiter: it keeps at least one, and its turn.
+        if let Some((_, wake)) = queue.pop_back() {
+            self.len -= 1;
+            let _ = wake.send(Wake::Displaced);
+        }
+        true
+    }
+
+    /// The waiters served before a newcomer of `client`, who has `own` waiting already: its
+    /// own, and of every other client up to one more than that, as turns go round.
+    fn ahead_of_newcomer(&self, client: ClientId, own: usize) -> usize {
+        if own == 0 {
+            return self.turns.len();
+        }
+        (self.by_client.iter())
+            .map(|(id, queue)| match *id == client {
+                true => own,
+                false => queue.len().min(own + 1),
+            })
+            .sum()
+    }
+
+    /// Removes waiter `id` of `client`; returns whether it was still there.
+    fn remove(&mut self, client: ClientId, id: u64) -> bool {
+        let Some(queue) = self.by_client.get_mut(&client) else {
+            return false;
+        };
+        let Some(at) = queue.iter().position(|(waiter, _)| *waiter == id) else {
+            return false;
+        };
+        queue.remove(at);
+        if queue.is_empty() {
+            self.by_client.remove(&client);
+            self.turns.retain(|turn| *turn != client);
+        }
+        self.len -= 1;
+        true
     }
 }
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        let mut waiting = self.queue.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(at) = waiting.iter().position(|(id, _)| *id == self.id) {
-            waiting.remove(at);
-            self.queue.len.store(waiting.len(), Ordering::SeqCst);
+        let mut waiting = self.queue.lock();
+        if waiting.remove(self.client, self.id) {
+            self.queue.len.store(waiting.len, Ordering::SeqCst);
             return;
         }
         drop(waiting);
         // Woken, but leaving without using the wakeup (its timeout or its client won the
         // race): pass it on, or a free slot would go unnoticed.
-        if self.woken.try_recv().is_ok() {
+        if self.woken.try_recv() == Ok(Wake::Slot) {
             self.queue.slot_freed();
         }
     }
@@ -118,44 +252,95 @@ impl Drop for Waiter {
 mod tests {
     use super::*;
 
+    fn queue(cap: u32) -> Arc<SlotQueue> {
+        let yaml = format!(
+            "listeners: [{{name: l, address: \"127.0.0.1:1\"}}]\nclusters: [{{name: c, max_concurrent_streams_per_backend: {cap}, discovery: {{static: [\"a:1\"]}}}}]"
+        );
+        let config = crate::config::Config::parse(&yaml, "t").unwrap();
+        Arc::new(SlotQueue::new(LimitPolicy::new(&config.clusters[0])))
+    }
+
     #[test]
     fn slots_go_to_waiters_in_order_and_a_gone_waiter_is_skipped() {
-        let queue = Arc::new(SlotQueue::new(1));
-        let mut first = queue.join(10).unwrap();
-        let second = queue.join(10).unwrap();
-        let mut third = queue.join(10).unwrap();
+        let queue = queue(1);
+        let mut first = queue.join(1, 10).unwrap();
+        let second = queue.join(1, 10).unwrap();
+        let mut third = queue.join(1, 10).unwrap();
         assert_eq!(queue.len(), 3);
         drop(second);
         assert_eq!(queue.len(), 2);
         queue.slot_freed();
-        assert!(first.woken.try_recv().is_ok());
+        assert_eq!(first.woken.try_recv(), Ok(Wake::Slot));
         assert!(third.woken.try_recv().is_err());
         queue.slot_freed();
-        assert!(third.woken.try_recv().is_ok());
-        assert!(queue.join(0).is_none(), "max_queued 0: no queue");
+        assert_eq!(third.woken.try_recv(), Ok(Wake::Slot));
+        assert!(queue.join(1, 0).is_none(), "max_queued 0: no queue");
     }
 
     #[test]
     fn a_woken_waiter_that_leaves_passes_the_wakeup_on() {
-        let queue = Arc::new(SlotQueue::new(1));
-        let first = queue.join(10).unwrap();
-        let mut second = queue.join(10).unwrap();
+        let queue = queue(1);
+        let first = queue.join(1, 10).unwrap();
+        let mut second = queue.join(1, 10).unwrap();
         queue.slot_freed();
         // The first was woken, but its timeout won: it leaves without the slot.
         drop(first);
-        assert!(second.woken.try_recv().is_ok());
+        assert_eq!(second.woken.try_recv(), Ok(Wake::Slot));
         assert_eq!(queue.len(), 0);
     }
 
     #[test]
     fn a_higher_cap_wakes_as_many_waiters() {
-        let queue = Arc::new(SlotQueue::new(1));
-        let mut waiters: Vec<_> = (0..3).map(|_| queue.join(10).unwrap()).collect();
-        queue.set_cap(3);
+        let queue = queue(1);
+        let mut waiters: Vec<_> = (0..3).map(|_| queue.join(1, 10).unwrap()).collect();
+        queue.cap_raised(1, 3);
         let woken = waiters
             .iter_mut()
             .filter_map(|w| w.woken.try_recv().ok())
             .count();
         assert_eq!(woken, 2);
+    }
+
+    #[test]
+    fn clients_take_turns_and_a_newcomer_counts_only_the_turns_before_it() {
+        let queue = queue(1);
+        let mut heavy: Vec<_> = (0..4).map(|_| queue.join(7, 100).unwrap()).collect();
+        assert_eq!(heavy[3].ahead, 3);
+        let mut light = queue.join(8, 100).unwrap();
+        // One heavy waiter is served before it, not four.
+        assert_eq!(light.ahead, 1);
+        queue.slot_freed();
+        queue.slot_freed();
+        assert_eq!(heavy[0].woken.try_recv(), Ok(Wake::Slot));
+        assert_eq!(light.woken.try_recv(), Ok(Wake::Slot));
+        assert!(heavy[1].woken.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_full_queue_displaces_the_heaviest_client_not_a_light_one() {
+        let queue = queue(1);
+        let mut heavy: Vec<_> = (0..3).map(|_| queue.join(7, 4).unwrap()).collect();
+        let _light = queue.join(8, 4).unwrap();
+        // Full: a second light call displaces the heavy client's newest waiter.
+        let _light_again = queue.join(8, 4).unwrap();
+        assert_eq!(heavy[2].woken.try_recv(), Ok(Wake::Displaced));
+        assert_eq!(queue.len(), 4);
+        // The heavy client itself is refused: it has the most already.
+        assert!(queue.join(7, 4).is_none());
+        // Evenly shared: nobody is displaced for a newcomer of a client already there.
+        drop(heavy.remove(0));
+        drop(heavy.remove(0));
+        assert_eq!(queue.len(), 2);
+        let _third = queue.join(8, 3).unwrap();
+        assert!(queue.join(8, 3).is_none());
+    }
+
+    #[test]
+    fn the_expected_wait_follows_served_waiters() {
+        let queue = queue(1);
+        assert_eq!(queue.expected_wait(5), Duration::ZERO);
+        // Waited 40 ms with 3 served before it: 10 ms a place.
+        queue.served(Duration::from_millis(40), 3);
+        assert_eq!(queue.expected_wait(1), Duration::from_millis(20));
     }
 }

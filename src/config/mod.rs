@@ -30,7 +30,7 @@ pub use files::{
 pub use values::{
     parse_duration, AtLeastOne, BackendAddr, DurationValue, EtcdEndpoint, EtcdPrefix,
     ForwardHeader, ListenAddr, MaxAttempts, NonEmpty, PathPrefix, Percent, PositiveDuration, Ratio,
-    ServiceName, ThreadCount, TlsServerName,
+    RequestHeader, ServiceName, ThreadCount, TlsServerName, Tolerance,
 };
 
 /// A config problem, already formatted for an operator: file, key path, what is wrong, where.
@@ -63,6 +63,10 @@ pub struct Config {
     pub access_log: Option<AccessLogConfig>,
     #[serde(default)]
     pub request_id: RequestIdConfig,
+    /// Who a client is, for fair shedding: the peer's IP (default), a request header, or the
+    /// verified mTLS identity.
+    #[serde(default)]
+    pub client_key: ClientKeyConfig,
     /// The Unix socket a graceful upgrade hands the listening sockets over (SIGQUIT to the
     /// old process, `sluice run --upgrade` for the new one).
     #[serde(default = "default_upgrade_sock")]
@@ -331,6 +335,10 @@ pub struct ClusterConfig {
     /// Passive ejection of backends that fail call after call; on unless `off`.
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
+    /// Each backend's concurrency limit, learned from its latency below
+    /// `max_concurrent_streams_per_backend`; on unless `off`.
+    #[serde(default)]
+    pub adaptive_concurrency: AdaptiveConcurrency,
     /// HTTP/2 PINGs on backend connections.
     #[serde(default)]
     pub upstream_keepalive: UpstreamKeepalive,
@@ -623,47 +631,136 @@ fn default_max_ejection_percent() -> Percent {
 
 impl<'de> Deserialize<'de> for OutlierDetection {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        values::checked(deserializer, |written: WrittenOutlier| {
-            match written {
-            WrittenOutlier::Settings(settings) => Ok(OutlierDetection::On(settings)),
-            WrittenOutlier::Word(word) if word == "off" => Ok(OutlierDetection::Off),
-            WrittenOutlier::Word(word) => Err(format!(
-                "{word:?}: expected `off`, or {{ consecutive_failures, base_ejection_time, max_ejection_percent }}"
-            )),
-        }
+        let expected =
+            "`off`, or { consecutive_failures, base_ejection_time, max_ejection_percent }";
+        Ok(match off_or(deserializer, expected)? {
+            Some(settings) => OutlierDetection::On(settings),
+            None => OutlierDetection::Off,
         })
     }
 }
 
-/// What the file says for `outlier_detection`: a word (only `off` is one) or the settings.
-enum WrittenOutlier {
-    Word(String),
-    Settings(OutlierSettings),
+/// `adaptive_concurrency: { min_limit, initial_limit, tolerance }`, or
+/// `adaptive_concurrency: off`. On by default, with the defaults below.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AdaptiveConcurrency {
+    /// Each backend's limit is `max_concurrent_streams_per_backend`, fixed.
+    Off,
+    On(AdaptiveSettings),
 }
 
-impl<'de> Deserialize<'de> for WrittenOutlier {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(OutlierVisitor)
+impl Default for AdaptiveConcurrency {
+    fn default() -> Self {
+        AdaptiveConcurrency::On(AdaptiveSettings::default())
     }
 }
 
-struct OutlierVisitor;
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveSettings {
+    /// The lowest a backend's limit goes (at most `max_concurrent_streams_per_backend`).
+    #[serde(default = "default_min_limit")]
+    pub min_limit: AtLeastOne,
+    /// Where a new backend's limit starts (at most `max_concurrent_streams_per_backend`).
+    #[serde(default = "default_initial_limit")]
+    pub initial_limit: AtLeastOne,
+    /// How many times slower than under light load a backend may answer before its limit
+    /// comes down.
+    #[serde(default = "default_tolerance")]
+    pub tolerance: Tolerance,
+}
 
-impl<'de> serde::de::Visitor<'de> for OutlierVisitor {
-    type Value = WrittenOutlier;
+impl Default for AdaptiveSettings {
+    fn default() -> Self {
+        AdaptiveSettings {
+            min_limit: default_min_limit(),
+            initial_limit: default_initial_limit(),
+            tolerance: default_tolerance(),
+        }
+    }
+}
+
+fn default_min_limit() -> AtLeastOne {
+    AtLeastOne(3)
+}
+
+fn default_initial_limit() -> AtLeastOne {
+    AtLeastOne(20)
+}
+
+fn default_tolerance() -> Tolerance {
+    Tolerance(2.0)
+}
+
+impl<'de> Deserialize<'de> for AdaptiveConcurrency {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let expected = "`off`, or { min_limit, initial_limit, tolerance }";
+        Ok(match off_or(deserializer, expected)? {
+            Some(settings) => AdaptiveConcurrency::On(settings),
+            None => AdaptiveConcurrency::Off,
+        })
+    }
+}
+
+/// A feature that is on with settings, or turned off by the word `off`: `None` for `off`.
+/// `expected` lists the settings, for the error on any other word.
+fn off_or<'de, D, T>(deserializer: D, expected: &'static str) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    values::checked(deserializer, |written: OffOr<T>| match written {
+        OffOr::Settings(settings) => Ok(Some(settings)),
+        OffOr::Word(word) if word == "off" => Ok(None),
+        OffOr::Word(word) => Err(format!("{word:?}: expected {expected}")),
+    })
+}
+
+/// What the file says for a feature that `off` turns off: a word (only `off` is one) or the
+/// settings.
+enum OffOr<T> {
+    Word(String),
+    Settings(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OffOr<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(OffOrVisitor(std::marker::PhantomData))
+    }
+}
+
+struct OffOrVisitor<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OffOrVisitor<T> {
+    type Value = OffOr<T>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("`off`, or { consecutive_failures, base_ejection_time, max_ejection_percent }")
+        f.write_str("`off`, or a mapping of settings")
     }
 
     fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
-        Ok(WrittenOutlier::Word(text.to_string()))
+        Ok(OffOr::Word(text.to_string()))
     }
 
     fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<Self::Value, M::Error> {
         let map = serde::de::value::MapAccessDeserializer::new(map);
-        Ok(WrittenOutlier::Settings(OutlierSettings::deserialize(map)?))
+        Ok(OffOr::Settings(T::deserialize(map)?))
     }
+}
+
+/// `client_key`: who a client is, when calls must be shed and the client sending the most is
+/// shed first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientKeyConfig {
+    /// The client connection's IP address.
+    #[default]
+    PeerIp,
+    /// A request header's value (`{ header: x-tenant }`); calls without it share one key.
+    Header(RequestHeader),
+    /// The verified client certificate's identity under mTLS (its first URI SAN, else its
+    /// first DNS SAN, else its subject); the peer IP without one.
+    TlsIdentity,
 }
 
 /// `match:` exactly one of `service` or `prefix`.

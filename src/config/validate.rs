@@ -3,7 +3,9 @@
 
 use std::collections::HashSet;
 
-use super::{Config, DiscoveryConfig, EtcdConfig, ListenerTls, Problem, Spanned};
+use super::{
+    AdaptiveConcurrency, Config, DiscoveryConfig, EtcdConfig, ListenerTls, Problem, Spanned,
+};
 
 pub(super) fn check(config: &Config) -> Result<(), Problem> {
     unique_names("listeners", config.listeners.iter().map(|l| &l.name))?;
@@ -23,6 +25,16 @@ pub(super) fn check(config: &Config) -> Result<(), Problem> {
                 let message =
                     "`cert_file` and `key_file` go together (a client certificate and its key)";
                 return Err(Problem::new(format!("clusters[{i}].tls"), message).at(one));
+            }
+        }
+        if let AdaptiveConcurrency::On(adaptive) = &cluster.adaptive_concurrency {
+            if adaptive.min_limit.0 > adaptive.initial_limit.0 {
+                let message = format!(
+                    "`min_limit` ({}) is above `initial_limit` ({}): a limit starts at or above its floor",
+                    adaptive.min_limit.0, adaptive.initial_limit.0
+                );
+                let path = format!("clusters[{i}].adaptive_concurrency");
+                return Err(Problem::new(path, message).at(&cluster.name));
             }
         }
         match &cluster.discovery.value {

@@ -101,6 +101,22 @@ parse_from_string!(ForwardHeader, |t: &str| {
         .map_err(|_| format!("{t:?} is not a valid header name"))
 });
 
+/// A request header that names the client (`client_key: { header }`): a valid, lowercase
+/// header name that is not a pseudo-header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHeader(pub http::HeaderName);
+
+parse_from_string!(RequestHeader, |t: &str| {
+    if t != t.to_ascii_lowercase() || t.starts_with(':') {
+        return Err(format!(
+            "{t:?}: use a lowercase header name that is not a pseudo-header, such as \"x-tenant\""
+        ));
+    }
+    http::HeaderName::from_bytes(t.as_bytes())
+        .map(RequestHeader)
+        .map_err(|_| format!("{t:?} is not a valid header name"))
+});
+
 /// The name upstream TLS checks a backend's certificate against: a DNS name or an IP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsServerName(pub String);
@@ -239,6 +255,21 @@ impl<'de> Deserialize<'de> for Ratio {
         checked(deserializer, |r: f64| match r {
             r if (0.0..=1.0).contains(&r) => Ok(Ratio(r)),
             r => Err(format!("must be between 0 and 1, got {r}")),
+        })
+    }
+}
+
+/// `adaptive_concurrency.tolerance`: a factor above 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerance(pub f64);
+
+impl<'de> Deserialize<'de> for Tolerance {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        checked(deserializer, |t: f64| match t {
+            t if t > 1.0 && t.is_finite() => Ok(Tolerance(t)),
+            t => Err(format!(
+                "must be a factor greater than 1, such as 2.0, got {t}"
+            )),
         })
     }
 }

@@ -36,14 +36,14 @@ impl Call {
         let picked_at = Instant::now();
         // One timer for the whole attempt: connecting, waiting, streaming.
         let mut deadline = pin!(sleep_until(self.deadline));
-        let mut legs = Legs::new(backend, picked_at);
+        let mut legs = Legs::new(backend, picked_at, in_flight.load());
         let (sender, slot) = match self.connect(down, backend, deadline.as_mut()).await {
             Ok(lent) => lent,
             Err(outcome) => return self.settle(down, legs, outcome),
         };
         legs.slot = Some(&slot);
         let sent_at = Instant::now();
-        in_flight.sent(&self.method.latency_baseline);
+        in_flight.sent(&self.method.latency);
         let sent = send_headers(self, down, backend, sender, replay);
         let (response, mut up_send, request_ended) = match sent {
             Ok(sent) => sent,

@@ -14,7 +14,8 @@ use tracing::debug;
 
 use super::forward::Replay;
 use super::outcome::RetryReason;
-use super::reply;
+use super::queue::Queued;
+use super::{reply, Peer};
 use crate::balance::{Backend, Cluster, Pick};
 use crate::telemetry::{MethodStats, Reject};
 use crate::transport::H2Settings;
@@ -70,11 +71,13 @@ pub(super) struct Summary {
     pub(super) bytes_out: u64,
 }
 
-/// How a call ended: its gRPC status and who decided it.
+/// How a call ended: its gRPC status, who decided it, and why sluice did when it answered
+/// without a backend's answer.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Ending {
     pub(super) code: Code,
     pub(super) origin: Origin,
+    pub(super) rejected: Option<Reject>,
 }
 
 impl Ending {
@@ -82,6 +85,7 @@ impl Ending {
         Ending {
             code,
             origin: Origin::Proxy,
+            rejected: None,
         }
     }
 
@@ -89,6 +93,7 @@ impl Ending {
         Ending {
             code,
             origin: Origin::Upstream,
+            rejected: None,
         }
     }
 }
@@ -122,13 +127,14 @@ impl Call {
     /// and its summary (for the access log).
     /// (Not an `async fn`, which would keep a second copy of `self`: see `serve_call`.)
     #[allow(clippy::manual_async_fn)]
-    pub(super) fn run(
+    pub(super) fn run<'a>(
         mut self,
-        down: &mut Downstream,
+        down: &'a mut Downstream,
+        peer: &'a Peer,
         started: Instant,
-    ) -> impl Future<Output = (Ending, Summary)> + Send + '_ {
+    ) -> impl Future<Output = (Ending, Summary)> + Send + 'a {
         async move {
-            let ending = self.attempts(down).await;
+            let ending = self.attempts(down, peer).await;
             self.summary.bytes_in = down.bytes_in.load(Ordering::Relaxed);
             let elapsed = started.elapsed();
             self.method.record(ending.code, ending.origin, elapsed);
@@ -138,18 +144,21 @@ impl Call {
 
     /// Picks a backend and tries it, again on another backend while the attempt may be
     /// retried, the budget allows, and the deadline has not passed.
-    async fn attempts(&mut self, down: &mut Downstream) -> Ending {
+    async fn attempts(&mut self, down: &mut Downstream, peer: &Peer) -> Ending {
         self.cluster.retry_budget.on_request();
+        if let Err(ending) = self.admit(down) {
+            return ending;
+        }
         // Inline for the first two attempts: most calls make one, and a heap Vec here was an
         // allocation per call, held for the call's whole life.
         let mut tried: SmallVec<[Arc<Backend>; 2]> = SmallVec::new();
         let mut replay = Replay::default();
         // True right after a wait in the queue: this call picks before those behind it.
         let mut queued = false;
-        // When the call first joined the queue, until it gets a slot: a call woken for a
+        // From the call's first wait in the queue until it gets a slot: a call woken for a
         // slot it cannot use waits again within the same `queue_timeout`, and its wait is
         // counted once.
-        let mut queued_since: Option<Instant> = None;
+        let mut waited: Option<Queued> = None;
         loop {
             // A call whose deadline has passed is never dispatched.
             if Instant::now() >= self.deadline {
@@ -157,8 +166,8 @@ impl Call {
                     // It was woken for a slot it will not use: pass the wakeup on.
                     self.cluster.queue.slot_freed();
                 }
-                if let Some(since) = queued_since {
-                    self.cluster.stats.queued(since.elapsed());
+                if let Some(wait) = waited {
+                    self.cluster.stats.queued(wait.since.elapsed());
                 }
                 let message = "sluice: deadline exceeded before the call reached a backend";
                 return self.reject(
@@ -177,7 +186,7 @@ impl Call {
             }
             let (backend, in_flight) = match picked {
                 Pick::Backend(backend, in_flight) => (backend, in_flight),
-                Pick::Full => match self.wait_for_slot(down, &tried, &mut queued_since).await {
+                Pick::Full => match self.wait_for_slot(down, peer, &tried, &mut waited).await {
                     Ok(Some(found)) => found,
                     Ok(None) => {
                         queued = true;
@@ -192,8 +201,8 @@ impl Call {
                 }
             };
             queued = false;
-            if let Some(since) = queued_since.take() {
-                self.cluster.stats.queued(since.elapsed());
+            if let Some(wait) = waited.take() {
+                wait.served(&self.cluster);
             }
             tried.push(Arc::clone(&backend));
             self.summary.attempts = tried.len() as u32;
@@ -267,7 +276,10 @@ impl Call {
         status: ProxyStatus,
     ) -> Ending {
         self.cluster.stats.rejected(reason);
-        let ending = Ending::proxy(status.code);
+        let ending = Ending {
+            rejected: Some(reason),
+            ..Ending::proxy(status.code)
+        };
         reply::status(&mut down.respond, status);
         ending
     }

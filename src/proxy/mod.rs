@@ -11,6 +11,7 @@
 
 mod attempt;
 mod call;
+mod client;
 mod connection;
 pub mod forward;
 mod outcome;
@@ -248,7 +249,7 @@ impl Proxy {
         let Some((cluster, call)) = self.prepare_call(down, peer, started) else {
             return;
         };
-        let (ending, summary) = call.run(down, started).await;
+        let (ending, summary) = call.run(down, peer, started).await;
         if let Some(request) = down.request.as_deref() {
             self.log(request, Some(&cluster), &summary, ending, started, peer);
         }
@@ -288,7 +289,10 @@ impl Proxy {
                 ProxyStatus::new(Code::Unimplemented, message),
             );
             unrouted().rejected(Reject::NoRoute);
-            let ending = Ending::proxy(Code::Unimplemented);
+            let ending = Ending {
+                rejected: Some(Reject::NoRoute),
+                ..Ending::proxy(Code::Unimplemented)
+            };
             let method = unrouted().method(parts.uri.path());
             method.record(ending.code, ending.origin, started.elapsed());
             self.log(parts, None, &Summary::default(), ending, started, peer);
@@ -339,6 +343,7 @@ impl Proxy {
             bytes_in: summary.bytes_in,
             bytes_out: summary.bytes_out,
             trace_id: request_id::find(&request.headers).unwrap_or_default(),
+            rejected: ending.rejected.map(Reject::cause),
             client_subject: peer.cert.as_ref().map(|c| c.subject.as_str()),
             client_sans: peer.cert.as_ref().map(ClientCert::sans),
         });

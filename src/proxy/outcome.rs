@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use super::call::{AttemptEnd, Call, Downstream, Ending};
 use super::forward::PipeError;
 use super::reply;
-use crate::balance::Backend;
+use crate::balance::{Backend, Sample};
 use crate::config::BackendAddr;
 use crate::telemetry::Reject;
 use crate::transport::{ConnectError, StreamSlot};
@@ -62,6 +62,8 @@ pub(super) enum Outcome {
 pub(super) struct Legs<'a> {
     pub(super) backend: &'a Backend,
     pub(super) picked_at: Instant,
+    /// The backend's unanswered calls when it was picked, this one included.
+    pub(super) load: u64,
     pub(super) slot: Option<&'a StreamSlot>,
     /// The upstream stream: the request headers went to the backend.
     pub(super) upstream: Option<&'a mut SendStream<Bytes>>,
@@ -72,10 +74,11 @@ pub(super) struct Legs<'a> {
 }
 
 impl<'a> Legs<'a> {
-    pub(super) fn new(backend: &'a Backend, picked_at: Instant) -> Legs<'a> {
+    pub(super) fn new(backend: &'a Backend, picked_at: Instant, load: u64) -> Legs<'a> {
         Legs {
             backend,
             picked_at,
+            load,
             slot: None,
             upstream: None,
             downstream: None,
@@ -155,7 +158,7 @@ impl Call {
         };
         if legs.upstream.is_some() {
             backend.stats.record(ending.code, legs.picked_at.elapsed());
-            self.judge(backend, ending.code, legs.headers_after);
+            self.judge(&legs, ending.code);
         }
         AttemptEnd::Done(ending)
     }
@@ -168,7 +171,7 @@ impl Call {
         match &reason {
             RetryReason::Answered { code, .. } => {
                 backend.stats.record(*code, elapsed);
-                self.judge(backend, *code, legs.headers_after);
+                self.judge(legs, *code);
             }
             RetryReason::GoAway(_) | RetryReason::Refused(_) | RetryReason::Connect(_) => {
                 if let RetryReason::GoAway(_) = reason {
@@ -182,20 +185,34 @@ impl Call {
         AttemptEnd::Retry(reason)
     }
 
-    /// Tells the balancer and outlier detection how a sent attempt ended. One sample per
-    /// attempt: a server-side failure counts as the worst latency, however fast it came (a
-    /// backend that fails fast must not look fast); otherwise the time to response headers.
+    /// Tells the balancer, the concurrency limit and outlier detection how a sent attempt
+    /// ended. One sample per attempt: a server-side failure counts as the worst latency,
+    /// however fast it came (a backend that fails fast must not look fast); otherwise the time
+    /// to response headers.
     ///
     /// A deadline that passes after the response headers came (a long stream, a long poll)
     /// is the client's choice, not the backend's failure. RESOURCE_EXHAUSTED is a backend
-    /// shedding load: a bad sample for the balancer, though not a failure to eject for.
-    fn judge(&self, backend: &Backend, code: Code, headers_after: Option<Duration>) {
+    /// shedding load: a bad sample for the balancer and a drop for the concurrency limit,
+    /// though not a failure to eject for; so is a deadline that passes before it answers.
+    fn judge(&self, legs: &Legs<'_>, code: Code) {
+        let (backend, headers_after) = (legs.backend, legs.headers_after);
         let answered_in_time = code == Code::DeadlineExceeded && headers_after.is_some();
         let failed = code.is_server_error() && !answered_in_time;
+        let latency = &self.method.latency;
         if failed || code == Code::ResourceExhausted {
             backend.observe_failure();
         } else if let Some(rtt) = headers_after {
-            backend.observe_latency(rtt, &self.method.latency_baseline);
+            backend.observe_latency(rtt, latency);
+        }
+        let dropped = code == Code::ResourceExhausted
+            || (code == Code::DeadlineExceeded && headers_after.is_none());
+        let sample = match headers_after {
+            _ if dropped => Some(Sample::Dropped),
+            Some(rtt) if !failed => Some(Sample::Answered(rtt.as_nanos() as f64)),
+            _ => None,
+        };
+        if let Some(sample) = sample {
+            backend.observe_limit(sample, legs.load, latency);
         }
         // A cancelled call says nothing about the backend either way.
         if code != Code::Cancelled {

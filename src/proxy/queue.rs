@@ -1,77 +1,176 @@
-//! Waiting for a backend slot: a call that finds every backend of its cluster at
-//! `max_concurrent_streams_per_backend` waits in the cluster's queue, bounded by
-//! `queue_timeout` (never past its deadline) and `max_queued`, then is shed with
-//! RESOURCE_EXHAUSTED, never an HTTP error.
+//! Admission and waiting for a backend slot.
+//!
+//! A call whose remaining deadline is shorter than what it would face (its expected wait in
+//! the queue plus its method's usual latency) is answered DEADLINE_EXCEEDED at once and never
+//! sent (`unmeetable_deadline`). A call that finds every backend of its cluster at its limit
+//! waits in the cluster's queue, where clients take turns (balance/queue.rs), bounded by
+//! `queue_timeout` and `max_queued`, then is shed with RESOURCE_EXHAUSTED and a
+//! `grpc-retry-pushback-ms`, never an HTTP error. A waiting call leaves the queue the moment
+//! its deadline can no longer be met.
 
 use std::future::poll_fn;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::{sleep_until, Instant};
 
-use std::sync::Arc;
-
 use super::call::{Call, Downstream, Ending};
-use crate::balance::{Backend, InFlight, Pick};
+use super::client::client_id;
+use super::Peer;
+use crate::balance::{Backend, Cluster, InFlight, Pick, Wake};
 use crate::telemetry::Reject;
 use crate::wire::{Code, ProxyStatus};
 
+/// A call's time in the queue, from when it first joined until it gets a slot.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Queued {
+    pub(super) since: Instant,
+    /// Waiters to be served before it when it first joined.
+    ahead: usize,
+}
+
+impl Queued {
+    /// The call got its slot: its wait is counted, and teaches the queue's expected wait.
+    pub(super) fn served(self, cluster: &Cluster) {
+        let waited = self.since.elapsed();
+        cluster.stats.queued(waited);
+        cluster.queue.served(waited, self.ahead);
+    }
+}
+
+/// The shortest and longest `grpc-retry-pushback-ms` sluice sends.
+const PUSHBACK_RANGE: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(10));
+
 impl Call {
+    /// The method's usual latency to response headers across the cluster (zero until it has
+    /// been answered once).
+    fn usual_latency(&self) -> Duration {
+        let typical = f64::from_bits(self.method.latency.baseline.load(Ordering::Relaxed));
+        Duration::from_nanos(typical as u64)
+    }
+
+    /// Refuses, before anything else, a call whose remaining deadline is shorter than its
+    /// method's usual latency: a backend could not answer it in time.
+    pub(super) fn admit(&self, down: &mut Downstream) -> Result<(), Ending> {
+        let usual = self.usual_latency();
+        let now = Instant::now();
+        // A deadline already passed is the attempts loop's to answer (`deadline`).
+        if now >= self.deadline || now + usual <= self.deadline {
+            return Ok(());
+        }
+        let left = self.deadline - now;
+        let message = format!(
+            "sluice: {left:?} left of the deadline, and the method usually takes {usual:?}; not sent"
+        );
+        Err(self.unmeetable(down, message))
+    }
+
+    fn unmeetable(&self, down: &mut Downstream, message: String) -> Ending {
+        let status = ProxyStatus::deadline_exceeded(message);
+        self.reject(down, Reject::UnmeetableDeadline, status)
+    }
+
+    /// Sheds the call for overload, telling a retrying client how long the queue needs.
+    fn shed(&self, down: &mut Downstream, reason: Reject, message: String) -> Ending {
+        let (shortest, longest) = PUSHBACK_RANGE;
+        let drain = self.cluster.queue.expected_wait_of_newcomer();
+        // Jittered, so the clients shed together do not come back together.
+        let pushback = drain
+            .clamp(shortest, longest)
+            .mul_f64(fastrand::f64() * 0.5 + 0.75);
+        let status = ProxyStatus::resource_exhausted(message, pushback);
+        self.reject(down, reason, status)
+    }
+
     /// Waits until a slot is freed for this call, or answers the call. `Ok(Some)`: a slot
     /// found right after joining the queue (one freed between the pick and the join);
-    /// `Ok(None)`: woken at the head of the queue, pick again. `queued_since` is when the
-    /// call first joined: set here on its first wait, and kept, so every wait of one call
-    /// ends by the same `queue_timeout`. The caller counts the wait once, when a slot is
-    /// found; this counts it when the call is shed.
+    /// `Ok(None)`: woken at the head of the queue, pick again. `waited` is set here on the
+    /// call's first wait, and kept, so every wait of one call ends by the same
+    /// `queue_timeout`. The caller counts the wait once, when a slot is found; this counts it
+    /// when the call is shed.
     pub(super) async fn wait_for_slot(
         &mut self,
         down: &mut Downstream,
+        peer: &Peer,
         tried: &[Arc<Backend>],
-        queued_since: &mut Option<Instant>,
+        waited: &mut Option<Queued>,
     ) -> Result<Option<(Arc<Backend>, InFlight)>, Ending> {
         let settings = &self.cluster.settings;
         let cluster = &self.cluster.name;
-        let Some(mut waiter) = self.cluster.queue.join(settings.max_queued) else {
+        let headers = down.request.as_deref().map(|r| &r.headers);
+        let client = headers.map_or(0, |h| client_id(&settings.client_key, peer, h));
+        let Some(mut waiter) = self.cluster.queue.join(client, settings.max_queued) else {
             let message = format!(
-                "sluice: every backend of cluster {cluster} holds max_concurrent_streams_per_backend calls and {} calls already wait",
+                "sluice: every backend of cluster {cluster} is at its concurrency limit and {} calls already wait",
                 settings.max_queued
             );
-            let status = ProxyStatus::new(Code::ResourceExhausted, message);
-            return Err(self.reject(down, Reject::Overloaded, status));
+            return Err(self.shed(down, Reject::QueueFull, message));
         };
         // A slot freed after the pick and before the join woke nobody: look once more.
         if let Pick::Backend(backend, slot) = self.cluster.pick(tried, true) {
             return Ok(Some((backend, slot)));
         }
-        let started = *queued_since.get_or_insert_with(Instant::now);
-        let until = (started + settings.queue_timeout).min(self.deadline);
+        let wait = *waited.get_or_insert(Queued {
+            since: Instant::now(),
+            ahead: waiter.ahead,
+        });
+        let usual = self.usual_latency();
+        let expected = self.cluster.queue.expected_wait(waiter.ahead);
+        // A retry has reached a backend once; only a first attempt is judged so.
+        if tried.is_empty() && Instant::now() + expected + usual > self.deadline {
+            drop(waiter);
+            self.cluster.stats.queued(wait.since.elapsed());
+            let message = format!(
+                "sluice: the deadline cannot be met: about {expected:?} in the queue, then the method usually takes {usual:?}; not sent"
+            );
+            return Err(self.unmeetable(down, message));
+        }
+        // The last moment a backend could still answer in time (a retry waits to the end).
+        let last_useful = match tried.is_empty() {
+            true => self.deadline.checked_sub(usual).unwrap_or(wait.since),
+            false => self.deadline,
+        };
+        let until = (wait.since + settings.queue_timeout).min(last_useful);
         let woken = tokio::select! {
             biased;
-            // A freed slot: this call is at the head of the queue.
-            woken = &mut waiter.woken => woken.is_ok(),
-            _ = sleep_until(until) => false,
+            // A freed slot (this call's turn), or room made for another client's call.
+            woken = &mut waiter.woken => woken.ok(),
+            _ = sleep_until(until) => None,
             // The client left while waiting.
             _ = poll_fn(|cx| down.respond.poll_reset(cx)) => {
                 return Err(Ending::proxy(Code::Cancelled));
             }
         };
-        if woken {
+        if woken == Some(Wake::Slot) {
             return Ok(None);
         }
-        self.cluster.stats.queued(started.elapsed());
-        *queued_since = None;
-        if Instant::now() >= self.deadline {
+        drop(waiter);
+        self.cluster.stats.queued(wait.since.elapsed());
+        *waited = None;
+        if woken == Some(Wake::Displaced) {
+            let message = format!(
+                "sluice: cluster {cluster} is overloaded and its queue is full; this client has the most calls waiting"
+            );
+            return Err(self.shed(down, Reject::Displaced, message));
+        }
+        let now = Instant::now();
+        if now >= self.deadline {
             let message = "sluice: deadline exceeded while waiting for a backend slot";
-            return Err(self.reject(
-                down,
-                Reject::Deadline,
-                ProxyStatus::deadline_exceeded(message),
-            ));
+            let status = ProxyStatus::deadline_exceeded(message);
+            return Err(self.reject(down, Reject::Deadline, status));
+        }
+        if now >= last_useful {
+            let message = format!(
+                "sluice: the deadline cannot be met: {:?} left after waiting for a backend slot, and the method usually takes {usual:?}; not sent",
+                self.deadline - now
+            );
+            return Err(self.unmeetable(down, message));
         }
         let message = format!(
-            "sluice: every backend of cluster {cluster} is at max_concurrent_streams_per_backend ({}); waited {:?}",
-            self.cluster.queue.cap(),
+            "sluice: every backend of cluster {cluster} is at its concurrency limit; waited {:?}",
             settings.queue_timeout
         );
-        let status = ProxyStatus::new(Code::ResourceExhausted, message);
-        Err(self.reject(down, Reject::Overloaded, status))
+        Err(self.shed(down, Reject::QueueTimeout, message))
     }
 }

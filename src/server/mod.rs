@@ -27,7 +27,7 @@ use tracing::info;
 use crate::admin::Admin;
 use crate::balance::Cluster;
 use crate::certs;
-use crate::config::{ClusterConfig, Config};
+use crate::config::{ClientKeyConfig, ClusterConfig, Config};
 use crate::discovery::{self, Watchers};
 use crate::health;
 use crate::lifecycle::Lifecycle;
@@ -123,7 +123,7 @@ fn build_router(
             }
             client
         });
-        clusters.push(new_cluster(c, tls, previous));
+        clusters.push(new_cluster(c, tls, &config.client_key, previous));
     }
     metrics().set_cluster_certificates(&certificates);
     let feeds = Feeds {
@@ -139,12 +139,13 @@ fn build_router(
 fn new_cluster<'c>(
     c: &'c ClusterConfig,
     tls: Option<Arc<ClientTls>>,
+    client_key: &ClientKeyConfig,
     previous: Option<&Router>,
 ) -> (Arc<Cluster>, &'c ClusterConfig) {
     let old = previous.and_then(|r| r.cluster(&c.name.value));
     let cluster = Arc::new(match old {
-        Some(old) => Cluster::after(c, tls, old),
-        None => Cluster::new(c, tls),
+        Some(old) => Cluster::after(c, tls, client_key, old),
+        None => Cluster::new(c, tls, client_key),
     });
     // A changed source starts from nothing: an etcd set is not the new prefix's.
     if let Some(old) = old.filter(|old| old.source.same_source(&cluster.source)) {

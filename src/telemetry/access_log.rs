@@ -41,6 +41,9 @@ pub struct Entry<'a> {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub trace_id: &'a str,
+    /// Why sluice answered without a backend's answer, when it did (`Reject::cause`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<&'static str>,
     /// Under mTLS: the client certificate's subject and SANs (`DNS:...`, `URI:...`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_subject: Option<&'a str>,

@@ -41,6 +41,8 @@ pub struct DiscoveryGauges<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct BackendGauges {
     pub in_flight: u64,
+    /// Unanswered calls it may hold now (`adaptive_concurrency`, else the cap).
+    pub concurrency_limit: u64,
     pub up: bool,
     pub connections: usize,
     pub weight: u32,
@@ -61,6 +63,7 @@ pub struct Scrape {
     rejected: IntCounterVec,
     retries: IntCounterVec,
     in_flight: IntGaugeVec,
+    concurrency_limit: IntGaugeVec,
     up: IntGaugeVec,
     connections: IntGaugeVec,
     weights: IntGaugeVec,
@@ -136,6 +139,11 @@ impl Scrape {
             in_flight: gauge(
                 "sluice_upstream_in_flight",
                 "Streams open to a backend.",
+                CLUSTER_BACKEND,
+            )?,
+            concurrency_limit: gauge(
+                "sluice_concurrency_limit",
+                "Unanswered calls a backend may hold now: learned from its latency (adaptive_concurrency), at most max_concurrent_streams_per_backend.",
                 CLUSTER_BACKEND,
             )?,
             up: gauge(
@@ -260,6 +268,9 @@ impl Scrape {
         self.in_flight
             .with_label_values(&labels)
             .set(gauges.in_flight as i64);
+        self.concurrency_limit
+            .with_label_values(&labels)
+            .set(gauges.concurrency_limit as i64);
         self.up.with_label_values(&labels).set(i64::from(gauges.up));
         self.connections
             .with_label_values(&labels)
@@ -305,7 +316,7 @@ impl Scrape {
     }
 
     fn into_families(self) -> Vec<MetricFamily> {
-        let collectors: [&dyn Collector; 18] = [
+        let collectors: [&dyn Collector; 19] = [
             &self.health_checks,
             &self.queue_depth,
             &self.requests,
@@ -316,6 +327,7 @@ impl Scrape {
             &self.rejected,
             &self.retries,
             &self.in_flight,
+            &self.concurrency_limit,
             &self.up,
             &self.connections,
             &self.weights,
@@ -554,6 +566,7 @@ mod tests {
                 scrape.cluster("c", &self.0, discovery, 1, false, 0);
                 let gauges = BackendGauges {
                     in_flight: 3,
+                    concurrency_limit: 7,
                     up: true,
                     connections: 1,
                     weight: 2,
@@ -571,6 +584,8 @@ mod tests {
             "sluice_upstream_requests_total{backend=\"b:1\",cluster=\"c\",grpc_code=\"OK\"} 0",
             "sluice_backends{cluster=\"c\"} 1",
             "sluice_rejected_total{cluster=\"c\",reason=\"deadline\"} 0",
+            "sluice_rejected_total{cluster=\"c\",reason=\"unmeetable_deadline\"} 0",
+            "sluice_concurrency_limit{backend=\"b:1\",cluster=\"c\"} 7",
         ] {
             assert!(text.contains(want), "want {want} in:\n{text}");
         }

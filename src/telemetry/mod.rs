@@ -12,4 +12,7 @@ pub mod stats;
 
 pub use history::HistoryView;
 pub use metrics::{metrics, BackendGauges, CertificateOwner, DiscoveryGauges, Export, Scrape};
-pub use stats::{unrouted, BackendStats, ClusterStats, HealthResult, MethodStats, Reject};
+pub use stats::{
+    unrouted, BackendStats, ClusterStats, HealthResult, LightLoad, MethodLatency, MethodStats,
+    Reject,
+};

@@ -4,7 +4,7 @@
 //! call. The exporter ([`super::metrics`]) turns them into series at scrape time.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -66,29 +66,55 @@ impl HealthResult {
     }
 }
 
-/// Why sluice answered a call without a backend's answer (`sluice_rejected_total{reason}`).
+/// Why sluice answered a call without a backend's answer. [`Reject::label`] is its
+/// `sluice_rejected_total{reason}`; [`Reject::cause`], finer, goes in the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reject {
     NoBackend = 0,
-    Overloaded = 1,
-    Deadline = 2,
-    NoRoute = 3,
+    /// No slot within `queue_timeout`.
+    QueueTimeout = 1,
+    /// `max_queued` calls waited already.
+    QueueFull = 2,
+    /// The queue was full and this call's client had the most waiting: it made room.
+    Displaced = 3,
+    Deadline = 4,
+    NoRoute = 5,
+    /// The remaining deadline was shorter than the expected wait plus the method's usual
+    /// latency: never sent.
+    UnmeetableDeadline = 6,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 4] = [
+    pub const COUNT: usize = 7;
+
+    pub const ALL: [Reject; Reject::COUNT] = [
         Reject::NoBackend,
-        Reject::Overloaded,
+        Reject::QueueTimeout,
+        Reject::QueueFull,
+        Reject::Displaced,
         Reject::Deadline,
         Reject::NoRoute,
+        Reject::UnmeetableDeadline,
     ];
 
+    /// The metric's reason: every kind of shedding for overload is `overloaded`.
     pub fn label(self) -> &'static str {
         match self {
             Reject::NoBackend => "no_backend",
-            Reject::Overloaded => "overloaded",
+            Reject::QueueTimeout | Reject::QueueFull | Reject::Displaced => "overloaded",
             Reject::Deadline => "deadline",
             Reject::NoRoute => "no_route",
+            Reject::UnmeetableDeadline => "unmeetable_deadline",
+        }
+    }
+
+    /// The access log's `rejected`: the reason, with overload told apart.
+    pub fn cause(self) -> &'static str {
+        match self {
+            Reject::QueueTimeout => "queue_timeout",
+            Reject::QueueFull => "queue_full",
+            Reject::Displaced => "displaced",
+            other => other.label(),
         }
     }
 }
@@ -271,10 +297,34 @@ pub struct MethodStats {
     pub(super) method: Box<str>,
     pub(super) codes: [[AtomicU64; Code::COUNT]; 2],
     pub(super) duration: Histogram,
-    /// The method's typical latency across the cluster (f64 nanoseconds as bits, 0 until its
-    /// first call), which the balancer compares each backend's latency with. Kept here, beside
-    /// the counters, because the call already holds this object: no second lookup per call.
-    pub latency_baseline: AtomicU64,
+    /// What the balancer and the concurrency limits learn of the method's latency. Kept here,
+    /// beside the counters, because the call already holds this object: no second lookup per
+    /// call.
+    pub latency: MethodLatency,
+}
+
+/// One method's latency across its cluster, as the balance layer learns it.
+#[derive(Debug, Default)]
+pub struct MethodLatency {
+    /// Typical latency to response headers (f64 nanoseconds as bits, 0 until the first
+    /// answer), which the balancer compares each backend's with.
+    pub baseline: AtomicU64,
+    /// Latency to response headers when the backend answering was lightly loaded (in
+    /// nanoseconds), which the concurrency limits compare each answer with.
+    pub light_load: LightLoad,
+}
+
+/// A mean learned from answers given under light load (balance/limit.rs learns it): plain
+/// data here, so the object a call already holds can carry it.
+#[derive(Debug, Default)]
+pub struct LightLoad {
+    /// The mean (f64 as bits; meaningful once `samples` > 0).
+    pub mean: AtomicU64,
+    /// The sum of the first samples' weights (f64 as bits).
+    pub weight: AtomicU64,
+    pub samples: AtomicU32,
+    /// When it last learned (ns on the balancer's clock).
+    pub updated_ns: AtomicU64,
 }
 
 impl MethodStats {
@@ -283,7 +333,7 @@ impl MethodStats {
             service: service.into(),
             method: method.into(),
             codes: Default::default(),
-            latency_baseline: AtomicU64::new(0),
+            latency: MethodLatency::default(),
             duration: histogram(
                 "sluice_request_duration_seconds",
                 "Duration of calls, from the request headers to the last frame.",
@@ -370,7 +420,7 @@ pub struct ClusterStats {
     methods: MethodTable,
     /// How long calls waited for a backend slot (`sluice_queue_wait_seconds`).
     pub(super) queue_wait: Histogram,
-    rejected: [AtomicU64; 4],
+    rejected: [AtomicU64; Reject::COUNT],
     retries: AtomicU64,
     discovery_updates: AtomicU64,
     discovery_errors: AtomicU64,

@@ -197,6 +197,12 @@ impl ClientCert {
         })
     }
 
+    /// Who the certificate names, for `client_key: tls_identity`: its first URI SAN (a SPIFFE
+    /// id), else its first DNS SAN, else its subject.
+    pub fn identity(&self) -> &str {
+        (self.uri.first().or(self.dns.first())).map_or(&self.subject, |name| name)
+    }
+
     /// The identity in Envoy's `x-forwarded-client-cert` format:
     /// `Hash=...;Subject="...";URI=...;DNS=...` (one `URI=`/`DNS=` per name). The subject is
     /// always quoted, a name when it holds `,`, `;`, `=` or `"`, with quotes and backslashes
