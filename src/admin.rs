@@ -35,6 +35,8 @@ struct ClusterView {
     panic_mode: bool,
     /// Calls waiting for a backend slot.
     queue_depth: usize,
+    /// Whether each backend's limit is learned (`adaptive_concurrency`) or fixed at the cap.
+    adaptive_concurrency: bool,
     /// The discovered backends, then those removed that still hold calls (`draining`).
     backends: Vec<BackendSnapshot>,
 }
@@ -127,6 +129,7 @@ impl Admin {
                     discovery: c.source.view(),
                     panic_mode: c.in_panic(),
                     queue_depth: c.queue.len(),
+                    adaptive_concurrency: c.queue.policy.is_adaptive(),
                     backends: c.listed_backends().iter().map(|b| b.snapshot()).collect(),
                 })
                 .collect(),

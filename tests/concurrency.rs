@@ -143,6 +143,13 @@ async fn a_full_queue_sheds_at_once() {
     let status = client.clone().unary(request("shed")).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(status.message().contains("already wait"), "{status:?}");
+    // Retrying clients are told when to come back (gRFC A6): 50 ms to 10 s, jittered ±25%.
+    let pushback = status.metadata().get("grpc-retry-pushback-ms");
+    let millis: u64 = pushback
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no grpc-retry-pushback-ms: {status:?}"));
+    assert!((37..=12_500).contains(&millis), "pushback {millis} ms");
     assert!(started.elapsed() < Duration::from_millis(1000));
     hold.await.unwrap().unwrap();
     wait.await.unwrap().unwrap();

@@ -423,6 +423,10 @@ async fn the_status_page_shows_a_killed_backend_as_unhealthy() {
         let row = format!("data-backend=\"{addr}\" data-state=\"healthy\"");
         assert!(dom.contains(&row), "{row} not in:\n{dom}");
     }
+    // Each backend's unanswered calls against its concurrency limit.
+    let limits = dom.matches("data-limit=\"").count();
+    assert_eq!(limits, addrs.len(), "{dom}");
+    assert!(dom.contains("unanswered of limit"), "{dom}");
     let shot = tempfile::tempdir().unwrap();
     let png = shot.path().join("status.png");
     let path = png.clone();

@@ -470,13 +470,19 @@ impl Drop for InFlight {
         if let Some(slot) = self.pending.take() {
             self.backend.pending.end(slot);
         }
-        if !self.answered {
+        let unanswered = !self.answered;
+        if unanswered {
             self.answered = true;
             self.backend.limit.release();
         }
         // SeqCst: pairs with the queue's length (queue.rs).
-        self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.backend.queue.slot_freed();
+        let streams = self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // One wakeup per slot a waiter can use: an answered call freed its place under the
+        // concurrency limit already, and its stream slot matters only at the cap. (A second,
+        // useless wakeup would cost the woken waiter its turn.)
+        if unanswered || streams >= self.backend.queue.policy.cap() {
+            self.backend.queue.slot_freed();
+        }
     }
 }
 

@@ -345,3 +345,127 @@ fn learn(light: &LightLoad, value: f64, load: f64, now: u64) {
     };
     ewma(&light.mean, value, weight);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: f64 = 1e6;
+
+    fn policy(extra: &str) -> LimitPolicy {
+        let yaml = format!(
+            "listeners: [{{name: l, address: \"127.0.0.1:1\"}}]\nclusters: [{{name: c, discovery: {{static: [\"a:1\"]}}{extra}}}]"
+        );
+        let config = crate::config::Config::parse(&yaml, "t").unwrap();
+        LimitPolicy::new(&config.clusters[0])
+    }
+
+    /// `n` answers in `rtt_ms` of `method`, each given at `load` (`None`: at the limit, as
+    /// when calls wait for it).
+    fn answers(
+        limit: &AdaptiveLimit,
+        policy: &LimitPolicy,
+        method: &MethodLatency,
+        (rtt_ms, load, n): (f64, Option<u64>, usize),
+    ) {
+        for _ in 0..n {
+            let load = load.unwrap_or_else(|| limit.admitted(policy));
+            limit.observe(Sample::Answered(rtt_ms * MS), load, method, policy);
+        }
+    }
+
+    #[test]
+    fn a_backend_that_slows_under_load_is_limited_and_climbs_back() {
+        let (p, m) = (policy(""), MethodLatency::default());
+        let limit = AdaptiveLimit::new(&p);
+        // Light load, 25 ms: what the backend's usual latency is.
+        answers(&limit, &p, &m, (25.0, Some(1), 20));
+        assert_eq!(limit.admitted(&p), 20);
+        // Full, and four times slower: the limit comes down, not below the floor.
+        answers(&limit, &p, &m, (100.0, None, 100));
+        let low = limit.admitted(&p);
+        assert!((3..8).contains(&low), "{low}");
+        // As fast as usual again, with calls waiting: it grows back.
+        answers(&limit, &p, &m, (25.0, None, 100));
+        assert!(limit.admitted(&p) >= 20, "{}", limit.admitted(&p));
+    }
+
+    #[test]
+    fn answers_within_tolerance_never_bring_it_down() {
+        let (p, m) = (policy(""), MethodLatency::default());
+        let limit = AdaptiveLimit::new(&p);
+        answers(&limit, &p, &m, (25.0, Some(2), 20));
+        // Full, and 1.5 times the usual latency: growing, not shrinking.
+        answers(&limit, &p, &m, (37.0, None, 200));
+        assert!(limit.admitted(&p) > 20, "{}", limit.admitted(&p));
+    }
+
+    #[test]
+    fn each_method_is_judged_against_its_own_latency() {
+        let p = policy("");
+        let (fast, slow) = (MethodLatency::default(), MethodLatency::default());
+        let limit = AdaptiveLimit::new(&p);
+        for _ in 0..10 {
+            answers(&limit, &p, &fast, (1.0, Some(1), 1));
+            answers(&limit, &p, &slow, (300.0, Some(1), 1));
+        }
+        // A mix of 1 ms and 300 ms calls under load is each method at its usual speed.
+        for _ in 0..100 {
+            answers(&limit, &p, &fast, (1.0, None, 1));
+            answers(&limit, &p, &slow, (300.0, None, 1));
+        }
+        assert!(limit.admitted(&p) >= 20, "{}", limit.admitted(&p));
+    }
+
+    #[test]
+    fn a_slower_machine_is_judged_against_its_own_level() {
+        let (p, m) = (policy(""), MethodLatency::default());
+        let (quick, slow) = (AdaptiveLimit::new(&p), AdaptiveLimit::new(&p));
+        for _ in 0..20 {
+            answers(&quick, &p, &m, (10.0, Some(1), 1));
+            answers(&slow, &p, &m, (40.0, Some(1), 1));
+        }
+        // Four times slower than its peer, as it always is: not overloaded.
+        answers(&slow, &p, &m, (40.0, None, 100));
+        assert!(slow.admitted(&p) >= 20, "{}", slow.admitted(&p));
+    }
+
+    #[test]
+    fn drops_cut_the_limit() {
+        let (p, m) = (policy(""), MethodLatency::default());
+        let limit = AdaptiveLimit::new(&p);
+        for _ in 0..20 {
+            limit.observe(Sample::Dropped, 20, &m, &p);
+        }
+        assert!(limit.admitted(&p) <= 14, "{}", limit.admitted(&p));
+    }
+
+    #[test]
+    fn the_pace_of_answers_tells_whether_one_more_call_fits() {
+        let (p, m) = (policy(""), MethodLatency::default());
+        let limit = AdaptiveLimit::new(&p);
+        // No answers yet: nothing says there is no room.
+        assert!(limit.has_room_for(1000, &p));
+        answers(&limit, &p, &m, (25.0, Some(1), 3));
+        assert!(limit.has_room_for(2, &p));
+        // Silent for longer than twice its usual latency: no room, however fast it was.
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert!(!limit.has_room_for(1, &p));
+        assert_eq!(limit.try_exceed(&p), None);
+    }
+
+    #[test]
+    fn off_keeps_the_cap_and_bounds_hold() {
+        let (off, m) = (
+            policy(", max_concurrent_streams_per_backend: 7, adaptive_concurrency: off"),
+            MethodLatency::default(),
+        );
+        let limit = AdaptiveLimit::new(&off);
+        answers(&limit, &off, &m, (500.0, None, 50));
+        assert_eq!(limit.admitted(&off), 7);
+        assert!(!limit.has_room_for(8, &off) || limit.try_exceed(&off).is_none());
+        // A ceiling below the floor and the start: one call at a time means one.
+        let one = policy(", max_concurrent_streams_per_backend: 1");
+        assert_eq!(AdaptiveLimit::new(&one).admitted(&one), 1);
+    }
+}

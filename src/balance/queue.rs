@@ -102,19 +102,35 @@ impl SlotQueue {
     }
 
     /// Joins behind `client`'s other waiters; `None` when `max_queued` calls already wait and
-    /// none of another client may be displaced.
-    pub fn join(self: &Arc<Self>, client: ClientId, max_queued: usize) -> Option<Waiter> {
+    /// none of another client may be displaced. With `again` (a waiter woken for a slot it
+    /// could not use), it joins at the head instead, its client first in turn: it keeps the
+    /// place it had.
+    pub fn join(
+        self: &Arc<Self>,
+        client: ClientId,
+        max_queued: usize,
+        again: bool,
+    ) -> Option<Waiter> {
         let mut waiting = self.lock();
         let own = waiting.by_client.get(&client).map_or(0, VecDeque::len);
         if waiting.len >= max_queued && !waiting.displace_heaviest(client, own) {
             return None;
         }
-        let ahead = waiting.ahead_of_newcomer(client, own);
+        let ahead = match again {
+            true => 0,
+            false => waiting.ahead_of_newcomer(client, own),
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (wake, woken) = oneshot::channel();
         let queue = waiting.by_client.entry(client).or_default();
-        queue.push_back((id, wake));
-        if queue.len() == 1 {
+        match again {
+            true => queue.push_front((id, wake)),
+            false => queue.push_back((id, wake)),
+        }
+        if again {
+            waiting.turns.retain(|turn| *turn != client);
+            waiting.turns.push_front(client);
+        } else if own == 0 {
             waiting.turns.push_back(client);
         }
         waiting.len += 1;
@@ -263,9 +279,9 @@ mod tests {
     #[test]
     fn slots_go_to_waiters_in_order_and_a_gone_waiter_is_skipped() {
         let queue = queue(1);
-        let mut first = queue.join(1, 10).unwrap();
-        let second = queue.join(1, 10).unwrap();
-        let mut third = queue.join(1, 10).unwrap();
+        let mut first = queue.join(1, 10, false).unwrap();
+        let second = queue.join(1, 10, false).unwrap();
+        let mut third = queue.join(1, 10, false).unwrap();
         assert_eq!(queue.len(), 3);
         drop(second);
         assert_eq!(queue.len(), 2);
@@ -274,14 +290,14 @@ mod tests {
         assert!(third.woken.try_recv().is_err());
         queue.slot_freed();
         assert_eq!(third.woken.try_recv(), Ok(Wake::Slot));
-        assert!(queue.join(1, 0).is_none(), "max_queued 0: no queue");
+        assert!(queue.join(1, 0, false).is_none(), "max_queued 0: no queue");
     }
 
     #[test]
     fn a_woken_waiter_that_leaves_passes_the_wakeup_on() {
         let queue = queue(1);
-        let first = queue.join(1, 10).unwrap();
-        let mut second = queue.join(1, 10).unwrap();
+        let first = queue.join(1, 10, false).unwrap();
+        let mut second = queue.join(1, 10, false).unwrap();
         queue.slot_freed();
         // The first was woken, but its timeout won: it leaves without the slot.
         drop(first);
@@ -292,7 +308,7 @@ mod tests {
     #[test]
     fn a_higher_cap_wakes_as_many_waiters() {
         let queue = queue(1);
-        let mut waiters: Vec<_> = (0..3).map(|_| queue.join(1, 10).unwrap()).collect();
+        let mut waiters: Vec<_> = (0..3).map(|_| queue.join(1, 10, false).unwrap()).collect();
         queue.cap_raised(1, 3);
         let woken = waiters
             .iter_mut()
@@ -304,9 +320,9 @@ mod tests {
     #[test]
     fn clients_take_turns_and_a_newcomer_counts_only_the_turns_before_it() {
         let queue = queue(1);
-        let mut heavy: Vec<_> = (0..4).map(|_| queue.join(7, 100).unwrap()).collect();
+        let mut heavy: Vec<_> = (0..4).map(|_| queue.join(7, 100, false).unwrap()).collect();
         assert_eq!(heavy[3].ahead, 3);
-        let mut light = queue.join(8, 100).unwrap();
+        let mut light = queue.join(8, 100, false).unwrap();
         // One heavy waiter is served before it, not four.
         assert_eq!(light.ahead, 1);
         queue.slot_freed();
@@ -319,20 +335,34 @@ mod tests {
     #[test]
     fn a_full_queue_displaces_the_heaviest_client_not_a_light_one() {
         let queue = queue(1);
-        let mut heavy: Vec<_> = (0..3).map(|_| queue.join(7, 4).unwrap()).collect();
-        let _light = queue.join(8, 4).unwrap();
+        let mut heavy: Vec<_> = (0..3).map(|_| queue.join(7, 4, false).unwrap()).collect();
+        let _light = queue.join(8, 4, false).unwrap();
         // Full: a second light call displaces the heavy client's newest waiter.
-        let _light_again = queue.join(8, 4).unwrap();
+        let _light_again = queue.join(8, 4, false).unwrap();
         assert_eq!(heavy[2].woken.try_recv(), Ok(Wake::Displaced));
         assert_eq!(queue.len(), 4);
         // The heavy client itself is refused: it has the most already.
-        assert!(queue.join(7, 4).is_none());
+        assert!(queue.join(7, 4, false).is_none());
         // Evenly shared: nobody is displaced for a newcomer of a client already there.
         drop(heavy.remove(0));
         drop(heavy.remove(0));
         assert_eq!(queue.len(), 2);
-        let _third = queue.join(8, 3).unwrap();
-        assert!(queue.join(8, 3).is_none());
+        let _third = queue.join(8, 3, false).unwrap();
+        assert!(queue.join(8, 3, false).is_none());
+    }
+
+    #[test]
+    fn a_waiter_woken_in_vain_keeps_its_place() {
+        let queue = queue(1);
+        let _first = queue.join(7, 10, false).unwrap();
+        let mut light = queue.join(8, 10, false).unwrap();
+        // Woken for a slot it could not use, the first waits again: at the head, first in
+        // turn, before the light client's waiter.
+        let mut again = queue.join(7, 10, true).unwrap();
+        assert_eq!(again.ahead, 0);
+        queue.slot_freed();
+        assert_eq!(again.woken.try_recv(), Ok(Wake::Slot));
+        assert!(light.woken.try_recv().is_err());
     }
 
     #[test]

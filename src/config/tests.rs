@@ -477,3 +477,83 @@ fn listener_connection_policy_has_grpc_go_defaults_and_checked_values() {
         Duration::from_secs(600)
     );
 }
+
+#[test]
+fn adaptive_concurrency_is_on_by_default_and_checked() {
+    let config = Config::parse(MINIMAL, "t.yaml").unwrap();
+    let AdaptiveConcurrency::On(settings) = config.clusters[0].adaptive_concurrency else {
+        panic!("on by default");
+    };
+    assert_eq!(
+        (
+            settings.min_limit.0,
+            settings.initial_limit.0,
+            settings.tolerance.0
+        ),
+        (3, 20, 2.0)
+    );
+    let off = format!("{MINIMAL}    adaptive_concurrency: off\n");
+    let off = Config::parse(&off, "t").unwrap();
+    assert_eq!(
+        off.clusters[0].adaptive_concurrency,
+        AdaptiveConcurrency::Off
+    );
+    let set = format!("{MINIMAL}    adaptive_concurrency: {{ min_limit: 5, tolerance: 1.5 }}\n");
+    let set = Config::parse(&set, "t").unwrap();
+    let AdaptiveConcurrency::On(settings) = set.clusters[0].adaptive_concurrency else {
+        panic!("on");
+    };
+    assert_eq!((settings.min_limit.0, settings.tolerance.0), (5, 1.5));
+    let cases = [
+        ("{ min_limit: 0 }", "min_limit: must be at least 1"),
+        (
+            "{ tolerance: 1.0 }",
+            "tolerance: must be a factor greater than 1",
+        ),
+        (
+            "{ tolerance: 0.5 }",
+            "tolerance: must be a factor greater than 1",
+        ),
+        ("{ colour: red }", "unknown field `colour`"),
+        (
+            "sometimes",
+            "expected `off`, or { min_limit, initial_limit, tolerance }",
+        ),
+        (
+            "{ min_limit: 50, initial_limit: 10 }",
+            "`min_limit` (50) is above `initial_limit` (10)",
+        ),
+    ];
+    for (value, want) in cases {
+        let e = err(&format!("{MINIMAL}    adaptive_concurrency: {value}\n"));
+        assert!(e.contains("clusters[0].adaptive_concurrency"), "{e}");
+        assert!(e.contains(want), "want {want:?} in {e}");
+    }
+}
+
+#[test]
+fn client_key_names_ip_header_or_identity() {
+    let config = Config::parse(MINIMAL, "t.yaml").unwrap();
+    assert_eq!(config.client_key, ClientKeyConfig::PeerIp);
+    let with = |value: &str| Config::parse(&format!("{MINIMAL}client_key: {value}\n"), "t");
+    assert_eq!(
+        with("tls_identity").unwrap().client_key,
+        ClientKeyConfig::TlsIdentity
+    );
+    let header = with("{ header: x-tenant }").unwrap().client_key;
+    assert_eq!(
+        header,
+        ClientKeyConfig::Header(RequestHeader(http::HeaderName::from_static("x-tenant")))
+    );
+    for (value, want) in [
+        ("{ header: X-Tenant }", "use a lowercase header name"),
+        ("{ header: \":path\" }", "not a pseudo-header"),
+        ("{ header: \"bad header\" }", "is not a valid header name"),
+        ("source_port", "unknown variant `source_port`"),
+    ] {
+        let e = with(value).unwrap_err().to_string();
+        assert!(e.contains("client_key"), "{e}");
+        assert!(e.contains(want), "want {want:?} in {e}");
+        assert!(e.contains("line 9"), "{e}");
+    }
+}

@@ -100,7 +100,9 @@ impl Call {
         let cluster = &self.cluster.name;
         let headers = down.request.as_deref().map(|r| &r.headers);
         let client = headers.map_or(0, |h| client_id(&settings.client_key, peer, h));
-        let Some(mut waiter) = self.cluster.queue.join(client, settings.max_queued) else {
+        let again = waited.is_some();
+        let queue = &self.cluster.queue;
+        let Some(mut waiter) = queue.join(client, settings.max_queued, again) else {
             let message = format!(
                 "sluice: every backend of cluster {cluster} is at its concurrency limit and {} calls already wait",
                 settings.max_queued

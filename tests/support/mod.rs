@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use sluice::demo::pb::echo_client::EchoClient;
 use sluice::demo::pb::echo_server::EchoServer;
-use sluice::demo::{EchoService, EchoStats, MAX_MESSAGE_SIZE};
+use sluice::demo::{EchoService, EchoStats, WorkerPool, MAX_MESSAGE_SIZE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -155,6 +155,28 @@ impl Echo {
         let mut service = EchoService::new(id);
         service.delay = delay;
         Echo::serve(service).await
+    }
+
+    /// A backend whose unary calls queue for one of `workers`, then work `work` each; unless
+    /// `checks_context`, queued work is done even after the caller has gone.
+    pub async fn start_with_workers(
+        id: &str,
+        workers: usize,
+        work: Duration,
+        checks_context: bool,
+    ) -> Echo {
+        let mut service = EchoService::new(id);
+        service.pool = Some(WorkerPool::new(workers, work, checks_context));
+        Echo::serve(service).await
+    }
+
+    /// Work this backend started, and of it, work started after the caller's deadline.
+    pub fn work(&self) -> (u64, u64) {
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        (
+            load(&self.stats.work_started),
+            load(&self.stats.work_started_late),
+        )
     }
 
     /// A backend that answers every unary call with `code`, at once.
@@ -677,8 +699,16 @@ impl Sluice {
 
     /// A client on ONE HTTP/2 connection to sluice.
     pub async fn client(&self) -> EchoClient<Channel> {
+        self.client_from("127.0.0.1".parse().expect("loopback"))
+            .await
+    }
+
+    /// A client on one connection from `local`, another loopback address (127.0.0.2, ...):
+    /// another client, to a sluice that tells clients apart by their IP.
+    pub async fn client_from(&self, local: std::net::IpAddr) -> EchoClient<Channel> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
             .expect("endpoint")
+            .local_address(Some(local))
             .connect()
             .await
             .expect("connect to sluice");
