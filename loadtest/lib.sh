@@ -89,6 +89,25 @@ clusters:
 CONF
 }
 
+# The config a new user starts from: one listener, one cluster, every other key at its default
+# (p2c_ewma, adaptive concurrency on, threads one per core); EXTRA adds keys to the cluster.
+# Backends $BACKEND1, $BACKEND2 and, if set, $BACKEND3.
+write_sluice_default_conf() {  # write_sluice_default_conf FILE [EXTRA]
+  cat >"$1" <<CONF
+listeners:
+  - name: grpc
+    address: "127.0.0.1:$PROXY_PORT"
+upgrade_sock: "$WORK/sluice_upgrade.sock"
+log:
+  level: warn
+clusters:
+  - name: service
+    discovery:
+      static: ["$BACKEND1", "$BACKEND2"${BACKEND3:+, \"$BACKEND3\"}]
+${2:-}
+CONF
+}
+
 write_haproxy_conf() {  # write_haproxy_conf FILE
   cat >"$1" <<CONF
 global
@@ -111,6 +130,7 @@ backend be
   http-reuse always
   server b1 $BACKEND1 proto h2 ${HAPROXY_SERVER_OPTS:-}
   server b2 $BACKEND2 proto h2 ${HAPROXY_SERVER_OPTS:-}
+$( [ -n "${BACKEND3:-}" ] && echo "  server b3 $BACKEND3 proto h2 ${HAPROXY_SERVER_OPTS:-}" )
 CONF
 }
 
@@ -133,6 +153,7 @@ http {
   upstream backends {
     server $BACKEND1;
     server $BACKEND2;
+    $( [ -n "${BACKEND3:-}" ] && echo "server $BACKEND3;" )
     keepalive 256;
     keepalive_requests 1000000;
   }
@@ -172,6 +193,12 @@ start_proxy() {  # start_proxy TARGET: sets PROXY_PID (empty for direct)
     direct) return 0 ;;
     sluice)
       write_sluice_conf "$WORK/sluice.yaml" "${SLUICE_BALANCER:-round_robin}"
+      $PIN_PROXY "$SLUICE" run --config "$WORK/sluice.yaml" >>"$WORK/proxy.log" 2>&1 &
+      ;;
+    sluice-default|sluice-adaptive-off)
+      local extra=""
+      [ "$target" = sluice-adaptive-off ] && extra="    adaptive_concurrency: off"
+      write_sluice_default_conf "$WORK/sluice.yaml" "$extra"
       $PIN_PROXY "$SLUICE" run --config "$WORK/sluice.yaml" >>"$WORK/proxy.log" 2>&1 &
       ;;
     haproxy)

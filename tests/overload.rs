@@ -129,6 +129,10 @@ async fn twice_the_capacity_keeps_the_backends_on_calls_that_can_still_be_answer
         !metrics.contains("sluice_rejected_total{cluster=\"echo\",reason=\"overloaded\"} 0"),
         "nothing was shed: {metrics}"
     );
+    // The operator hears of it.
+    let log = sluice.log();
+    assert!(log.contains("cluster overloaded"), "{log}");
+    assert!(log.contains("concurrency limit fell"), "{log}");
     // Offered half the capacity, nearly every call gets through again.
     let relief = offer(&client, 120.0, Duration::from_secs(2)).await;
     let (ok, sent) = ok_between(&relief, Duration::ZERO, Duration::from_secs(2));

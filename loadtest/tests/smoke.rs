@@ -40,6 +40,7 @@ fn smoke_with(script: &str, args: &[&str]) {
         .env("PROXY_PORT", free_port().to_string())
         .env("B1_PORT", free_port().to_string())
         .env("B2_PORT", free_port().to_string())
+        .env("B3_PORT", free_port().to_string())
         .output()
         .expect("run bash");
     let out = String::from_utf8_lossy(&output.stdout);

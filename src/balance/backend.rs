@@ -293,6 +293,16 @@ impl Backend {
         self.limit.admitted(&self.queue.policy)
     }
 
+    /// Calls sent to it and not answered yet.
+    pub fn unanswered(&self) -> u64 {
+        self.limit.awaiting()
+    }
+
+    /// The limit as last reported and now, when it has halved or doubled since (for the log).
+    pub(super) fn limit_moved(&self) -> Option<(u64, u64)> {
+        self.limit.moved(&self.queue.policy)
+    }
+
     /// Teaches the concurrency limit how an attempt went: `load` is what the attempt's
     /// [`InFlight::load`] said. A limit that grew lets a waiting call in.
     pub fn observe_limit(&self, sample: Sample, load: u64, method: &MethodLatency) {
@@ -405,7 +415,7 @@ impl Backend {
             address: self.address.to_string(),
             state: self.state(),
             in_flight: self.in_flight(),
-            unanswered: self.limit.awaiting(),
+            unanswered: self.unanswered(),
             concurrency_limit: self.concurrency_limit(),
             ewma_latency_ms: self.latency_nanos() / 1e6,
             requests: self.stats.requests(),

@@ -156,6 +156,8 @@ pub(super) struct AdaptiveLimit {
     calm_rtt: LightLoad,
     interval: AtomicU64,
     last_answer_ns: AtomicU64,
+    /// The admitted count the log last reported (shedding.rs).
+    reported: AtomicU64,
 }
 
 impl AdaptiveLimit {
@@ -168,7 +170,19 @@ impl AdaptiveLimit {
             calm_rtt: LightLoad::default(),
             interval: AtomicU64::new(0),
             last_answer_ns: AtomicU64::new(0),
+            reported: AtomicU64::new(policy.initial() as u64),
         }
+    }
+
+    /// The admitted count as last reported and now, when it has halved or doubled since; it
+    /// counts as reported then.
+    pub(super) fn moved(&self, policy: &LimitPolicy) -> Option<(u64, u64)> {
+        let now = self.admitted(policy);
+        let was = self.reported.load(Ordering::Relaxed);
+        (now * 2 <= was || now >= was * 2).then(|| {
+            self.reported.store(now, Ordering::Relaxed);
+            (was, now)
+        })
     }
 
     pub(super) fn awaiting(&self) -> u64 {

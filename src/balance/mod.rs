@@ -14,6 +14,7 @@ mod p2c;
 mod queue;
 mod retry_budget;
 mod round_robin;
+mod shedding;
 mod source;
 
 use std::collections::HashMap;
@@ -155,6 +156,8 @@ pub struct Cluster {
     pub stats: Arc<ClusterStats>,
     /// Calls waiting for a backend slot; shared with the backends, and kept across reloads.
     pub queue: Arc<SlotQueue>,
+    /// Whether it is shedding calls, for the log (shedding.rs).
+    shedding: shedding::Shedding,
 }
 
 /// What a pick found.
@@ -231,6 +234,7 @@ impl Cluster {
             panic: AtomicBool::new(false),
             ejecting: Mutex::new(()),
             draining: Mutex::new(Vec::new()),
+            shedding: Default::default(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Background services: the readiness probe of the listeners, and the per-second rate sampler
-//! behind `/backends`' recent rates and the status page's five-minute charts.
+//! behind `/backends`' recent rates and the status page's five-minute charts, which also
+//! reviews each cluster's overload for the log.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +51,8 @@ impl BackgroundService for Readiness {
 
 /// Samples every backend's counters each second, for the recent rates `/backends` and the
 /// status page show, and closes a history bin of every backend at once every `history::BIN`.
+/// It also has each cluster log the start and end of shedding, and limits that halve or
+/// double.
 pub(super) struct RateSampler {
     pub(super) router: Arc<ArcSwap<Router>>,
 }
@@ -66,6 +69,7 @@ impl BackgroundService for RateSampler {
                     seconds += 1;
                     let close_bin = seconds.is_multiple_of(per_bin);
                     for cluster in self.router.load().clusters() {
+                        cluster.review_overload();
                         // Draining backends too: their bins stay in line with the others'.
                         for backend in &cluster.listed_backends() {
                             backend.stats.sample_rates();

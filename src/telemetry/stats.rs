@@ -459,6 +459,20 @@ impl ClusterStats {
         self.rejected[reason as usize].load(Ordering::Relaxed)
     }
 
+    /// Calls shed for overload so far: queue timeouts, a full queue, displaced, and
+    /// unmeetable deadlines.
+    pub fn shed(&self) -> u64 {
+        [
+            Reject::QueueTimeout,
+            Reject::QueueFull,
+            Reject::Displaced,
+            Reject::UnmeetableDeadline,
+        ]
+        .into_iter()
+        .map(|reason| self.rejected_count(reason))
+        .sum()
+    }
+
     /// A call waited `waited` in the queue for a backend slot.
     pub fn queued(&self, waited: Duration) {
         self.queue_wait.observe(waited.as_secs_f64());
