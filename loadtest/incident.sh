@@ -101,7 +101,7 @@ overload_all() {
   cat "$WORK/table-overload-all.md"
   [ "$SMOKE" = 1 ] && return 0
   {
-    echo "### Overload of the whole service"
+    echo "### The latest overload-all run"
     echo
     echo "\`loadtest/incident.sh --failure overload-all\` on $(machine_line), commit"
     echo "$(git rev-parse --short HEAD 2>/dev/null || echo unknown). Calls offered open loop with a 1 s deadline on one client"

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::ewma::{clock_ms, ratio_to_baseline, PeakEwma, Pending, Score};
+use super::ewma::{clock_ms, follow_fastest, ratio_to_baseline, PeakEwma, Pending, Score};
 use super::limit::{AdaptiveLimit, Sample};
 use super::queue::SlotQueue;
 use super::source::SourceKind;
@@ -267,6 +267,8 @@ impl Backend {
             });
         if within_cap.is_err() {
             self.limit.release();
+            // Another call may have looked while this slot was taken: let it look again.
+            self.queue.slot_freed();
             return None;
         }
         Some(InFlight {
@@ -282,8 +284,9 @@ impl Backend {
     /// one more by the pace of its answers (limit.rs, `try_exceed`).
     pub(super) fn has_room(&self) -> bool {
         let policy = &self.queue.policy;
-        let awaiting = self.limit.awaiting();
-        self.in_flight() < policy.cap()
+        // SeqCst, as the writes (see `SlotQueue::len`).
+        let awaiting = self.limit.awaiting_now();
+        self.in_flight.load(Ordering::SeqCst) < policy.cap()
             && (awaiting < self.limit.admitted(policy)
                 || (policy.is_adaptive() && self.limit.has_room_for(awaiting + 1, policy)))
     }
@@ -312,11 +315,12 @@ impl Backend {
     }
 
     /// Records the time from sending the request to the backend's response headers, against
-    /// `baseline`: the typical latency of the call's method across the cluster, which this
-    /// observation updates too.
+    /// `method`'s typical latency across the cluster, which this observation updates too (and
+    /// its fast-answer latency).
     pub fn observe_latency(&self, rtt: Duration, method: &MethodLatency) {
         self.latency.observe(rtt);
         self.score.observe(ratio_to_baseline(&method.baseline, rtt));
+        follow_fastest(&method.fastest, rtt);
     }
 
     /// The backend failed a call (a server-side failure code or reset from it, or a deadline
@@ -465,12 +469,19 @@ impl InFlight {
         self.release_unanswered();
     }
 
-    /// Frees the call's place under the concurrency limit, once, and lets a waiting call in.
+    /// Frees the call's place under the concurrency limit, once, and lets a waiting call in
+    /// when that place is what it waits for: the limit is learned, and the stream slot the
+    /// call still holds is not the one missing.
     fn release_unanswered(&mut self) {
-        if !self.answered {
-            self.answered = true;
-            self.backend.limit.release();
-            self.backend.queue.slot_freed();
+        if self.answered {
+            return;
+        }
+        self.answered = true;
+        let backend = &self.backend;
+        backend.limit.release();
+        let policy = &backend.queue.policy;
+        if policy.is_adaptive() && backend.in_flight.load(Ordering::SeqCst) < policy.cap() {
+            backend.queue.slot_freed();
         }
     }
 }
@@ -488,9 +499,10 @@ impl Drop for InFlight {
         // SeqCst: pairs with the queue's length (queue.rs).
         let streams = self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
         // One wakeup per slot a waiter can use: an answered call freed its place under the
-        // concurrency limit already, and its stream slot matters only at the cap. (A second,
-        // useless wakeup would cost the woken waiter its turn.)
-        if unanswered || streams >= self.backend.queue.policy.cap() {
+        // learned limit already, and its stream slot then matters only at the cap. (A useless
+        // wakeup costs the woken waiter a pick.)
+        let policy = &self.backend.queue.policy;
+        if unanswered || streams >= policy.cap() || !policy.is_adaptive() {
             self.backend.queue.slot_freed();
         }
     }

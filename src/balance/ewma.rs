@@ -106,6 +106,26 @@ pub(super) fn ratio_to_baseline(baseline: &AtomicU64, rtt: Duration) -> f64 {
     (rtt + NOISE_FLOOR_NS) / (typical + NOISE_FLOOR_NS)
 }
 
+/// How much the fast-answer latency rises with each slower answer: it follows the lower edge
+/// of a method's latencies, so a share of slow calls (a batch caller of the same method) does
+/// not make the fast ones look late, and a method that got slower for good is followed within
+/// about a hundred answers.
+const FASTEST_RISE: f64 = 1.02;
+
+/// Folds `rtt` into a method's fast-answer latency (`MethodLatency::fastest`): a faster answer
+/// takes its place, a slower one raises it by 2% at most.
+pub(super) fn follow_fastest(fastest: &AtomicU64, rtt: Duration) {
+    let rtt = rtt.as_nanos() as f64;
+    let current = f64::from_bits(fastest.load(Ordering::Relaxed));
+    let next = match current {
+        0.0 => rtt,
+        current => rtt.min(current * FASTEST_RISE),
+    };
+    if next != current {
+        fastest.store(next.to_bits(), Ordering::Relaxed);
+    }
+}
+
 /// A backend's latency score: the lower median of its last `WINDOW` calls' ratios to their
 /// methods' baselines (a failure counts as `FAILURE_RATIO`). A minority of long calls (up to
 /// 4 of 8) leaves it where the rest put it; a backend slow or failing on most of its calls
@@ -307,6 +327,25 @@ mod tests {
         assert_eq!(Pending::default().stall(5000), 0.0);
         // A method without a baseline yet is not tracked.
         assert_eq!(Pending::default().start(0, &AtomicU64::new(0)), None);
+    }
+
+    #[test]
+    fn the_fast_answers_are_followed_not_the_slow_ones() {
+        let fastest = AtomicU64::new(0);
+        let ms = |n| Duration::from_millis(n);
+        let at = |f: &AtomicU64| f64::from_bits(f.load(Ordering::Relaxed)) / 1e6;
+        follow_fastest(&fastest, ms(5));
+        // Half the calls take 30 s: the fast ones still take 5 ms.
+        for _ in 0..50 {
+            follow_fastest(&fastest, ms(30_000));
+            follow_fastest(&fastest, ms(5));
+        }
+        assert_eq!(at(&fastest), 5.0);
+        // Slower for good: followed, 2% an answer.
+        for _ in 0..120 {
+            follow_fastest(&fastest, ms(50));
+        }
+        assert_eq!(at(&fastest), 50.0);
     }
 
     #[test]

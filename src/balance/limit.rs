@@ -11,15 +11,15 @@
 //! - Each answer's latency is compared with its own method's latency under light load, so fast
 //!   and slow methods mix freely, and a backend is judged against its own usual level, so a
 //!   slower machine is not mistaken for an overloaded one.
-//! - Only answers given under light load (the backend held at most half its limit) teach that
-//!   level, so a long overload cannot teach it that slow is normal. The first ones count more
+//! - Only answers given under light load (the backend held at most half its limit, or only the
+//!   call answered) teach that level, so a long overload cannot teach it that slow is normal. The first ones count more
 //!   the lighter their load, so a backend that fills up as it starts is judged by its first,
 //!   fast answers.
 //! - Every answer moves the limit a `1/load` part of a step, so it moves one step per round of
 //!   answers whatever the load: fast enough to catch a backend filling up, slow enough not to
 //!   overshoot while answers already on their way still say the old limit's story.
-//! - RESOURCE_EXHAUSTED from the backend, or a deadline that passes before it answers, counts
-//!   as the worst latency.
+//! - RESOURCE_EXHAUSTED from the backend before any response message, or a deadline that
+//!   passes before it answers, counts as the worst latency.
 //! - Under light load, the limit only comes down, or climbs back towards `initial_limit`: a
 //!   limit cut in an overload recovers within seconds, and grows past its start only when
 //!   calls need it.
@@ -48,6 +48,7 @@ const START_SAMPLES: u32 = 64;
 /// `LEARN_MAX_WEIGHT`.
 const LEARN_TIME_NS: f64 = 10e9;
 const LEARN_MAX_WEIGHT: f64 = 0.125;
+const LEARN_EVERY_NS: u64 = 1_000_000;
 
 /// The limit's growth term is this times √limit, and at least one call.
 const GROWTH: f64 = 0.5;
@@ -81,8 +82,8 @@ impl LimitPolicy {
         policy
     }
 
-    /// Takes a (reloaded) cluster's settings; returns the previous cap.
-    pub fn set(&self, config: &ClusterConfig) -> u64 {
+    /// Takes a (reloaded) cluster's settings.
+    pub fn set(&self, config: &ClusterConfig) {
         let cap = u64::from(config.max_concurrent_streams_per_backend.0);
         let settings = match config.adaptive_concurrency {
             AdaptiveConcurrency::On(settings) => Some(settings),
@@ -102,7 +103,7 @@ impl LimitPolicy {
         self.tolerance
             .store(tolerance.0.to_bits(), Ordering::Relaxed);
         self.adaptive.store(settings.is_some(), Ordering::Relaxed);
-        self.cap.swap(cap, Ordering::SeqCst)
+        self.cap.store(cap, Ordering::SeqCst);
     }
 
     pub fn cap(&self) -> u64 {
@@ -132,7 +133,8 @@ impl LimitPolicy {
 pub enum Sample {
     /// Response headers after this long (ns).
     Answered(f64),
-    /// RESOURCE_EXHAUSTED from the backend, or the deadline passed before it answered.
+    /// RESOURCE_EXHAUSTED from the backend before any message, or the deadline passed before
+    /// it answered.
     Dropped,
 }
 
@@ -170,23 +172,33 @@ impl AdaptiveLimit {
             calm_rtt: LightLoad::default(),
             interval: AtomicU64::new(0),
             last_answer_ns: AtomicU64::new(0),
-            reported: AtomicU64::new(policy.initial() as u64),
+            reported: AtomicU64::new(0),
         }
     }
 
     /// The admitted count as last reported and now, when it has halved or doubled since; it
     /// counts as reported then.
+    /// (The first look only takes note.)
     pub(super) fn moved(&self, policy: &LimitPolicy) -> Option<(u64, u64)> {
+        if !policy.is_adaptive() {
+            return None;
+        }
         let now = self.admitted(policy);
         let was = self.reported.load(Ordering::Relaxed);
-        (now * 2 <= was || now >= was * 2).then(|| {
+        let moved = was != 0 && (now * 2 <= was || now >= was * 2);
+        if was == 0 || moved {
             self.reported.store(now, Ordering::Relaxed);
-            (was, now)
-        })
+        }
+        moved.then_some((was, now))
     }
 
     pub(super) fn awaiting(&self) -> u64 {
         self.awaiting.load(Ordering::Relaxed)
+    }
+
+    /// `awaiting`, ordered with the queue's length (see `SlotQueue::len`).
+    pub(super) fn awaiting_now(&self) -> u64 {
+        self.awaiting.load(Ordering::SeqCst)
     }
 
     /// The limit as it stands, within the policy's bounds (the ceiling when adaptive
@@ -250,7 +262,7 @@ impl AdaptiveLimit {
         let silent = clock_ns().saturating_sub(self.last_answer_ns.load(Ordering::Relaxed));
         let pace = interval.max(silent as f64);
         let calm_rtt = f64::from_bits(self.calm_rtt.mean.load(Ordering::Relaxed));
-        load as f64 * pace <= policy.tolerance() * calm_rtt
+        load as f64 * pace <= policy.tolerance() * (calm_rtt + NOISE_FLOOR_NS)
     }
 
     /// Learns from one attempt that held `load` unanswered calls on this backend when it was
@@ -307,7 +319,8 @@ impl AdaptiveLimit {
         let typical = mean_or(&method.light_load, rtt);
         let ratio = (rtt + NOISE_FLOOR_NS) / (typical + NOISE_FLOOR_NS);
         let recent = ewma(&self.recent, ratio, RECENT_WEIGHT);
-        let light = load <= limit / 2.0 || load <= policy.bounds().0;
+        // At most half the limit, and always a lone call: the backend holds no queue of ours.
+        let light = load <= (limit / 2.0).max(1.0);
         if light {
             learn(&method.light_load, rtt, load, now);
             learn(&self.calm, ratio, load, now);
@@ -345,17 +358,25 @@ fn mean_or(light: &LightLoad, otherwise: f64) -> f64 {
 }
 
 /// Folds a light-load `value`, seen at `load`, into `light`: the first `START_SAMPLES` as a
-/// mean weighted by 1/load², then over `LEARN_TIME_NS`.
+/// mean weighted by 1/load², then over `LEARN_TIME_NS`, at most once a millisecond (a skipped
+/// answer's time goes to the next one's weight), so busy backends do not write these shared
+/// words on every answer.
 fn learn(light: &LightLoad, value: f64, load: f64, now: u64) {
-    let samples = light.samples.fetch_add(1, Ordering::Relaxed) + 1;
-    let last = light.updated_ns.swap(now, Ordering::Relaxed);
-    let weight = if samples <= START_SAMPLES {
+    let samples = light.samples.load(Ordering::Relaxed);
+    let weight = if samples < START_SAMPLES {
+        light.samples.store(samples + 1, Ordering::Relaxed);
+        light.updated_ns.store(now, Ordering::Relaxed);
         let own = 1.0 / (load * load);
         let total = f64::from_bits(light.weight.load(Ordering::Relaxed)) + own;
         light.weight.store(total.to_bits(), Ordering::Relaxed);
         own / total
     } else {
-        (now.saturating_sub(last) as f64 / LEARN_TIME_NS).min(LEARN_MAX_WEIGHT)
+        let elapsed = now.saturating_sub(light.updated_ns.load(Ordering::Relaxed));
+        if elapsed < LEARN_EVERY_NS {
+            return;
+        }
+        light.updated_ns.store(now, Ordering::Relaxed);
+        (elapsed as f64 / LEARN_TIME_NS).min(LEARN_MAX_WEIGHT)
     };
     ewma(&light.mean, value, weight);
 }
@@ -399,8 +420,9 @@ mod tests {
         answers(&limit, &p, &m, (100.0, None, 100));
         let low = limit.admitted(&p);
         assert!((3..8).contains(&low), "{low}");
-        // As fast as usual again, with calls waiting: it grows back.
-        answers(&limit, &p, &m, (25.0, None, 100));
+        // As fast as usual again, with calls waiting: it grows back, by about √limit/2 a
+        // round of answers (here some 15 rounds, a few hundred milliseconds).
+        answers(&limit, &p, &m, (25.0, None, 200));
         assert!(limit.admitted(&p) >= 20, "{}", limit.admitted(&p));
     }
 

@@ -192,11 +192,14 @@ impl Cluster {
         previous: &Cluster,
     ) -> Cluster {
         let queue = Arc::clone(&previous.queue);
-        let new_cap = u64::from(config.max_concurrent_streams_per_backend.0);
-        let old_cap = queue.policy.set(config);
-        queue.cap_raised(old_cap, new_cap);
+        queue.policy.set(config);
+        // New limits may make room: every waiter looks again (those that find none keep
+        // their places).
+        queue.wake_all();
         let stats = Arc::clone(&previous.stats);
-        Cluster::with_state(config, tls, client_key, stats, queue)
+        let cluster = Cluster::with_state(config, tls, client_key, stats, queue);
+        cluster.shedding.carry_on(&previous.shedding);
+        cluster
     }
 
     fn with_state(

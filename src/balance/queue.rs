@@ -94,9 +94,10 @@ impl SlotQueue {
         self.len() == 0
     }
 
-    /// Wakes as many waiters as a raised cap (reload) frees slots at once.
-    pub(super) fn cap_raised(&self, old: u64, new: u64) {
-        for _ in old..new.min(old + self.len() as u64) {
+    /// Wakes every waiter to pick again (the limits changed on reload); those that find no
+    /// slot rejoin at the head.
+    pub(super) fn wake_all(&self) {
+        for _ in 0..self.len() {
             self.slot_freed();
         }
     }
@@ -113,7 +114,9 @@ impl SlotQueue {
     ) -> Option<Waiter> {
         let mut waiting = self.lock();
         let own = waiting.by_client.get(&client).map_or(0, VecDeque::len);
-        if waiting.len >= max_queued && !waiting.displace_heaviest(client, own) {
+        // A waiter woken in vain had its place already: it is never refused it.
+        let full = waiting.len >= max_queued && !again;
+        if full && !waiting.displace_heaviest(client, own) {
             return None;
         }
         let ahead = match again {
@@ -134,7 +137,7 @@ impl SlotQueue {
             waiting.turns.push_back(client);
         }
         waiting.len += 1;
-        self.len.store(waiting.len, Ordering::SeqCst);
+        self.store_len(waiting.len);
         Some(Waiter {
             queue: Arc::clone(self),
             client,
@@ -142,6 +145,13 @@ impl SlotQueue {
             ahead,
             woken,
         })
+    }
+
+    /// Waiters that would be served before a newcomer of `client`, were it to join now.
+    pub fn ahead_of(&self, client: ClientId) -> usize {
+        let waiting = self.lock();
+        let own = waiting.by_client.get(&client).map_or(0, VecDeque::len);
+        waiting.ahead_of_newcomer(client, own)
     }
 
     /// A slot is free: the next client's first waiter gets to pick again. A waiter that was
@@ -167,12 +177,25 @@ impl SlotQueue {
                 break;
             }
         }
-        self.len.store(waiting.len, Ordering::SeqCst);
+        self.store_len(waiting.len);
+    }
+
+    /// Publishes the number of waiters. An emptied queue forgets its expected wait: the next
+    /// overload is judged by its own waits, not the last one's.
+    fn store_len(&self, len: usize) {
+        self.len.store(len, Ordering::SeqCst);
+        if len == 0 {
+            self.wait_per_place.store(0, Ordering::Relaxed);
+        }
     }
 
     /// A waiter got its slot after `waited`, with `ahead` waiters served before it: teaches
     /// the expected wait of the next ones.
     pub fn served(&self, waited: Duration, ahead: usize) {
+        // With nobody left waiting, there is no one to judge by it (see `store_len`).
+        if self.is_empty() {
+            return;
+        }
         let sample = waited.as_nanos() as f64 / (ahead + 1) as f64;
         let current = f64::from_bits(self.wait_per_place.load(Ordering::Relaxed));
         let next = match current {
@@ -252,7 +275,7 @@ impl Drop for Waiter {
     fn drop(&mut self) {
         let mut waiting = self.queue.lock();
         if waiting.remove(self.client, self.id) {
-            self.queue.len.store(waiting.len, Ordering::SeqCst);
+            self.queue.store_len(waiting.len);
             return;
         }
         drop(waiting);
@@ -306,15 +329,18 @@ mod tests {
     }
 
     #[test]
-    fn a_higher_cap_wakes_as_many_waiters() {
+    fn new_limits_wake_every_waiter_and_one_woken_in_vain_is_never_refused() {
         let queue = queue(1);
-        let mut waiters: Vec<_> = (0..3).map(|_| queue.join(1, 10, false).unwrap()).collect();
-        queue.cap_raised(1, 3);
+        let mut waiters: Vec<_> = (0..3).map(|_| queue.join(1, 3, false).unwrap()).collect();
+        queue.wake_all();
         let woken = waiters
             .iter_mut()
             .filter_map(|w| w.woken.try_recv().ok())
             .count();
-        assert_eq!(woken, 2);
+        assert_eq!(woken, 3);
+        // A newcomer fills the queue; the first waiter, woken in vain, still gets back in.
+        let _others: Vec<_> = (0..3).map(|_| queue.join(2, 3, false).unwrap()).collect();
+        assert!(queue.join(1, 3, true).is_some());
     }
 
     #[test]
@@ -366,11 +392,14 @@ mod tests {
     }
 
     #[test]
-    fn the_expected_wait_follows_served_waiters() {
+    fn the_expected_wait_follows_served_waiters_until_the_queue_empties() {
         let queue = queue(1);
         assert_eq!(queue.expected_wait(5), Duration::ZERO);
-        // Waited 40 ms with 3 served before it: 10 ms a place.
+        let waiter = queue.join(1, 10, false).unwrap();
+        // Another waiter waited 40 ms with 3 served before it: 10 ms a place.
         queue.served(Duration::from_millis(40), 3);
         assert_eq!(queue.expected_wait(1), Duration::from_millis(20));
+        drop(waiter);
+        assert_eq!(queue.expected_wait(1), Duration::ZERO);
     }
 }

@@ -23,6 +23,22 @@ pub(super) struct Shedding {
     quiet: AtomicU32,
 }
 
+impl Shedding {
+    /// Takes over the previous generation's state (on reload), so an overload that goes on
+    /// is not announced again, and its end is.
+    pub(super) fn carry_on(&self, previous: &Shedding) {
+        let copy = |to: &AtomicU64, from: &AtomicU64| {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed)
+        };
+        copy(&self.seen, &previous.seen);
+        copy(&self.began_at, &previous.began_at);
+        self.quiet
+            .store(previous.quiet.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.active
+            .store(previous.active.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
 impl Cluster {
     /// Logs the changes an operator must see since the last review (call it once a second).
     pub fn review_overload(&self) {

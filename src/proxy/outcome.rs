@@ -192,8 +192,9 @@ impl Call {
     ///
     /// A deadline that passes after the response headers came (a long stream, a long poll)
     /// is the client's choice, not the backend's failure. RESOURCE_EXHAUSTED is a backend
-    /// shedding load: a bad sample for the balancer and a drop for the concurrency limit,
-    /// though not a failure to eject for; so is a deadline that passes before it answers.
+    /// shedding load: a bad sample for the balancer and, answered before any message, a drop
+    /// for the concurrency limit, though not a failure to eject for; a deadline that passes
+    /// before it answers is a drop too.
     fn judge(&self, legs: &Legs<'_>, code: Code) {
         let (backend, headers_after) = (legs.backend, legs.headers_after);
         let answered_in_time = code == Code::DeadlineExceeded && headers_after.is_some();
@@ -204,8 +205,10 @@ impl Call {
         } else if let Some(rtt) = headers_after {
             backend.observe_latency(rtt, latency);
         }
-        let dropped = code == Code::ResourceExhausted
-            || (code == Code::DeadlineExceeded && headers_after.is_none());
+        // RESOURCE_EXHAUSTED in trailers after response messages ends a stream that ran: it
+        // says nothing of the load the call met.
+        let shed = code == Code::ResourceExhausted && legs.downstream.is_none();
+        let dropped = shed || (code == Code::DeadlineExceeded && headers_after.is_none());
         let sample = match headers_after {
             _ if dropped => Some(Sample::Dropped),
             Some(rtt) if !failed => Some(Sample::Answered(rtt.as_nanos() as f64)),

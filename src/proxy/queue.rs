@@ -1,10 +1,10 @@
 //! Admission and waiting for a backend slot.
 //!
 //! A call whose remaining deadline is shorter than what it would face (its expected wait in
-//! the queue plus its method's usual latency) is answered DEADLINE_EXCEEDED at once and never
-//! sent (`unmeetable_deadline`). A call that finds every backend of its cluster at its limit
-//! waits in the cluster's queue, where clients take turns (balance/queue.rs), bounded by
-//! `queue_timeout` and `max_queued`, then is shed with RESOURCE_EXHAUSTED and a
+//! the queue plus the time its method's fast answers take) is answered DEADLINE_EXCEEDED at
+//! once and never sent (`unmeetable_deadline`). A call that finds every backend of its cluster
+//! at its limit waits in the cluster's queue, where clients take turns (balance/queue.rs),
+//! bounded by `queue_timeout` and `max_queued`, then is shed with RESOURCE_EXHAUSTED and a
 //! `grpc-retry-pushback-ms`, never an HTTP error. A waiting call leaves the queue the moment
 //! its deadline can no longer be met.
 
@@ -18,7 +18,7 @@ use tokio::time::{sleep_until, Instant};
 use super::call::{Call, Downstream, Ending};
 use super::client::client_id;
 use super::Peer;
-use crate::balance::{Backend, Cluster, InFlight, Pick, Wake};
+use crate::balance::{Backend, Cluster, InFlight, Pick, Waiter, Wake};
 use crate::telemetry::Reject;
 use crate::wire::{Code, ProxyStatus};
 
@@ -39,30 +39,40 @@ impl Queued {
     }
 }
 
-/// The shortest and longest `grpc-retry-pushback-ms` sluice sends.
+/// `grpc-retry-pushback-ms` is the queue's expected drain time within these bounds, then
+/// jittered by ±25%: from 37.5 ms to 12.5 s.
 const PUSHBACK_RANGE: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(10));
 
+/// What ended a wait in the queue without a slot.
+enum WaitEnd {
+    /// `queue_timeout` passed, or the wakeup was lost.
+    TimedOut,
+    /// The last moment a backend could still answer in time passed.
+    Unmeetable,
+    /// The queue was full, and this call's client had the most waiting.
+    Displaced,
+}
+
 impl Call {
-    /// The method's usual latency to response headers across the cluster (zero until it has
-    /// been answered once).
-    fn usual_latency(&self) -> Duration {
-        let typical = f64::from_bits(self.method.latency.baseline.load(Ordering::Relaxed));
-        Duration::from_nanos(typical as u64)
+    /// How long the method's fast answers take (zero until it has been answered once): a
+    /// call with less time left cannot be answered in time.
+    fn fast_latency(&self) -> Duration {
+        let fastest = f64::from_bits(self.method.latency.fastest.load(Ordering::Relaxed));
+        Duration::from_nanos(fastest as u64)
     }
 
     /// Refuses, before anything else, a call whose remaining deadline is shorter than its
-    /// method's usual latency: a backend could not answer it in time.
+    /// method's fast answers take: no backend could answer it in time.
     pub(super) fn admit(&self, down: &mut Downstream) -> Result<(), Ending> {
-        let usual = self.usual_latency();
+        let fast = self.fast_latency();
         let now = Instant::now();
         // A deadline already passed is the attempts loop's to answer (`deadline`).
-        if now >= self.deadline || now + usual <= self.deadline {
+        if now >= self.deadline || now + fast <= self.deadline {
             return Ok(());
         }
         let left = self.deadline - now;
-        let message = format!(
-            "sluice: {left:?} left of the deadline, and the method usually takes {usual:?}; not sent"
-        );
+        let message =
+            format!("sluice: {left:?} left of the deadline, and the method takes {fast:?} at best; not sent");
         Err(self.unmeetable(down, message))
     }
 
@@ -96,19 +106,7 @@ impl Call {
         tried: &[Arc<Backend>],
         waited: &mut Option<Queued>,
     ) -> Result<Option<(Arc<Backend>, InFlight)>, Ending> {
-        let settings = &self.cluster.settings;
-        let cluster = &self.cluster.name;
-        let headers = down.request.as_deref().map(|r| &r.headers);
-        let client = headers.map_or(0, |h| client_id(&settings.client_key, peer, h));
-        let again = waited.is_some();
-        let queue = &self.cluster.queue;
-        let Some(mut waiter) = queue.join(client, settings.max_queued, again) else {
-            let message = format!(
-                "sluice: every backend of cluster {cluster} is at its concurrency limit and {} calls already wait",
-                settings.max_queued
-            );
-            return Err(self.shed(down, Reject::QueueFull, message));
-        };
+        let mut waiter = self.join_queue(down, peer, tried, waited.is_some())?;
         // A slot freed after the pick and before the join woke nobody: look once more.
         if let Pick::Backend(backend, slot) = self.cluster.pick(tried, true) {
             return Ok(Some((backend, slot)));
@@ -117,62 +115,102 @@ impl Call {
             since: Instant::now(),
             ahead: waiter.ahead,
         });
-        let usual = self.usual_latency();
-        let expected = self.cluster.queue.expected_wait(waiter.ahead);
-        // A retry has reached a backend once; only a first attempt is judged so.
-        if tried.is_empty() && Instant::now() + expected + usual > self.deadline {
-            drop(waiter);
-            self.cluster.stats.queued(wait.since.elapsed());
-            let message = format!(
-                "sluice: the deadline cannot be met: about {expected:?} in the queue, then the method usually takes {usual:?}; not sent"
-            );
-            return Err(self.unmeetable(down, message));
-        }
-        // The last moment a backend could still answer in time (a retry waits to the end).
+        // The last moment a backend could still answer in time (a retry waits to the end: it
+        // reached a backend once).
         let last_useful = match tried.is_empty() {
-            true => self.deadline.checked_sub(usual).unwrap_or(wait.since),
-            false => self.deadline,
+            true => self.deadline.checked_sub(self.fast_latency()),
+            false => Some(self.deadline),
         };
-        let until = (wait.since + settings.queue_timeout).min(last_useful);
-        let woken = tokio::select! {
+        let last_useful = last_useful.unwrap_or(wait.since);
+        let until = (wait.since + self.cluster.settings.queue_timeout).min(last_useful);
+        let end = tokio::select! {
             biased;
             // A freed slot (this call's turn), or room made for another client's call.
-            woken = &mut waiter.woken => woken.ok(),
-            _ = sleep_until(until) => None,
+            woken = &mut waiter.woken => match woken {
+                Ok(Wake::Slot) => return Ok(None),
+                Ok(Wake::Displaced) => WaitEnd::Displaced,
+                Err(_) => WaitEnd::TimedOut,
+            },
+            _ = sleep_until(until) => match Instant::now() >= last_useful {
+                true => WaitEnd::Unmeetable,
+                false => WaitEnd::TimedOut,
+            },
             // The client left while waiting.
             _ = poll_fn(|cx| down.respond.poll_reset(cx)) => {
                 return Err(Ending::proxy(Code::Cancelled));
             }
         };
-        if woken == Some(Wake::Slot) {
-            return Ok(None);
-        }
         drop(waiter);
         self.cluster.stats.queued(wait.since.elapsed());
         *waited = None;
-        if woken == Some(Wake::Displaced) {
-            let message = format!(
-                "sluice: cluster {cluster} is overloaded and its queue is full; this client has the most calls waiting"
-            );
-            return Err(self.shed(down, Reject::Displaced, message));
+        Err(self.shed_after_wait(down, end))
+    }
+
+    /// Joins the queue, or answers the call: shed when the queue is full, refused when the
+    /// expected wait leaves too little time. The expected wait is judged before joining, so a
+    /// call that will not wait never displaces another client's. `again`: woken before, and
+    /// waiting again at its old place.
+    fn join_queue(
+        &self,
+        down: &mut Downstream,
+        peer: &Peer,
+        tried: &[Arc<Backend>],
+        again: bool,
+    ) -> Result<Waiter, Ending> {
+        let (settings, queue) = (&self.cluster.settings, &self.cluster.queue);
+        let headers = down.request.as_deref().map(|r| &r.headers);
+        let client = headers.map_or(0, |h| client_id(&settings.client_key, peer, h));
+        // A retry has reached a backend once; only a first attempt is judged so.
+        if tried.is_empty() && !again {
+            let expected = queue.expected_wait(queue.ahead_of(client));
+            let fast = self.fast_latency();
+            if Instant::now() + expected + fast > self.deadline {
+                let message = format!(
+                    "sluice: the deadline cannot be met: about {expected:?} in the queue, then the method takes {fast:?} at best; not sent"
+                );
+                return Err(self.unmeetable(down, message));
+            }
         }
+        queue.join(client, settings.max_queued, again).ok_or_else(|| {
+            let message = format!(
+                "sluice: every backend of cluster {} is at its concurrency limit and {} calls already wait",
+                self.cluster.name, settings.max_queued
+            );
+            self.shed(down, Reject::QueueFull, message)
+        })
+    }
+
+    /// Answers a call whose wait in the queue ended without a slot.
+    fn shed_after_wait(&self, down: &mut Downstream, end: WaitEnd) -> Ending {
+        let cluster = &self.cluster.name;
         let now = Instant::now();
         if now >= self.deadline {
             let message = "sluice: deadline exceeded while waiting for a backend slot";
             let status = ProxyStatus::deadline_exceeded(message);
-            return Err(self.reject(down, Reject::Deadline, status));
+            return self.reject(down, Reject::Deadline, status);
         }
-        if now >= last_useful {
-            let message = format!(
-                "sluice: the deadline cannot be met: {:?} left after waiting for a backend slot, and the method usually takes {usual:?}; not sent",
-                self.deadline - now
-            );
-            return Err(self.unmeetable(down, message));
+        match end {
+            WaitEnd::Displaced => {
+                let message = format!(
+                    "sluice: cluster {cluster} is overloaded and its queue is full; this client has the most calls waiting"
+                );
+                self.shed(down, Reject::Displaced, message)
+            }
+            WaitEnd::Unmeetable => {
+                let message = format!(
+                    "sluice: the deadline cannot be met: {:?} left after waiting for a backend slot, and the method takes {:?} at best; not sent",
+                    self.deadline - now,
+                    self.fast_latency()
+                );
+                self.unmeetable(down, message)
+            }
+            WaitEnd::TimedOut => {
+                let message = format!(
+                    "sluice: every backend of cluster {cluster} is at its concurrency limit; waited {:?}",
+                    self.cluster.settings.queue_timeout
+                );
+                self.shed(down, Reject::QueueTimeout, message)
+            }
         }
-        let message = format!(
-            "sluice: every backend of cluster {cluster} is at its concurrency limit; waited {:?}",
-            settings.queue_timeout
-        );
-        Err(self.shed(down, Reject::QueueTimeout, message))
     }
 }

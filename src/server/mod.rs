@@ -113,10 +113,16 @@ fn build_router(
     previous: Option<&Router>,
     runtime: &Handle,
 ) -> Result<(Router, Feeds), BoxError> {
+    // Everything that can fail comes first: a cluster built from `previous` takes over its
+    // queue and limits at once, which a rejected config must not have touched.
+    let mut tls_of = Vec::with_capacity(config.clusters.len());
+    for i in 0..config.clusters.len() {
+        tls_of.push(upstream_tls(config, i)?);
+    }
     let mut clusters: Vec<(Arc<Cluster>, &ClusterConfig)> = Vec::new();
     let mut certificates = Vec::new();
-    for (i, c) in config.clusters.iter().enumerate() {
-        let tls = upstream_tls(config, i)?.map(|(client, leaf)| {
+    for (c, tls) in config.clusters.iter().zip(tls_of) {
+        let tls = tls.map(|(client, leaf)| {
             let cert = c.tls.as_ref().and_then(|t| t.cert_file.as_ref());
             if let (Some(leaf), Some(cert)) = (leaf, cert) {
                 certificates.push((c.name.value.clone(), cert.value.clone(), leaf.not_after));

@@ -309,6 +309,9 @@ pub struct MethodLatency {
     /// Typical latency to response headers (f64 nanoseconds as bits, 0 until the first
     /// answer), which the balancer compares each backend's with.
     pub baseline: AtomicU64,
+    /// The latency of its fast answers (f64 nanoseconds as bits, 0 until the first answer):
+    /// what a call of it takes when nothing delays it, for deadline-aware admission.
+    pub fastest: AtomicU64,
     /// Latency to response headers when the backend answering was lightly loaded (in
     /// nanoseconds), which the concurrency limits compare each answer with.
     pub light_load: LightLoad,
