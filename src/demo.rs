@@ -384,10 +384,10 @@ pub fn run_echo_backend(
     })
 }
 
-/// Logs a worker pool's work every 5 s, while it changes.
+/// Logs a worker pool's work every 5 s, once it has started and while it changes.
 async fn report_work(stats: Arc<EchoStats>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let mut last = u64::MAX;
+    let mut last = 0;
     loop {
         tick.tick().await;
         let started = stats.work_started.load(Ordering::Relaxed);

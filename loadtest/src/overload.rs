@@ -129,79 +129,28 @@ pub async fn run(options: OverloadOptions) -> Result<OverloadReport, String> {
         tls: None,
         calls_per_connection: None,
     });
-    // Warm-up, so the proxy holds connections to every backend; not counted.
-    for sender in &senders {
-        for _ in 0..10 {
-            let mut connection = sender.connection.clone();
-            let _ = client::call(&mut connection, &calls, &[0; 100], Instant::now()).await;
-        }
-    }
-    for backend in &backends {
-        backend.stats.work_started.store(0, Ordering::Relaxed);
-        backend
-            .stats
-            .started_past_deadline
-            .store(0, Ordering::Relaxed);
-    }
-    let (results, mut collected) = mpsc::unbounded_channel::<Outcome>();
-    let started = Instant::now();
-    let relief = options.relief.unwrap_or_default();
-    let mut loops = Vec::new();
-    for (index, sender) in senders.iter().enumerate() {
-        let share = sender.rate / offered;
-        let phases = vec![
-            (options.duration, sender.rate),
-            (relief, capacity * 0.5 * share),
-        ];
-        loops.push(tokio::spawn(send_loop(
-            index,
-            sender.connection.clone(),
-            Arc::clone(&calls),
-            phases,
-            started,
-            results.clone(),
-        )));
-    }
-    drop(results);
-    for sending in loops {
-        sending.await.map_err(|e| e.to_string())?;
-    }
-    let mut outcomes = Vec::new();
-    while let Some(outcome) = collected.recv().await {
-        outcomes.push(outcome);
-    }
-    let work_started: u64 = (backends.iter())
-        .map(|b| b.stats.work_started.load(Ordering::Relaxed))
-        .sum();
-    let work_started_late: u64 = (backends.iter())
-        .map(|b| b.stats.started_past_deadline.load(Ordering::Relaxed))
-        .sum();
+    warm_up(&senders, &calls, &backends).await;
+    let outcomes = send_all(&options, &senders, &calls, capacity, offered).await?;
+    let (started, late) = (backends.iter()).fold((0, 0), |(started, late), b| {
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+        let stats = &b.stats;
+        (
+            started + load(&stats.work_started),
+            late + load(&stats.started_past_deadline),
+        )
+    });
     let measured = |o: &&Outcome| o.intended >= options.warmup && o.intended < options.duration;
-    let window = options
-        .duration
-        .saturating_sub(options.warmup)
-        .as_secs_f64();
-    let mut codes = BTreeMap::new();
-    let mut ok_latencies = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
-    for outcome in outcomes.iter().filter(measured) {
-        *codes
-            .entry(client::code_name(outcome.result.code).to_string())
-            .or_insert(0) += 1;
-        if outcome.result.code == tonic::Code::Ok {
-            let _ = ok_latencies.record(outcome.result.latency.as_micros() as u64);
-        }
-    }
-    let ok = codes.get("OK").copied().unwrap_or(0);
-    let goodput = ok as f64 / window.max(1e-9);
-    let in_relief = |o: &&Outcome| o.intended >= options.duration;
+    let window = options.duration.saturating_sub(options.warmup);
+    let (codes, ok_latencies) = tally(&outcomes, measured)?;
+    let goodput = codes.get("OK").copied().unwrap_or(0) as f64 / window.as_secs_f64().max(1e-9);
     let relief_success = options.relief.map(|_| {
-        let (sent, succeeded) = outcomes
+        let in_relief = |o: &&Outcome| o.intended >= options.duration;
+        let relief: Vec<_> = outcomes.iter().filter(in_relief).collect();
+        let ok = relief
             .iter()
-            .filter(in_relief)
-            .fold((0, 0), |(n, ok), o| {
-                (n + 1, ok + u64::from(o.result.code == tonic::Code::Ok))
-            });
-        succeeded as f64 / f64::from(sent.max(1))
+            .filter(|o| o.result.code == tonic::Code::Ok)
+            .count();
+        ok as f64 / relief.len().max(1) as f64
     });
     let clients = match options.light_clients {
         Some(_) => client_reports(&senders, &outcomes, measured),
@@ -216,12 +165,86 @@ pub async fn run(options: OverloadOptions) -> Result<OverloadReport, String> {
         codes,
         ok_p50_ms: ok_latencies.value_at_quantile(0.5) as f64 / 1000.0,
         ok_p99_ms: ok_latencies.value_at_quantile(0.99) as f64 / 1000.0,
-        work_started,
-        work_started_late,
-        wasted_share: work_started_late as f64 / work_started.max(1) as f64,
+        work_started: started,
+        work_started_late: late,
+        wasted_share: late as f64 / started.max(1) as f64,
         relief_success,
         clients,
     })
+}
+
+/// A few calls from every client, so the proxy holds connections to every backend; then the
+/// backends' work counts start from zero.
+async fn warm_up(senders: &[Sender], calls: &RunOptions, backends: &[LoadBackend]) {
+    for sender in senders {
+        for _ in 0..10 {
+            let mut connection = sender.connection.clone();
+            let _ = client::call(&mut connection, calls, &[0; 100], Instant::now()).await;
+        }
+    }
+    for backend in backends {
+        backend.stats.work_started.store(0, Ordering::Relaxed);
+        let late = &backend.stats.started_past_deadline;
+        late.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Every client sends at its rate for `duration`, then (with `relief`) at its share of half
+/// the capacity; returns every call's outcome.
+async fn send_all(
+    options: &OverloadOptions,
+    senders: &[Sender],
+    calls: &Arc<RunOptions>,
+    capacity: f64,
+    offered: f64,
+) -> Result<Vec<Outcome>, String> {
+    let (results, mut collected) = mpsc::unbounded_channel::<Outcome>();
+    let started = Instant::now();
+    let relief = options.relief.unwrap_or_default();
+    let mut loops = Vec::new();
+    for (index, sender) in senders.iter().enumerate() {
+        let share = sender.rate / offered;
+        let phases = vec![
+            (options.duration, sender.rate),
+            (relief, capacity * 0.5 * share),
+        ];
+        let connection = sender.connection.clone();
+        let sending = send_loop(
+            index,
+            connection,
+            Arc::clone(calls),
+            phases,
+            started,
+            results.clone(),
+        );
+        loops.push(tokio::spawn(sending));
+    }
+    drop(results);
+    for sending in loops {
+        sending.await.map_err(|e| e.to_string())?;
+    }
+    let mut outcomes = Vec::new();
+    while let Some(outcome) = collected.recv().await {
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// The codes of the `measured` calls, and the latencies of the OK ones (µs).
+fn tally(
+    outcomes: &[Outcome],
+    measured: impl Fn(&&Outcome) -> bool,
+) -> Result<(BTreeMap<String, u64>, hdrhistogram::Histogram<u64>), String> {
+    let mut codes = BTreeMap::new();
+    let mut ok_latencies = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    for outcome in outcomes.iter().filter(measured) {
+        let code = client::code_name(outcome.result.code).to_string();
+        *codes.entry(code).or_insert(0) += 1;
+        if outcome.result.code == tonic::Code::Ok {
+            let _ = ok_latencies.record(outcome.result.latency.as_micros() as u64);
+        }
+    }
+    Ok((codes, ok_latencies))
 }
 
 /// Each backend with its workers, from the start: work `options.work` a call, done even after

@@ -12,9 +12,9 @@
 //!   and slow methods mix freely, and a backend is judged against its own usual level, so a
 //!   slower machine is not mistaken for an overloaded one.
 //! - Only answers given under light load (the backend held at most half its limit, or only the
-//!   call answered) teach that level, so a long overload cannot teach it that slow is normal. The first ones count more
-//!   the lighter their load, so a backend that fills up as it starts is judged by its first,
-//!   fast answers.
+//!   call answered) teach that level, so a long overload cannot teach it that slow is normal.
+//!   The first ones count more the lighter their load, so a backend that fills up as it starts
+//!   is judged by its first, fast answers.
 //! - Every answer moves the limit a `1/load` part of a step, so it moves one step per round of
 //!   answers whatever the load: fast enough to catch a backend filling up, slow enough not to
 //!   overshoot while answers already on their way still say the old limit's story.
@@ -23,6 +23,10 @@
 //! - Under light load, the limit only comes down, or climbs back towards `initial_limit`: a
 //!   limit cut in an overload recovers within seconds, and grows past its start only when
 //!   calls need it.
+//! - A call may go past the limit, raising it, when the pace of the backend's answers shows
+//!   room for it (`try_exceed`): a generous start that costs nothing when the backend keeps
+//!   up, and calls that hold for long before answering (long polls) are never held back
+//!   waiting for answers to grow the limit.
 //!
 //! There is no probe window that drops the limit on a timer. The state is atomics; racing
 //! answers may lose an update, which a lock on every answer would cost more than it is worth.
