@@ -346,6 +346,18 @@ impl Connected for Freezable {
     }
 }
 
+/// Serves `backend` on 127.0.0.1:`port`, on a task of its own, for as long as the process
+/// runs.
+pub async fn start_on(port: u16, backend: LoadBackend) -> Result<(), String> {
+    let listener = TcpListener::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("backend port {port}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = serve(listener, backend).await;
+    });
+    Ok(())
+}
+
 /// Serves `backend` on `listener` until the task is dropped.
 pub async fn serve(
     listener: TcpListener,

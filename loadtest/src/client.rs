@@ -59,6 +59,28 @@ pub struct RunOptions {
     pub calls_per_connection: Option<u64>,
 }
 
+impl RunOptions {
+    /// Unary calls of 100 bytes to `target`, one connection, each with `deadline`: what the
+    /// incident and overload drivers send (they set the pace themselves).
+    pub fn unary_with_deadline(target: &str, deadline: Duration) -> RunOptions {
+        RunOptions {
+            targets: vec![target.to_string()],
+            connections: 1,
+            streams: 1,
+            calls: None,
+            duration: None,
+            rate: None,
+            payload: 100,
+            kind: Kind::Unary,
+            messages: 1,
+            deadline: Some(deadline),
+            progress: false,
+            tls: None,
+            calls_per_connection: None,
+        }
+    }
+}
+
 /// TLS to the target: the CA that signed its certificate, and the name to check.
 #[derive(Debug, Clone)]
 pub struct Tls {

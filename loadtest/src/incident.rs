@@ -18,11 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::backend::{self, BackendOptions, Failure, LoadBackend};
-use crate::client::{self, Kind, RunOptions, Tally};
+use crate::client::{self, RunOptions, Tally};
 
 #[derive(Debug, Clone)]
 pub struct IncidentOptions {
@@ -69,29 +68,13 @@ pub async fn run(options: IncidentOptions) -> Result<IncidentReport, String> {
     for (i, port) in options.backend_ports.iter().enumerate() {
         let failing = i == 1;
         let backend = LoadBackend::new(failing_backend(&options, failing));
-        let listener = TcpListener::bind(("127.0.0.1", *port))
-            .await
-            .map_err(|e| format!("backend port {port}: {e}"))?;
-        let serving = backend.clone();
-        tokio::spawn(async move {
-            let _ = backend::serve(listener, serving).await;
-        });
+        backend::start_on(*port, backend.clone()).await?;
         backends.push(backend);
     }
     let calls = Arc::new(RunOptions {
-        targets: vec![options.target.clone()],
-        connections: 1,
-        streams: 1,
-        calls: None,
         duration: Some(options.duration),
         rate: Some(options.rate),
-        payload: 100,
-        kind: Kind::Unary,
-        messages: 1,
-        deadline: Some(options.deadline),
-        progress: false,
-        tls: None,
-        calls_per_connection: None,
+        ..RunOptions::unary_with_deadline(&options.target, options.deadline)
     });
     // One client connection, as in the incident: everything multiplexed on it.
     let connection = client::connect(&options.target, None).await?;

@@ -160,36 +160,8 @@ enum Command {
     /// each, calls offered open loop at a multiple of their capacity. Reports goodput and the
     /// work started after its caller's deadline.
     Overload {
-        #[arg(long)]
-        target: String,
-        /// The backend ports the proxy's config names.
-        #[arg(long, value_delimiter = ',', default_value = "21091,21092,21093")]
-        backend_ports: Vec<u16>,
-        /// Each backend's workers, in the order of --backend-ports.
-        #[arg(long, value_delimiter = ',', default_value = "2,2,2")]
-        workers: Vec<usize>,
-        /// The work of one call, once it has a worker.
-        #[arg(long, default_value = "25ms", value_parser = duration)]
-        work: Duration,
-        /// Offered load, as a multiple of the backends' capacity.
-        #[arg(long, default_value_t = 2.0)]
-        load: f64,
-        #[arg(long, default_value = "8s", value_parser = duration)]
-        duration: Duration,
-        /// Goodput counts the calls sent after this.
-        #[arg(long, default_value = "2s", value_parser = duration)]
-        warmup: Duration,
-        #[arg(long, default_value = "1s", value_parser = duration)]
-        deadline: Duration,
-        /// The backends drop queued calls whose caller has gone (they check their context).
-        #[arg(long)]
-        checks_context: bool,
-        /// Afterwards, offer half the capacity for this long, and report how many succeed.
-        #[arg(long, value_parser = duration)]
-        relief: Option<Duration>,
-        /// One client sends 10x the rate of each of N others, each from its own loopback IP.
-        #[arg(long)]
-        light_clients: Option<usize>,
+        #[command(flatten)]
+        options: overload::OverloadOptions,
         #[arg(long)]
         json: bool,
     },
@@ -281,34 +253,8 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                 report.print();
             }
         }
-        Command::Overload {
-            target,
-            backend_ports,
-            workers,
-            work,
-            load,
-            duration,
-            warmup,
-            deadline,
-            checks_context,
-            relief,
-            light_clients,
-            json,
-        } => {
-            let report = overload::run(overload::OverloadOptions {
-                target,
-                backend_ports,
-                workers,
-                work,
-                load,
-                duration,
-                warmup,
-                deadline,
-                checks_context,
-                relief,
-                light_clients,
-            })
-            .await?;
+        Command::Overload { options, json } => {
+            let report = overload::run(options).await?;
             if json {
                 print_json(&report);
             } else {

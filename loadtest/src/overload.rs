@@ -21,33 +21,48 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use crate::backend::{self, BackendOptions, Failure, LoadBackend};
-use crate::client::{self, Kind, RunOptions};
+use crate::client::{self, RunOptions};
 use crate::pb::echo_client::EchoClient;
+use sluice::config::parse_duration as duration;
 
-#[derive(Debug, Clone)]
+/// `sluice-loadtest overload`'s options (its command line).
+#[derive(Debug, Clone, clap::Args)]
 pub struct OverloadOptions {
+    #[arg(long)]
     pub target: String,
+    /// The backend ports the proxy's config names.
+    #[arg(long, value_delimiter = ',', default_value = "21091,21092,21093")]
     pub backend_ports: Vec<u16>,
-    /// Workers of each backend, in the order of `backend_ports`.
+    /// Each backend's workers, in the order of --backend-ports.
+    #[arg(long, value_delimiter = ',', default_value = "2,2,2")]
     pub workers: Vec<usize>,
+    /// The work of one call, once it has a worker.
+    #[arg(long, default_value = "25ms", value_parser = duration)]
     pub work: Duration,
     /// Offered load, as a multiple of the backends' capacity.
+    #[arg(long, default_value_t = 2.0)]
     pub load: f64,
+    #[arg(long, default_value = "8s", value_parser = duration)]
     pub duration: Duration,
-    /// Goodput counts calls sent after this.
+    /// Goodput counts the calls sent after this.
+    #[arg(long, default_value = "2s", value_parser = duration)]
     pub warmup: Duration,
+    #[arg(long, default_value = "1s", value_parser = duration)]
     pub deadline: Duration,
+    /// The backends drop queued calls whose caller has gone (they check their context).
+    #[arg(long)]
     pub checks_context: bool,
-    /// After `duration`, offer half the capacity for this long.
+    /// Afterwards, offer half the capacity for this long, and report how many succeed.
+    #[arg(long, value_parser = duration)]
     pub relief: Option<Duration>,
-    /// Clients besides the heavy one: with `Some(n)`, one client sends ten times the rate of
-    /// each of `n` others, each client on a connection of its own from its own loopback
-    /// address (127.0.0.1 the heavy one, 127.0.0.2 and on the others).
+    /// One client sends 10x the rate of each of N others, each client on a connection of its
+    /// own from its own loopback address (127.0.0.1 the heavy one, 127.0.0.2 and on the
+    /// others).
+    #[arg(long)]
     pub light_clients: Option<usize>,
 }
 
@@ -114,21 +129,10 @@ pub async fn run(options: OverloadOptions) -> Result<OverloadReport, String> {
     let capacity = options.workers.iter().sum::<usize>() as f64 / options.work.as_secs_f64();
     let offered = capacity * options.load;
     let senders = connect_senders(&options, offered).await?;
-    let calls = Arc::new(RunOptions {
-        targets: vec![options.target.clone()],
-        connections: 1,
-        streams: 1,
-        calls: None,
-        duration: None,
-        rate: None,
-        payload: 100,
-        kind: Kind::Unary,
-        messages: 1,
-        deadline: Some(options.deadline),
-        progress: false,
-        tls: None,
-        calls_per_connection: None,
-    });
+    let calls = Arc::new(RunOptions::unary_with_deadline(
+        &options.target,
+        options.deadline,
+    ));
     warm_up(&senders, &calls, &backends).await;
     let outcomes = send_all(&options, &senders, &calls, capacity, offered).await?;
     let (started, late) = (backends.iter()).fold((0, 0), |(started, late), b| {
@@ -267,13 +271,7 @@ async fn start_backends(options: &OverloadOptions) -> Result<Vec<LoadBackend>, S
             failure: Failure::Slow,
             detached: !options.checks_context,
         });
-        let listener = TcpListener::bind(("127.0.0.1", *port))
-            .await
-            .map_err(|e| format!("backend port {port}: {e}"))?;
-        let serving = backend.clone();
-        tokio::spawn(async move {
-            let _ = backend::serve(listener, serving).await;
-        });
+        backend::start_on(*port, backend.clone()).await?;
         backends.push(backend);
     }
     Ok(backends)
