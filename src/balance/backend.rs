@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::ewma::{clock_ms, follow_fastest, ratio_to_baseline, PeakEwma, Pending, Score};
+use super::ewma::{
+    clock_ms, clock_ns, follow_fastest, ratio_to_baseline, PeakEwma, Pending, Score,
+};
 use super::limit::{AdaptiveLimit, Sample};
 use super::queue::SlotQueue;
 use super::source::SourceKind;
@@ -266,9 +268,10 @@ impl Backend {
                 (n < cap).then_some(n + 1)
             });
         if within_cap.is_err() {
+            // No wakeup for this release: a waiter that picks and fails here would wake
+            // itself, round and round. (A call that looked during this moment waits for the
+            // next slot freed instead.)
             self.limit.release();
-            // Another call may have looked while this slot was taken: let it look again.
-            self.queue.slot_freed();
             return None;
         }
         Some(InFlight {
@@ -307,9 +310,10 @@ impl Backend {
     }
 
     /// Teaches the concurrency limit how an attempt went: `load` is what the attempt's
-    /// [`InFlight::load`] said. A limit that grew lets a waiting call in.
+    /// [`InFlight::load`] said. A limit that grew lets as many waiting calls in.
     pub fn observe_limit(&self, sample: Sample, load: u64, method: &MethodLatency) {
-        if self.limit.observe(sample, load, method, &self.queue.policy) {
+        let grown = self.limit.observe(sample, load, method, &self.queue.policy);
+        for _ in 0..grown.min(self.queue.len() as u64) {
             self.queue.slot_freed();
         }
     }
@@ -319,8 +323,10 @@ impl Backend {
     /// its fast-answer latency).
     pub fn observe_latency(&self, rtt: Duration, method: &MethodLatency) {
         self.latency.observe(rtt);
-        self.score.observe(ratio_to_baseline(&method.baseline, rtt));
-        follow_fastest(&method.fastest, rtt);
+        let now = clock_ns();
+        self.score
+            .observe_at(ratio_to_baseline(&method.baseline, rtt), now);
+        follow_fastest(method, rtt, now);
     }
 
     /// The backend failed a call (a server-side failure code or reset from it, or a deadline

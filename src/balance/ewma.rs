@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::telemetry::MethodLatency;
+
 /// A slower observation is taken at once (the peak); a faster one is blended in with a weight
 /// that grows with the time since the last. The estimate also decays while nothing is
 /// observed, so a backend that was slow once gets probed again later instead of being starved
@@ -112,18 +114,39 @@ pub(super) fn ratio_to_baseline(baseline: &AtomicU64, rtt: Duration) -> f64 {
 /// about a hundred answers.
 const FASTEST_RISE: f64 = 1.02;
 
-/// Folds `rtt` into a method's fast-answer latency (`MethodLatency::fastest`): a faster answer
-/// takes its place, a slower one raises it by 2% at most.
-pub(super) fn follow_fastest(fastest: &AtomicU64, rtt: Duration) {
+/// Without answers, the fast-answer latency halves this often: a method whose calls were all
+/// refused (their deadlines shorter than it) is tried again, and taught afresh.
+const FASTEST_HALF_LIFE_NS: f64 = 10e9;
+
+/// Folds `rtt`, answered at `now_ns`, into a method's fast-answer latency: a faster answer takes
+/// its place, a slower one raises it by 2% at most.
+pub(super) fn follow_fastest(method: &MethodLatency, rtt: Duration, now_ns: u64) {
     let rtt = rtt.as_nanos() as f64;
-    let current = f64::from_bits(fastest.load(Ordering::Relaxed));
+    let current = f64::from_bits(method.fastest.load(Ordering::Relaxed));
     let next = match current {
         0.0 => rtt,
         current => rtt.min(current * FASTEST_RISE),
     };
     if next != current {
-        fastest.store(next.to_bits(), Ordering::Relaxed);
+        method.fastest.store(next.to_bits(), Ordering::Relaxed);
+        method.fastest_updated_ns.store(now_ns, Ordering::Relaxed);
     }
+}
+
+/// How long `method`'s fast answers take now (zero until its first answer): what deadline-aware
+/// admission compares a call's remaining time with.
+pub fn fast_latency(method: &MethodLatency) -> Duration {
+    fast_latency_at(method, clock_ns())
+}
+
+fn fast_latency_at(method: &MethodLatency, now_ns: u64) -> Duration {
+    let fastest = f64::from_bits(method.fastest.load(Ordering::Relaxed));
+    let idle = now_ns.saturating_sub(method.fastest_updated_ns.load(Ordering::Relaxed));
+    let decay = match idle as f64 / FASTEST_HALF_LIFE_NS {
+        halvings if halvings < 0.1 => 1.0,
+        halvings => 0.5f64.powf(halvings),
+    };
+    Duration::from_nanos((fastest * decay) as u64)
 }
 
 /// A backend's latency score: the lower median of its last `WINDOW` calls' ratios to their
@@ -156,6 +179,11 @@ impl Score {
     /// Records one call's ratio. Racing calls may overwrite each other's sample; that is
     /// tolerated, since a lock here would serialise every call on the backend.
     pub(super) fn observe(&self, ratio: f64) {
+        self.observe_at(ratio, clock_ns());
+    }
+
+    /// `observe`, at `now_ns` on the balancer's clock.
+    pub(super) fn observe_at(&self, ratio: f64, now_ns: u64) {
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % WINDOW;
         let ratio = (ratio as f32).min(FAILURE_RATIO);
         self.samples[slot].store(ratio.to_bits(), Ordering::Relaxed);
@@ -166,7 +194,7 @@ impl Score {
         sorted.sort_unstable_by(f32::total_cmp);
         let median = f64::from(sorted[WINDOW / 2 - 1]);
         self.median.store(median.to_bits(), Ordering::Relaxed);
-        self.updated_ns.store(clock_ns(), Ordering::Relaxed);
+        self.updated_ns.store(now_ns, Ordering::Relaxed);
     }
 
     /// A failed call: the worst sample.
@@ -331,21 +359,25 @@ mod tests {
 
     #[test]
     fn the_fast_answers_are_followed_not_the_slow_ones() {
-        let fastest = AtomicU64::new(0);
+        let method = MethodLatency::default();
         let ms = |n| Duration::from_millis(n);
-        let at = |f: &AtomicU64| f64::from_bits(f.load(Ordering::Relaxed)) / 1e6;
-        follow_fastest(&fastest, ms(5));
+        let now = clock_ns();
+        follow_fastest(&method, ms(5), now);
         // Half the calls take 30 s: the fast ones still take 5 ms.
         for _ in 0..50 {
-            follow_fastest(&fastest, ms(30_000));
-            follow_fastest(&fastest, ms(5));
+            follow_fastest(&method, ms(30_000), now);
+            follow_fastest(&method, ms(5), now);
         }
-        assert_eq!(at(&fastest), 5.0);
+        assert_eq!(fast_latency(&method), ms(5));
         // Slower for good: followed, 2% an answer.
         for _ in 0..120 {
-            follow_fastest(&fastest, ms(50));
+            follow_fastest(&method, ms(50), now);
         }
-        assert_eq!(at(&fastest), 50.0);
+        assert_eq!(fast_latency(&method), ms(50));
+        // No answer for 20 s: a quarter.
+        let later = now + 20_000_000_000;
+        let decayed = fast_latency_at(&method, later).as_secs_f64() * 1e3;
+        assert!((12.0..13.0).contains(&decayed), "{decayed}");
     }
 
     #[test]

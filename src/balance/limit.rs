@@ -86,8 +86,9 @@ impl LimitPolicy {
         policy
     }
 
-    /// Takes a (reloaded) cluster's settings.
-    pub fn set(&self, config: &ClusterConfig) {
+    /// Takes a (reloaded) cluster's settings; returns whether any changed.
+    pub fn set(&self, config: &ClusterConfig) -> bool {
+        let before = self.settings();
         let cap = u64::from(config.max_concurrent_streams_per_backend.0);
         let settings = match config.adaptive_concurrency {
             AdaptiveConcurrency::On(settings) => Some(settings),
@@ -108,6 +109,19 @@ impl LimitPolicy {
             .store(tolerance.0.to_bits(), Ordering::Relaxed);
         self.adaptive.store(settings.is_some(), Ordering::Relaxed);
         self.cap.store(cap, Ordering::SeqCst);
+        self.settings() != before
+    }
+
+    /// Everything `set` sets, to tell a change.
+    fn settings(&self) -> (u64, bool, u64, u64, u64) {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        (
+            load(&self.cap),
+            self.is_adaptive(),
+            load(&self.min_limit),
+            load(&self.initial_limit),
+            load(&self.tolerance),
+        )
     }
 
     pub fn cap(&self) -> u64 {
@@ -270,16 +284,17 @@ impl AdaptiveLimit {
     }
 
     /// Learns from one attempt that held `load` unanswered calls on this backend when it was
-    /// picked (itself included), of `method`. Returns whether the admitted count grew.
+    /// picked (itself included), of `method`. Returns by how many calls the admitted count
+    /// grew.
     pub(super) fn observe(
         &self,
         sample: Sample,
         load: u64,
         method: &MethodLatency,
         policy: &LimitPolicy,
-    ) -> bool {
+    ) -> u64 {
         if !policy.is_adaptive() {
-            return false;
+            return 0;
         }
         let limit = self.value(policy);
         let load = load.max(1) as f64;
@@ -292,7 +307,7 @@ impl AdaptiveLimit {
         let (min, max) = policy.bounds();
         let next = next.clamp(min, max);
         self.limit.store(next.to_bits(), Ordering::Relaxed);
-        next as u64 > limit as u64
+        (next as u64).saturating_sub(limit as u64)
     }
 
     /// Times the answer that came at `now`, for the pace of answers.
@@ -489,7 +504,7 @@ mod tests {
         answers(&limit, &p, &m, (25.0, Some(1), 3));
         assert!(limit.has_room_for(2, &p));
         // Silent for longer than twice its usual latency: no room, however fast it was.
-        std::thread::sleep(std::time::Duration::from_millis(60));
+        std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(!limit.has_room_for(1, &p));
         assert_eq!(limit.try_exceed(&p), None);
     }

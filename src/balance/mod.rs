@@ -26,6 +26,7 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 pub use backend::{Backend, BackendSnapshot, BackendState, Endpoint, InFlight};
+pub use ewma::fast_latency;
 pub use limit::{LimitPolicy, Sample};
 pub use queue::{ClientId, SlotQueue, Waiter, Wake};
 pub use retry_budget::RetryBudget;
@@ -192,10 +193,11 @@ impl Cluster {
         previous: &Cluster,
     ) -> Cluster {
         let queue = Arc::clone(&previous.queue);
-        queue.policy.set(config);
-        // New limits may make room: every waiter looks again (those that find none keep
-        // their places).
-        queue.wake_all();
+        if queue.policy.set(config) {
+            // New limits may make room: every waiter looks again (those that find none keep
+            // their places).
+            queue.wake_all();
+        }
         let stats = Arc::clone(&previous.stats);
         let cluster = Cluster::with_state(config, tls, client_key, stats, queue);
         cluster.shedding.carry_on(&previous.shedding);

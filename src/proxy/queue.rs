@@ -9,7 +9,6 @@
 //! its deadline can no longer be met.
 
 use std::future::poll_fn;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use tokio::time::{sleep_until, Instant};
 use super::call::{Call, Downstream, Ending};
 use super::client::client_id;
 use super::Peer;
-use crate::balance::{Backend, Cluster, InFlight, Pick, Waiter, Wake};
+use crate::balance::{fast_latency, Backend, Cluster, InFlight, Pick, Waiter, Wake};
 use crate::telemetry::Reject;
 use crate::wire::{Code, ProxyStatus};
 
@@ -57,8 +56,7 @@ impl Call {
     /// How long the method's fast answers take (zero until it has been answered once): a
     /// call with less time left cannot be answered in time.
     fn fast_latency(&self) -> Duration {
-        let fastest = f64::from_bits(self.method.latency.fastest.load(Ordering::Relaxed));
-        Duration::from_nanos(fastest as u64)
+        fast_latency(&self.method.latency)
     }
 
     /// Refuses, before anything else, a call whose remaining deadline is shorter than its
@@ -81,10 +79,17 @@ impl Call {
         self.reject(down, Reject::UnmeetableDeadline, status)
     }
 
-    /// Sheds the call for overload, telling a retrying client how long the queue needs.
-    fn shed(&self, down: &mut Downstream, reason: Reject, message: String) -> Ending {
+    /// Sheds the call for overload, telling a retrying client how long the queue needs: at
+    /// least `waited`, what this call waited in vain.
+    fn shed(
+        &self,
+        down: &mut Downstream,
+        reason: Reject,
+        waited: Duration,
+        message: String,
+    ) -> Ending {
         let (shortest, longest) = PUSHBACK_RANGE;
-        let drain = self.cluster.queue.expected_wait_of_newcomer();
+        let drain = (self.cluster.queue.expected_wait_of_newcomer()).max(waited);
         // Jittered, so the clients shed together do not come back together.
         let pushback = drain
             .clamp(shortest, longest)
@@ -106,7 +111,11 @@ impl Call {
         tried: &[Arc<Backend>],
         waited: &mut Option<Queued>,
     ) -> Result<Option<(Arc<Backend>, InFlight)>, Ending> {
-        let mut waiter = self.join_queue(down, peer, tried, waited.is_some())?;
+        // A first attempt woken in vain keeps its place. A retry does not: it may have passed
+        // its wakeup on (a slot on a backend it tried), and at the head it would take the
+        // wakeup back from the next retry so, round and round.
+        let again = waited.is_some() && tried.is_empty();
+        let mut waiter = self.join_queue(down, peer, tried, again)?;
         // A slot freed after the pick and before the join woke nobody: look once more.
         if let Pick::Backend(backend, slot) = self.cluster.pick(tried, true) {
             return Ok(Some((backend, slot)));
@@ -141,9 +150,10 @@ impl Call {
             }
         };
         drop(waiter);
-        self.cluster.stats.queued(wait.since.elapsed());
+        let waited_for = wait.since.elapsed();
+        self.cluster.stats.queued(waited_for);
         *waited = None;
-        Err(self.shed_after_wait(down, end))
+        Err(self.shed_after_wait(down, end, waited_for))
     }
 
     /// Joins the queue, or answers the call: shed when the queue is full, refused when the
@@ -176,12 +186,12 @@ impl Call {
                 "sluice: every backend of cluster {} is at its concurrency limit and {} calls already wait",
                 self.cluster.name, settings.max_queued
             );
-            self.shed(down, Reject::QueueFull, message)
+            self.shed(down, Reject::QueueFull, Duration::ZERO, message)
         })
     }
 
     /// Answers a call whose wait in the queue ended without a slot.
-    fn shed_after_wait(&self, down: &mut Downstream, end: WaitEnd) -> Ending {
+    fn shed_after_wait(&self, down: &mut Downstream, end: WaitEnd, waited: Duration) -> Ending {
         let cluster = &self.cluster.name;
         let now = Instant::now();
         if now >= self.deadline {
@@ -194,7 +204,7 @@ impl Call {
                 let message = format!(
                     "sluice: cluster {cluster} is overloaded and its queue is full; this client has the most calls waiting"
                 );
-                self.shed(down, Reject::Displaced, message)
+                self.shed(down, Reject::Displaced, waited, message)
             }
             WaitEnd::Unmeetable => {
                 let message = format!(
@@ -209,7 +219,7 @@ impl Call {
                     "sluice: every backend of cluster {cluster} is at its concurrency limit; waited {:?}",
                     self.cluster.settings.queue_timeout
                 );
-                self.shed(down, Reject::QueueTimeout, message)
+                self.shed(down, Reject::QueueTimeout, waited, message)
             }
         }
     }

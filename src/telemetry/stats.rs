@@ -312,6 +312,8 @@ pub struct MethodLatency {
     /// The latency of its fast answers (f64 nanoseconds as bits, 0 until the first answer):
     /// what a call of it takes when nothing delays it, for deadline-aware admission.
     pub fastest: AtomicU64,
+    /// When `fastest` last changed (ns on the balancer's clock).
+    pub fastest_updated_ns: AtomicU64,
     /// Latency to response headers when the backend answering was lightly loaded (in
     /// nanoseconds), which the concurrency limits compare each answer with.
     pub light_load: LightLoad,
