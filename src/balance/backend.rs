@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::ewma::{
-    clock_ms, clock_ns, follow_fastest, ratio_to_baseline, PeakEwma, Pending, Score,
-};
+use super::ewma::{clock_ms, follow_fastest, ratio_to_baseline, PeakEwma, Pending, Score};
 use super::limit::{AdaptiveLimit, Sample};
 use super::queue::SlotQueue;
 use super::source::SourceKind;
@@ -288,10 +286,7 @@ impl Backend {
     pub(super) fn has_room(&self) -> bool {
         let policy = &self.queue.policy;
         // SeqCst, as the writes (see `SlotQueue::len`).
-        let awaiting = self.limit.awaiting_now();
-        self.in_flight.load(Ordering::SeqCst) < policy.cap()
-            && (awaiting < self.limit.admitted(policy)
-                || (policy.is_adaptive() && self.limit.has_room_for(awaiting + 1, policy)))
+        self.in_flight.load(Ordering::SeqCst) < policy.cap() && self.limit.has_room(policy)
     }
 
     /// How many unanswered calls it may hold now (`concurrency_limit`).
@@ -309,24 +304,29 @@ impl Backend {
         self.limit.moved(&self.queue.policy)
     }
 
-    /// Teaches the concurrency limit how an attempt went: `load` is what the attempt's
-    /// [`InFlight::load`] said. A limit that grew lets as many waiting calls in.
-    pub fn observe_limit(&self, sample: Sample, load: u64, method: &MethodLatency) {
-        let grown = self.limit.observe(sample, load, method, &self.queue.policy);
+    /// Teaches the concurrency limit how an attempt went, at `now_ns` ([`clock_ns`]): `load`
+    /// is what the attempt's [`InFlight::load`] said. A limit that grew lets as many waiting
+    /// calls in.
+    ///
+    /// [`clock_ns`]: super::clock_ns
+    pub fn observe_limit(&self, sample: Sample, load: u64, method: &MethodLatency, now_ns: u64) {
+        let policy = &self.queue.policy;
+        let grown = self.limit.observe(sample, load, method, policy, now_ns);
         for _ in 0..grown.min(self.queue.len() as u64) {
             self.queue.slot_freed();
         }
     }
 
-    /// Records the time from sending the request to the backend's response headers, against
-    /// `method`'s typical latency across the cluster, which this observation updates too (and
-    /// its fast-answer latency).
-    pub fn observe_latency(&self, rtt: Duration, method: &MethodLatency) {
+    /// Records the time from sending the request to the backend's response headers, at
+    /// `now_ns` ([`clock_ns`]), against `method`'s typical latency across the cluster, which
+    /// this observation updates too (and its fast-answer latency).
+    ///
+    /// [`clock_ns`]: super::clock_ns
+    pub fn observe_latency(&self, rtt: Duration, method: &MethodLatency, now_ns: u64) {
         self.latency.observe(rtt);
-        let now = clock_ns();
         self.score
-            .observe_at(ratio_to_baseline(&method.baseline, rtt), now);
-        follow_fastest(method, rtt, now);
+            .observe_at(ratio_to_baseline(&method.baseline, rtt), now_ns);
+        follow_fastest(method, rtt, now_ns);
     }
 
     /// The backend failed a call (a server-side failure code or reset from it, or a deadline
@@ -475,16 +475,25 @@ impl InFlight {
         self.release_unanswered();
     }
 
+    /// Frees the call's place under the concurrency limit unless it was freed already;
+    /// returns whether this call freed it.
+    fn release_once(&mut self) -> bool {
+        let first = !self.answered;
+        if first {
+            self.answered = true;
+            self.backend.limit.release();
+        }
+        first
+    }
+
     /// Frees the call's place under the concurrency limit, once, and lets a waiting call in
     /// when that place is what it waits for: the limit is learned, and the stream slot the
     /// call still holds is not the one missing.
     fn release_unanswered(&mut self) {
-        if self.answered {
+        if !self.release_once() {
             return;
         }
-        self.answered = true;
         let backend = &self.backend;
-        backend.limit.release();
         let policy = &backend.queue.policy;
         if policy.is_adaptive() && backend.in_flight.load(Ordering::SeqCst) < policy.cap() {
             backend.queue.slot_freed();
@@ -497,11 +506,7 @@ impl Drop for InFlight {
         if let Some(slot) = self.pending.take() {
             self.backend.pending.end(slot);
         }
-        let unanswered = !self.answered;
-        if unanswered {
-            self.answered = true;
-            self.backend.limit.release();
-        }
+        let unanswered = self.release_once();
         // SeqCst: pairs with the queue's length (queue.rs).
         let streams = self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
         // One wakeup per slot a waiter can use: an answered call freed its place under the

@@ -59,8 +59,9 @@ impl PeakEwma {
     }
 }
 
-/// Nanoseconds since the balancer first looked at the clock.
-pub(super) fn clock_ns() -> u64 {
+/// Nanoseconds since the balancer first looked at the clock: the time the balancer's
+/// observations are stamped with.
+pub fn clock_ns() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }

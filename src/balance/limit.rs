@@ -214,9 +214,11 @@ impl AdaptiveLimit {
         self.awaiting.load(Ordering::Relaxed)
     }
 
-    /// `awaiting`, ordered with the queue's length (see `SlotQueue::len`).
-    pub(super) fn awaiting_now(&self) -> u64 {
-        self.awaiting.load(Ordering::SeqCst)
+    /// Whether one more unanswered call would be taken now, by `try_take` or `try_exceed`.
+    pub(super) fn has_room(&self, policy: &LimitPolicy) -> bool {
+        // SeqCst: ordered with the queue's length (see `SlotQueue::len`).
+        let awaiting = self.awaiting.load(Ordering::SeqCst);
+        awaiting < self.admitted(policy) || self.may_exceed(awaiting + 1, policy)
     }
 
     /// The limit as it stands, within the policy's bounds (the ceiling when adaptive
@@ -259,7 +261,7 @@ impl AdaptiveLimit {
     /// call included.
     pub(super) fn try_exceed(&self, policy: &LimitPolicy) -> Option<u64> {
         let load = self.awaiting() + 1;
-        if !policy.is_adaptive() || !self.has_room_for(load, policy) {
+        if !self.may_exceed(load, policy) {
             return None;
         }
         self.awaiting.fetch_add(1, Ordering::SeqCst);
@@ -270,8 +272,12 @@ impl AdaptiveLimit {
         Some(load)
     }
 
-    /// Whether a `load`-th unanswered call would still be answered in time (see `try_exceed`).
-    pub(super) fn has_room_for(&self, load: u64, policy: &LimitPolicy) -> bool {
+    /// Whether a `load`-th unanswered call, past the limit, would still be answered in time
+    /// (see `try_exceed`); never with the limit fixed (`adaptive_concurrency: off`).
+    fn may_exceed(&self, load: u64, policy: &LimitPolicy) -> bool {
+        if !policy.is_adaptive() {
+            return false;
+        }
         let interval = f64::from_bits(self.interval.load(Ordering::Relaxed));
         if interval <= 0.0 || self.calm_rtt.samples.load(Ordering::Relaxed) == 0 {
             return true;
@@ -284,14 +290,15 @@ impl AdaptiveLimit {
     }
 
     /// Learns from one attempt that held `load` unanswered calls on this backend when it was
-    /// picked (itself included), of `method`. Returns by how many calls the admitted count
-    /// grew.
+    /// picked (itself included), of `method`, ended at `now` (ns on the balancer's clock).
+    /// Returns by how many calls the admitted count grew.
     pub(super) fn observe(
         &self,
         sample: Sample,
         load: u64,
         method: &MethodLatency,
         policy: &LimitPolicy,
+        now: u64,
     ) -> u64 {
         if !policy.is_adaptive() {
             return 0;
@@ -300,7 +307,7 @@ impl AdaptiveLimit {
         let load = load.max(1) as f64;
         let target = match sample {
             Sample::Dropped => limit * 0.5 + growth(limit),
-            Sample::Answered(rtt) => self.target(rtt, load, limit, method, policy),
+            Sample::Answered(rtt) => self.target(rtt, load, limit, method, policy, now),
         };
         // A `1/load` part of the step: one whole step per round of answers.
         let next = limit + (target - limit) / load;
@@ -324,7 +331,8 @@ impl AdaptiveLimit {
         ewma(&self.interval, since, weight);
     }
 
-    /// Where an answer in `rtt` ns at `load` says the limit should go (see the module doc).
+    /// Where an answer in `rtt` ns at `load`, at `now`, says the limit should go (see the
+    /// module doc).
     fn target(
         &self,
         rtt: f64,
@@ -332,8 +340,8 @@ impl AdaptiveLimit {
         limit: f64,
         method: &MethodLatency,
         policy: &LimitPolicy,
+        now: u64,
     ) -> f64 {
-        let now = clock_ns();
         self.answered_at(now);
         let typical = mean_or(&method.light_load, rtt);
         let ratio = (rtt + NOISE_FLOOR_NS) / (typical + NOISE_FLOOR_NS);
@@ -424,7 +432,13 @@ mod tests {
     ) {
         for _ in 0..n {
             let load = load.unwrap_or_else(|| limit.admitted(policy));
-            limit.observe(Sample::Answered(rtt_ms * MS), load, method, policy);
+            limit.observe(
+                Sample::Answered(rtt_ms * MS),
+                load,
+                method,
+                policy,
+                clock_ns(),
+            );
         }
     }
 
@@ -490,7 +504,7 @@ mod tests {
         let (p, m) = (policy(""), MethodLatency::default());
         let limit = AdaptiveLimit::new(&p);
         for _ in 0..20 {
-            limit.observe(Sample::Dropped, 20, &m, &p);
+            limit.observe(Sample::Dropped, 20, &m, &p, clock_ns());
         }
         assert!(limit.admitted(&p) <= 14, "{}", limit.admitted(&p));
     }
@@ -500,12 +514,12 @@ mod tests {
         let (p, m) = (policy(""), MethodLatency::default());
         let limit = AdaptiveLimit::new(&p);
         // No answers yet: nothing says there is no room.
-        assert!(limit.has_room_for(1000, &p));
+        assert!(limit.may_exceed(1000, &p));
         answers(&limit, &p, &m, (25.0, Some(1), 3));
-        assert!(limit.has_room_for(2, &p));
+        assert!(limit.may_exceed(2, &p));
         // Silent for longer than twice its usual latency: no room, however fast it was.
         std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(!limit.has_room_for(1, &p));
+        assert!(!limit.may_exceed(1, &p));
         assert_eq!(limit.try_exceed(&p), None);
     }
 
@@ -518,7 +532,7 @@ mod tests {
         let limit = AdaptiveLimit::new(&off);
         answers(&limit, &off, &m, (500.0, None, 50));
         assert_eq!(limit.admitted(&off), 7);
-        assert!(!limit.has_room_for(8, &off) || limit.try_exceed(&off).is_none());
+        assert!(!limit.may_exceed(8, &off) && limit.try_exceed(&off).is_none());
         // A ceiling below the floor and the start: one call at a time means one.
         let one = policy(", max_concurrent_streams_per_backend: 1");
         assert_eq!(AdaptiveLimit::new(&one).admitted(&one), 1);

@@ -26,7 +26,7 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 pub use backend::{Backend, BackendSnapshot, BackendState, Endpoint, InFlight};
-pub use ewma::fast_latency;
+pub use ewma::{clock_ns, fast_latency};
 pub use limit::{LimitPolicy, Sample};
 pub use queue::{ClientId, SlotQueue, Waiter, Wake};
 pub use retry_budget::RetryBudget;
@@ -39,7 +39,6 @@ use crate::telemetry::{ClusterStats, DiscoveryGauges, Scrape};
 use crate::transport::tls::ClientTls;
 use crate::transport::UpstreamPolicy;
 use crate::wire::Code;
-use ewma::clock_ns;
 
 // === Balancer ===
 
@@ -607,19 +606,19 @@ mod tests {
         let set = c.backends();
         let baseline = crate::telemetry::MethodLatency::default();
         let (fast, slow) = (&set.backends[0], &set.backends[1]);
-        fast.observe_latency(Duration::from_millis(1), &baseline);
+        fast.observe_latency(Duration::from_millis(1), &baseline, clock_ns());
         // Within the noise floor: an even share.
-        slow.observe_latency(Duration::from_millis(3), &baseline);
+        slow.observe_latency(Duration::from_millis(3), &baseline, clock_ns());
         assert!((400..600).contains(&slow_picks(&c)), "{}", slow_picks(&c));
         // A few long calls are not a slow backend: it keeps its share.
         for _ in 0..3 {
-            slow.observe_latency(Duration::from_secs(3), &baseline);
+            slow.observe_latency(Duration::from_secs(3), &baseline, clock_ns());
         }
         assert!((400..600).contains(&slow_picks(&c)), "{}", slow_picks(&c));
         // Slow on call after call: it loses nearly all of it.
         for _ in 0..10 {
-            fast.observe_latency(Duration::from_millis(1), &baseline);
-            slow.observe_latency(Duration::from_millis(300), &baseline);
+            fast.observe_latency(Duration::from_millis(1), &baseline, clock_ns());
+            slow.observe_latency(Duration::from_millis(300), &baseline, clock_ns());
         }
         assert!(slow_picks(&c) < 50, "{}", slow_picks(&c));
     }
@@ -631,7 +630,7 @@ mod tests {
         let set = c.backends();
         let baseline = crate::telemetry::MethodLatency::default();
         for _ in 0..10 {
-            set.backends[0].observe_latency(Duration::from_millis(1), &baseline);
+            set.backends[0].observe_latency(Duration::from_millis(1), &baseline, clock_ns());
             // Answers in no time, with a failure.
             set.backends[1].observe_failure();
         }

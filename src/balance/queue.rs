@@ -147,11 +147,17 @@ impl SlotQueue {
         })
     }
 
-    /// Waiters that would be served before a newcomer of `client`, were it to join now.
-    pub fn ahead_of(&self, client: ClientId) -> usize {
+    /// How long a newcomer of `client` would be expected to wait, were it to join now; zero
+    /// (without taking the lock) until a waiter has been served.
+    pub fn expected_wait_for(&self, client: ClientId) -> Duration {
+        if self.wait_per_place.load(Ordering::Relaxed) == 0 {
+            return Duration::ZERO;
+        }
         let waiting = self.lock();
         let own = waiting.by_client.get(&client).map_or(0, VecDeque::len);
-        waiting.ahead_of_newcomer(client, own)
+        let ahead = waiting.ahead_of_newcomer(client, own);
+        drop(waiting);
+        self.expected_wait(ahead)
     }
 
     /// A slot is free: the next client's first waiter gets to pick again. A waiter that was

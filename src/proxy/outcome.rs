@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use super::call::{AttemptEnd, Call, Downstream, Ending};
 use super::forward::PipeError;
 use super::reply;
-use crate::balance::{Backend, Sample};
+use crate::balance::{clock_ns, Backend, Sample};
 use crate::config::BackendAddr;
 use crate::telemetry::Reject;
 use crate::transport::{ConnectError, StreamSlot};
@@ -200,10 +200,12 @@ impl Call {
         let answered_in_time = code == Code::DeadlineExceeded && headers_after.is_some();
         let failed = code.is_server_error() && !answered_in_time;
         let latency = &self.method.latency;
+        // One clock read for the balancer's and the limit's samples.
+        let now = clock_ns();
         if failed || code == Code::ResourceExhausted {
             backend.observe_failure();
         } else if let Some(rtt) = headers_after {
-            backend.observe_latency(rtt, latency);
+            backend.observe_latency(rtt, latency, now);
         }
         // RESOURCE_EXHAUSTED in trailers after response messages ends a stream that ran: it
         // says nothing of the load the call met.
@@ -215,7 +217,7 @@ impl Call {
             _ => None,
         };
         if let Some(sample) = sample {
-            backend.observe_limit(sample, legs.load, latency);
+            backend.observe_limit(sample, legs.load, latency, now);
         }
         // A cancelled call says nothing about the backend either way.
         if code != Code::Cancelled {

@@ -115,7 +115,8 @@ impl Call {
         // its wakeup on (a slot on a backend it tried), and at the head it would take the
         // wakeup back from the next retry so, round and round.
         let again = waited.is_some() && tried.is_empty();
-        let mut waiter = self.join_queue(down, peer, tried, again)?;
+        let fast = self.fast_latency();
+        let mut waiter = self.join_queue(down, peer, tried, again, fast)?;
         // A slot freed after the pick and before the join woke nobody: look once more.
         if let Pick::Backend(backend, slot) = self.cluster.pick(tried, true) {
             return Ok(Some((backend, slot)));
@@ -127,7 +128,7 @@ impl Call {
         // The last moment a backend could still answer in time (a retry waits to the end: it
         // reached a backend once).
         let last_useful = match tried.is_empty() {
-            true => self.deadline.checked_sub(self.fast_latency()),
+            true => self.deadline.checked_sub(fast),
             false => Some(self.deadline),
         };
         let last_useful = last_useful.unwrap_or(wait.since);
@@ -159,21 +160,21 @@ impl Call {
     /// Joins the queue, or answers the call: shed when the queue is full, refused when the
     /// expected wait leaves too little time. The expected wait is judged before joining, so a
     /// call that will not wait never displaces another client's. `again`: woken before, and
-    /// waiting again at its old place.
+    /// waiting again at its old place. `fast`: how long the method's fast answers take.
     fn join_queue(
         &self,
         down: &mut Downstream,
         peer: &Peer,
         tried: &[Arc<Backend>],
         again: bool,
+        fast: Duration,
     ) -> Result<Waiter, Ending> {
         let (settings, queue) = (&self.cluster.settings, &self.cluster.queue);
         let headers = down.request.as_deref().map(|r| &r.headers);
         let client = headers.map_or(0, |h| client_id(&settings.client_key, peer, h));
         // A retry has reached a backend once; only a first attempt is judged so.
         if tried.is_empty() && !again {
-            let expected = queue.expected_wait(queue.ahead_of(client));
-            let fast = self.fast_latency();
+            let expected = queue.expected_wait_for(client);
             if Instant::now() + expected + fast > self.deadline {
                 let message = format!(
                     "sluice: the deadline cannot be met: about {expected:?} in the queue, then the method takes {fast:?} at best; not sent"
