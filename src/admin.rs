@@ -130,7 +130,7 @@ impl Admin {
                     panic_mode: c.in_panic(),
                     queue_depth: c.queue.len(),
                     adaptive_concurrency: c.queue.policy.is_adaptive(),
-                    backends: c.listed_backends().iter().map(|b| b.snapshot()).collect(),
+                    backends: c.backend_views(),
                 })
                 .collect(),
         }

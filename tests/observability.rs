@@ -457,11 +457,16 @@ async fn the_status_page_shows_a_killed_backend_as_unhealthy() {
     );
 }
 
-/// The value of `data-last` on chart `kind` in the five-minute row of `address`.
-fn chart_last(dom: &str, address: std::net::SocketAddr, kind: &str) -> Option<String> {
+/// The five-minute row of `address`: its charts.
+fn chart_row(dom: &str, address: std::net::SocketAddr) -> Option<&str> {
     let row_start = dom.find(&format!("<tr data-backend=\"{address}\">"))?;
     let row = &dom[row_start..];
-    let row = &row[..row.find("</tr>")?];
+    Some(&row[..row.find("</tr>")?])
+}
+
+/// The value of `data-last` on chart `kind` in the five-minute row of `address`.
+fn chart_last(dom: &str, address: std::net::SocketAddr, kind: &str) -> Option<String> {
+    let row = chart_row(dom, address)?;
     let chart = &row[row.find(&format!("data-chart=\"{kind}\""))?..];
     let value = &chart[chart.find("data-last=\"")? + "data-last=\"".len()..];
     Some(value[..value.find('"')?].to_string())
@@ -515,6 +520,9 @@ async fn the_status_page_charts_each_backends_last_five_minutes() {
     assert!((0.4..=0.6).contains(&share), "{share}");
     assert_eq!(last(broken.addr, "errors"), "1");
     assert_eq!(last(good.addr, "errors"), "0");
+    // A zero error ratio is drawn in a neutral colour; only what is above zero is red.
+    let bad = |address| chart_row(&dom, address).unwrap().contains("class=\"bad\"");
+    assert!(bad(broken.addr) && !bad(good.addr), "{dom}");
     let p99: f64 = last(good.addr, "p99").parse().unwrap();
     assert!(p99 > 0.0 && p99 <= 1000.0, "{p99}");
 }
@@ -700,4 +708,82 @@ fn pingora_start_up_lines_stay_out_of_the_default_log() {
     // Asked for by name, they are there.
     let output = stderr_of_a_run("{ level: \"info,pingora_core=info\" }", "Starting service");
     assert!(output.contains("Starting service"), "{output}");
+}
+
+/// The status page's table row of `address`, as the browser rendered it.
+fn table_row(dom: &str, address: std::net::SocketAddr) -> Option<&str> {
+    let row_start = dom.find(&format!("<tr data-backend=\"{address}\" data-state="))?;
+    let row = &dom[row_start..];
+    Some(&row[..row.find("</tr>")?])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_marks_the_slow_backend_and_only_it() {
+    let backends = [
+        Echo::start("b1").await,
+        Echo::start("b2").await,
+        Echo::start_with_delay("slow", Duration::from_millis(300)).await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    let admin = sluice.admin;
+
+    // Before any call: no backend stands out, and no share is drawn from nothing.
+    let dom = tokio::task::spawn_blocking(move || render(admin, None))
+        .await
+        .unwrap();
+    assert!(dom.contains("too few for a share"), "{dom}");
+    assert!(!dom.contains("class=\"fill\""), "{dom}");
+
+    // Steady traffic from four callers, as in production. Bounded: at most 40 s.
+    let mut traffic = Vec::new();
+    for _ in 0..4 {
+        let mut client = sluice.client().await;
+        traffic.push(tokio::spawn(async move {
+            let end = Instant::now() + Duration::from_secs(40);
+            while Instant::now() < end {
+                let _ = client.unary(request("load")).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    let started = Instant::now();
+    let mut marked = None;
+    while marked.is_none() && started.elapsed() < Duration::from_secs(10) {
+        let dom = tokio::task::spawn_blocking(move || render(admin, None))
+            .await
+            .unwrap();
+        for fast in &addrs[..2] {
+            let row = table_row(&dom, *fast).unwrap_or_else(|| panic!("no row for {fast}:\n{dom}"));
+            assert!(
+                row.contains("data-mark=\"\""),
+                "a fast backend is marked: {row}"
+            );
+        }
+        let slow = table_row(&dom, addrs[2]).expect("a row for the slow backend");
+        if slow.contains("data-mark=\"slow\"") {
+            marked = Some((started.elapsed(), dom));
+        }
+    }
+    let Some((after, dom)) = marked else {
+        panic!("the slow backend was not marked slow within 10 s");
+    };
+    eprintln!("slow backend marked after {after:?}");
+    // The badge says why, and the share has its sample size.
+    let slow = table_row(&dom, addrs[2]).unwrap();
+    assert!(slow.contains(">slow</span>"), "{slow}");
+    assert!(
+        dom.contains("% of ") && dom.contains("class=\"fill\""),
+        "{dom}"
+    );
+    if let Some(path) = std::env::var_os("STATUS_PAGE_SCREENSHOT") {
+        // For docs/: `STATUS_PAGE_SCREENSHOT=docs/status-page-slow.png cargo nextest run ...`
+        let path = std::path::PathBuf::from(path);
+        tokio::task::spawn_blocking(move || render(admin, Some(&path)))
+            .await
+            .unwrap();
+    }
+    for task in traffic {
+        task.abort();
+    }
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::ewma::{clock_ms, follow_fastest, ratio_to_baseline, PeakEwma, Pending, Score};
 use super::limit::{AdaptiveLimit, Sample};
+use super::marks::Mark;
 use super::queue::SlotQueue;
 use super::source::SourceKind;
 use crate::config::BackendAddr;
@@ -380,6 +381,24 @@ impl Backend {
         self.latency.estimate_nanos()
     }
 
+    /// How slow the balancer judges it at `now_ns`: its score (its recent calls against their
+    /// methods' typical latency; 1.0 is typical, a failure counts 1000) or, when worse, the
+    /// wait of its calls while it answers nothing.
+    pub(super) fn latency_judgement(&self, now_ns: u64) -> f64 {
+        self.score(now_ns).max(self.stall(now_ns))
+    }
+
+    /// The score alone: above `ewma::FAILURE_RATIO / 10`, most of its recent calls failed.
+    pub(super) fn score(&self, now_ns: u64) -> f64 {
+        self.score.get(now_ns)
+    }
+
+    /// The stall alone: how long its calls have waited while it answered nothing, against
+    /// their methods' typical latency (`Pending::stall`).
+    pub(super) fn stall(&self, now_ns: u64) -> f64 {
+        self.pending.stall(now_ns / 1_000_000)
+    }
+
     /// The p2c cost at `now_ns`: (latency score × load) squared, over the weight. Lower is
     /// better. The score is the worse of the answered calls' score and the wait of the calls
     /// still pending, so a backend that stops answering loses traffic before its first slow
@@ -395,8 +414,7 @@ impl Backend {
     /// `limit / (limit - unanswered)`: 1 when idle, 2 at half its limit, and the limit itself
     /// when full, so a backend near its limit is a worse pick than its in-flight count says.
     pub(super) fn cost(&self, now_ns: u64) -> f64 {
-        let stall = self.pending.stall(now_ns / 1_000_000);
-        let score = self.score.get(now_ns).max(stall);
+        let score = self.latency_judgement(now_ns);
         let limit = self.limit.value(&self.queue.policy);
         let headroom = (limit - self.limit.awaiting() as f64).max(1.0);
         let load = score * (self.in_flight() as f64 + 1.0) * (limit / headroom);
@@ -414,14 +432,18 @@ impl Backend {
         }
     }
 
+    /// What `/backends` shows of it; `mark` is left for the cluster, which sees its peers
+    /// (marks.rs).
     pub fn snapshot(&self) -> BackendSnapshot {
-        let (rps, error_ratio) = self.stats.recent_rates();
+        let recent = self.stats.recent_rates();
         let now = clock_ms();
         let until = self.ejected_until_ms.load(Ordering::Relaxed);
         BackendSnapshot {
             ejected_for_ms: (until > now).then(|| until - now),
-            rps,
-            error_ratio,
+            rps: recent.per_second,
+            error_ratio: recent.error_ratio,
+            recent_requests: recent.requests,
+            mark: None,
             address: self.address.to_string(),
             state: self.state(),
             in_flight: self.in_flight(),
@@ -546,4 +568,8 @@ pub struct BackendSnapshot {
     pub rps: f64,
     /// The share of those attempts that failed (0 to 1).
     pub error_ratio: f64,
+    /// How many attempts those two rates are over: their sample size.
+    pub recent_requests: u64,
+    /// Why it stands out from its peers, if it does (marks.rs); the status page's badge.
+    pub mark: Option<Mark>,
 }

@@ -77,7 +77,7 @@ pub(super) fn clock_ms() -> u64 {
 const NOISE_FLOOR_NS: f64 = 5e6;
 
 /// A failed call, as a ratio: far worse than any latency a backend could show.
-const FAILURE_RATIO: f32 = 1000.0;
+pub(super) const FAILURE_RATIO: f32 = 1000.0;
 
 /// Calls a backend's score looks back over.
 pub(super) const WINDOW: usize = 8;

@@ -9,6 +9,7 @@ mod backend;
 mod ewma;
 mod least_request;
 mod limit;
+mod marks;
 mod outlier;
 mod p2c;
 mod queue;
@@ -28,6 +29,7 @@ use tracing::{info, warn};
 pub use backend::{Backend, BackendSnapshot, BackendState, Endpoint, InFlight};
 pub use ewma::{clock_ns, fast_latency};
 pub use limit::{LimitPolicy, Sample};
+pub use marks::Mark;
 pub use queue::{ClientId, SlotQueue, Waiter, Wake};
 pub use retry_budget::RetryBudget;
 pub use source::{SourceKind, SourceState, SourceStatus, SourceView};
@@ -449,7 +451,7 @@ impl Cluster {
 mod tests {
     use super::*;
 
-    fn endpoints(addrs: &[(&str, u32)]) -> Vec<Endpoint> {
+    pub(super) fn endpoints(addrs: &[(&str, u32)]) -> Vec<Endpoint> {
         addrs
             .iter()
             .map(|(a, w)| Endpoint {
@@ -467,7 +469,7 @@ mod tests {
         }
     }
 
-    fn cluster(balancer: &str) -> Cluster {
+    pub(super) fn cluster(balancer: &str) -> Cluster {
         let yaml = format!(
             "listeners: [{{name: l, address: \"127.0.0.1:1\"}}]\nclusters: [{{name: c, balancer: {balancer}, discovery: {{static: [\"a:1\"]}}}}]"
         );

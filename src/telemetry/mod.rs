@@ -14,5 +14,5 @@ pub use history::HistoryView;
 pub use metrics::{metrics, BackendGauges, CertificateOwner, DiscoveryGauges, Export, Scrape};
 pub use stats::{
     unrouted, BackendStats, ClusterStats, HealthResult, LightLoad, MethodLatency, MethodStats,
-    Reject,
+    RecentRates, Reject,
 };

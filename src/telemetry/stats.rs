@@ -158,6 +158,16 @@ pub struct BackendStats {
     history: Mutex<History>,
 }
 
+/// A backend's attempts over about the last 10 s (`BackendStats::recent_rates`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RecentRates {
+    /// How many: the sample size behind the two rates.
+    pub requests: u64,
+    pub per_second: f64,
+    /// The share that failed on the server side (0 to 1).
+    pub error_ratio: f64,
+}
+
 /// The `requests` and `failures` totals at one moment.
 #[derive(Debug, Clone, Copy)]
 struct RateSample {
@@ -268,23 +278,24 @@ impl BackendStats {
         history.view()
     }
 
-    /// Attempts per second and the share of them that failed, over about the last 10 s.
-    pub fn recent_rates(&self) -> (f64, f64) {
+    /// Attempts over about the last 10 s: how many, per second, and the share that failed.
+    pub fn recent_rates(&self) -> RecentRates {
         let now = self.sample_now();
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let Some(oldest) = recent.front() else {
-            return (0.0, 0.0);
+            return RecentRates::default();
         };
         let seconds = now.at.duration_since(oldest.at).as_secs_f64();
         let requests = now.requests.saturating_sub(oldest.requests);
         let failures = now.failures.saturating_sub(oldest.failures);
         if seconds < 0.5 || requests == 0 {
-            return (0.0, 0.0);
+            return RecentRates::default();
         }
-        (
-            requests as f64 / seconds,
-            (failures as f64 / requests as f64).min(1.0),
-        )
+        RecentRates {
+            requests,
+            per_second: requests as f64 / seconds,
+            error_ratio: (failures as f64 / requests as f64).min(1.0),
+        }
     }
 }
 
