@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use sluice::config::{parse_duration, Config, LogFormat};
 use sluice::register::{RegisterFormat, Registration};
-use sluice::server::RunOptions;
+use sluice::server::{takeover, RunOptions};
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// Per call, sluice allocates a task, h2 stream state and header maps. mimalloc cut the
@@ -118,13 +121,20 @@ fn init_logging(config_level: Option<&str>, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // pingora's once-a-second ERROR while `run --upgrade` waits for the sockets is expected:
+    // sluice logs the wait itself (server/takeover.rs).
+    let quiet = filter_fn(|metadata| !takeover::is_waiting_noise(metadata));
     let _ = match format {
         // Colours only on a terminal: a log file or journald gets plain text.
-        LogFormat::Plain => builder
-            .with_ansi(std::io::stderr().is_terminal())
+        LogFormat::Plain => (builder.with_ansi(std::io::stderr().is_terminal()))
+            .finish()
+            .with(quiet)
             .try_init(),
         // Fields beside the message, not nested: what log pipelines index.
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => (builder.json().flatten_event(true))
+            .finish()
+            .with(quiet)
+            .try_init(),
     };
 }
 

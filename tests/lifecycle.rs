@@ -124,23 +124,26 @@ async fn sighup_reloads_clusters_and_keeps_calls_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigquit_hands_the_listeners_to_an_upgraded_process_without_failing_calls() {
-    upgrade_on_sigquit(2).await;
+    upgrade_on_sigquit(2, Duration::ZERO).await;
 }
 
+/// As the docs have it: start the new process, then send SIGQUIT, a person's pause later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_thread_sluice_hands_its_listeners_over_too() {
-    upgrade_on_sigquit(1).await;
+    upgrade_on_sigquit(1, Duration::from_secs(2)).await;
 }
 
-async fn upgrade_on_sigquit(threads: usize) {
+async fn upgrade_on_sigquit(threads: usize, pause: Duration) {
     let backend = Echo::start("b1").await;
     let mut old = Sluice::start_with_threads(threads, &Sluice::cluster(&[backend.addr], "")).await;
     let mut old_client = old.client().await;
     let mut long = request("started before the upgrade");
-    long.sleep_ms = 2_000;
+    long.sleep_ms = 2_000 + pause.as_millis() as u32;
     let in_flight = tokio::spawn(async move { old_client.unary(long).await });
 
     let mut new = old.start_upgrade().await;
+    // The scenario, not a wait for a condition: the operator's pause between the two steps.
+    tokio::time::sleep(pause).await;
     old.signal("QUIT");
     // Throughout the hand-over, new connections keep getting answers.
     let end = Instant::now() + Duration::from_secs(3);
@@ -173,6 +176,39 @@ async fn upgrade_on_sigquit(threads: usize) {
         new.wait_exit(Duration::from_millis(10)).await.is_none(),
         "the new process still runs"
     );
+    // The new process said once that it waited, and nothing alarming about it.
+    let log = new.log();
+    assert_eq!(
+        log.matches("waiting for the running sluice to hand over its sockets")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("took the listening sockets over"), "{log}");
+    assert!(!log.contains(" ERROR ") && !log.contains(" WARN "), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_nobody_hands_sockets_to_warns_then_gives_up() {
+    let backend = Echo::start("b1").await;
+    let old = Sluice::start(&Sluice::cluster(&[backend.addr], "")).await;
+    let mut new = old.start_upgrade().await;
+    // No SIGQUIT: the new process warns, then exits 1 once pingora stops waiting (6 s).
+    let exit = new
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("the waiting process gives up");
+    assert!(!exit.success(), "{exit:?}");
+    let log = new.log();
+    let warned = log
+        .find("no sockets from a running sluice yet")
+        .expect(&log);
+    let failed = log.find("Bootstrap failed").expect(&log);
+    assert!(warned < failed, "{log}");
+    assert!(!log.contains("No incoming socket transfer"), "{log}");
+    // The running process was not disturbed.
+    let reply = old.client().await.unary(request("still")).await.unwrap();
+    assert_eq!(reply.into_inner().message, "still");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,7 @@ mod certificates;
 mod listen;
 mod reload;
 mod signals;
+pub mod takeover;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -283,7 +284,7 @@ fn pingora_server(config: &Config, upgrade: bool) -> Server {
         ..Opt::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
-    server.bootstrap();
+    takeover::bootstrap(&mut server, upgrade, &config.upgrade_sock);
     server
 }
 
