@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice::config::{parse_duration, Config, LogFormat};
+use sluice::demo::{ClientTls, PemPair};
 use sluice::register::{RegisterFormat, Registration};
 use sluice::server::{takeover, RunOptions};
 use tracing_subscriber::filter::filter_fn;
@@ -87,10 +88,26 @@ enum Command {
     Demo,
     /// Call the demo (or any echo.v1 proxy) on one connection and count answers per backend.
     DemoClient {
+        /// HOST:PORT. Over TLS, the server's certificate is checked against HOST.
         #[arg(long, default_value = sluice::demo::DEMO_LISTEN)]
         target: String,
         #[arg(long, default_value_t = 30)]
         calls: u32,
+        /// Call over TLS, trusting the system's roots (implied by --ca, --cert, --key).
+        #[arg(long)]
+        tls: bool,
+        /// Trust this CA (PEM) instead of the system's roots.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Present this certificate chain (PEM) for mTLS; with --key.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// The private key (PEM) of --cert.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Check the server's certificate against this name instead of the target's host.
+        #[arg(long)]
+        server_name: Option<String>,
     },
     /// One echo backend (echo.v1.Echo and grpc.health.v1), for tests and experiments.
     EchoBackend {
@@ -111,6 +128,12 @@ enum Command {
         /// With --workers: drop queued calls whose caller has gone or whose deadline passed.
         #[arg(long)]
         checks_context: bool,
+        /// Serve TLS with this certificate chain (PEM); with --tls-key.
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -146,6 +169,23 @@ fn default_filter(level: &str) -> String {
         "info" | "debug" | "trace" => format!("{level},pingora_core=warn"),
         _ => level.to_string(),
     }
+}
+
+/// `demo-client`'s TLS flags: `None` for cleartext.
+fn demo_client_tls(
+    tls: bool,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
+) -> Result<Option<ClientTls>, sluice::BoxError> {
+    let identity = PemPair::from_flags(cert, key, "--cert and --key")?;
+    let wanted = tls || ca.is_some() || identity.is_some() || server_name.is_some();
+    Ok(wanted.then_some(ClientTls {
+        ca,
+        identity,
+        server_name,
+    }))
 }
 
 fn main() -> ExitCode {
@@ -234,9 +274,19 @@ fn main() -> ExitCode {
             init_logging(None, LogFormat::Plain);
             sluice::demo::run_demo()
         }
-        Command::DemoClient { target, calls } => {
-            init_logging(Some("warn"), LogFormat::Plain);
-            sluice::demo::run_demo_client(&target, calls)
+        Command::DemoClient {
+            target,
+            calls,
+            tls,
+            ca,
+            cert,
+            key,
+            server_name,
+        } => {
+            // Its errors are printed once, below; tonic's own log lines would repeat them.
+            init_logging(Some("off"), LogFormat::Plain);
+            demo_client_tls(tls, ca, cert, key, server_name)
+                .and_then(|tls| sluice::demo::run_demo_client(&target, calls, tls))
         }
         Command::EchoBackend {
             listen,
@@ -245,10 +295,13 @@ fn main() -> ExitCode {
             workers,
             work,
             checks_context,
+            tls_cert,
+            tls_key,
         } => {
             init_logging(None, LogFormat::Plain);
             let pool = workers.map(|n| sluice::demo::WorkerPool::new(n, work, checks_context));
-            sluice::demo::run_echo_backend(listen, id, delay, pool)
+            PemPair::from_flags(tls_cert, tls_key, "--tls-cert and --tls-key")
+                .and_then(|tls| sluice::demo::run_echo_backend(listen, id, delay, pool, tls))
         }
     };
     match result {

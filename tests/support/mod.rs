@@ -234,14 +234,10 @@ impl Echo {
         if let Some(ca) = client_ca {
             tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
         }
-        let server = tonic::transport::Server::builder()
-            .tls_config(tls)
-            .expect("TLS config")
-            .add_service(health_service)
-            .add_service(EchoServer::new(service));
         let task = tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            if let Err(error) = server.serve_with_incoming(incoming).await {
+            let serving =
+                sluice::demo::serve_echo_with(listener, service, Some(health_service), Some(tls));
+            if let Err(error) = serving.await {
                 tracing::error!(%error, "TLS echo backend failed");
             }
         });
@@ -269,7 +265,7 @@ impl Echo {
         let addr = listener.local_addr().expect("echo addr");
         let stats = Arc::clone(&service.stats);
         let task = tokio::spawn(async move {
-            let serving = sluice::demo::serve_echo_with(listener, service, health_service);
+            let serving = sluice::demo::serve_echo_with(listener, service, health_service, None);
             if let Err(error) = serving.await {
                 tracing::error!(%error, "echo backend failed");
             }

@@ -1,6 +1,6 @@
-//! `sluice demo`: three built-in echo backends on loopback and the proxy in front of them, with
-//! no etcd and nothing else to install. The same echo backend serves the integration tests
-//! (in-process) and `sluice echo-backend` (as its own process, for tests that kill it).
+//! The echo backend: `echo.v1.Echo` with knobs to play a slow, failing or overloaded backend.
+//! It serves the integration tests (in-process), the demo, and `sluice echo-backend` (as its
+//! own process, for tests that kill it).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -13,17 +13,13 @@ use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
+use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::pb::echo_server::{Echo, EchoServer};
+use super::pb::{EchoRequest, EchoResponse};
+use super::PemPair;
 use crate::BoxError;
-
-/// The generated code for `proto/echo.proto`.
-pub mod pb {
-    tonic::include_proto!("echo.v1");
-}
-
-use pb::echo_server::{Echo, EchoServer};
-use pb::{EchoRequest, EchoResponse};
 
 /// Large enough for the 16 MiB messages the tests send through the proxy.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
@@ -333,19 +329,24 @@ pub async fn serve_echo(listener: TcpListener, service: EchoService) -> Result<(
     health_reporter
         .set_serving::<EchoServer<EchoService>>()
         .await;
-    serve_echo_with(listener, service, Some(health_service)).await
+    serve_echo_with(listener, service, Some(health_service), None).await
 }
 
 /// Serves the echo service, and `health` when given (tests toggle its status, or leave it out
-/// to play a backend without a health service).
+/// to play a backend without a health service); over TLS when `tls` is given.
 pub async fn serve_echo_with(
     listener: TcpListener,
     service: EchoService,
     health: Option<
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     >,
+    tls: Option<ServerTlsConfig>,
 ) -> Result<(), BoxError> {
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_optional_service(health)
         .add_service(
             EchoServer::new(service)
@@ -362,25 +363,35 @@ pub async fn serve_echo_with(
     Ok(())
 }
 
-/// `sluice echo-backend`: one echo backend as its own process. With a worker pool, it logs
-/// its work every 5 s.
+/// `sluice echo-backend`: one echo backend as its own process, over TLS with `tls`. With a
+/// worker pool, it logs its work every 5 s.
 pub fn run_echo_backend(
     listen: SocketAddr,
     id: String,
     delay: Duration,
     pool: Option<WorkerPool>,
+    tls: Option<PemPair>,
 ) -> Result<(), BoxError> {
+    let tls = match tls {
+        Some(pair) => Some(ServerTlsConfig::new().identity(pair.identity()?)),
+        None => None,
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = TcpListener::bind(listen).await?;
-        tracing::info!(address = %listener.local_addr()?, %id, "echo backend listening");
+        let scheme = if tls.is_some() { "TLS" } else { "cleartext" };
+        tracing::info!(address = %listener.local_addr()?, %id, scheme, "echo backend listening");
         let mut service = EchoService::new(id);
         service.delay = delay;
         if pool.is_some() {
             tokio::spawn(report_work(Arc::clone(&service.stats)));
         }
         service.pool = pool;
-        serve_echo(listener, service).await
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<EchoServer<EchoService>>()
+            .await;
+        serve_echo_with(listener, service, Some(health_service), tls).await
     })
 }
 
@@ -402,103 +413,4 @@ async fn report_work(stats: Arc<EchoStats>) {
             last = started;
         }
     }
-}
-
-/// The demo's addresses.
-pub const DEMO_LISTEN: &str = "127.0.0.1:50051";
-pub const DEMO_ADMIN: &str = "127.0.0.1:9901";
-const DEMO_BACKEND_PORTS: [u16; 3] = [50061, 50062, 50063];
-
-/// `sluice demo`: starts the three backends on a thread of their own, then the proxy.
-pub fn run_demo() -> Result<(), BoxError> {
-    let mut listeners = Vec::new();
-    for port in DEMO_BACKEND_PORTS {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port))
-            .map_err(|e| format!("demo backend: cannot listen on 127.0.0.1:{port}: {e}"))?;
-        listener.set_nonblocking(true)?;
-        listeners.push(listener);
-    }
-    std::thread::Builder::new()
-        .name("demo-backends".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    tracing::error!(%error, "demo backends cannot start");
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let mut tasks = Vec::new();
-                for (i, listener) in listeners.into_iter().enumerate() {
-                    let id = format!("backend-{}", i + 1);
-                    tasks.push(tokio::spawn(async move {
-                        let listener = TcpListener::from_std(listener)?;
-                        serve_echo(listener, EchoService::new(id)).await
-                    }));
-                }
-                for task in tasks {
-                    if let Ok(Err(error)) = task.await {
-                        tracing::error!(%error, "demo backend stopped");
-                    }
-                }
-            });
-        })?;
-
-    let backends: Vec<String> = DEMO_BACKEND_PORTS
-        .iter()
-        .map(|p| format!("\"127.0.0.1:{p}\""))
-        .collect();
-    let yaml = format!(
-        "listeners:\n  - name: grpc\n    address: \"{DEMO_LISTEN}\"\n\
-         admin:\n  address: \"{DEMO_ADMIN}\"\n\
-         clusters:\n  - name: echo\n    discovery:\n      static: [{}]\n",
-        backends.join(", ")
-    );
-    let config = crate::config::Config::parse(&yaml, "demo config")?;
-    eprintln!(
-        "\nsluice demo: gRPC on {DEMO_LISTEN}, admin on http://{DEMO_ADMIN}, \
-         3 echo backends on 127.0.0.1:{}-{}\n\n\
-         See calls spread across the backends, 30 calls on ONE connection:\n\
-         \x20   cargo run --release -- demo-client --calls 30\n\
-         Live backend state:\n\
-         \x20   curl -s http://{DEMO_ADMIN}/backends\n\
-         With grpcurl, if you have it:\n\
-         \x20   grpcurl -plaintext -proto proto/echo.proto -d '{{\"message\":\"hi\"}}' {DEMO_LISTEN} echo.v1.Echo/Unary\n\
-         Stop with Ctrl-C.\n",
-        DEMO_BACKEND_PORTS[0], DEMO_BACKEND_PORTS[2]
-    );
-    crate::server::run(config, crate::server::RunOptions::default())
-}
-
-/// `sluice demo-client`: `calls` unary calls on one HTTP/2 connection, then how many each
-/// backend answered. Under an L4 balancer one backend would get them all.
-pub fn run_demo_client(target: &str, calls: u32) -> Result<(), BoxError> {
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
-            .connect()
-            .await?;
-        let mut client = pb::echo_client::EchoClient::new(channel);
-        let mut per_backend = std::collections::BTreeMap::<String, u32>::new();
-        for i in 0..calls {
-            let request = EchoRequest {
-                message: format!("hello {i}"),
-                ..Default::default()
-            };
-            let response = client.unary(request).await?;
-            *per_backend
-                .entry(response.into_inner().backend_id)
-                .or_default() += 1;
-        }
-        println!("{calls} calls on one connection to {target}:");
-        for (backend, count) in per_backend {
-            println!("  {backend}: {count}");
-        }
-        Ok(())
-    })
 }
