@@ -3,7 +3,8 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::{request, Echo, EchoProcess, GoawayBackend, RefusingBackend, Sluice};
@@ -22,9 +23,9 @@ async fn calls_after_a_backend_is_killed_all_succeed() {
     assert_eq!(seen.len(), 3, "{seen:?}");
 
     backends[1].kill();
-    // Wait until sluice has read the dead connection's EOF (microseconds in practice). A call
-    // sent on it before then fails with a broken pipe and is rightly not retried: for all
-    // sluice can tell, the backend died while processing it.
+    // Wait until sluice has read the dead connection's EOF (microseconds in practice): this
+    // test is about the calls after that; a call sent on it before then is retried (the tests
+    // below).
     let noticed = sluice.wait_no_connections(backends[1].addr).await;
     assert!(
         noticed,
@@ -65,6 +66,152 @@ async fn a_backend_killed_between_calls_costs_no_call() {
             }
         }
     }
+}
+
+/// The check: SIGKILL one of three backends between calls, then send calls at once;
+/// 20 rounds, the killed backend restarted on its address after each. Returns the failures.
+async fn kill_between_calls(callers: usize, calls_each: usize) -> Vec<String> {
+    let (mut backends, sluice) = EchoProcess::three_behind_sluice("").await;
+    let ids = ["b1", "b2", "b3"];
+    let mut clients = Vec::new();
+    for _ in 0..callers {
+        clients.push(sluice.client().await);
+    }
+    let mut failures = Vec::new();
+    for round in 0..20 {
+        let victim = round % 3;
+        // Every backend serves (has a pooled connection) when the kill comes.
+        let all_serving = wait_all_serving(&mut clients[0], &ids).await;
+        assert!(
+            all_serving,
+            "round {round}: not every backend served within 15 s"
+        );
+        backends[victim].kill();
+        let mut tasks = Vec::new();
+        for mut client in clients.drain(..) {
+            tasks.push(tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for i in 0..calls_each {
+                    if let Err(status) = client.unary(request(&format!("after {i}"))).await {
+                        failed.push(format!("{status:?}"));
+                    }
+                }
+                (client, failed)
+            }));
+        }
+        for task in tasks {
+            let (client, failed) = task.await.unwrap();
+            clients.push(client);
+            failures.extend(failed.into_iter().map(|f| format!("round {round}: {f}")));
+        }
+        let addr = backends[victim].addr;
+        backends[victim] = EchoProcess::start_on(ids[victim], addr).await;
+    }
+    failures
+}
+
+/// Calls until every one of `ids` has answered one (bounded: 15 s).
+async fn wait_all_serving(
+    client: &mut sluice::demo::pb::echo_client::EchoClient<tonic::transport::Channel>,
+    ids: &[&str],
+) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    while seen.len() < ids.len() && std::time::Instant::now() < end {
+        if let Ok(reply) = client.unary(request("warm")).await {
+            seen.insert(reply.into_inner().backend_id);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    seen.len() == ids.len()
+}
+
+/// A backend whose process dies as each request arrives: it reads the request headers, then
+/// its connection closes without a byte of response. Counts the requests it got.
+async fn dying_backend() -> (support::ScriptedListener, Arc<AtomicU64>) {
+    let received = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&received);
+    let listener = support::ScriptedListener::start(move |tcp| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                return;
+            };
+            if let Some(Ok(_request)) = connection.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+            // Dropping the connection closes the socket: the backend is gone.
+        }
+    })
+    .await;
+    (listener, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_connection_dies_before_any_response_byte_is_retried_elsewhere() {
+    let (dying, received) = dying_backend().await;
+    let good = Echo::start("good").await;
+    let extra = "    balancer: round_robin\n    outlier_detection: off\n";
+    let sluice = Sluice::start(&Sluice::cluster(&[dying.addr, good.addr], extra)).await;
+    let mut client = sluice.client().await;
+    for i in 0..10 {
+        let reply = client.unary(request(&format!("{i}"))).await;
+        let reply = reply.unwrap_or_else(|s| panic!("call {i} failed: {s:?}"));
+        assert_eq!(reply.into_inner().backend_id, "good");
+    }
+    assert!(
+        received.load(Ordering::SeqCst) >= 1,
+        "the dying backend got no call"
+    );
+    let metrics = sluice.metrics().await;
+    assert!(
+        metrics.contains("sluice_retries_total{cluster=\"echo\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_lost_connection_off_such_a_call_fails_with_unavailable() {
+    let (dying, received) = dying_backend().await;
+    let extra = "    retry: { on_lost_connection: false }\n";
+    let good = Echo::start("good").await;
+    let extra = format!("    balancer: round_robin\n    outlier_detection: off\n{extra}");
+    let sluice = Sluice::start(&Sluice::cluster(&[dying.addr, good.addr], &extra)).await;
+    let mut client = sluice.client().await;
+    let mut lost = 0;
+    for i in 0..10 {
+        if let Err(status) = client.unary(request(&format!("{i}"))).await {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("failed"), "{status:?}");
+            lost += 1;
+        }
+    }
+    assert_eq!(
+        lost,
+        received.load(Ordering::SeqCst),
+        "every call it got was lost"
+    );
+    assert!(lost >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_between_calls_loses_no_call_in_twenty_rounds() {
+    let failures = kill_between_calls(1, 100).await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:#?}",
+        failures.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_between_calls_loses_no_call_at_concurrency_8() {
+    let failures = kill_between_calls(8, 13).await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:#?}",
+        failures.len()
+    );
 }
 
 /// A backend that refuses every stream and a healthy one, round robin, with retries that the

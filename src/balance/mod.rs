@@ -105,6 +105,8 @@ pub struct ClusterSettings {
     pub max_attempts: u32,
     /// The gRPC codes (bit `1 << code`) a backend's trailers-only answer is retried on.
     pub retry_on: u32,
+    /// Retry a call whose connection died before any byte of its response came back.
+    pub retry_lost_connection: bool,
     /// How long a call may wait for a free backend slot.
     pub queue_timeout: Duration,
     /// Calls that may wait at once; beyond it, shed at once.
@@ -227,6 +229,7 @@ impl Cluster {
                 max_deadline: config.max_deadline.0,
                 max_attempts: config.retry.max_attempts.0,
                 retry_on: retry_codes(&config.retry.retry_on),
+                retry_lost_connection: config.retry.on_lost_connection,
                 queue_timeout: config.queue_timeout.0,
                 max_queued: config.max_queued as usize,
                 outlier_detection: config.outlier_detection,

@@ -541,6 +541,10 @@ pub struct RetryConfig {
     /// another backend; empty by default.
     #[serde(default)]
     pub retry_on: Vec<RetryOn>,
+    /// Retry a call whose backend connection died before any byte of its response came back
+    /// (docs/configuration.md, "Retries"); on by default.
+    #[serde(default = "default_on_lost_connection")]
+    pub on_lost_connection: bool,
 }
 
 impl Default for RetryConfig {
@@ -549,8 +553,13 @@ impl Default for RetryConfig {
             max_attempts: default_max_attempts(),
             budget_ratio: default_budget_ratio(),
             retry_on: Vec::new(),
+            on_lost_connection: default_on_lost_connection(),
         }
     }
+}
+
+fn default_on_lost_connection() -> bool {
+    true
 }
 
 /// A status `retry.retry_on` may name.

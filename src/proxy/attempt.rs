@@ -83,7 +83,14 @@ impl Call {
             // await spans stays in every call's future for its whole life.
             let streaming = match exchange.await_headers(response).await {
                 Err(outcome) => Err(outcome),
-                Ok(Err(error)) => Err(outcome::before_headers(&error, &backend.address)),
+                Ok(Err(error)) => {
+                    let retry_lost = self.cluster.settings.retry_lost_connection;
+                    Err(outcome::before_headers(
+                        &error,
+                        &backend.address,
+                        retry_lost,
+                    ))
+                }
                 Ok(Ok(response)) => {
                     let after_send = sent_at.elapsed();
                     headers_after = Some(after_send);

@@ -264,6 +264,11 @@ impl Call {
             return Ending::upstream(Code::Unavailable);
         }
         let message = format!("sluice: {reason} (after {attempts} attempts)");
+        if let RetryReason::Lost { .. } = reason {
+            // A backend took the call and failed it: not a call sluice turned away.
+            reply::status(&mut down.respond, ProxyStatus::unavailable(message));
+            return Ending::proxy(Code::Unavailable);
+        }
         self.reject(down, Reject::NoBackend, ProxyStatus::unavailable(message))
     }
 

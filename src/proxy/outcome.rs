@@ -28,6 +28,9 @@ pub(super) enum RetryReason {
     Refused(String),
     #[error("backend {0} sent GOAWAY before processing the stream")]
     GoAway(String),
+    /// The connection died before any byte of the response came back (`retry.on_lost_connection`).
+    #[error("connection to backend {address} lost before it answered: {error}")]
+    Lost { address: String, error: String },
     /// The backend answered a `retry.retry_on` status before any response message; the
     /// answer is kept, to pass on if no retry follows.
     #[error("backend {address} answered {code:?}")]
@@ -163,15 +166,21 @@ impl Call {
         AttemptEnd::Done(ending)
     }
 
-    /// An attempt that may be retried. A backend's `retry_on` answer counts like any answer;
-    /// a stream the backend refused or never processed counts as UNAVAILABLE once sent, and a
-    /// GOAWAY retires its connection.
+    /// An attempt that may be retried. A backend's `retry_on` answer counts like any answer,
+    /// and a lost connection like an UNAVAILABLE answer (a failure, and its connection is
+    /// retired); a stream the backend refused or never processed counts as UNAVAILABLE once
+    /// sent, and a GOAWAY retires its connection.
     fn retry(&self, legs: &Legs<'_>, reason: RetryReason) -> AttemptEnd {
         let (backend, elapsed) = (legs.backend, legs.picked_at.elapsed());
         match &reason {
             RetryReason::Answered { code, .. } => {
                 backend.stats.record(*code, elapsed);
                 self.judge(legs, *code);
+            }
+            RetryReason::Lost { .. } => {
+                legs.mark_broken();
+                backend.stats.record(Code::Unavailable, elapsed);
+                self.judge(legs, Code::Unavailable);
             }
             RetryReason::GoAway(_) | RetryReason::Refused(_) | RetryReason::Connect(_) => {
                 if let RetryReason::GoAway(_) = reason {
@@ -273,9 +282,14 @@ pub(super) fn response_ended(result: Result<Option<Code>, PipeError>) -> Outcome
 }
 
 /// Sorts an upstream failure before any response header: retry what the backend cannot have
-/// processed, answer UNAVAILABLE for the rest. Uses `is_reset()`, not `reason()`: a GOAWAY
-/// error carries a reason too.
-pub(super) fn before_headers(error: &h2::Error, address: &BackendAddr) -> Outcome {
+/// processed, and a call whose connection died with `retry_lost` (nothing of its answer came
+/// back); answer UNAVAILABLE for the rest. Uses `is_reset()`, not `reason()`: a GOAWAY error
+/// carries a reason too.
+pub(super) fn before_headers(
+    error: &h2::Error,
+    address: &BackendAddr,
+    retry_lost: bool,
+) -> Outcome {
     let address = address.to_string();
     if error.is_reset() && error.reason() == Some(Reason::REFUSED_STREAM) {
         return Outcome::Retry(RetryReason::Refused(address));
@@ -284,6 +298,10 @@ pub(super) fn before_headers(error: &h2::Error, address: &BackendAddr) -> Outcom
     // grpc-go server's ENHANCE_YOUR_CALM included): they were not processed.
     if error.is_go_away() && error.is_remote() {
         return Outcome::Retry(RetryReason::GoAway(address));
+    }
+    if retry_lost && !error.is_reset() {
+        let error = error.to_string();
+        return Outcome::Retry(RetryReason::Lost { address, error });
     }
     let (message, broken) = if error.is_reset() {
         let reason = error.reason().unwrap_or(Reason::INTERNAL_ERROR);
