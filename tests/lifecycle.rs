@@ -138,8 +138,14 @@ async fn upgrade_on_sigquit(threads: usize, pause: Duration) {
     let mut old = Sluice::start_with_threads(threads, &Sluice::cluster(&[backend.addr], "")).await;
     let mut old_client = old.client().await;
     let mut long = request("started before the upgrade");
-    long.sleep_ms = 2_000 + pause.as_millis() as u32;
-    let in_flight = tokio::spawn(async move { old_client.unary(long).await });
+    // Past the old process's 5 s of accepting beside the new one: it is the last to finish.
+    long.sleep_ms = 6_000 + pause.as_millis() as u32;
+    let in_flight = tokio::spawn(async move {
+        let reply = old_client.unary(long).await;
+        // Dropping the client closes the old process's last connection.
+        drop(old_client);
+        (reply, Instant::now())
+    });
 
     let mut new = old.start_upgrade().await;
     // The scenario, not a wait for a condition: the operator's pause between the two steps.
@@ -158,18 +164,29 @@ async fn upgrade_on_sigquit(threads: usize, pause: Duration) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(calls > 10);
-    let reply = in_flight
-        .await
-        .unwrap()
-        .expect("the call in flight finishes on the old process");
+    let (reply, last_closed) = in_flight.await.unwrap();
+    let reply = reply.expect("the call in flight finishes on the old process");
     assert_eq!(reply.into_inner().message, "started before the upgrade");
 
-    // The old process leaves after pingora's 5 s hand-over wait and its drain; the new one serves.
+    // The old process leaves as soon as its last connection has closed, not after its whole
+    // drain_timeout (5 s here); the new one serves.
     let exit = old
         .wait_exit(Duration::from_secs(30))
         .await
         .expect("the old process exits");
+    let lingered = last_closed.elapsed();
     assert!(exit.success(), "{exit:?}");
+    assert!(
+        lingered < Duration::from_secs(2),
+        "exited {lingered:?} after its last connection closed"
+    );
+    eprintln!("the old process exited {lingered:?} after its last connection closed");
+    assert!(
+        old.log()
+            .contains("upgrade: drained, all connections closed; exiting"),
+        "{}",
+        old.log()
+    );
     let reply = new.client().await.unary(request("after")).await.unwrap();
     assert_eq!(reply.into_inner().message, "after");
     assert!(

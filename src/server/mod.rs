@@ -2,9 +2,9 @@
 //! discovery runtime, signals (SIGTERM/SIGINT drain, SIGHUP reload, SIGQUIT upgrade), and
 //! readiness.
 //!
-//! pingora's own SIGTERM path waits a fixed grace period whatever is in flight. sluice instead
-//! drains: it sends GOAWAY on every connection, waits until the last one closes or
-//! `shutdown.drain_timeout` passes, and only then lets pingora stop its runtimes.
+//! pingora's own SIGTERM and upgrade paths wait a fixed grace period whatever is in flight.
+//! sluice instead drains: it sends GOAWAY on every connection, waits until the last one closes
+//! or `shutdown.drain_timeout` passes, and only then stops (signals.rs).
 
 mod background;
 mod certificates;
@@ -43,7 +43,7 @@ use background::{RateSampler, Readiness};
 use certificates::{CertificateWatch, Certificates};
 use listen::{BufferL4, Listening};
 use reload::{Reload, RestartOnly};
-use signals::SignalWatch;
+use signals::{SignalWatch, UpgradeExit};
 
 /// How the process starts.
 #[derive(Debug, Default)]
@@ -222,6 +222,14 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
         },
     ));
     server.add_service(background_service(
+        "upgrade exit",
+        UpgradeExit {
+            lifecycle: Arc::clone(&shared.lifecycle),
+            drain_timeout: config.shutdown.drain_timeout.0,
+            access_log: shared.access_log.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "rates",
         RateSampler {
             router: Arc::clone(&shared.router),
@@ -302,8 +310,9 @@ fn server_conf(config: &Config) -> ServerConf {
         // stealing lets the calls of one busy client connection spread over every core.
         work_stealing: threads > 1,
         // SIGTERM drains before pingora is told to stop (see SignalWatch), and then asks for a
-        // fast stop, which skips this. During an upgrade (SIGQUIT) pingora's grace period is
-        // what lets the old process finish its streams.
+        // fast stop, which skips this. During an upgrade (SIGQUIT) pingora sleeps this long
+        // after its GOAWAY; `UpgradeExit` ends the process as soon as it has drained, so this
+        // is only the upper bound.
         grace_period_seconds: Some(config.shutdown.drain_timeout.0.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: config.upgrade_sock.clone(),

@@ -7,7 +7,8 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TrySendError};
+use std::time::Duration;
 
 use serde::Serialize;
 use tracing::error;
@@ -21,7 +22,15 @@ const QUEUE_LINES: usize = 65_536;
 /// Where finished calls are written.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    lines: SyncSender<Vec<u8>>,
+    lines: SyncSender<Queued>,
+}
+
+/// What the writer thread is handed.
+#[derive(Debug)]
+enum Queued {
+    Line(Vec<u8>),
+    /// Write out what came before, then say so.
+    Flush(Sender<()>),
 }
 
 /// One finished call, as it is written.
@@ -76,7 +85,7 @@ impl AccessLog {
             return;
         };
         line.push(b'\n');
-        match self.lines.try_send(line) {
+        match self.lines.try_send(Queued::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => metrics().access_log_dropped.inc(),
             // The writer is gone (its destination failed, already logged).
@@ -85,22 +94,41 @@ impl AccessLog {
     }
 }
 
+impl AccessLog {
+    /// Waits until every line queued so far is written, at most `budget`; false if it was
+    /// not (before the process exits on its own, skipping destructors).
+    pub fn wait_written(&self, budget: Duration) -> bool {
+        let (done, written) = channel();
+        self.lines.try_send(Queued::Flush(done)).is_ok() && written.recv_timeout(budget).is_ok()
+    }
+}
+
 /// The writer thread: buffered writes, flushed whenever the queue runs empty, so a line is
 /// out within one write of its call ending.
-fn write_lines(queue: Receiver<Vec<u8>>, out: Box<dyn Write + Send>) {
+fn write_lines(queue: Receiver<Queued>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut failing = false;
-    while let Ok(line) = queue.recv() {
-        let mut result = out.write_all(&line);
-        while result.is_ok() {
-            match queue.try_recv() {
-                Ok(line) => result = out.write_all(&line),
-                Err(_) => break,
+    let mut flushed = Vec::new();
+    while let Ok(first) = queue.recv() {
+        let mut next = Some(first);
+        let mut result = Ok(());
+        while let Some(queued) = next.take() {
+            match queued {
+                Queued::Line(line) => result = out.write_all(&line),
+                Queued::Flush(done) => flushed.push(done),
             }
+            if result.is_err() {
+                break;
+            }
+            next = queue.try_recv().ok();
         }
         // A failed write (a full disk) loses this batch, not the log: the next line tries
         // again. Logged once per streak of failures.
-        match result.and_then(|()| out.flush()) {
+        let result = result.and_then(|()| out.flush());
+        for done in flushed.drain(..) {
+            let _ = done.send(());
+        }
+        match result {
             Ok(()) => failing = false,
             Err(error) => {
                 if !failing {
@@ -140,5 +168,23 @@ mod tests {
         let parsed =
             time::OffsetDateTime::parse(&now, &time::format_description::well_known::Rfc3339);
         assert!(parsed.is_ok(), "{now}");
+    }
+
+    #[test]
+    fn wait_written_returns_once_every_queued_line_is_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let config = AccessLogConfig {
+            path: Some(path.display().to_string()),
+            enabled: true,
+        };
+        let log = AccessLog::start(&config).unwrap();
+        for i in 0..1000 {
+            let line = format!("{{\"n\":{i}}}\n").into_bytes();
+            log.lines.try_send(Queued::Line(line)).unwrap();
+        }
+        assert!(log.wait_written(Duration::from_secs(5)));
+        let written = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(written.lines().count(), 1000);
     }
 }
