@@ -62,11 +62,11 @@ async fn check_cluster(cluster: Arc<Cluster>, config: HealthCheck) {
         for backend in &backends {
             let pool = pools.entry(backend.address.0.clone()).or_default().clone();
             let (backend, config) = (Arc::clone(backend), config.clone());
-            // The checks speak TLS when the calls do.
+            // The checks' connections are the calls' kind (TLS, keepalive, idle timeout), with
+            // the check's own timeout on the connect.
             let policy = UpstreamPolicy {
-                tls: cluster.settings.upstream.tls.clone(),
                 connect_timeout: config.timeout.0,
-                ..UpstreamPolicy::default()
+                ..cluster.settings.upstream.clone()
             };
             checks.spawn(async move {
                 let result = check(&pool, &backend.address.0, &config, &policy).await;

@@ -87,3 +87,40 @@ async fn a_backend_without_a_health_service_stays_healthy() {
     let metrics = sluice.metrics().await;
     assert!(metrics.contains("result=\"unimplemented\""), "{metrics}");
 }
+
+/// The health checks' connections follow the cluster's connection settings, as the calls'
+/// do: with `upstream_idle_timeout: 300ms` and a check every 2 s, each check's connection is
+/// closed while it idles between checks (with transport defaults it stayed open 300 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_connection_follows_the_clusters_connection_settings() {
+    let backend = Echo::start("b1").await;
+    let extra = "    health_check: { interval: 2s, timeout: 1s }\n    upstream_idle_timeout: 300ms\n    upstream_keepalive: { interval: 100ms, timeout: 1s }\n";
+    let sluice = Sluice::start(&Sluice::cluster(&[backend.addr], extra)).await;
+    let checked = format!(
+        "sluice_health_checks_total{{backend=\"{}\",cluster=\"echo\",result=\"serving\"}} 1",
+        backend.addr
+    );
+    let mut first_check = false;
+    for _ in 0..400 {
+        if sluice.metrics().await.contains(&checked) {
+            first_check = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        first_check,
+        "no first health check within 4 s:\n{}",
+        sluice.log()
+    );
+    // No call was made: the only connection to the backend is the check's.
+    let port = backend.addr.port();
+    let closed = support::wait_until(Duration::from_millis(1_500), || {
+        support::established_with(port) == 0
+    })
+    .await;
+    assert!(
+        closed,
+        "the check's connection outlived the cluster's idle timeout"
+    );
+}

@@ -219,13 +219,7 @@ impl Cluster {
             queue,
             name: config.name.value.clone(),
             settings: ClusterSettings {
-                upstream: UpstreamPolicy {
-                    tls,
-                    connect_timeout: config.connect_timeout.0,
-                    keepalive_interval: config.upstream_keepalive.interval.0,
-                    keepalive_timeout: config.upstream_keepalive.timeout.0,
-                    idle_timeout: config.upstream_idle_timeout.0,
-                },
+                upstream: UpstreamPolicy::of(config, tls),
                 max_deadline: config.max_deadline.0,
                 max_attempts: config.retry.max_attempts.0,
                 retry_on: retry_codes(&config.retry.retry_on),

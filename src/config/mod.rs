@@ -111,12 +111,17 @@ pub struct ListenerConfig {
     pub max_header_list_size: AtLeastOne,
 }
 
+/// `listeners[].max_concurrent_streams` by default (also what `H2Settings` starts from).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 10_000;
+/// `listeners[].max_header_list_size` by default, in bytes.
+pub const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+
 fn default_max_concurrent_streams() -> AtLeastOne {
-    AtLeastOne(10_000)
+    AtLeastOne(DEFAULT_MAX_CONCURRENT_STREAMS)
 }
 
 fn default_max_header_list_size() -> AtLeastOne {
-    AtLeastOne(64 * 1024)
+    AtLeastOne(DEFAULT_MAX_HEADER_LIST_SIZE)
 }
 
 /// `listeners[].keepalive`: grpc-go's server keepalive, with its defaults (and an hour's idle

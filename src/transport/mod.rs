@@ -1,8 +1,8 @@
 //! Upstream HTTP/2 connections to backends, and the HTTP/2 settings both sides use.
 //!
 //! [`pool::Pool`] keeps a few shared connections per backend address and lends stream slots on
-//! them; [`coalesce::CoalescingIo`] batches small writes on any HTTP/2 connection. Upstream TLS
-//! and keepalive belong here too, when they are built.
+//! them; [`coalesce::CoalescingIo`] batches small writes on any HTTP/2 connection; `tls.rs`
+//! builds TLS for both legs, and the driver keeps each backend connection alive.
 
 pub mod coalesce;
 mod driver;
@@ -12,6 +12,8 @@ pub mod tls;
 mod upstream_io;
 
 use std::time::Duration;
+
+use crate::config::{ClusterConfig, DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_HEADER_LIST_SIZE};
 
 pub use pool::{ConnectError, Pool, StreamSlot};
 
@@ -30,14 +32,15 @@ pub struct UpstreamPolicy {
     pub idle_timeout: Duration,
 }
 
-impl Default for UpstreamPolicy {
-    fn default() -> Self {
+impl UpstreamPolicy {
+    /// A cluster's policy: its config (whose defaults are the only ones), and its TLS.
+    pub fn of(config: &ClusterConfig, tls: Option<std::sync::Arc<tls::ClientTls>>) -> Self {
         UpstreamPolicy {
-            tls: None,
-            connect_timeout: Duration::from_secs(1),
-            keepalive_interval: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(300),
+            tls,
+            connect_timeout: config.connect_timeout.0,
+            keepalive_interval: config.upstream_keepalive.interval.0,
+            keepalive_timeout: config.upstream_keepalive.timeout.0,
+            idle_timeout: config.upstream_idle_timeout.0,
         }
     }
 }
@@ -71,8 +74,8 @@ impl Default for H2Settings {
             connection_window: 4 << 20,
             upstream_connection_window: 64 << 20,
             max_frame_size: 16 * 1024,
-            max_concurrent_streams: 10_000,
-            max_header_list_size: 64 * 1024,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
         }
     }
 }

@@ -324,6 +324,13 @@ mod tests {
 
     type Accepted = h2::server::Connection<TcpStream, Bytes>;
 
+    /// A cluster's policy with the config's defaults.
+    fn policy() -> UpstreamPolicy {
+        let yaml = "listeners: [{name: l, address: \"127.0.0.1:1\"}]\nclusters: [{name: c, discovery: {static: [\"a:1\"]}}]";
+        let config = crate::config::Config::parse(yaml, "t").unwrap();
+        UpstreamPolicy::of(&config.clusters[0], None)
+    }
+
     /// A real h2 server that hands each connection, once handshaken, to the test, so the test
     /// decides when the peer closes it.
     async fn server() -> (String, mpsc::UnboundedReceiver<Accepted>) {
@@ -349,7 +356,7 @@ mod tests {
     async fn a_connection_the_peer_closed_is_not_lent_again() {
         let (addr, mut connections) = server().await;
         let pool = Pool::new();
-        let (policy, settings) = (UpstreamPolicy::default(), H2Settings::default());
+        let (policy, settings) = (policy(), H2Settings::default());
         let (_, slot) = pool.acquire(&addr, &policy, &settings).await.unwrap();
         // Held, so a new connection cannot reuse its address.
         let first = Arc::clone(&slot.connection);
@@ -369,7 +376,7 @@ mod tests {
     async fn an_idle_live_connection_is_reused() {
         let (addr, mut connections) = server().await;
         let pool = Pool::new();
-        let (policy, settings) = (UpstreamPolicy::default(), H2Settings::default());
+        let (policy, settings) = (policy(), H2Settings::default());
         let (_, slot) = pool.acquire(&addr, &policy, &settings).await.unwrap();
         let first = Arc::clone(&slot.connection);
         let _peer = connections.recv().await.unwrap();
