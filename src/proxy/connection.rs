@@ -3,7 +3,7 @@
 //! fleet's clients do not all reconnect at once) and after `keepalive.idle_timeout` without a
 //! stream; the grace after max-age, then the connection closes; server PINGs that find a dead
 //! client (`ping_interval`, `ping_timeout`); GOAWAY ENHANCE_YOUR_CALM for a client that pings
-//! too often (transport/ping_watch.rs).
+//! too often (ping_watch.rs).
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,9 +17,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{sleep_until, Instant};
 use tracing::debug;
 
+use super::ping_watch::{PingAlarm, PingRules, PingWatch};
 use super::{Peer, Proxy, StreamCount};
 use crate::transport::coalesce::CoalescingIo;
-use crate::transport::ping_watch::{PingAlarm, PingRules, PingWatch};
 
 /// A listener's policy for its client connections (`listeners[]` keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

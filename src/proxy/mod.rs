@@ -7,14 +7,18 @@
 //! live in their own files: [`route`] (which cluster), `call` (deadline and attempts),
 //! `attempt` (one backend: connect, send headers, wait for response headers, stream),
 //! `outcome` (what an attempt's end means for client, backend and counters), [`forward`]
-//! (piping with flow control) and `reply` (the proxy's own answers).
+//! (piping with flow control) and `reply` (the proxy's own answers). The downstream
+//! connection's own policy lives here too: [`listener_tls`] (the listener's TLS and the
+//! client's identity) and [`ping_watch`] (the client PING policy).
 
 mod attempt;
 mod call;
 mod client;
 mod connection;
 pub mod forward;
+pub mod listener_tls;
 mod outcome;
+pub mod ping_watch;
 mod queue;
 mod reply;
 pub mod route;
@@ -38,11 +42,11 @@ use crate::lifecycle::Lifecycle;
 use crate::telemetry::access_log::{self, AccessLog, Entry};
 use crate::telemetry::metrics;
 use crate::telemetry::{request_id, unrouted, Reject};
-use crate::transport::tls::{ClientCert, ClientIdentity, HandshakeFailure, ServerTls};
 use crate::transport::H2Settings;
 use crate::wire::{self, Code, ProxyStatus};
 use call::{Call, Downstream, Ending, Summary};
 pub use connection::ConnectionPolicy;
+use listener_tls::{ClientCert, ClientIdentity, HandshakeFailure, ServerTls};
 pub use route::Router;
 
 /// How long a new connection may take to send its first bytes, and to finish its TLS

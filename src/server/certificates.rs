@@ -17,9 +17,10 @@ use crate::config::{
     read_listener_tls, read_upstream_tls, Config, ListenerTls, ListenerTlsFiles, PemFile, Problem,
     UpstreamTls, UpstreamTlsFiles,
 };
+use crate::proxy::listener_tls::{ServerTls, ServerTlsPem};
 use crate::proxy::Router;
 use crate::telemetry::{metrics, CertificateOwner};
-use crate::transport::tls::{ClientTls, ClientTlsPem, ServerTls, ServerTlsPem};
+use crate::transport::tls::{ClientTls, ClientTlsPem};
 use crate::BoxError;
 
 /// How often the files are read for changes: a renewed certificate is served within this.

@@ -6,7 +6,6 @@
 
 pub mod coalesce;
 mod driver;
-pub mod ping_watch;
 pub mod pool;
 pub mod tls;
 mod upstream_io;
