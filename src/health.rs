@@ -13,30 +13,21 @@ use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::runtime::Handle;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tracing::{info, warn};
 
 use crate::balance::{Backend, Cluster};
 use crate::config::{ClusterConfig, HealthCheck};
+use crate::pace;
+use crate::sync::AbortOnDrop;
 use crate::telemetry::HealthResult;
 use crate::transport::{H2Settings, Pool, UpstreamPolicy};
 use crate::wire::Code;
 
 /// The checker tasks of one config generation; dropping it stops them.
-#[derive(Debug, Default)]
-pub struct Checkers {
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Checkers {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
-}
+pub type Checkers = AbortOnDrop;
 
 /// Starts a checker for each cluster whose config has `health_check`.
 pub fn start(clusters: &[(Arc<Cluster>, &ClusterConfig)], runtime: &Handle) -> Checkers {
@@ -47,7 +38,7 @@ pub fn start(clusters: &[(Arc<Cluster>, &ClusterConfig)], runtime: &Handle) -> C
             Some(runtime.spawn(check_cluster(Arc::clone(cluster), check)))
         })
         .collect();
-    Checkers { tasks }
+    AbortOnDrop::new(tasks)
 }
 
 async fn check_cluster(cluster: Arc<Cluster>, config: HealthCheck) {
@@ -55,7 +46,7 @@ async fn check_cluster(cluster: Arc<Cluster>, config: HealthCheck) {
     let mut without_service: HashSet<String> = HashSet::new();
     let interval = config.interval.0;
     loop {
-        tokio::time::sleep(interval.mul_f64(0.9 + fastrand::f64() * 0.2)).await;
+        tokio::time::sleep(pace::jitter(interval, 0.9, 1.1)).await;
         let backends = cluster.backends().backends.clone();
         pools.retain(|address, _| backends.iter().any(|b| b.address.0 == *address));
         let mut checks = JoinSet::new();

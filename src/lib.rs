@@ -5,6 +5,8 @@
 //! - [`wire`]: gRPC rules: status codes, `grpc-timeout`, content types, the proxy's own
 //!   trailers-only statuses.
 //! - [`certs`]: certificates and keys from PEM: parsing, checks, names, expiry.
+//! - [`sync`]: the poison-tolerant lock, and tasks aborted on drop; [`pace`]: backoff and
+//!   jitter.
 //! - [`config`]: the YAML config, parsed with spans, validated once; files read as a separate
 //!   step.
 //! - [`telemetry`]: counters and histograms, the `/metrics` exporter, the access log, trace ids.
@@ -28,10 +30,12 @@ pub mod demo;
 pub mod discovery;
 pub mod health;
 pub mod lifecycle;
+pub mod pace;
 pub mod probe;
 pub mod proxy;
 pub mod register;
 pub mod server;
+pub mod sync;
 pub mod telemetry;
 pub mod transport;
 pub mod wire;

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use crate::config::{BackendAddr, EtcdEndpoint, EtcdFormat};
 use crate::discovery::etcd::{self, ClientConfig};
 use crate::discovery::formats;
+use crate::pace::Backoff;
 use crate::BoxError;
 
 /// The value formats `sluice register` writes (`--format`).
@@ -147,7 +148,7 @@ async fn register(registration: Registration) -> Result<(), BoxError> {
     };
     let mut client = etcd::connect(&etcd).await?;
     let ttl_seconds = registration.ttl.as_secs_f64().ceil() as i64;
-    let mut retry = RETRY_FIRST;
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
     // A lease given up on (lost on our side while etcd may still hold it): revoked before the
     // next one, so a plain-format key (named after its lease) is not left twice.
     let mut abandoned: Option<i64> = None;
@@ -175,17 +176,17 @@ async fn register(registration: Registration) -> Result<(), BoxError> {
         let (lease, key) = match registered {
             Ok(registered) => registered,
             Err(error) => {
+                let retry = backoff.next_wait();
                 warn!(%error, retry_in = ?retry, "cannot register yet");
                 tokio::select! {
                     _ = tokio::time::sleep(retry) => {}
                     _ = term.recv() => return Ok(()),
                     _ = int.recv() => return Ok(()),
                 }
-                retry = (retry * 2).min(RETRY_MAX);
                 continue;
             }
         };
-        retry = RETRY_FIRST;
+        backoff.reset();
         info!(%key, value = %registration.value(), lease = format!("{lease:x}"), ttl_seconds,
             "registered; keeping the lease alive until SIGINT or SIGTERM");
         let lost = tokio::select! {

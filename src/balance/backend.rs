@@ -353,8 +353,8 @@ impl Backend {
     /// backoff ends, until it answers again. Returns true when this turned it unhealthy.
     pub fn connect_failed(&self) -> bool {
         let streak = self.connect_streak.fetch_add(1, Ordering::Relaxed);
-        let streak = streak.min(8);
-        let backoff = (BASE_CONNECT_BACKOFF * 2u32.pow(streak as u32)).min(MAX_CONNECT_BACKOFF);
+        let times = u32::try_from(streak).unwrap_or(u32::MAX);
+        let backoff = crate::pace::doubled(BASE_CONNECT_BACKOFF, times, MAX_CONNECT_BACKOFF);
         self.skip_until_ms
             .store(clock_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
         self.observe_failure();

@@ -37,6 +37,7 @@ pub use source::{SourceKind, SourceState, SourceStatus, SourceView};
 use crate::config::{
     BackendAddr, BalancerKind, ClientKeyConfig, ClusterConfig, OutlierDetection, RetryOn,
 };
+use crate::sync::lock;
 use crate::telemetry::{ClusterStats, DiscoveryGauges, Scrape};
 use crate::transport::tls::ClientTls;
 use crate::transport::UpstreamPolicy;
@@ -90,11 +91,6 @@ impl BackendSet {
 }
 
 // === Cluster ===
-
-/// Locks a cold-path mutex; a panic elsewhere while it was held leaves nothing half-done.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Per-cluster settings a call reads.
 #[derive(Debug, Clone)]

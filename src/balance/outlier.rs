@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use super::ewma::clock_ms;
 use super::{Backend, Cluster};
 use crate::config::{OutlierDetection, OutlierSettings};
+use crate::sync::lock;
 
 impl Cluster {
     /// Counts how one attempt on `backend` ended, and ejects the backend when that makes too
@@ -39,7 +40,7 @@ impl Cluster {
     fn try_eject(&self, backend: &Backend, settings: &OutlierSettings, base_ms: u64, streak: u32) {
         // One ejection decision at a time, so two backends failing together cannot both pass
         // the max_ejection_percent check.
-        let _deciding = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
+        let _deciding = lock(&self.ejecting);
         let now = clock_ms();
         if backend.is_ejected(now) {
             return;

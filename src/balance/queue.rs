@@ -80,7 +80,7 @@ impl SlotQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, Waiting> {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.waiting)
     }
 
     pub fn len(&self) -> usize {

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::config::DiscoveryConfig;
+use crate::sync::lock;
 
 /// Where a cluster's backends come from (the `source` label and field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -107,13 +108,13 @@ impl SourceStatus {
     pub fn set_connected(&self) {
         self.state
             .store(SourceState::Connected as u8, Ordering::Release);
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *lock(&self.last_error) = None;
     }
 
     pub fn set_failed(&self, error: String) {
         self.state
             .store(SourceState::Unreachable as u8, Ordering::Release);
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+        *lock(&self.last_error) = Some(error);
     }
 
     /// Keys under the prefix skipped because their value could not be decoded.
@@ -137,11 +138,7 @@ impl SourceStatus {
             state: self.state(),
             connected: self.is_connected(),
             revision: (revision > 0).then_some(revision),
-            last_error: self
-                .last_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            last_error: lock(&self.last_error).clone(),
         }
     }
 }

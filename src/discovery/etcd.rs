@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use super::formats::{self, Decoded};
 use crate::balance::{Cluster, Endpoint};
 use crate::config::{BackendAddr, EtcdConfig, EtcdDiscovery, EtcdFormat, EtcdTlsFiles};
+use crate::pace::{self, Backoff};
 
 /// HTTP/2 pings on the etcd connection, so a peer that vanished without a FIN (a partition, a
 /// powered-off host) is noticed. etcd refuses pings more often than every 5 s by default.
@@ -128,7 +129,7 @@ pub fn tls_options(tls: &EtcdTlsFiles) -> Result<TlsOptions, String> {
 /// The watch task of one cluster. Runs until aborted (reload or exit).
 pub(super) async fn watch(cluster: Arc<Cluster>, etcd: ClientConfig, source: EtcdDiscovery) {
     let mut prefix = PrefixState::new(cluster, &source);
-    let mut backoff = BACKOFF_FIRST;
+    let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX);
     let mut failures: u32 = 0;
     loop {
         let began = std::time::Instant::now();
@@ -140,12 +141,12 @@ pub(super) async fn watch(cluster: Arc<Cluster>, etcd: ClientConfig, source: Etc
         // keeps refusing cannot turn into a tight loop.
         if progressed && began.elapsed() >= Duration::from_secs(1) {
             info!(cluster = %cluster.name, %error, "etcd watch ended; reconnecting");
-            backoff = BACKOFF_FIRST;
+            backoff.reset();
             failures = 0;
             continue;
         }
         failures += 1;
-        let delay = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+        let delay = pace::jitter(backoff.next_wait(), 0.5, 1.0);
         let loud = failures == 1 || failures.is_multiple_of(WARN_EVERY);
         if loud && !cluster.is_ready() {
             warn!(cluster = %cluster.name, %error, retry_in = ?delay,
@@ -160,7 +161,6 @@ pub(super) async fn watch(cluster: Arc<Cluster>, etcd: ClientConfig, source: Etc
         cluster.source.set_failed(error);
         cluster.stats.discovery_failed();
         tokio::time::sleep(delay).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 

@@ -13,11 +13,11 @@ mod static_list;
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
-use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::balance::{Cluster, Endpoint};
 use crate::config::{ClusterConfig, Config, DiscoveryConfig};
+use crate::sync::AbortOnDrop;
 
 /// Applies a whole backend set to a cluster, with its log line and count.
 fn apply(cluster: &Cluster, endpoints: &[Endpoint]) {
@@ -35,18 +35,7 @@ fn apply(cluster: &Cluster, endpoints: &[Endpoint]) {
 }
 
 /// The running watch tasks of one config generation; dropping it stops them.
-#[derive(Debug, Default)]
-pub struct Watchers {
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Watchers {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
-}
+pub type Watchers = AbortOnDrop;
 
 /// Starts feeding each cluster from the source its config names: a static list at once, an
 /// etcd prefix from a watch task spawned on `runtime`.
@@ -55,7 +44,7 @@ pub fn start(
     config: &Config,
     runtime: &Handle,
 ) -> Watchers {
-    let mut watchers = Watchers::default();
+    let mut tasks = Vec::new();
     for (cluster, cluster_config) in clusters {
         match &cluster_config.discovery.value {
             DiscoveryConfig::Static(list) => static_list::apply(cluster, list),
@@ -64,9 +53,9 @@ pub fn start(
                 let Some(etcd) = &config.etcd else { continue };
                 let client = etcd::ClientConfig::new(etcd, config.files.etcd_tls.as_ref());
                 let task = etcd::watch(Arc::clone(cluster), client, source.clone());
-                watchers.tasks.push(runtime.spawn(task));
+                tasks.push(runtime.spawn(task));
             }
         }
     }
-    watchers
+    AbortOnDrop::new(tasks)
 }

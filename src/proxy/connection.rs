@@ -120,7 +120,7 @@ impl Proxy {
         };
         // Made once, outside the loop: a timer or waiter registered per accepted stream
         // would cost every call.
-        let jitter = |age: Duration| age.mul_f64(0.9 + fastrand::f64() * 0.2);
+        let jitter = |age: Duration| crate::pace::jitter(age, 0.9, 1.1);
         let max_age = sleep_until(Instant::now() + self.policy.max_age.map_or(NEVER, jitter));
         let grace_over = sleep_until(Instant::now() + NEVER);
         let tripped = alarm.tripped();

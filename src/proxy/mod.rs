@@ -39,6 +39,7 @@ use tracing::{debug, warn};
 
 use crate::balance::Cluster;
 use crate::lifecycle::Lifecycle;
+use crate::sync::lock;
 use crate::telemetry::access_log::{self, AccessLog, Entry};
 use crate::telemetry::metrics;
 use crate::telemetry::{request_id, unrouted, Reject};
@@ -110,11 +111,7 @@ impl Proxy {
             return Some(counted);
         };
         metrics().downstream_connection_refused(&self.listener);
-        let mut warned = self
-            .open
-            .warned_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut warned = lock(&self.open.warned_at);
         if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
             tracing::warn!(listener = %self.listener, max_connections = max,
                 "max_connections reached: new client connections are closed as they arrive");

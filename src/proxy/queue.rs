@@ -91,9 +91,7 @@ impl Call {
         let (shortest, longest) = PUSHBACK_RANGE;
         let drain = (self.cluster.queue.expected_wait_of_newcomer()).max(waited);
         // Jittered, so the clients shed together do not come back together.
-        let pushback = drain
-            .clamp(shortest, longest)
-            .mul_f64(fastrand::f64() * 0.5 + 0.75);
+        let pushback = crate::pace::jitter(drain.clamp(shortest, longest), 0.75, 1.25);
         let status = ProxyStatus::resource_exhausted(message, pushback);
         self.reject(down, reason, status)
     }

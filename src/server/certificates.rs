@@ -19,6 +19,7 @@ use crate::config::{
 };
 use crate::proxy::listener_tls::{ServerTls, ServerTlsPem};
 use crate::proxy::Router;
+use crate::sync::lock;
 use crate::telemetry::{metrics, CertificateOwner};
 use crate::transport::tls::{ClientTls, ClientTlsPem};
 use crate::BoxError;
@@ -129,10 +130,7 @@ impl Certificates {
                 clusters.push(Arc::new(Watched::new(owner, files)));
             }
         }
-        let old = std::mem::replace(
-            &mut *self.clusters.lock().unwrap_or_else(|e| e.into_inner()),
-            clusters,
-        );
+        let old = std::mem::replace(&mut *lock(&self.clusters), clusters);
         for cluster in old {
             cluster.retired.store(true, Ordering::Relaxed);
         }
@@ -144,11 +142,7 @@ impl Certificates {
         for listener in &self.listeners {
             listener.reload_if_changed(why);
         }
-        let clusters = self
-            .clusters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let clusters = lock(&self.clusters).clone();
         for cluster in clusters {
             cluster.reload_if_changed(why);
         }
@@ -167,7 +161,7 @@ impl<T: Reloadable> Watched<T> {
     fn reload_if_changed(&self, why: &str) {
         // Read under the lock: a watcher that read the old files must not apply them after a
         // SIGHUP applied the new ones.
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = lock(&self.seen);
         if self.retired.load(Ordering::Relaxed) {
             return;
         }

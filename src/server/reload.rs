@@ -19,6 +19,7 @@ use super::certificates::Certificates;
 use super::{build_router, check_files, Feeds};
 use crate::config::{AccessLogConfig, Config, DownstreamKeepalive, RequestIdConfig};
 use crate::proxy::Router;
+use crate::sync::lock;
 
 pub(super) struct Reload {
     /// The listeners' certificates, re-read on each SIGHUP.
@@ -192,7 +193,7 @@ impl Reload {
         self.router.store(Arc::new(next));
         // The new watches and checkers run; the old ones stop (their clusters are no longer
         // routed to).
-        *self.feeds.lock().unwrap_or_else(|e| e.into_inner()) = feeds;
+        *lock(&self.feeds) = feeds;
         info!(path = %path.display(), "SIGHUP: config reloaded");
     }
 }

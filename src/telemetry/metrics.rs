@@ -19,6 +19,7 @@ use prometheus::{
 };
 
 use super::stats::{unrouted, BackendStats, ClusterStats, HealthResult, Reject, NO_CLUSTER};
+use crate::sync::lock;
 use crate::wire::{Code, Origin};
 
 /// Implemented by the owner of the clusters (the router): adds every cluster and backend it
@@ -441,10 +442,7 @@ impl Metrics {
     /// a cluster removed, or a file no longer used, leaves no stale series behind to keep an
     /// expiry alert firing.
     pub fn set_cluster_certificates(&self, current: &[(String, String, i64)]) {
-        let mut published = self
-            .cluster_certificates
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut published = lock(&self.cluster_certificates);
         for (cluster, name) in published.drain(..) {
             let _ = self.tls_expiry.remove_label_values(&["", &cluster, &name]);
         }

@@ -13,6 +13,7 @@ use prometheus::{Histogram, HistogramOpts};
 use rustc_hash::FxBuildHasher;
 
 use super::history::{History, HistoryView};
+use crate::sync::lock;
 use crate::wire::{Code, GrpcPath, Origin};
 
 /// Latency buckets, in seconds: from 1 ms to 10 min, because the calls worth seeing are the
@@ -259,7 +260,7 @@ impl BackendStats {
     /// least `RATE_WINDOW` old.
     pub fn sample_rates(&self) {
         let now = self.sample_now();
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recent = lock(&self.recent);
         recent.push_back(now);
         while recent.len() > 2 && now.at.duration_since(recent[1].at) >= RATE_WINDOW {
             recent.pop_front();
@@ -269,19 +270,19 @@ impl BackendStats {
     /// Closes a bin of the five-minute history (the sampler calls this every 5 s, for every
     /// backend at once).
     pub fn close_history_bin(&self) {
-        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let mut history = lock(&self.history);
         history.close_bin(self.requests(), self.failures(), &self.duration);
     }
 
     pub fn history(&self) -> HistoryView {
-        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let history = lock(&self.history);
         history.view()
     }
 
     /// Attempts over about the last 10 s: how many, per second, and the share that failed.
     pub fn recent_rates(&self) -> RecentRates {
         let now = self.sample_now();
-        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let recent = lock(&self.recent);
         let Some(oldest) = recent.front() else {
             return RecentRates::default();
         };
@@ -405,7 +406,7 @@ impl MethodTable {
         if self.by_path.load().len() >= MAX_METHODS_PER_CLUSTER {
             return Arc::clone(&self.unknown);
         }
-        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        let _adding = lock(&self.adding);
         let current = self.by_path.load();
         if let Some(stats) = current.get(path) {
             return Arc::clone(stats);
