@@ -16,14 +16,14 @@ use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::balance::{Backend, Cluster};
 use crate::config::{ClusterConfig, HealthCheck};
 use crate::pace;
 use crate::sync::AbortOnDrop;
 use crate::telemetry::HealthResult;
-use crate::transport::{H2Settings, Pool, UpstreamPolicy};
+use crate::transport::{ConnectError, H2Settings, Pool, UpstreamPolicy};
 use crate::wire::Code;
 
 /// The checker tasks of one config generation; dropping it stops them.
@@ -64,28 +64,61 @@ async fn check_cluster(cluster: Arc<Cluster>, config: HealthCheck) {
                 (backend, result)
             });
         }
-        while let Some(Ok((backend, result))) = checks.join_next().await {
+        while let Some(Ok((backend, checked))) = checks.join_next().await {
             let address = &backend.address.0;
-            if result == HealthResult::Unimplemented && without_service.insert(address.clone()) {
+            if checked.result == HealthResult::Unimplemented
+                && without_service.insert(address.clone())
+            {
                 info!(cluster = %cluster.name, backend = %address,
                     "backend has no grpc.health.v1 service; treated as healthy");
             }
-            judge(&cluster, &backend, result, &config);
+            judge(&cluster, &backend, checked, &config);
         }
     }
 }
 
-/// Counts one check and logs a change of verdict.
-fn judge(cluster: &Cluster, backend: &Backend, result: HealthResult, config: &HealthCheck) {
+/// Counts one check and logs a change of verdict, with the last failure's cause.
+fn judge(cluster: &Cluster, backend: &Backend, checked: Checked, config: &HealthCheck) {
+    let Checked { result, cause } = checked;
     backend.stats.record_health(result);
+    if let Some(cause) = &cause {
+        debug!(cluster = %cluster.name, backend = %backend.address, result = result.label(),
+            %cause, "health check failed");
+    }
     let (unhealthy, healthy) = (config.unhealthy_threshold.0, config.healthy_threshold.0);
+    let cause = cause.as_deref().unwrap_or("the backend says NOT_SERVING");
     match backend.health_checked(result.passed(), unhealthy, healthy) {
         Some(false) => warn!(cluster = %cluster.name, backend = %backend.address,
-            result = result.label(), "backend unhealthy: failed its health checks; no new calls"),
+            result = result.label(), cause,
+            "backend unhealthy: failed its health checks; no new calls"),
         Some(true) => info!(cluster = %cluster.name, backend = %backend.address,
             "backend healthy again: passed its health checks"),
         None => {}
     }
+}
+
+/// Why a check found no verdict in the backend's answer: what the log says of a failed
+/// check (the metric counts it as `error`).
+#[derive(Debug, thiserror::Error)]
+enum CheckError {
+    #[error("connect failed: {0}")]
+    Connect(#[from] ConnectError),
+    #[error("HTTP/2: {0}")]
+    Http2(#[from] h2::Error),
+    #[error("cannot build the request: {0}")]
+    Request(#[from] http::Error),
+    #[error("the answer is over {MAX_ANSWER} bytes")]
+    TooLong,
+    #[error("the answer is not a HealthCheckResponse")]
+    Malformed,
+    #[error("the backend answered {0:?}")]
+    Status(Code),
+}
+
+/// One check's result, and for a failure, why.
+struct Checked {
+    result: HealthResult,
+    cause: Option<String>,
 }
 
 /// One `Check`, bounded by the configured timeout.
@@ -94,14 +127,18 @@ async fn check(
     address: &str,
     config: &HealthCheck,
     policy: &UpstreamPolicy,
-) -> HealthResult {
+) -> Checked {
     let timeout = config.timeout.0;
     let exchange = ask(pool, address, &config.service, policy);
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(())) => HealthResult::Error,
-        Err(_) => HealthResult::Timeout,
-    }
+    let (result, cause) = match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(result)) => (result, None),
+        Ok(Err(error)) => (HealthResult::Error, Some(error.to_string())),
+        Err(_) => (
+            HealthResult::Timeout,
+            Some(format!("no answer within {timeout:?}")),
+        ),
+    };
+    Checked { result, cause }
 }
 
 /// The largest health answer read; a real one is a few bytes.
@@ -112,62 +149,57 @@ async fn ask(
     address: &str,
     service: &str,
     policy: &UpstreamPolicy,
-) -> Result<HealthResult, ()> {
+) -> Result<HealthResult, CheckError> {
     let (sender, _slot) = pool
         .acquire(address, policy, &H2Settings::default())
-        .await
-        .map_err(drop)?;
-    let mut sender = sender.ready().await.map_err(drop)?;
+        .await?;
+    let mut sender = sender.ready().await?;
     let request = http::Request::post(format!("http://{address}/grpc.health.v1.Health/Check"))
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
-        .body(())
-        .map_err(drop)?;
-    let (response, mut body) = sender.send_request(request, false).map_err(drop)?;
+        .body(())?;
+    let (response, mut body) = sender.send_request(request, false)?;
     let message = HealthCheckRequest {
         service: service.to_string(),
     };
-    body.send_data(grpc_frame(&message.encode_to_vec()), true)
-        .map_err(drop)?;
-    let (head, mut answer) = response.await.map_err(drop)?.into_parts();
+    body.send_data(grpc_frame(&message.encode_to_vec()), true)?;
+    let (head, mut answer) = response.await?.into_parts();
     if answer.is_end_stream() {
         // Trailers-only: a status and no message.
-        return Ok(no_answer(Code::of_headers(&head.headers)));
+        return no_answer(Code::of_headers(&head.headers));
     }
     let mut bytes = BytesMut::new();
     while let Some(chunk) = answer.data().await {
-        let chunk = chunk.map_err(drop)?;
+        let chunk = chunk?;
         let _ = answer.flow_control().release_capacity(chunk.len());
         bytes.extend_from_slice(&chunk);
         if bytes.len() > MAX_ANSWER {
-            return Err(());
+            return Err(CheckError::TooLong);
         }
     }
-    let trailers = answer.trailers().await.map_err(drop)?.unwrap_or_default();
+    let trailers = answer.trailers().await?.unwrap_or_default();
     match Code::of_headers(&trailers) {
-        Code::Ok => Ok(serving(&bytes)),
-        code => Ok(no_answer(code)),
+        Code::Ok => serving(&bytes),
+        code => no_answer(code),
     }
 }
 
-fn no_answer(code: Code) -> HealthResult {
+fn no_answer(code: Code) -> Result<HealthResult, CheckError> {
     match code {
-        Code::Unimplemented => HealthResult::Unimplemented,
+        Code::Unimplemented => Ok(HealthResult::Unimplemented),
         // The service asked about is unknown to the backend.
-        Code::NotFound => HealthResult::NotServing,
-        _ => HealthResult::Error,
+        Code::NotFound => Ok(HealthResult::NotServing),
+        code => Err(CheckError::Status(code)),
     }
 }
 
 /// Reads the status of a length-prefixed `HealthCheckResponse`.
-fn serving(frame: &[u8]) -> HealthResult {
-    let Some(message) = frame.get(5..) else {
-        return HealthResult::Error;
-    };
+fn serving(frame: &[u8]) -> Result<HealthResult, CheckError> {
+    let message = frame.get(5..).ok_or(CheckError::Malformed)?;
     match HealthCheckResponse::decode(message) {
-        Ok(answer) if answer.status == ServingStatus::Serving as i32 => HealthResult::Serving,
-        Ok(_) => HealthResult::NotServing,
-        Err(_) => HealthResult::Error,
+        Ok(answer) if answer.status == ServingStatus::Serving as i32 => Ok(HealthResult::Serving),
+        Ok(_) => Ok(HealthResult::NotServing),
+        Err(_) => Err(CheckError::Malformed),
     }
 }
 
@@ -192,16 +224,21 @@ mod tests {
             };
             grpc_frame(&message.encode_to_vec())
         };
+        let serving = |frame: &[u8]| serving(frame).map_err(|e| e.to_string());
         assert_eq!(
             serving(&answer(ServingStatus::Serving)),
-            HealthResult::Serving
+            Ok(HealthResult::Serving)
         );
+        let not_serving = serving(&answer(ServingStatus::NotServing));
+        assert_eq!(not_serving, Ok(HealthResult::NotServing));
+        let malformed = "the answer is not a HealthCheckResponse".to_string();
+        assert_eq!(serving(&[0, 0]), Err(malformed));
+        let no_answer = |code| no_answer(code).map_err(|e| e.to_string());
         assert_eq!(
-            serving(&answer(ServingStatus::NotServing)),
-            HealthResult::NotServing
+            no_answer(Code::Unimplemented),
+            Ok(HealthResult::Unimplemented)
         );
-        assert_eq!(serving(&[0, 0]), HealthResult::Error);
-        assert_eq!(no_answer(Code::Unimplemented), HealthResult::Unimplemented);
-        assert_eq!(no_answer(Code::Unavailable), HealthResult::Error);
+        let unavailable = "the backend answered Unavailable".to_string();
+        assert_eq!(no_answer(Code::Unavailable), Err(unavailable));
     }
 }

@@ -124,3 +124,27 @@ async fn a_health_check_connection_follows_the_clusters_connection_settings() {
         "the check's connection outlived the cluster's idle timeout"
     );
 }
+
+/// A failed check says why: the log line that takes a backend out names the cause (here a
+/// refused connect), not just "error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_taken_out_by_its_checks_is_logged_with_the_cause() {
+    let good = Echo::start("good").await;
+    let refused = support::RefusedAddrs::new(1);
+    let gone = refused.addrs[0];
+    let sluice = Sluice::start(&Sluice::cluster(&[good.addr, gone], CHECKS)).await;
+    assert!(
+        wait_state(&sluice, gone, "unhealthy").await,
+        "{}",
+        sluice.log()
+    );
+    let logged = support::wait_until(Duration::from_secs(5), || {
+        sluice.log().lines().any(|l| {
+            l.contains("backend unhealthy: failed its health checks")
+                && l.contains("cause=\"connect failed:")
+                && l.contains(&gone.to_string())
+        })
+    })
+    .await;
+    assert!(logged, "{}", sluice.log());
+}
