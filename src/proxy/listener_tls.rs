@@ -15,6 +15,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::certs::{self, Identity};
+use crate::telemetry::HandshakeFailure;
 
 /// The PEM contents of a listener's TLS files.
 pub struct ServerTlsPem<'a> {
@@ -29,39 +30,16 @@ pub struct ServerTls {
     config: ArcSwap<ServerConfig>,
 }
 
-/// Why a handshake failed (`sluice_tls_handshake_errors_total{reason}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandshakeFailure {
-    /// The client offered protocols, and `h2` was not one of them.
-    NoH2,
-    /// mTLS: the client sent no certificate, or one the client CA does not vouch for.
-    ClientCertificate,
-    /// The client closed, or sent no TLS, or broke the protocol.
-    Protocol,
-    /// No handshake within the time allowed.
-    Timeout,
-}
-
-impl HandshakeFailure {
-    pub fn label(self) -> &'static str {
-        match self {
-            HandshakeFailure::NoH2 => "no_h2",
-            HandshakeFailure::ClientCertificate => "client_certificate",
-            HandshakeFailure::Protocol => "protocol",
-            HandshakeFailure::Timeout => "timeout",
-        }
-    }
-
-    fn of(error: &std::io::Error) -> HandshakeFailure {
-        let tls = error
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-        match tls {
-            Some(rustls::Error::NoApplicationProtocol) => HandshakeFailure::NoH2,
-            Some(rustls::Error::NoCertificatesPresented)
-            | Some(rustls::Error::InvalidCertificate(_)) => HandshakeFailure::ClientCertificate,
-            _ => HandshakeFailure::Protocol,
-        }
+/// Why a handshake failed, from what rustls said.
+fn failure_of(error: &std::io::Error) -> HandshakeFailure {
+    let tls = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::NoApplicationProtocol) => HandshakeFailure::NoH2,
+        Some(rustls::Error::NoCertificatesPresented)
+        | Some(rustls::Error::InvalidCertificate(_)) => HandshakeFailure::ClientCertificate,
+        _ => HandshakeFailure::Protocol,
     }
 }
 
@@ -93,10 +71,7 @@ impl ServerTls {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let acceptor = TlsAcceptor::from(self.config.load_full());
-        let stream = acceptor
-            .accept(io)
-            .await
-            .map_err(|e| HandshakeFailure::of(&e))?;
+        let stream = acceptor.accept(io).await.map_err(|e| failure_of(&e))?;
         let leaf = (stream.get_ref().1.peer_certificates()).and_then(|chain| chain.first());
         let identity = match leaf.map(ClientCert::of) {
             None => ClientIdentity::None,

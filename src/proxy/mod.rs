@@ -42,12 +42,13 @@ use crate::lifecycle::Lifecycle;
 use crate::sync::lock;
 use crate::telemetry::access_log::{self, AccessLog, Entry};
 use crate::telemetry::metrics;
+use crate::telemetry::HandshakeFailure;
 use crate::telemetry::{request_id, unrouted, Reject};
 use crate::transport::H2Settings;
 use crate::wire::{self, Code, ProxyStatus};
 use call::{Call, Downstream, Ending, Summary};
 pub use connection::ConnectionPolicy;
-use listener_tls::{ClientCert, ClientIdentity, HandshakeFailure, ServerTls};
+use listener_tls::{ClientCert, ClientIdentity, ServerTls};
 pub use route::Router;
 
 /// How long a new connection may take to send its first bytes, and to finish its TLS
@@ -175,7 +176,7 @@ impl Proxy {
         let mut first = [0u8; 1];
         match tokio::time::timeout_at(deadline, io.try_peek(&mut first)).await {
             Ok(Ok(true)) if first[0] != TLS_HANDSHAKE_RECORD => {
-                metrics().tls_handshake_failed(&self.listener, "not_tls");
+                metrics().tls_handshake_failed(&self.listener, HandshakeFailure::NotTls);
                 debug!(listener = %self.listener, peer = ?addr, "cleartext on a TLS listener");
                 return;
             }
@@ -191,7 +192,7 @@ impl Proxy {
             }
             Err(failure) => {
                 // A bad client, not a proxy fault: counted, and logged at debug only.
-                metrics().tls_handshake_failed(&self.listener, failure.label());
+                metrics().tls_handshake_failed(&self.listener, failure);
                 debug!(listener = %self.listener, peer = ?addr, reason = failure.label(),
                     "TLS handshake failed");
             }

@@ -35,7 +35,7 @@ use crate::lifecycle::Lifecycle;
 use crate::proxy::ping_watch::PingRules;
 use crate::proxy::{ConnectionPolicy, Proxy, Router};
 use crate::telemetry::access_log::AccessLog;
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, ClusterCertificate};
 use crate::transport::tls::ClientTls;
 use crate::transport::H2Settings;
 use crate::BoxError;
@@ -126,7 +126,11 @@ fn build_router(
         let tls = tls.map(|(client, leaf)| {
             let cert = c.tls.as_ref().and_then(|t| t.cert_file.as_ref());
             if let (Some(leaf), Some(cert)) = (leaf, cert) {
-                certificates.push((c.name.value.clone(), cert.value.clone(), leaf.not_after));
+                certificates.push(ClusterCertificate {
+                    cluster: c.name.value.clone(),
+                    file: cert.value.clone(),
+                    expires_at: leaf.not_after,
+                });
             }
             client
         });

@@ -376,6 +376,43 @@ pub struct Metrics {
     cluster_certificates: std::sync::Mutex<Vec<(String, String)>>,
 }
 
+/// Why a handshake failed (`sluice_tls_handshake_errors_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// A TLS listener's client spoke cleartext: its first byte starts no TLS record.
+    NotTls,
+    /// The client offered protocols, and `h2` was not one of them.
+    NoH2,
+    /// mTLS: the client sent no certificate, or one the client CA does not vouch for.
+    ClientCertificate,
+    /// The client closed, or sent no TLS, or broke the protocol.
+    Protocol,
+    /// No handshake within the time allowed.
+    Timeout,
+}
+
+impl HandshakeFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            HandshakeFailure::NotTls => "not_tls",
+            HandshakeFailure::NoH2 => "no_h2",
+            HandshakeFailure::ClientCertificate => "client_certificate",
+            HandshakeFailure::Protocol => "protocol",
+            HandshakeFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// A cluster's client certificate, for `sluice_tls_certificate_expiry_timestamp_seconds`.
+#[derive(Debug, Clone)]
+pub struct ClusterCertificate {
+    pub cluster: String,
+    /// The certificate's file, as the config names it.
+    pub file: String,
+    /// When it expires, in seconds since the Unix epoch.
+    pub expires_at: i64,
+}
+
 /// Whose certificate an expiry is: a listener's, or a cluster's (its client certificate).
 #[derive(Debug, Clone, Copy)]
 pub enum CertificateOwner<'a> {
@@ -441,14 +478,16 @@ impl Metrics {
     /// Replaces the clusters' certificate expiries with `current` (cluster, file, notAfter):
     /// a cluster removed, or a file no longer used, leaves no stale series behind to keep an
     /// expiry alert firing.
-    pub fn set_cluster_certificates(&self, current: &[(String, String, i64)]) {
+    pub fn set_cluster_certificates(&self, current: &[ClusterCertificate]) {
         let mut published = lock(&self.cluster_certificates);
         for (cluster, name) in published.drain(..) {
             let _ = self.tls_expiry.remove_label_values(&["", &cluster, &name]);
         }
-        for (cluster, name, at) in current {
-            self.tls_certificate_expires(CertificateOwner::Cluster(cluster), name, *at);
-            published.push((cluster.clone(), name.clone()));
+        for certificate in current {
+            let (cluster, file) = (&certificate.cluster, &certificate.file);
+            let owner = CertificateOwner::Cluster(cluster);
+            self.tls_certificate_expires(owner, file, certificate.expires_at);
+            published.push((cluster.clone(), file.clone()));
         }
     }
 
@@ -460,9 +499,9 @@ impl Metrics {
     }
 
     /// Counts a failed TLS handshake on `listener`.
-    pub fn tls_handshake_failed(&self, listener: &str, reason: &str) {
+    pub fn tls_handshake_failed(&self, listener: &str, reason: HandshakeFailure) {
         self.tls_handshake_errors
-            .with_label_values(&[listener, reason])
+            .with_label_values(&[listener, reason.label()])
             .inc();
     }
 
@@ -526,8 +565,13 @@ mod tests {
     fn a_reload_takes_down_the_expiry_of_certificates_no_longer_used() {
         let m = Metrics::new().unwrap();
         m.tls_certificate_expires(CertificateOwner::Listener("grpc"), "server.pem", 7);
-        m.set_cluster_certificates(&[("old".into(), "old.pem".into(), 5)]);
-        m.set_cluster_certificates(&[("new".into(), "new.pem".into(), 6)]);
+        let certificate = |cluster: &str, at| ClusterCertificate {
+            cluster: cluster.into(),
+            file: format!("{cluster}.pem"),
+            expires_at: at,
+        };
+        m.set_cluster_certificates(&[certificate("old", 5)]);
+        m.set_cluster_certificates(&[certificate("new", 6)]);
         let text = String::from_utf8(m.encode(&Nothing)).unwrap();
         assert!(!text.contains("old.pem"), "{text}");
         assert!(text.contains("cluster=\"new\""), "{text}");

@@ -11,7 +11,10 @@ pub mod request_id;
 pub mod stats;
 
 pub use history::HistoryView;
-pub use metrics::{metrics, BackendGauges, CertificateOwner, DiscoveryGauges, Export, Scrape};
+pub use metrics::{
+    metrics, BackendGauges, CertificateOwner, ClusterCertificate, DiscoveryGauges, Export,
+    HandshakeFailure, Scrape,
+};
 pub use stats::{
     unrouted, BackendStats, ClusterStats, HealthResult, LightLoad, MethodLatency, MethodStats,
     RecentRates, Reject,
