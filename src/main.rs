@@ -2,14 +2,15 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use sluice::config::{parse_duration, Config, LogFormat};
 use sluice::demo::{ClientTls, PemPair};
 use sluice::register::{RegisterFormat, Registration};
 use sluice::server::{takeover, RunOptions};
+use sluice::BoxError;
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -30,50 +31,41 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Config file, when no subcommand is given (`run` is the default).
-    #[arg(long, default_value = DEFAULT_CONFIG)]
-    config: PathBuf,
+    /// When no subcommand is given (`run` is the default).
+    #[command(flatten)]
+    config: ConfigFile,
 }
 
-const DEFAULT_CONFIG: &str = "config/sluice.yaml";
+/// `--config`, as `run`, `check` and the bare command take it.
+#[derive(Args)]
+struct ConfigFile {
+    /// Config file.
+    #[arg(
+        long = "config",
+        value_name = "FILE",
+        default_value = "config/sluice.yaml"
+    )]
+    path: PathBuf,
+}
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default).
     Run {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Take the listening sockets over from a running sluice, then send it SIGQUIT.
         #[arg(long)]
         upgrade: bool,
     },
     /// Validate the config file: print problems, exit 0 (valid) or 1 (invalid).
     Check {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Register one backend in etcd under a lease, keep it alive, delete it on SIGINT/SIGTERM
     /// (for services that cannot register themselves).
-    Register {
-        /// etcd client URL(s), comma-separated: http://HOST:PORT
-        #[arg(long)]
-        etcd: String,
-        /// Key prefix the cluster watches, e.g. `services/echo` (the key goes under `PREFIX/`).
-        #[arg(long)]
-        prefix: String,
-        /// The backend's address, HOST:PORT.
-        #[arg(long)]
-        addr: String,
-        /// Lease TTL: how long the key outlives this process if it dies without deregistering.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        ttl: std::time::Duration,
-        /// JSON metadata (etcd-naming only), e.g. '{"weight":3}'.
-        #[arg(long)]
-        metadata: Option<String>,
-        /// Value format: etcd-naming (JSON, key PREFIX/ADDR) or plain (address, key PREFIX/LEASE).
-        #[arg(long, value_enum, default_value_t = RegisterFormat::EtcdNaming)]
-        format: RegisterFormat,
-    },
+    Register(RegisterArgs),
     /// Ask a running sluice's admin endpoint for /healthz: exit 0 when it answers 200, else 1
     /// (the container image's HEALTHCHECK).
     Health {
@@ -87,54 +79,82 @@ enum Command {
     /// The proxy plus three built-in echo backends on loopback; no etcd needed.
     Demo,
     /// Call the demo (or any echo.v1 proxy) on one connection and count answers per backend.
-    DemoClient {
-        /// HOST:PORT. Over TLS, the server's certificate is checked against HOST.
-        #[arg(long, default_value = sluice::demo::DEMO_LISTEN)]
-        target: String,
-        #[arg(long, default_value_t = 30)]
-        calls: u32,
-        /// Call over TLS, trusting the system's roots (implied by --ca, --cert, --key).
-        #[arg(long)]
-        tls: bool,
-        /// Trust this CA (PEM) instead of the system's roots.
-        #[arg(long)]
-        ca: Option<PathBuf>,
-        /// Present this certificate chain (PEM) for mTLS; with --key.
-        #[arg(long)]
-        cert: Option<PathBuf>,
-        /// The private key (PEM) of --cert.
-        #[arg(long)]
-        key: Option<PathBuf>,
-        /// Check the server's certificate against this name instead of the target's host.
-        #[arg(long)]
-        server_name: Option<String>,
-    },
+    DemoClient(DemoClientArgs),
     /// One echo backend (echo.v1.Echo and grpc.health.v1), for tests and experiments.
-    EchoBackend {
-        #[arg(long)]
-        listen: SocketAddr,
-        #[arg(long)]
-        id: String,
-        /// Added to every call, e.g. `50ms`, to play a slow backend.
-        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
-        delay: std::time::Duration,
-        /// Unary calls queue for one of this many workers (a server's fixed pool); queued
-        /// work is done even after the caller has gone, unless --checks-context.
-        #[arg(long)]
-        workers: Option<usize>,
-        /// With --workers: how long each call works once it has a worker.
-        #[arg(long, default_value = "25ms", value_parser = parse_duration)]
-        work: std::time::Duration,
-        /// With --workers: drop queued calls whose caller has gone or whose deadline passed.
-        #[arg(long)]
-        checks_context: bool,
-        /// Serve TLS with this certificate chain (PEM); with --tls-key.
-        #[arg(long)]
-        tls_cert: Option<PathBuf>,
-        /// The private key (PEM) of --tls-cert.
-        #[arg(long)]
-        tls_key: Option<PathBuf>,
-    },
+    EchoBackend(EchoBackendArgs),
+}
+
+#[derive(Args)]
+struct RegisterArgs {
+    /// etcd client URL(s), comma-separated: http://HOST:PORT
+    #[arg(long)]
+    etcd: String,
+    /// Key prefix the cluster watches, e.g. `services/echo` (the key goes under `PREFIX/`).
+    #[arg(long)]
+    prefix: String,
+    /// The backend's address, HOST:PORT.
+    #[arg(long)]
+    addr: String,
+    /// Lease TTL: how long the key outlives this process if it dies without deregistering.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    ttl: std::time::Duration,
+    /// JSON metadata (etcd-naming only), e.g. '{"weight":3}'.
+    #[arg(long)]
+    metadata: Option<String>,
+    /// Value format: etcd-naming (JSON, key PREFIX/ADDR) or plain (address, key PREFIX/LEASE).
+    #[arg(long, value_enum, default_value_t = RegisterFormat::EtcdNaming)]
+    format: RegisterFormat,
+}
+
+#[derive(Args)]
+struct DemoClientArgs {
+    /// HOST:PORT. Over TLS, the server's certificate is checked against HOST.
+    #[arg(long, default_value = sluice::demo::DEMO_LISTEN)]
+    target: String,
+    #[arg(long, default_value_t = 30)]
+    calls: u32,
+    /// Call over TLS, trusting the system's roots (implied by --ca, --cert, --key).
+    #[arg(long)]
+    tls: bool,
+    /// Trust this CA (PEM) instead of the system's roots.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Present this certificate chain (PEM) for mTLS; with --key.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Check the server's certificate against this name instead of the target's host.
+    #[arg(long)]
+    server_name: Option<String>,
+}
+
+#[derive(Args)]
+struct EchoBackendArgs {
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long)]
+    id: String,
+    /// Added to every call, e.g. `50ms`, to play a slow backend.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    delay: std::time::Duration,
+    /// Unary calls queue for one of this many workers (a server's fixed pool); queued
+    /// work is done even after the caller has gone, unless --checks-context.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// With --workers: how long each call works once it has a worker.
+    #[arg(long, default_value = "25ms", value_parser = parse_duration)]
+    work: std::time::Duration,
+    /// With --workers: drop queued calls whose caller has gone or whose deadline passed.
+    #[arg(long)]
+    checks_context: bool,
+    /// Serve TLS with this certificate chain (PEM); with --tls-key.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 fn init_logging(config_level: Option<&str>, format: LogFormat) {
@@ -171,23 +191,6 @@ fn default_filter(level: &str) -> String {
     }
 }
 
-/// `demo-client`'s TLS flags: `None` for cleartext.
-fn demo_client_tls(
-    tls: bool,
-    ca: Option<PathBuf>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    server_name: Option<String>,
-) -> Result<Option<ClientTls>, sluice::BoxError> {
-    let identity = PemPair::from_flags(cert, key, "--cert and --key")?;
-    let wanted = tls || ca.is_some() || identity.is_some() || server_name.is_some();
-    Ok(wanted.then_some(ClientTls {
-        ca,
-        identity,
-        server_name,
-    }))
-}
-
 fn main() -> ExitCode {
     // No transparent huge pages for this process. mimalloc asks for them on its regions, and
     // where THP is "always" (the default of many distributions) every region a thread touches
@@ -202,107 +205,16 @@ fn main() -> ExitCode {
         upgrade: false,
     });
     let result = match command {
-        Command::Run {
-            config: path,
-            upgrade,
-        } => match Config::load(&path) {
-            Ok(config) => {
-                init_logging(config.log.level.as_deref(), config.log.format);
-                let options = RunOptions {
-                    config_path: Some(path),
-                    upgrade,
-                };
-                sluice::server::run(config, options)
-            }
-            Err(error) => {
-                init_logging(None, LogFormat::Plain);
-                Err(error.into())
-            }
-        },
-        Command::Check { config: path } => match Config::load(&path) {
-            Ok(config) => match sluice::server::check_files(&config, &path.display().to_string()) {
-                Ok(()) => {
-                    for expansion in &config.expansions {
-                        // A password in a CI log is a leaked password.
-                        let value = match expansion.secret {
-                            true => "(hidden)",
-                            false => expansion.expanded.as_str(),
-                        };
-                        let (line, column) = (expansion.line, expansion.column);
-                        let written = &expansion.written;
-                        println!("{}:{line}:{column}: {written} = {value}", path.display());
-                    }
-                    println!("{}: valid", path.display());
-                    return ExitCode::SUCCESS;
-                }
-                Err(error) => {
-                    eprintln!("{error}");
-                    return ExitCode::FAILURE;
-                }
-            },
-            Err(error) => {
-                eprintln!("{error}");
-                return ExitCode::FAILURE;
-            }
-        },
-        Command::Register {
-            etcd,
-            prefix,
-            addr,
-            ttl,
-            metadata,
-            format,
-        } => {
-            init_logging(None, LogFormat::Plain);
-            match Registration::new(&etcd, &prefix, &addr, ttl, metadata.as_deref(), format) {
-                Ok(registration) => sluice::register::run(registration),
-                Err(error) => Err(error.into()),
-            }
-        }
-        Command::Health { admin, timeout } => {
-            let checked = sluice::probe::probe_address(&admin)
-                .and_then(|address| sluice::probe::check(address, timeout));
-            return match checked {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("sluice health: {error}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+        Command::Run { config, upgrade } => run(config.path, upgrade),
+        Command::Check { config } => return check(&config.path),
+        Command::Register(args) => register(args),
+        Command::Health { admin, timeout } => return health(&admin, timeout),
         Command::Demo => {
             init_logging(None, LogFormat::Plain);
             sluice::demo::run_demo()
         }
-        Command::DemoClient {
-            target,
-            calls,
-            tls,
-            ca,
-            cert,
-            key,
-            server_name,
-        } => {
-            // Its errors are printed once, below; tonic's own log lines would repeat them.
-            init_logging(Some("off"), LogFormat::Plain);
-            demo_client_tls(tls, ca, cert, key, server_name)
-                .and_then(|tls| sluice::demo::run_demo_client(&target, calls, tls))
-        }
-        Command::EchoBackend {
-            listen,
-            id,
-            delay,
-            workers,
-            work,
-            checks_context,
-            tls_cert,
-            tls_key,
-        } => {
-            init_logging(None, LogFormat::Plain);
-            let pool = workers.map(|n| sluice::demo::WorkerPool::new(n, work, checks_context));
-            PemPair::from_flags(tls_cert, tls_key, "--tls-cert and --tls-key")
-                .and_then(|tls| sluice::demo::run_echo_backend(listen, id, delay, pool, tls))
-        }
+        Command::DemoClient(args) => demo_client(args),
+        Command::EchoBackend(args) => echo_backend(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -312,4 +224,97 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `sluice run`: loads the config, then logs as it says.
+fn run(path: PathBuf, upgrade: bool) -> Result<(), BoxError> {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(error) => {
+            init_logging(None, LogFormat::Plain);
+            return Err(error.into());
+        }
+    };
+    init_logging(config.log.level.as_deref(), config.log.format);
+    let options = RunOptions {
+        config_path: Some(path),
+        upgrade,
+    };
+    sluice::server::run(config, options)
+}
+
+/// `sluice check`: the file's `${VAR}` expansions (secrets hidden), then "valid", or the
+/// first problem.
+fn check(path: &Path) -> ExitCode {
+    let checked = Config::load(path)
+        .map_err(BoxError::from)
+        .and_then(|config| {
+            sluice::server::check_files(&config, &path.display().to_string()).map(|()| config)
+        });
+    let config = match checked {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for expansion in &config.expansions {
+        // A password in a CI log is a leaked password.
+        let value = match expansion.secret {
+            true => "(hidden)",
+            false => expansion.expanded.as_str(),
+        };
+        let (line, column, written) = (expansion.line, expansion.column, &expansion.written);
+        println!("{}:{line}:{column}: {written} = {value}", path.display());
+    }
+    println!("{}: valid", path.display());
+    ExitCode::SUCCESS
+}
+
+fn register(args: RegisterArgs) -> Result<(), BoxError> {
+    init_logging(None, LogFormat::Plain);
+    let RegisterArgs {
+        etcd,
+        prefix,
+        addr,
+        ttl,
+        metadata,
+        format,
+    } = args;
+    let registration = Registration::new(&etcd, &prefix, &addr, ttl, metadata.as_deref(), format)?;
+    sluice::register::run(registration)
+}
+
+/// `sluice health`: exit 0 when the admin endpoint answers /healthz with 200.
+fn health(admin: &str, timeout: std::time::Duration) -> ExitCode {
+    let checked = sluice::probe::probe_address(admin)
+        .and_then(|address| sluice::probe::check(address, timeout));
+    match checked {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sluice health: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo_client(args: DemoClientArgs) -> Result<(), BoxError> {
+    // Its errors are printed once, by main; tonic's own log lines would repeat them.
+    init_logging(Some("off"), LogFormat::Plain);
+    let identity = PemPair::from_flags(args.cert, args.key, "--cert and --key")?;
+    let wanted = args.tls || args.ca.is_some() || identity.is_some() || args.server_name.is_some();
+    let tls = wanted.then_some(ClientTls {
+        ca: args.ca,
+        identity,
+        server_name: args.server_name,
+    });
+    sluice::demo::run_demo_client(&args.target, args.calls, tls)
+}
+
+fn echo_backend(args: EchoBackendArgs) -> Result<(), BoxError> {
+    init_logging(None, LogFormat::Plain);
+    let pool =
+        (args.workers).map(|n| sluice::demo::WorkerPool::new(n, args.work, args.checks_context));
+    let tls = PemPair::from_flags(args.tls_cert, args.tls_key, "--tls-cert and --tls-key")?;
+    sluice::demo::run_echo_backend(args.listen, args.id, args.delay, pool, tls)
 }
