@@ -20,7 +20,7 @@ pub mod values;
 use std::cell::RefCell;
 use std::path::Path;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 pub use serde_saphyr::Spanned;
 
 pub use files::{
@@ -83,7 +83,7 @@ fn default_upgrade_sock() -> String {
     "/tmp/sluice_upgrade.sock".to_string()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub name: Spanned<String>,
@@ -126,7 +126,7 @@ fn default_max_header_list_size() -> AtLeastOne {
 
 /// `listeners[].keepalive`: grpc-go's server keepalive, with its defaults (and an hour's idle
 /// timeout).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DownstreamKeepalive {
     /// A client PING sooner than this after its previous one is a strike; more than two
@@ -178,7 +178,7 @@ fn default_ping_timeout() -> PositiveDuration {
 /// `listeners[].tls`: one certificate (`cert_file` and `key_file`), or several chosen by the
 /// client's SNI (`certificates`, the first one the default); `client_ca_file` asks every
 /// client for a certificate signed by that CA (mTLS).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
     #[serde(default)]
@@ -195,7 +195,7 @@ pub struct ListenerTls {
 }
 
 /// One certificate chain and its private key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificatePair {
     pub cert_file: Spanned<String>,
@@ -203,7 +203,7 @@ pub struct CertificatePair {
 }
 
 /// `forward_client_cert: { header }`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardClientCert {
     pub header: ForwardHeader,
@@ -237,7 +237,7 @@ impl ListenerTls {
 }
 
 /// `access_log: { path, enabled }`: one JSON line per finished call.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessLogConfig {
     /// A file to append to; absent means stdout.
@@ -248,7 +248,7 @@ pub struct AccessLogConfig {
 }
 
 /// `request_id: { generate }`: whether a call without a trace id gets a new `x-request-id`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestIdConfig {
     #[serde(default = "default_true")]
@@ -265,13 +265,13 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub address: ListenAddr,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// A `tracing` filter such as `info` or `sluice=debug`; `RUST_LOG` wins when set.
@@ -283,7 +283,7 @@ pub struct LogConfig {
 }
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// `TIME LEVEL TARGET: message key=value ...`, coloured on a terminal.
@@ -293,7 +293,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// How long SIGTERM waits for in-flight streams before the process exits anyway.

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_saphyr::Spanned;
 
 /// Deserializes a `T` and checks it, naming the value's line and column when the check fails
@@ -43,14 +43,14 @@ macro_rules! parse_from_string {
 }
 
 /// A duration written as `250ms`, `5s`, `1m` or `1h`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct DurationValue(pub Duration);
 
 parse_from_string!(DurationValue, |t: &str| parse_duration(t)
     .map(DurationValue));
 
 /// A duration that must be greater than zero (timeouts, deadlines).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PositiveDuration(pub Duration);
 
 parse_from_string!(PositiveDuration, |t: &str| match parse_duration(t)? {
@@ -86,6 +86,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// not a pseudo-header and not one gRPC or HTTP/2 reserve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardHeader(pub http::HeaderName);
+
+impl Serialize for ForwardHeader {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0.as_str())
+    }
+}
 
 parse_from_string!(ForwardHeader, |t: &str| {
     let reserved = t.starts_with(':')
@@ -129,7 +135,7 @@ parse_from_string!(TlsServerName, |t: &str| {
 
 /// A socket address to listen on: `IP:PORT`. Port 0 asks the kernel for a free port; the
 /// address actually bound is logged at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ListenAddr(pub SocketAddr);
 
 parse_from_string!(ListenAddr, |t: &str| t.parse().map(ListenAddr).map_err(
@@ -221,7 +227,7 @@ impl<'de> Deserialize<'de> for MaxAttempts {
 }
 
 /// A count of at least 1 (`outlier_detection.consecutive_failures`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct AtLeastOne(pub u32);
 
 impl<'de> Deserialize<'de> for AtLeastOne {
@@ -275,7 +281,7 @@ impl<'de> Deserialize<'de> for Tolerance {
 }
 
 /// `threads`: at least 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ThreadCount(pub usize);
 
 impl<'de> Deserialize<'de> for ThreadCount {
@@ -310,7 +316,7 @@ parse_from_string!(PathPrefix, |t: &str| if t.starts_with('/') {
 });
 
 /// A list that must hold at least one item.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NonEmpty<T>(pub Vec<T>);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for NonEmpty<T> {

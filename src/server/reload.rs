@@ -5,19 +5,23 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use serde::Serialize;
 use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use super::certificates::Certificates;
 use super::{build_router, check_files, Feeds};
-use crate::config::{AccessLogConfig, Config, DownstreamKeepalive, RequestIdConfig};
+use crate::config::values::{NonEmpty, ThreadCount};
+use crate::config::{
+    AccessLogConfig, AdminConfig, Config, ListenerConfig, LogConfig, RequestIdConfig,
+    ShutdownConfig,
+};
 use crate::proxy::Router;
 use crate::sync::lock;
 
@@ -35,36 +39,43 @@ pub(super) struct Reload {
     pub(super) discovery: Handle,
 }
 
-/// The settings a reload cannot change: they are read once, at start.
+/// The settings a reload cannot change, read once at start: every top-level key but
+/// `clusters`, `routes`, `etcd` and `client_key`, whole, as the config types serialise them.
+/// A key added inside any of them is restart-only without being listed here, and a new
+/// top-level key does not compile until `RestartOnly::of` sorts it.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct RestartOnly {
-    listeners: Vec<(String, SocketAddr)>,
-    /// Each listener's TLS file names and forwarded header (their contents reload).
-    listener_tls: Vec<Option<Vec<String>>>,
-    /// Each listener's max age, its grace, and keepalive policy.
-    listener_policy: Vec<(Option<Duration>, Option<Duration>, DownstreamKeepalive)>,
-    /// Each listener's max_connections, max_concurrent_streams and max_header_list_size.
-    listener_limits: Vec<(Option<u32>, u32, u32)>,
+    /// The listeners' addresses, and the admin's: the bound ones for the running process
+    /// (which differ from the config's where it asked for port 0).
+    listeners: Vec<SocketAddr>,
     admin: Option<SocketAddr>,
-    threads: Option<usize>,
-    drain_timeout: Duration,
-    log_level: Option<String>,
-    log_format: crate::config::LogFormat,
-    upgrade_sock: String,
-    access_log: Option<AccessLogConfig>,
-    request_id: RequestIdConfig,
+    /// All the rest of those keys, addresses left out.
+    rest: serde_json::Value,
+}
+
+/// The restart-only keys, for `RestartOnly::rest`.
+#[derive(Serialize)]
+struct RestartOnlyKeys<'a> {
+    listeners: &'a NonEmpty<ListenerConfig>,
+    admin: &'a Option<AdminConfig>,
+    log: &'a LogConfig,
+    shutdown: &'a ShutdownConfig,
+    threads: &'a Option<ThreadCount>,
+    access_log: &'a Option<AccessLogConfig>,
+    request_id: &'a RequestIdConfig,
+    upgrade_sock: &'a String,
 }
 
 impl RestartOnly {
     /// The running process's settings: the config it started with, with the addresses it
-    /// actually bound (which differ from the config's where it asked for port 0).
+    /// actually bound.
     pub(super) fn running(
         config: &Config,
         listeners: &[SocketAddr],
         admin: Option<SocketAddr>,
     ) -> RestartOnly {
         let mut settings = RestartOnly::of(config);
-        for ((_, configured), bound) in settings.listeners.iter_mut().zip(listeners) {
+        for (configured, bound) in settings.listeners.iter_mut().zip(listeners) {
             *configured = *bound;
         }
         settings.admin = admin.or(settings.admin);
@@ -80,7 +91,7 @@ impl RestartOnly {
             }
         };
         let mut next = next.clone();
-        for ((_, asked), (_, running)) in next.listeners.iter_mut().zip(&self.listeners) {
+        for (asked, running) in next.listeners.iter_mut().zip(&self.listeners) {
             keep_bound(asked, running);
         }
         if let (Some(asked), Some(running)) = (next.admin.as_mut(), &self.admin) {
@@ -90,39 +101,49 @@ impl RestartOnly {
     }
 
     fn of(config: &Config) -> RestartOnly {
+        // Every top-level key by name, no `..`: a new one must be sorted here to compile.
+        let Config {
+            listeners,
+            admin,
+            log,
+            shutdown,
+            threads,
+            access_log,
+            request_id,
+            upgrade_sock,
+            // Reloadable.
+            clusters: _,
+            routes: _,
+            etcd: _,
+            client_key: _,
+            // Derived from the others.
+            files: _,
+            expansions: _,
+        } = config;
+        let keys = RestartOnlyKeys {
+            listeners,
+            admin,
+            log,
+            shutdown,
+            threads,
+            access_log,
+            request_id,
+            upgrade_sock,
+        };
+        // Plain data of our own types: serialising cannot fail.
+        let mut rest = serde_json::to_value(&keys).unwrap_or_default();
+        // The addresses are compared apart (port 0 keeps the bound port).
+        if let Some(list) = rest["listeners"].as_array_mut() {
+            list.iter_mut()
+                .for_each(|l| l["address"] = serde_json::Value::Null);
+        }
+        if rest["admin"].is_object() {
+            rest["admin"]["address"] = serde_json::Value::Null;
+        }
         RestartOnly {
-            listeners: config
-                .listeners
-                .iter()
-                .map(|l| (l.name.value.clone(), l.address.0))
-                .collect(),
-            listener_tls: (config.listeners.iter())
-                .map(|l| l.tls.as_ref().map(|t| t.paths()))
-                .collect(),
-            listener_policy: (config.listeners.iter())
-                .map(|l| {
-                    let age = l.max_connection_age.map(|d| d.0);
-                    (age, l.max_connection_age_grace.map(|d| d.0), l.keepalive)
-                })
-                .collect(),
-            listener_limits: (config.listeners.iter())
-                .map(|l| {
-                    let max_connections = l.max_connections.map(|n| n.0);
-                    (
-                        max_connections,
-                        l.max_concurrent_streams.0,
-                        l.max_header_list_size.0,
-                    )
-                })
-                .collect(),
-            admin: config.admin.as_ref().map(|a| a.address.0),
-            threads: config.threads.map(|t| t.0),
-            drain_timeout: config.shutdown.drain_timeout.0,
-            log_level: config.log.level.clone(),
-            log_format: config.log.format,
-            upgrade_sock: config.upgrade_sock.clone(),
-            access_log: config.access_log.clone(),
-            request_id: config.request_id,
+            listeners: listeners.0.iter().map(|l| l.address.0).collect(),
+            admin: admin.as_ref().map(|a| a.address.0),
+            rest,
         }
     }
 }
@@ -221,5 +242,27 @@ mod tests {
         assert!(running.unchanged_by(&settings("127.0.0.1:41234", "info")));
         assert!(!running.unchanged_by(&settings("127.0.0.1:41235", "info")));
         assert!(!running.unchanged_by(&settings("127.0.0.1:0", "debug")));
+    }
+
+    #[test]
+    fn any_listener_key_is_restart_only_and_reloadable_keys_are_not() {
+        let with = |extra: &str| {
+            let yaml = format!(
+                "listeners: [{{name: grpc, address: \"127.0.0.1:1\"{extra}}}]\nclusters: [{{name: c, discovery: {{static: [\"a:1\"]}}}}]\n"
+            );
+            RestartOnly::of(&Config::parse(&yaml, "t").unwrap())
+        };
+        let base = with("");
+        assert!(!base.unchanged_by(&with(", max_header_list_size: 1024")));
+        assert!(!base.unchanged_by(&with(", keepalive: {min_ping_interval: 1s}")));
+        assert!(
+            base.unchanged_by(&with(", max_concurrent_streams: 10000")),
+            "the default, written out"
+        );
+        let reloaded = RestartOnly::of(&Config::parse(
+            "listeners: [{name: grpc, address: \"127.0.0.1:1\"}]\nclusters: [{name: c, balancer: round_robin, discovery: {static: [\"b:1\"]}}]\n",
+            "t",
+        ).unwrap());
+        assert!(base.unchanged_by(&reloaded));
     }
 }
