@@ -11,13 +11,13 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde::Serialize;
 
+use crate::balance::Clusters;
 use crate::balance::{BackendSnapshot, SourceView};
 use crate::lifecycle::Lifecycle;
-use crate::proxy::Router;
 use crate::telemetry::{history, metrics, HistoryView};
 
 pub struct Admin {
-    pub router: Arc<ArcSwap<Router>>,
+    pub clusters: Arc<ArcSwap<Clusters>>,
     pub lifecycle: Arc<Lifecycle>,
 }
 
@@ -70,7 +70,7 @@ impl ServeHttp for Admin {
             "/metrics" => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                metrics().encode(&**self.router.load()),
+                metrics().encode(&**self.clusters.load()),
             ),
             "/readyz" => match self.not_ready_reason() {
                 None => text(StatusCode::OK, "ready\n"),
@@ -107,9 +107,9 @@ impl Admin {
         if !self.lifecycle.listeners_bound() {
             return Some("listeners not bound yet".into());
         }
-        let router = self.router.load();
-        let waiting: Vec<&str> = router
-            .clusters()
+        let clusters = self.clusters.load();
+        let waiting: Vec<&str> = clusters
+            .all()
             .iter()
             .filter(|c| !c.is_ready())
             .map(|c| c.name.as_str())
@@ -119,10 +119,10 @@ impl Admin {
     }
 
     fn backends(&self) -> BackendsView {
-        let router = self.router.load();
+        let clusters = self.clusters.load();
         BackendsView {
-            clusters: router
-                .clusters()
+            clusters: clusters
+                .all()
                 .iter()
                 .map(|c| ClusterView {
                     name: c.name.clone(),
@@ -137,8 +137,8 @@ impl Admin {
     }
 
     fn history(&self) -> HistoryPage {
-        let router = self.router.load();
-        let clusters = router.clusters().iter().map(|c| ClusterHistory {
+        let clusters = self.clusters.load();
+        let clusters = clusters.all().iter().map(|c| ClusterHistory {
             name: c.name.clone(),
             backends: (c.listed_backends().iter())
                 .map(|b| BackendHistory {

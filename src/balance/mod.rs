@@ -13,6 +13,7 @@ mod marks;
 mod outlier;
 mod p2c;
 mod queue;
+mod registry;
 mod retry_budget;
 mod round_robin;
 mod shedding;
@@ -31,6 +32,7 @@ pub use ewma::{clock_ns, fast_latency};
 pub use limit::{LimitPolicy, Sample};
 pub use marks::Mark;
 pub use queue::{ClientId, SlotQueue, Waiter, Wake};
+pub use registry::Clusters;
 pub use retry_budget::RetryBudget;
 pub use source::{SourceKind, SourceState, SourceStatus, SourceView};
 

@@ -2,47 +2,33 @@
 
 use std::sync::Arc;
 
-use crate::balance::Cluster;
+use crate::balance::{Cluster, Clusters};
 use crate::config::{Config, RouteMatch};
-use crate::telemetry::{Export, Scrape};
 use crate::wire::GrpcPath;
 
-/// The clusters, and the routes to them in config order (first match wins). Swapped whole on
-/// reload.
+/// The routes to one generation's clusters, in config order (first match wins). Swapped
+/// whole on reload, with the clusters (`balance::Clusters`).
 #[derive(Debug)]
 pub struct Router {
     routes: Vec<(Option<RouteMatch>, Arc<Cluster>)>,
-    clusters: Vec<Arc<Cluster>>,
 }
 
 impl Router {
-    pub fn new(config: &Config, clusters: Vec<Arc<Cluster>>) -> Router {
-        let by_name = |name: &str| clusters.iter().find(|c| c.name == name).cloned();
+    pub fn new(config: &Config, clusters: &Clusters) -> Router {
         let routes = match &config.routes {
             Some(routes) => routes
                 .iter()
                 // Validation guarantees every route names a cluster.
-                .filter_map(|r| Some((r.match_.clone(), by_name(&r.cluster.value)?)))
+                .filter_map(|r| {
+                    let cluster = clusters.by_name(&r.cluster.value)?;
+                    Some((r.match_.clone(), Arc::clone(cluster)))
+                })
                 .collect(),
-            None => clusters.iter().map(|c| (None, Arc::clone(c))).collect(),
+            None => (clusters.all().iter())
+                .map(|c| (None, Arc::clone(c)))
+                .collect(),
         };
-        Router { routes, clusters }
-    }
-
-    /// No clusters, no routes: every call is UNIMPLEMENTED (before a config is loaded).
-    pub fn empty() -> Router {
-        Router {
-            routes: Vec::new(),
-            clusters: Vec::new(),
-        }
-    }
-
-    pub fn clusters(&self) -> &[Arc<Cluster>] {
-        &self.clusters
-    }
-
-    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
-        self.clusters.iter().find(|c| c.name == name)
+        Router { routes }
     }
 
     pub fn route(&self, path: &str) -> Option<&Arc<Cluster>> {
@@ -56,14 +42,5 @@ impl Router {
             };
             hit.then_some(cluster)
         })
-    }
-}
-
-/// The router owns the clusters, so it is what hands them to `/metrics`.
-impl Export for Router {
-    fn export(&self, scrape: &mut Scrape) {
-        for cluster in &self.clusters {
-            cluster.export(scrape);
-        }
     }
 }

@@ -12,8 +12,8 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tracing::error;
 
+use crate::balance::Clusters;
 use crate::lifecycle::Lifecycle;
-use crate::proxy::Router;
 use crate::telemetry::history;
 
 /// Marks the listeners bound once each accepts a TCP connection (pingora does not report it).
@@ -54,7 +54,7 @@ impl BackgroundService for Readiness {
 /// It also has each cluster log the start and end of shedding, and limits that halve or
 /// double.
 pub(super) struct RateSampler {
-    pub(super) router: Arc<ArcSwap<Router>>,
+    pub(super) clusters: Arc<ArcSwap<Clusters>>,
 }
 
 #[async_trait]
@@ -68,7 +68,7 @@ impl BackgroundService for RateSampler {
                 _ = tick.tick() => {
                     seconds += 1;
                     let close_bin = seconds.is_multiple_of(per_bin);
-                    for cluster in self.router.load().clusters() {
+                    for cluster in self.clusters.load().all() {
                         cluster.review_overload();
                         // Draining backends too: their bins stay in line with the others'.
                         for backend in &cluster.listed_backends() {

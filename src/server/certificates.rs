@@ -13,12 +13,12 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tracing::{error, info};
 
+use crate::balance::Clusters;
 use crate::config::{
     read_listener_tls, read_upstream_tls, Config, ListenerTls, ListenerTlsFiles, PemFile, Problem,
     UpstreamTls, UpstreamTlsFiles,
 };
 use crate::proxy::listener_tls::{ServerTls, ServerTlsPem};
-use crate::proxy::Router;
 use crate::sync::lock;
 use crate::telemetry::{metrics, CertificateOwner};
 use crate::transport::tls::{ClientTls, ClientTlsPem};
@@ -111,13 +111,13 @@ impl Certificates {
         Ok((certificates, per_listener))
     }
 
-    /// Watches the TLS files of `router`'s clusters, built from `config`, from now on.
-    pub(super) fn watch_clusters(&self, config: &Config, router: &Router) {
-        let mut clusters = Vec::new();
+    /// Watches the TLS files of `clusters`, built from `config`, from now on.
+    pub(super) fn watch_clusters(&self, config: &Config, clusters: &Clusters) {
+        let mut watched = Vec::new();
         for (index, cluster) in config.clusters.iter().enumerate() {
             let name = &cluster.name.value;
-            let tls = router
-                .cluster(name)
+            let tls = clusters
+                .by_name(name)
                 .and_then(|c| c.settings.upstream.tls.clone());
             let files = config.files.cluster_tls.get(index).cloned().flatten();
             if let (Some(tls), Some(config), Some(files)) = (tls, &cluster.tls, files) {
@@ -127,10 +127,10 @@ impl Certificates {
                     config: config.clone(),
                     tls,
                 };
-                clusters.push(Arc::new(Watched::new(owner, files)));
+                watched.push(Arc::new(Watched::new(owner, files)));
             }
         }
-        let old = std::mem::replace(&mut *lock(&self.clusters), clusters);
+        let old = std::mem::replace(&mut *lock(&self.clusters), watched);
         for cluster in old {
             cluster.retired.store(true, Ordering::Relaxed);
         }

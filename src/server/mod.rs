@@ -26,7 +26,7 @@ use tokio::runtime::Handle;
 use tracing::info;
 
 use crate::admin::Admin;
-use crate::balance::Cluster;
+use crate::balance::{Cluster, Clusters};
 use crate::certs;
 use crate::config::{ClientKeyConfig, ClusterConfig, Config};
 use crate::discovery::{self, Watchers};
@@ -106,14 +106,21 @@ fn upstream_tls(config: &Config, i: usize) -> Result<Option<BuiltClientTls>, Box
     Ok(Some((Arc::new(client), leaf)))
 }
 
+/// One config's clusters, the routes to them, and what feeds them.
+struct Generation {
+    clusters: Clusters,
+    router: Router,
+    feeds: Feeds,
+}
+
 /// Builds the clusters and router for a config and starts their discovery and health checks
 /// on `runtime`. Same-named clusters of `previous` keep their counters and queue, and hand
 /// over their backends (and live connections) when the discovery source is unchanged.
-fn build_router(
+fn build_generation(
     config: &Config,
-    previous: Option<&Router>,
+    previous: Option<&Clusters>,
     runtime: &Handle,
-) -> Result<(Router, Feeds), BoxError> {
+) -> Result<Generation, BoxError> {
     // Everything that can fail comes first: a cluster built from `previous` takes over its
     // queue and limits at once, which a rejected config must not have touched.
     let mut tls_of = Vec::with_capacity(config.clusters.len());
@@ -141,19 +148,24 @@ fn build_router(
         _watchers: discovery::start(&clusters, config, runtime),
         _checkers: health::start(&clusters, runtime),
     };
-    let router = Router::new(config, clusters.into_iter().map(|(c, _)| c).collect());
-    Ok((router, feeds))
+    let clusters = Clusters::new(clusters.into_iter().map(|(c, _)| c).collect());
+    let router = Router::new(config, &clusters);
+    Ok(Generation {
+        clusters,
+        router,
+        feeds,
+    })
 }
 
-/// One cluster of a new router: the next generation of the same-named cluster of `previous`
-/// if there is one.
+/// One cluster of a new generation: the next generation of the same-named cluster of
+/// `previous` if there is one.
 fn new_cluster<'c>(
     c: &'c ClusterConfig,
     tls: Option<Arc<ClientTls>>,
     client_key: &ClientKeyConfig,
-    previous: Option<&Router>,
+    previous: Option<&Clusters>,
 ) -> (Arc<Cluster>, &'c ClusterConfig) {
-    let old = previous.and_then(|r| r.cluster(&c.name.value));
+    let old = previous.and_then(|p| p.by_name(&c.name.value));
     let cluster = Arc::new(match old {
         Some(old) => Cluster::after(c, tls, client_key, old),
         None => Cluster::new(c, tls, client_key),
@@ -189,6 +201,7 @@ fn discovery_runtime() -> Result<tokio::runtime::Runtime, BoxError> {
 
 /// What every listener and the admin endpoint share.
 struct Shared {
+    clusters: Arc<ArcSwap<Clusters>>,
     router: Arc<ArcSwap<Router>>,
     lifecycle: Arc<Lifecycle>,
     access_log: Option<AccessLog>,
@@ -207,10 +220,11 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
     let (certificates, listener_tls) = Certificates::build(&config)?;
     let certificates = Arc::new(certificates);
     let discovery = discovery_runtime()?;
-    let (router, feeds) = build_router(&config, None, discovery.handle())?;
-    certificates.watch_clusters(&config, &router);
+    let generation = build_generation(&config, None, discovery.handle())?;
+    certificates.watch_clusters(&config, &generation.clusters);
     let shared = Shared {
-        router: Arc::new(ArcSwap::from_pointee(router)),
+        clusters: Arc::new(ArcSwap::from_pointee(generation.clusters)),
+        router: Arc::new(ArcSwap::from_pointee(generation.router)),
         lifecycle: Lifecycle::new(),
         access_log: start_access_log(&config)?,
     };
@@ -236,7 +250,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
     server.add_service(background_service(
         "rates",
         RateSampler {
-            router: Arc::clone(&shared.router),
+            clusters: Arc::clone(&shared.clusters),
         },
     ));
     server.add_service(background_service(
@@ -250,8 +264,9 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
         Reload {
             certificates,
             path: options.config_path,
+            clusters: Arc::clone(&shared.clusters),
             router: Arc::clone(&shared.router),
-            feeds: Mutex::new(feeds),
+            feeds: Mutex::new(generation.feeds),
             restart_only,
             discovery: discovery.handle().clone(),
         },
@@ -425,7 +440,7 @@ fn add_admin(
         return Ok(None);
     };
     let app = Admin {
-        router: Arc::clone(&shared.router),
+        clusters: Arc::clone(&shared.clusters),
         lifecycle: Arc::clone(&shared.lifecycle),
     };
     let address = admin.address.0;

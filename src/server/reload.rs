@@ -16,7 +16,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use super::certificates::Certificates;
-use super::{build_router, check_files, Feeds};
+use super::{build_generation, check_files, Feeds};
+use crate::balance::Clusters;
 use crate::config::values::{NonEmpty, ThreadCount};
 use crate::config::{
     AccessLogConfig, AdminConfig, Config, ListenerConfig, LogConfig, RequestIdConfig,
@@ -30,9 +31,11 @@ pub(super) struct Reload {
     pub(super) certificates: Arc<Certificates>,
     /// The file to re-read (`None` in demo mode).
     pub(super) path: Option<PathBuf>,
+    /// The live clusters, and the routes to them: swapped together.
+    pub(super) clusters: Arc<ArcSwap<Clusters>>,
     pub(super) router: Arc<ArcSwap<Router>>,
-    /// The etcd watches and health checkers of the current router's clusters; replaced on
-    /// each reload.
+    /// The etcd watches and health checkers of the current clusters; replaced on each
+    /// reload.
     pub(super) feeds: Mutex<Feeds>,
     pub(super) restart_only: RestartOnly,
     /// The runtime the discovery watches run on.
@@ -202,19 +205,21 @@ impl Reload {
                  (or an upgrade); they are ignored"
             );
         }
-        let previous = self.router.load_full();
-        let (next, feeds) = match build_router(&config, Some(&previous), &self.discovery) {
+        let previous = self.clusters.load_full();
+        let next = match build_generation(&config, Some(&previous), &self.discovery) {
             Ok(built) => built,
             Err(error) => {
                 error!(%error, "SIGHUP: config rejected; the running config stays");
                 return;
             }
         };
-        self.certificates.watch_clusters(&config, &next);
-        self.router.store(Arc::new(next));
+        self.certificates.watch_clusters(&config, &next.clusters);
+        // The clusters first: a call routed by the new table finds its cluster in `/backends`.
+        self.clusters.store(Arc::new(next.clusters));
+        self.router.store(Arc::new(next.router));
         // The new watches and checkers run; the old ones stop (their clusters are no longer
         // routed to).
-        *lock(&self.feeds) = feeds;
+        *lock(&self.feeds) = next.feeds;
         info!(path = %path.display(), "SIGHUP: config reloaded");
     }
 }
