@@ -191,3 +191,20 @@ fn parse_xfcc_element(element: &str) -> Vec<(String, String)> {
     }
     fields
 }
+
+thread_local! {
+    /// One in-process listener per thread, kept across inputs: a panic in one input's
+    /// connection is a failure anyway.
+    static LISTENER: sluice::proxy::fuzzing::FuzzListener =
+        sluice::proxy::fuzzing::FuzzListener::new();
+}
+
+/// The listener, fed raw HTTP/2 frames after the preface: the connection ends once its client
+/// has sent them and closed (no hang), and the listener still answers a well-formed call on a
+/// new connection (UNAVAILABLE: its one cluster has no backends).
+pub fn listener(data: &[u8]) {
+    LISTENER.with(|listener| {
+        listener.feed(data);
+        assert_eq!(listener.call().as_deref(), Some("14"), "after {data:?}");
+    });
+}

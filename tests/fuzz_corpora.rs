@@ -10,6 +10,8 @@ use std::path::Path;
 
 /// Mutated inputs tried per target, on top of the corpus.
 const ROUNDS: usize = 20_000;
+/// Fewer for the listener: each input is a whole connection and a call after it.
+const LISTENER_ROUNDS: usize = 10_000;
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -52,13 +54,17 @@ fn mutate(inputs: &[Vec<u8>], rng: &mut fastrand::Rng) -> Vec<u8> {
 }
 
 fn replay_and_mutate(target: &str, check: fn(&[u8])) {
+    replay_and_mutate_rounds(target, check, ROUNDS);
+}
+
+fn replay_and_mutate_rounds(target: &str, check: fn(&[u8]), rounds: usize) {
     let inputs = corpus(target);
     for input in &inputs {
         check(input);
     }
     // Seeded: a failure here is the same failure on the next run.
     let mut rng = fastrand::Rng::with_seed(0x5111ce);
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         let input = mutate(&inputs, &mut rng);
         let result = std::panic::catch_unwind(|| check(&input));
         if let Err(panic) = result {
@@ -92,4 +98,9 @@ fn trace_ids() {
 #[test]
 fn xfcc() {
     replay_and_mutate("xfcc", checks::xfcc);
+}
+
+#[test]
+fn listener() {
+    replay_and_mutate_rounds("listener", checks::listener, LISTENER_ROUNDS);
 }

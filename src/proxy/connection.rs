@@ -19,6 +19,7 @@ use tracing::debug;
 
 use super::ping_watch::{PingAlarm, PingRules, PingWatch};
 use super::{Peer, Proxy, StreamCount};
+use crate::config::ListenerConfig;
 use crate::transport::coalesce::CoalescingIo;
 
 /// A listener's policy for its client connections (`listeners[]` keys).
@@ -36,6 +37,24 @@ pub struct ConnectionPolicy {
     /// ...unanswered this long closes the connection.
     pub ping_timeout: Duration,
     pub pings: PingRules,
+}
+
+impl ConnectionPolicy {
+    /// A listener's policy, from its config.
+    pub fn of(listener: &ListenerConfig) -> ConnectionPolicy {
+        let keepalive = &listener.keepalive;
+        ConnectionPolicy {
+            max_age: listener.max_connection_age.map(|d| d.0),
+            max_age_grace: listener.max_connection_age_grace.map(|d| d.0),
+            idle_timeout: keepalive.idle_timeout.0,
+            ping_interval: keepalive.ping_interval.0,
+            ping_timeout: keepalive.ping_timeout.0,
+            pings: PingRules {
+                min_interval: keepalive.min_ping_interval.0,
+                permit_without_stream: keepalive.permit_without_stream,
+            },
+        }
+    }
 }
 
 /// Far enough away to stand for "never" in a timer.

@@ -16,6 +16,8 @@ mod call;
 mod client;
 mod connection;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod listener_tls;
 mod outcome;
 pub mod ping_watch;

@@ -32,7 +32,6 @@ use crate::config::{ClientKeyConfig, ClusterConfig, Config};
 use crate::discovery::{self, Watchers};
 use crate::health;
 use crate::lifecycle::Lifecycle;
-use crate::proxy::ping_watch::PingRules;
 use crate::proxy::{ConnectionPolicy, Proxy, Router};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::{metrics, ClusterCertificate};
@@ -383,7 +382,7 @@ fn add_listeners(
             tls,
             forward_client_cert: forward.map(|f| f.header.0.clone()),
             identity_headers: Arc::clone(&identity_headers),
-            policy: connection_policy(listener),
+            policy: ConnectionPolicy::of(listener),
         };
         let service_name = format!("listener {name}");
         let what = format!("listener {name:?}");
@@ -411,22 +410,6 @@ fn identity_headers(config: &Config) -> Arc<[http::HeaderName]> {
         }
     }
     headers.into()
-}
-
-/// A listener's connection policy, from its config.
-fn connection_policy(listener: &crate::config::ListenerConfig) -> ConnectionPolicy {
-    let keepalive = &listener.keepalive;
-    ConnectionPolicy {
-        max_age: listener.max_connection_age.map(|d| d.0),
-        max_age_grace: listener.max_connection_age_grace.map(|d| d.0),
-        idle_timeout: keepalive.idle_timeout.0,
-        ping_interval: keepalive.ping_interval.0,
-        ping_timeout: keepalive.ping_timeout.0,
-        pings: PingRules {
-            min_interval: keepalive.min_ping_interval.0,
-            permit_without_stream: keepalive.permit_without_stream,
-        },
-    }
 }
 
 /// Adds the admin endpoint, when configured; returns the address bound.
