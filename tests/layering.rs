@@ -85,17 +85,30 @@ fn files_of(module: &str) -> Vec<PathBuf> {
     files
 }
 
-/// The modules a source file names as `crate::module`.
+/// The modules a source file names as `crate::module`, or in `use crate::{a, b::c}`.
+/// (A path through `super::super::` is not followed; the code has none.)
 fn uses(source: &str, modules: &[String]) -> Vec<String> {
-    let mut used = Vec::new();
-    for (at, _) in source.match_indices("crate::") {
-        let rest = &source[at + "crate::".len()..];
-        let name: String = rest
-            .chars()
-            .take_while(|c| c.is_alphanumeric() || *c == '_')
-            .collect();
+    let mut used: Vec<String> = Vec::new();
+    let mut add = |name: String| {
         if modules.contains(&name) && !used.contains(&name) {
             used.push(name);
+        }
+    };
+    let word = |text: &str| -> String {
+        text.chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    for (at, _) in source.match_indices("crate::") {
+        let rest = &source[at + "crate::".len()..];
+        match rest.strip_prefix('{') {
+            Some(group) => {
+                let group = &group[..group.find('}').unwrap_or(group.len())];
+                for item in group.split(',') {
+                    add(word(item.trim()));
+                }
+            }
+            None => add(word(rest)),
         }
     }
     used
@@ -145,6 +158,8 @@ fn the_check_sees_a_use_and_reads_the_table() {
         "use crate::balance::Cluster;\nlet x = crate::wire::Code::Ok;",
         &modules,
     );
+    let grouped = uses("use crate::{config::Config, proxy, nothing};", &modules);
+    assert_eq!(grouped, ["config", "proxy"]);
     assert_eq!(used, ["balance", "wire"]);
     let places = layers(&modules);
     assert!(places["wire"] < places["config"]);

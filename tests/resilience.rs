@@ -126,9 +126,9 @@ async fn wait_all_serving(
     seen.len() == ids.len()
 }
 
-/// A backend whose process dies as each request arrives: it reads the request headers, then
-/// its connection closes without a byte of response. Counts the requests it got.
-async fn dying_backend() -> (support::ScriptedListener, Arc<AtomicU64>) {
+/// A backend whose process dies `after` each request arrives: it reads the request headers,
+/// then its connection closes without a byte of response. Counts the requests it got.
+async fn dying_backend(after: Duration) -> (support::ScriptedListener, Arc<AtomicU64>) {
     let received = Arc::new(AtomicU64::new(0));
     let seen = Arc::clone(&received);
     let listener = support::ScriptedListener::start(move |tcp| {
@@ -139,6 +139,7 @@ async fn dying_backend() -> (support::ScriptedListener, Arc<AtomicU64>) {
             };
             if let Some(Ok(_request)) = connection.accept().await {
                 seen.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(after).await;
             }
             // Dropping the connection closes the socket: the backend is gone.
         }
@@ -149,7 +150,7 @@ async fn dying_backend() -> (support::ScriptedListener, Arc<AtomicU64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_connection_dies_before_any_response_byte_is_retried_elsewhere() {
-    let (dying, received) = dying_backend().await;
+    let (dying, received) = dying_backend(Duration::ZERO).await;
     let good = Echo::start("good").await;
     let extra = "    balancer: round_robin\n    outlier_detection: off\n";
     let sluice = Sluice::start(&Sluice::cluster(&[dying.addr, good.addr], extra)).await;
@@ -170,9 +171,26 @@ async fn a_call_whose_connection_dies_before_any_response_byte_is_retried_elsewh
     );
 }
 
+/// A backend that took the call and died while working on it (200 ms later) may have acted:
+/// that call is not run again elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_backend_held_before_dying_fails_with_unavailable() {
+    let (dying, received) = dying_backend(Duration::from_millis(200)).await;
+    let extra = "    outlier_detection: off\n";
+    let sluice = Sluice::start(&Sluice::cluster(&[dying.addr], extra)).await;
+    let mut client = sluice.client().await;
+    let status = client.unary(request("held")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        1,
+        "it was not run a second time"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_on_lost_connection_off_such_a_call_fails_with_unavailable() {
-    let (dying, received) = dying_backend().await;
+    let (dying, received) = dying_backend(Duration::ZERO).await;
     let extra = "    retry: { on_lost_connection: false }\n";
     let good = Echo::start("good").await;
     let extra = format!("    balancer: round_robin\n    outlier_detection: off\n{extra}");

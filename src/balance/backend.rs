@@ -388,9 +388,14 @@ impl Backend {
         self.score(now_ns).max(self.stall(now_ns))
     }
 
-    /// The score alone: above `ewma::FAILURE_RATIO / 10`, most of its recent calls failed.
+    /// The score alone.
     pub(super) fn score(&self, now_ns: u64) -> f64 {
         self.score.get(now_ns)
+    }
+
+    /// Most of its recent calls failed (not merely were slow), as lately observed.
+    pub(super) fn failing(&self, now_ns: u64) -> bool {
+        self.score.failing(now_ns)
     }
 
     /// The stall alone: how long its calls have waited while it answered nothing, against

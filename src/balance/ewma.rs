@@ -79,6 +79,10 @@ const NOISE_FLOOR_NS: f64 = 5e6;
 /// A failed call, as a ratio: far worse than any latency a backend could show.
 pub(super) const FAILURE_RATIO: f32 = 1000.0;
 
+/// The worst a latency can score, just under a failure: however slow an answer was, it is
+/// not taken for a failure (the status page's `failing` mark reads failures apart).
+const MAX_LATENCY_RATIO: f32 = FAILURE_RATIO - 1.0;
+
 /// Calls a backend's score looks back over.
 pub(super) const WINDOW: usize = 8;
 
@@ -179,14 +183,19 @@ impl Score {
 
     /// Records one call's ratio. Racing calls may overwrite each other's sample; that is
     /// tolerated, since a lock here would serialise every call on the backend.
+    #[cfg(test)]
     pub(super) fn observe(&self, ratio: f64) {
         self.observe_at(ratio, clock_ns());
     }
 
     /// `observe`, at `now_ns` on the balancer's clock.
     pub(super) fn observe_at(&self, ratio: f64, now_ns: u64) {
+        self.record((ratio as f32).min(MAX_LATENCY_RATIO), now_ns);
+    }
+
+    /// Puts one sample in the ring and takes the median again.
+    fn record(&self, ratio: f32, now_ns: u64) {
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % WINDOW;
-        let ratio = (ratio as f32).min(FAILURE_RATIO);
         self.samples[slot].store(ratio.to_bits(), Ordering::Relaxed);
         let mut sorted = [0f32; WINDOW];
         for (value, sample) in sorted.iter_mut().zip(&self.samples) {
@@ -200,7 +209,15 @@ impl Score {
 
     /// A failed call: the worst sample.
     pub(super) fn observe_failure(&self) {
-        self.observe(f64::from(FAILURE_RATIO));
+        self.record(FAILURE_RATIO, clock_ns());
+    }
+
+    /// Whether most of its last `WINDOW` calls failed (not merely were slow), as last
+    /// observed within `SCORE_DECAY_NS` of `now_ns`.
+    pub(super) fn failing(&self, now_ns: u64) -> bool {
+        let median = f64::from_bits(self.median.load(Ordering::Relaxed));
+        let idle = now_ns.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
+        median >= f64::from(FAILURE_RATIO) && idle < SCORE_DECAY_NS
     }
 
     /// Back to neutral: a backend that answers again after failing is judged afresh.

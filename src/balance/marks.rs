@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::backend::{BackendSnapshot, BackendState};
-use super::ewma::{clock_ns, FAILURE_RATIO};
+use super::ewma::clock_ns;
 use super::Cluster;
 
 /// Why a backend stands out. When several apply, the first in this order is shown.
@@ -36,9 +36,6 @@ const SLOW_FACTOR: f64 = 3.0;
 /// should not mark a backend for one scheduling hiccup.
 const STALL_FLOOR: f64 = 20.0;
 
-/// Failing by the balancer's score: the median of its recent calls is a failure.
-const FAILING_SCORE: f64 = FAILURE_RATIO as f64 / 10.0;
-
 /// Failing by error ratio: this far above its peers' ratio (5 points) ...
 const ERROR_MARGIN: f64 = 0.05;
 /// ... over at least this many attempts in the last 10 s.
@@ -56,7 +53,7 @@ impl Cluster {
                 let stall = if stall >= STALL_FLOOR { stall } else { 0.0 };
                 Judged {
                     latency: score.max(stall),
-                    score,
+                    failing: b.failing(now_ns),
                 }
             })
             .collect();
@@ -69,10 +66,10 @@ impl Cluster {
 }
 
 /// What the balancer thinks of one backend: its latency as `Backend::latency_judgement` has
-/// it (a short stall left out), and its score alone, where failures count `FAILURE_RATIO`.
+/// it (a short stall left out), and whether most of its recent calls failed.
 struct Judged {
     latency: f64,
-    score: f64,
+    failing: bool,
 }
 
 /// The mark of `views[i]`, against its healthy peers.
@@ -87,7 +84,7 @@ fn mark(views: &[BackendSnapshot], judged: &[Judged], i: usize) -> Option<Mark> 
     let peers: Vec<usize> = (0..views.len())
         .filter(|&k| k != i && views[k].state == BackendState::Healthy)
         .collect();
-    if judged[i].score >= FAILING_SCORE || fails_more_than(views, &peers, i) {
+    if judged[i].failing || fails_more_than(views, &peers, i) {
         return Some(Mark::Failing);
     }
     let best_peer = peers.iter().map(|&k| judged[k].latency).reduce(f64::min);
@@ -152,6 +149,19 @@ mod tests {
             }
         }
         assert_eq!(marks(&c), [None, None]);
+    }
+
+    #[test]
+    fn a_backend_that_answers_very_slowly_is_slow_not_failing() {
+        let c = cluster("p2c_ewma");
+        c.update(&endpoints(&[("a:1", 1), ("b:1", 1)]));
+        let set = c.backends();
+        let method = MethodLatency::default();
+        for _ in 0..10 {
+            set.backends[0].observe_latency(Duration::from_millis(2), &method, clock_ns());
+            set.backends[1].observe_latency(Duration::from_secs(20), &method, clock_ns());
+        }
+        assert_eq!(marks(&c), [None, Some(Mark::Slow)]);
     }
 
     #[test]

@@ -84,7 +84,9 @@ impl Call {
             let streaming = match exchange.await_headers(response).await {
                 Err(outcome) => Err(outcome),
                 Ok(Err(error)) => {
-                    let retry_lost = self.cluster.settings.retry_lost_connection;
+                    // Lost at once: the backend was gone before the request reached it.
+                    let retry_lost = self.cluster.settings.retry_lost_connection
+                        && sent_at.elapsed() <= outcome::LOST_AT_ONCE;
                     Err(outcome::before_headers(
                         &error,
                         &backend.address,

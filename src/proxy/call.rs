@@ -250,6 +250,13 @@ impl Call {
                 .send_response(http::Response::from_parts(*head, ()), true);
             return Ending::upstream(code);
         }
+        if let RetryReason::Lost { .. } = reason {
+            // A backend took the call and lost it: not a call sluice turned away, whatever
+            // the time.
+            let message = format!("sluice: {reason} (after {attempts} attempts)");
+            reply::status(&mut down.respond, ProxyStatus::unavailable(message));
+            return Ending::proxy(Code::Unavailable);
+        }
         if Instant::now() >= self.deadline {
             let message = format!("sluice: deadline exceeded after {reason}");
             return self.reject(
@@ -264,11 +271,6 @@ impl Call {
             return Ending::upstream(Code::Unavailable);
         }
         let message = format!("sluice: {reason} (after {attempts} attempts)");
-        if let RetryReason::Lost { .. } = reason {
-            // A backend took the call and failed it: not a call sluice turned away.
-            reply::status(&mut down.respond, ProxyStatus::unavailable(message));
-            return Ending::proxy(Code::Unavailable);
-        }
         self.reject(down, Reject::NoBackend, ProxyStatus::unavailable(message))
     }
 

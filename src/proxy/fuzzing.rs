@@ -81,6 +81,7 @@ impl FuzzListener {
                 addr: None,
                 cert: None,
                 xfcc: None,
+                _open: None,
             });
             let serving = self
                 .proxy
@@ -112,6 +113,7 @@ impl FuzzListener {
                 addr: None,
                 cert: None,
                 xfcc: None,
+                _open: None,
             });
             let proxy = Arc::clone(&self.proxy);
             let serving = tokio::spawn(async move {

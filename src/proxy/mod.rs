@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::balance::Cluster;
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{Lifecycle, OpenConnection};
 use crate::sync::lock;
 use crate::telemetry::access_log::{self, AccessLog, Entry};
 use crate::telemetry::metrics;
@@ -132,6 +132,9 @@ pub struct Peer {
     pub cert: Option<ClientCert>,
     /// Its `forward_client_cert` header value, made once per connection.
     xfcc: Option<HeaderValue>,
+    /// The connection in the process's count of open connections, until the connection and
+    /// every call on it are done (`Lifecycle::drain` waits for it).
+    _open: Option<OpenConnection>,
 }
 
 #[async_trait]
@@ -149,7 +152,9 @@ impl Proxy {
     async fn serve_connection(self: &Arc<Self>, mut io: Stream, shutdown: ShutdownWatch) {
         // The gauge goes up before the count and down after it, so a gauge at 0 means no
         // connection is counted against max_connections either.
-        let _open = self.lifecycle.connection_opened();
+        // Held by the peer, so by every call too: the connection counts as open (for a drain)
+        // until its last call has written its access log line, not just until it closed.
+        let open = self.lifecycle.connection_opened();
         self.connections_gauge.inc();
         let _gauge = GaugeGuard(&self.connections_gauge);
         let Some(_counted) = self.admit() else { return };
@@ -169,6 +174,7 @@ impl Proxy {
             }
             let peer = Peer {
                 addr,
+                _open: Some(open),
                 ..Peer::default()
             };
             return self.serve_h2(io, Arc::new(peer), deadline, shutdown).await;
@@ -188,7 +194,10 @@ impl Proxy {
         let handshake = tokio::time::timeout_at(deadline, tls.accept(io)).await;
         match handshake.unwrap_or(Err(HandshakeFailure::Timeout)) {
             Ok((stream, cert)) => {
-                let peer = self.peer_with(addr, cert);
+                let peer = Peer {
+                    _open: Some(open),
+                    ..self.peer_with(addr, cert)
+                };
                 self.serve_h2(stream, Arc::new(peer), deadline, shutdown)
                     .await;
             }
@@ -224,7 +233,12 @@ impl Proxy {
                 .ok(),
             _ => None,
         };
-        Peer { addr, cert, xfcc }
+        Peer {
+            addr,
+            cert,
+            xfcc,
+            _open: None,
+        }
     }
 
     /// Runs one gRPC call from its request headers to its last frame, then counts it and

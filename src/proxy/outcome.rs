@@ -18,8 +18,9 @@ use crate::telemetry::Reject;
 use crate::transport::{ConnectError, StreamSlot};
 use crate::wire::{Code, ProxyStatus};
 
-/// Why an attempt may be retried on another backend: none of these reached the backend's
-/// application.
+/// Why an attempt may be retried on another backend: the backend refused it or never
+/// processed it, answered a status `retry_on` names, or lost its connection as the request
+/// went out (judged by time, `LOST_AT_ONCE`), before any application could act on it.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RetryReason {
     #[error(transparent)]
@@ -28,8 +29,9 @@ pub(super) enum RetryReason {
     Refused(String),
     #[error("backend {0} sent GOAWAY before processing the stream")]
     GoAway(String),
-    /// The connection died before any byte of the response came back (`retry.on_lost_connection`).
-    #[error("connection to backend {address} lost before it answered: {error}")]
+    /// The connection died right after the request went out, before any byte of the response
+    /// came back (`retry.on_lost_connection`, `LOST_AT_ONCE`).
+    #[error("connection to backend {address} lost as the request went out: {error}")]
     Lost { address: String, error: String },
     /// The backend answered a `retry.retry_on` status before any response message; the
     /// answer is kept, to pass on if no retry follows.
@@ -281,9 +283,15 @@ pub(super) fn response_ended(result: Result<Option<Code>, PipeError>) -> Outcome
     }
 }
 
+/// A connection that dies this soon after a call's request went out, before any byte of its
+/// answer, was lost at once: a backend already gone (killed, crashed, its host down) resets
+/// a request within a round trip, before any application could act on it. A call the
+/// backend held longer was in its hands (docs/configuration.md, "Retries").
+pub(super) const LOST_AT_ONCE: Duration = Duration::from_millis(50);
+
 /// Sorts an upstream failure before any response header: retry what the backend cannot have
-/// processed, and a call whose connection died with `retry_lost` (nothing of its answer came
-/// back); answer UNAVAILABLE for the rest. Uses `is_reset()`, not `reason()`: a GOAWAY error
+/// processed, and, with `retry_lost`, a call whose connection died at once (`LOST_AT_ONCE`);
+/// answer UNAVAILABLE for the rest. Uses `is_reset()`, not `reason()`: a GOAWAY error
 /// carries a reason too.
 pub(super) fn before_headers(
     error: &h2::Error,

@@ -314,6 +314,14 @@ fn pingora_server(config: &Config, upgrade: bool) -> Server {
     server
 }
 
+/// pingora's sleep after an upgrade's GOAWAY: longer than `drain_timeout` (rounded up) plus
+/// the access log's last lines, so `UpgradeExit`, whose drain starts a moment later, always
+/// decides when the process ends and says why.
+fn upgrade_grace(drain_timeout: Duration) -> u64 {
+    let whole_seconds = drain_timeout.as_secs() + u64::from(drain_timeout.subsec_nanos() > 0);
+    whole_seconds + signals::LAST_LINES.as_secs() + 1
+}
+
 /// pingora's settings for `config`: worker threads, scheduler, drain and upgrade.
 fn server_conf(config: &Config) -> ServerConf {
     let threads = config
@@ -331,7 +339,7 @@ fn server_conf(config: &Config) -> ServerConf {
         // fast stop, which skips this. During an upgrade (SIGQUIT) pingora sleeps this long
         // after its GOAWAY; `UpgradeExit` ends the process as soon as it has drained, so this
         // is only the upper bound.
-        grace_period_seconds: Some(config.shutdown.drain_timeout.0.as_secs()),
+        grace_period_seconds: Some(upgrade_grace(config.shutdown.drain_timeout.0)),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: config.upgrade_sock.clone(),
         ..ServerConf::default()

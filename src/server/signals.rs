@@ -64,7 +64,7 @@ impl ShutdownSignalWatch for SignalWatch {
 }
 
 /// How long the access log gets to write its last lines before an upgraded process exits.
-const LAST_LINES: Duration = Duration::from_secs(1);
+pub(super) const LAST_LINES: Duration = Duration::from_secs(1);
 
 /// After an upgrade hands the sockets over, pingora sends GOAWAY on every connection and then
 /// sleeps its whole grace period (`drain_timeout`) whatever is left. This ends the process as

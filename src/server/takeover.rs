@@ -24,10 +24,11 @@ static WAITING: AtomicBool = AtomicBool::new(false);
 /// pingora's module that receives (and, in the old process, sends) the sockets.
 const TRANSFER_TARGET: &str = "pingora_core::server::transfer_fd";
 
-/// Whether a log event is one of pingora's per-try lines while this process waits for the
-/// sockets ("No incoming socket transfer, sleep 1s and try again"): the log filter drops it.
-/// The old process's lines, sending the sockets, are never held back; nor is pingora's
-/// "Bootstrap failed" when the wait ends without them.
+/// Whether a log event is one of pingora's socket-receiving lines while this process waits
+/// for the sockets: its per-try ERROR ("No incoming socket transfer, sleep 1s and try again"),
+/// and its other receive errors, whose cause its "Bootstrap failed" line repeats (a log
+/// filter sees a line's module, not its text). The log filter drops them. The old process's
+/// lines, sending the sockets, are never held back; nor is "Bootstrap failed".
 pub fn is_waiting_noise(metadata: &Metadata<'_>) -> bool {
     WAITING.load(Ordering::Relaxed) && metadata.target() == TRANSFER_TARGET
 }
