@@ -76,16 +76,7 @@ impl FuzzListener {
         self.runtime.block_on(async {
             let (client, server) = tokio::io::duplex(1 << 16);
             let (mut from_proxy, mut to_proxy) = tokio::io::split(client);
-            let (_stop, shutdown) = tokio::sync::watch::channel(false);
-            let peer = Arc::new(Peer {
-                addr: None,
-                cert: None,
-                xfcc: None,
-                _open: None,
-            });
-            let serving = self
-                .proxy
-                .serve_h2(server, peer, Instant::now() + ENDS_WITHIN, shutdown);
+            let serving = serve(Arc::clone(&self.proxy), server);
             let sending = async move {
                 let _ = to_proxy.write_all(PREFACE).await;
                 let _ = to_proxy.write_all(bytes).await;
@@ -108,19 +99,7 @@ impl FuzzListener {
     pub fn call(&self) -> Option<String> {
         self.runtime.block_on(async {
             let (client, server) = tokio::io::duplex(1 << 16);
-            let (_stop, shutdown) = tokio::sync::watch::channel(false);
-            let peer = Arc::new(Peer {
-                addr: None,
-                cert: None,
-                xfcc: None,
-                _open: None,
-            });
-            let proxy = Arc::clone(&self.proxy);
-            let serving = tokio::spawn(async move {
-                proxy
-                    .serve_h2(server, peer, Instant::now() + ENDS_WITHIN, shutdown)
-                    .await;
-            });
+            let serving = tokio::spawn(serve(Arc::clone(&self.proxy), server));
             let status = tokio::time::timeout(ENDS_WITHIN, one_call(client)).await;
             serving.abort();
             status.ok().flatten()
@@ -132,6 +111,16 @@ impl Default for FuzzListener {
     fn default() -> Self {
         FuzzListener::new()
     }
+}
+
+/// `proxy` serving one connection over `io`, as a listener serves an accepted one.
+async fn serve(proxy: Arc<Proxy>, io: tokio::io::DuplexStream) {
+    // Held while it serves: a dropped sender would read as a shutdown.
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let peer = Arc::new(Peer::default());
+    proxy
+        .serve_h2(io, peer, Instant::now() + ENDS_WITHIN, shutdown)
+        .await;
 }
 
 async fn one_call(io: tokio::io::DuplexStream) -> Option<String> {
