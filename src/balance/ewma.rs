@@ -77,7 +77,7 @@ pub(super) fn clock_ms() -> u64 {
 const NOISE_FLOOR_NS: f64 = 5e6;
 
 /// A failed call, as a ratio: far worse than any latency a backend could show.
-pub(super) const FAILURE_RATIO: f32 = 1000.0;
+const FAILURE_RATIO: f32 = 1000.0;
 
 /// The worst a latency can score, just under a failure: however slow an answer was, it is
 /// not taken for a failure (the status page's `failing` mark reads failures apart).

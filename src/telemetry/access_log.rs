@@ -92,9 +92,7 @@ impl AccessLog {
             Err(TrySendError::Disconnected(_)) => metrics().access_log_dropped.inc(),
         }
     }
-}
 
-impl AccessLog {
     /// Waits until every line queued so far is written, at most `budget`; false if it was
     /// not (before the process exits on its own, skipping destructors).
     pub fn wait_written(&self, budget: Duration) -> bool {
