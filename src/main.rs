@@ -82,6 +82,34 @@ enum Command {
     DemoClient(DemoClientArgs),
     /// One echo backend (echo.v1.Echo and grpc.health.v1), for tests and experiments.
     EchoBackend(EchoBackendArgs),
+    /// Runtime overrides: drain, undrain or weigh a backend, set a split's weights, list them;
+    /// through one instance's admin endpoint, or for the whole fleet through etcd.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "ACTIONS:\n  drain CLUSTER BACKEND        no new calls; calls in flight finish\n  undrain CLUSTER BACKEND\n  weight CLUSTER BACKEND N     1 to 100, or `default` for discovery's weight\n  split ROUTE CLUSTER=W ...    a split's weights (or `split ROUTE default`)\n  overrides                    what is overridden now\n  status                       the fleet's instances and their revisions (--etcd); exit 1 if one lags"
+)]
+struct CtlArgs {
+    /// One instance's admin endpoint, HOST:PORT.
+    #[arg(long, env = "SLUICE_ADMIN", conflicts_with = "etcd")]
+    admin: Option<String>,
+    /// The fleet's etcd, http://HOST:PORT (comma-separated for several).
+    #[arg(long)]
+    etcd: Option<String>,
+    /// With --etcd: the fleet's `overrides.etcd_prefix`.
+    #[arg(long, default_value = "sluice/overrides")]
+    prefix: String,
+    /// With --etcd: the fleet's `fleet.etcd_prefix`, for `status`.
+    #[arg(long, default_value = "sluice/fleet")]
+    fleet_prefix: String,
+    /// With --admin: a file holding the admin bearer token (`admin.token_file`).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The action and its arguments.
+    #[arg(required = true, num_args = 1..)]
+    action: Vec<String>,
 }
 
 #[derive(Args)]
@@ -215,6 +243,7 @@ fn main() -> ExitCode {
         }
         Command::DemoClient(args) => demo_client(args),
         Command::EchoBackend(args) => echo_backend(args),
+        Command::Ctl(args) => return ctl(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -317,4 +346,34 @@ fn echo_backend(args: EchoBackendArgs) -> Result<(), BoxError> {
         (args.workers).map(|n| sluice::demo::WorkerPool::new(n, args.work, args.checks_context));
     let tls = PemPair::from_flags(args.tls_cert, args.tls_key, "--tls-cert and --tls-key")?;
     sluice::demo::run_echo_backend(args.listen, args.id, args.delay, pool, tls)
+}
+
+/// `sluice ctl`: exit 0 when done, 1 on an error or an instance lagging behind.
+fn ctl(args: CtlArgs) -> ExitCode {
+    let action = match sluice::ctl::Action::parse(&args.action) {
+        Ok(action) => action,
+        Err(error) => {
+            eprintln!("sluice ctl: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let target = match (args.etcd, args.admin) {
+        (Some(etcd), _) => sluice::ctl::Target::Etcd {
+            endpoints: etcd.split(',').map(|e| e.trim().to_string()).collect(),
+            prefix: args.prefix.trim_end_matches('/').to_string(),
+            fleet_prefix: args.fleet_prefix.trim_end_matches('/').to_string(),
+        },
+        (None, admin) => sluice::ctl::Target::Admin {
+            address: admin.unwrap_or_else(|| "127.0.0.1:9901".into()),
+            token_file: args.token_file,
+        },
+    };
+    match sluice::ctl::run(target, action) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("sluice ctl: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

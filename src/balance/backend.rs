@@ -49,6 +49,9 @@ pub enum BackendState {
     /// Discovery removed it; the calls it still holds run to their end, and it takes no new
     /// ones. It leaves `/backends` with its last call.
     Draining,
+    /// The operator drained it (`sluice ctl drain`): it takes no new calls, its calls run to
+    /// their end, its health checks go on, and it stays listed until undrained.
+    Drained,
 }
 
 /// The longest an ejection lasts, however often a backend was ejected.
@@ -61,8 +64,13 @@ pub struct Backend {
     pub address: BackendAddr,
     /// Which discovery source found it.
     pub source: SourceKind,
-    /// Changed in place when discovery changes it, so the backend keeps its connections.
+    /// The weight picks use: the operator's override, else discovery's. Changed in place, so
+    /// the backend keeps its connections.
     weight: AtomicU32,
+    /// The weight discovery gave it, for when an override is lifted.
+    discovered_weight: AtomicU32,
+    /// The operator drained it (state `drained`): never picked, not even in panic mode.
+    drained: AtomicBool,
     /// Streams sent to this backend and not yet finished.
     in_flight: AtomicU64,
     /// Calls sent and not yet answered, and the adaptive limit on them (limit.rs).
@@ -121,6 +129,8 @@ impl Backend {
             transport: Arc::new(Pool::new()),
             address: endpoint.address.clone(),
             weight: AtomicU32::new(endpoint.weight.clamp(1, MAX_WEIGHT)),
+            discovered_weight: AtomicU32::new(endpoint.weight.clamp(1, MAX_WEIGHT)),
+            drained: AtomicBool::new(false),
             source,
             in_flight: AtomicU64::new(0),
             latency: PeakEwma::new(),
@@ -144,10 +154,26 @@ impl Backend {
         self.weight.load(Ordering::Relaxed)
     }
 
-    /// Sets a new weight; returns whether it changed.
-    pub(super) fn set_weight(&self, weight: u32) -> bool {
-        let weight = weight.clamp(1, MAX_WEIGHT);
+    /// Takes discovery's weight and the operator's override (which wins); returns whether
+    /// the weight picks use changed.
+    pub(super) fn set_weight(&self, discovered: u32, overridden: Option<u32>) -> bool {
+        let discovered = discovered.clamp(1, MAX_WEIGHT);
+        self.discovered_weight.store(discovered, Ordering::Relaxed);
+        let weight = overridden.unwrap_or(discovered).clamp(1, MAX_WEIGHT);
         self.weight.swap(weight, Ordering::Relaxed) != weight
+    }
+
+    pub(super) fn discovered_weight(&self) -> u32 {
+        self.discovered_weight.load(Ordering::Relaxed)
+    }
+
+    /// Drains it (`true`) or lifts the drain; returns whether that changed.
+    pub(super) fn set_drained(&self, drained: bool) -> bool {
+        self.drained.swap(drained, Ordering::Relaxed) != drained
+    }
+
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -161,6 +187,8 @@ impl Backend {
     pub fn state(&self) -> BackendState {
         if self.removed.load(Ordering::Relaxed) {
             BackendState::Draining
+        } else if self.is_drained() {
+            BackendState::Drained
         } else if self.is_ejected(clock_ms()) {
             BackendState::Ejected
         } else if self.failing_checks.load(Ordering::Relaxed) {
@@ -181,9 +209,11 @@ impl Backend {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
-    /// May take a call: not in connect backoff, not ejected, not failing its health checks.
+    /// May take a call: not drained, not in connect backoff, not ejected, not failing its
+    /// health checks.
     pub(super) fn is_usable(&self, now_ms: u64) -> bool {
-        self.skip_until_ms.load(Ordering::Relaxed) <= now_ms
+        !self.is_drained()
+            && self.skip_until_ms.load(Ordering::Relaxed) <= now_ms
             && !self.is_ejected(now_ms)
             && !self.failing_checks.load(Ordering::Relaxed)
     }

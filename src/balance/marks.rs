@@ -18,6 +18,8 @@ pub enum Mark {
     Ejected,
     /// Discovery removed it; its calls run to their end.
     Draining,
+    /// The operator drained it; its calls run to their end.
+    Drained,
     /// Most of its recent calls failed, or its error ratio is well above its peers'.
     Failing,
     /// Its calls take far longer than the same methods' calls take on its peers.
@@ -79,6 +81,7 @@ fn mark(views: &[BackendSnapshot], judged: &[Judged], i: usize) -> Option<Mark> 
         BackendState::Unhealthy => return Some(Mark::Unhealthy),
         BackendState::Ejected => return Some(Mark::Ejected),
         BackendState::Draining => return Some(Mark::Draining),
+        BackendState::Drained => return Some(Mark::Drained),
         BackendState::Healthy => {}
     }
     let peers: Vec<usize> = (0..views.len())

@@ -39,6 +39,7 @@ pub use source::{SourceKind, SourceState, SourceStatus, SourceView};
 use crate::config::{
     BackendAddr, BalancerKind, ClientKeyConfig, ClusterConfig, OutlierDetection, RetryOn,
 };
+use crate::overrides::Overrides;
 use crate::sync::lock;
 use crate::telemetry::{ClusterStats, DiscoveryGauges, Scrape};
 use crate::transport::tls::ClientTls;
@@ -160,6 +161,8 @@ pub struct Cluster {
     pub queue: Arc<SlotQueue>,
     /// Whether it is shedding calls, for the log (shedding.rs).
     shedding: shedding::Shedding,
+    /// The operator's drains and weights, applied to each backend set (`reapply_overrides`).
+    overrides: Arc<Overrides>,
 }
 
 /// What a pick found.
@@ -179,10 +182,11 @@ impl Cluster {
         config: &ClusterConfig,
         tls: Option<Arc<ClientTls>>,
         client_key: &ClientKeyConfig,
+        overrides: Arc<Overrides>,
     ) -> Cluster {
         let stats = Arc::new(ClusterStats::new(&config.name.value));
         let queue = Arc::new(SlotQueue::new(LimitPolicy::new(config)));
-        Cluster::with_state(config, tls, client_key, stats, queue)
+        Cluster::with_state(config, tls, client_key, stats, queue, overrides)
     }
 
     /// The next generation of `previous` (on reload): it carries on counting in the same
@@ -200,7 +204,8 @@ impl Cluster {
             queue.wake_all();
         }
         let stats = Arc::clone(&previous.stats);
-        let cluster = Cluster::with_state(config, tls, client_key, stats, queue);
+        let overrides = Arc::clone(&previous.overrides);
+        let cluster = Cluster::with_state(config, tls, client_key, stats, queue, overrides);
         cluster.shedding.carry_on(&previous.shedding);
         cluster
     }
@@ -211,10 +216,12 @@ impl Cluster {
         client_key: &ClientKeyConfig,
         stats: Arc<ClusterStats>,
         queue: Arc<SlotQueue>,
+        overrides: Arc<Overrides>,
     ) -> Cluster {
         Cluster {
             stats,
             queue,
+            overrides,
             name: config.name.value.clone(),
             settings: ClusterSettings {
                 upstream: UpstreamPolicy::of(config, tls),
@@ -267,18 +274,20 @@ impl Cluster {
             current.backends.iter().map(|b| (&b.address, b)).collect();
         let mut changed = endpoints.len() != current.backends.len();
         let mut next = Vec::with_capacity(endpoints.len());
+        let overrides = self.overrides.current();
         for endpoint in endpoints {
-            match existing.remove(&endpoint.address) {
-                Some(backend) => {
-                    // The round-robin schedule is built from the weights: rebuild it.
-                    changed |= backend.set_weight(endpoint.weight);
-                    next.push(Arc::clone(backend));
-                }
+            let backend = match existing.remove(&endpoint.address) {
+                Some(backend) => Arc::clone(backend),
                 None => {
                     changed = true;
-                    next.push(self.revive_or_add(endpoint));
+                    self.revive_or_add(endpoint)
                 }
-            }
+            };
+            let set = overrides.backend(&self.name, &endpoint.address.0);
+            // The round-robin schedule is built from the weights: rebuild it.
+            changed |= backend.set_weight(endpoint.weight, set.weight);
+            changed |= backend.set_drained(set.drained);
+            next.push(backend);
         }
         changed |= !existing.is_empty();
         self.start_draining(existing.into_values());
@@ -287,6 +296,51 @@ impl Cluster {
         }
         self.ready.store(true, Ordering::Release);
         changed
+    }
+
+    /// Applies the operator's overrides again to the current set, after they changed;
+    /// returns whether any backend changed. Logs each drain and weight that takes effect.
+    pub fn reapply_overrides(&self) -> bool {
+        let overrides = self.overrides.current();
+        let current = self.backends.load();
+        let mut changed = false;
+        for backend in &current.backends {
+            let set = overrides.backend(&self.name, &backend.address.0);
+            if backend.set_drained(set.drained) {
+                let now = if set.drained { "drained" } else { "undrained" };
+                info!(cluster = %self.name, backend = %backend.address, in_flight = backend.in_flight(),
+                    "backend {now} by the operator");
+                changed = true;
+            }
+            if backend.set_weight(backend.discovered_weight(), set.weight) {
+                info!(cluster = %self.name, backend = %backend.address, weight = backend.weight(),
+                    "backend weight set by the operator");
+                changed = true;
+            }
+        }
+        if changed {
+            let backends = current.backends.clone();
+            self.backends.store(Arc::new(BackendSet::new(backends)));
+        }
+        changed
+    }
+
+    /// Whether any backend may take a call now (not drained, not in backoff, not ejected,
+    /// not failing checks): a split gives a cluster without one no share of its calls.
+    pub fn has_usable_backend(&self) -> bool {
+        let now = clock_ns() / 1_000_000;
+        self.backends
+            .load()
+            .backends
+            .iter()
+            .any(|b| b.is_usable(now))
+    }
+
+    /// The addresses of the current backends.
+    pub fn addresses(&self) -> Vec<String> {
+        (self.backends.load().backends.iter())
+            .map(|b| b.address.0.clone())
+            .collect()
     }
 
     /// A backend for a new endpoint: the one still draining at that address, if any (it keeps
@@ -300,7 +354,6 @@ impl Cluster {
         if let Some(backend) = found {
             draining.retain(|b| !std::ptr::eq(b.as_ptr(), Arc::as_ptr(&backend)));
             backend.set_removed(false);
-            backend.set_weight(endpoint.weight);
             return backend;
         }
         let queue = Arc::clone(&self.queue);
@@ -390,7 +443,15 @@ impl Cluster {
             return Pick::Empty;
         }
         let start = fastrand::usize(..n);
-        let rotated = || (0..n).map(|k| &set.backends[(start + k) % n]);
+        // A drained backend is never picked, not even in panic mode.
+        let rotated = || {
+            (0..n)
+                .map(|k| &set.backends[(start + k) % n])
+                .filter(|b| !b.is_drained())
+        };
+        if rotated().next().is_none() {
+            return Pick::Empty;
+        }
         let take = |b: &Arc<Backend>| Some(Pick::Backend(Arc::clone(b), b.try_start_stream(now)?));
         let usable_again = |b: &&Arc<Backend>| b.is_usable(now) && b.has_room();
         let found = (rotated().filter(|b| usable(b)).find_map(take)).or_else(|| {
@@ -469,7 +530,12 @@ mod tests {
             "listeners: [{{name: l, address: \"127.0.0.1:1\"}}]\nclusters: [{{name: c, balancer: {balancer}, discovery: {{static: [\"a:1\"]}}}}]"
         );
         let config = crate::config::Config::parse(&yaml, "t").unwrap();
-        Cluster::new(&config.clusters[0], None, &config.client_key)
+        Cluster::new(
+            &config.clusters[0],
+            None,
+            &config.client_key,
+            Overrides::new(),
+        )
     }
 
     #[test]

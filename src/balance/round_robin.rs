@@ -23,13 +23,15 @@ impl RoundRobin {
 
 /// Smooth weighted round robin (NGINX's): weights 3 and 1 give a a b a, not a a a b, so a heavy
 /// backend's turns are spread out.
+/// A drained backend has no turns.
 pub(super) fn schedule(backends: &[Arc<Backend>]) -> Vec<u32> {
-    let total: i64 = backends.iter().map(|b| b.weight() as i64).sum();
+    let turns = |b: &Backend| if b.is_drained() { 0 } else { b.weight() as i64 };
+    let total: i64 = backends.iter().map(|b| turns(b)).sum();
     let mut current = vec![0i64; backends.len()];
     let mut order = Vec::with_capacity(total as usize);
     for _ in 0..total {
         for (c, b) in current.iter_mut().zip(backends) {
-            *c += b.weight() as i64;
+            *c += turns(b);
         }
         let Some((best, _)) = current
             .iter()

@@ -14,6 +14,7 @@
 
 pub mod env;
 pub mod files;
+pub mod steering;
 mod validate;
 pub mod values;
 
@@ -26,6 +27,10 @@ pub use serde_saphyr::Spanned;
 pub use files::{
     read_listener_tls, read_upstream_tls, EtcdTlsFiles, Files, ListenerTlsFiles, PemFile,
     UpstreamTlsFiles,
+};
+pub use steering::{
+    FleetConfig, HashOn, HeaderMatch, OverridesConfig, Rate, RateKey, RateLimitConfig, RouteConfig,
+    RouteMatch, SplitArm, SplitWeight,
 };
 pub use values::{
     parse_duration, AtLeastOne, BackendAddr, DurationValue, EtcdEndpoint, EtcdPrefix,
@@ -67,6 +72,12 @@ pub struct Config {
     /// verified mTLS identity.
     #[serde(default)]
     pub client_key: ClientKeyConfig,
+    /// Runtime overrides shared by a fleet through etcd; absent: local and in memory.
+    #[serde(default)]
+    pub overrides: Option<OverridesConfig>,
+    /// Where this instance registers itself for `sluice ctl status`; absent: it does not.
+    #[serde(default)]
+    pub fleet: Option<FleetConfig>,
     /// The Unix socket a graceful upgrade hands the listening sockets over (SIGQUIT to the
     /// old process, `sluice run --upgrade` for the new one).
     #[serde(default = "default_upgrade_sock")]
@@ -77,6 +88,9 @@ pub struct Config {
     /// The `${VAR}` values step 1 expanded, for `sluice check`.
     #[serde(skip)]
     pub expansions: Vec<env::Expansion>,
+    /// FNV-1a of the expanded text: which config an instance of a fleet runs.
+    #[serde(skip)]
+    pub source_hash: u64,
 }
 
 fn default_upgrade_sock() -> String {
@@ -269,6 +283,10 @@ fn default_true() -> bool {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub address: ListenAddr,
+    /// A file holding the bearer token mutating calls must carry. Read at each mutation, so
+    /// a new token takes effect without a reload.
+    #[serde(default)]
+    pub token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -585,14 +603,6 @@ fn default_budget_ratio() -> Ratio {
     Ratio(0.2)
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    #[serde(default, rename = "match")]
-    pub match_: Option<RouteMatch>,
-    pub cluster: Spanned<String>,
-}
-
 /// `outlier_detection: { consecutive_failures, base_ejection_time, max_ejection_percent }`, or
 /// `outlier_detection: off`. On by default, with the defaults below.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -777,16 +787,6 @@ pub enum ClientKeyConfig {
     TlsIdentity,
 }
 
-/// `match:` exactly one of `service` or `prefix`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RouteMatch {
-    /// Exact gRPC service, as in `/echo.v1.Echo/Unary` -> `echo.v1.Echo`.
-    Service(ServiceName),
-    /// A `:path` prefix such as `/echo.v1.`.
-    Prefix(PathPrefix),
-}
-
 // === loading ===
 
 impl Config {
@@ -809,6 +809,9 @@ impl Config {
             env::expand(source, lookup).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
         let mut config = Config::parse_expanded(&expanded, origin)?;
         config.expansions = expansions;
+        let mut hasher = fnv::FnvHasher::default();
+        std::hash::Hasher::write(&mut hasher, expanded.as_bytes());
+        config.source_hash = std::hash::Hasher::finish(&hasher);
         Ok(config)
     }
 

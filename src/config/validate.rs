@@ -56,6 +56,16 @@ pub(super) fn check(config: &Config) -> Result<(), Problem> {
     if let Some(etcd) = &config.etcd {
         check_etcd(etcd)?;
     }
+    let needs_etcd = [
+        ("overrides", config.overrides.is_some()),
+        ("fleet", config.fleet.is_some()),
+    ];
+    for (key, set) in needs_etcd {
+        if set && config.etcd.is_none() {
+            let message = format!("`{key}` lives in etcd, so the top-level `etcd:` block is required; add `etcd: {{ endpoints: [\"http://127.0.0.1:2379\"] }}`");
+            return Err(Problem::new(key, message));
+        }
+    }
     Ok(())
 }
 
@@ -109,13 +119,104 @@ fn routes(config: &Config) -> Result<(), Problem> {
         }
         return Ok(());
     };
+    let mut route_names = HashSet::new();
     for (i, route) in routes.iter().enumerate() {
-        if !names.contains(route.cluster.value.as_str()) {
-            return Err(Problem::new(
-                format!("routes[{i}].cluster"),
-                format!("no cluster is named {:?}", route.cluster.value),
-            )
-            .at(&route.cluster));
+        let path = format!("routes[{i}]");
+        if let Some(name) = &route.name {
+            if name.value.is_empty() || name.value.contains(['/', ' ']) {
+                let message = "a route name is a non-empty word without '/' or spaces";
+                return Err(Problem::new(format!("{path}.name"), message).at(name));
+            }
+            if !route_names.insert(name.value.as_str()) {
+                let message = format!("duplicate route name {:?}", name.value);
+                return Err(Problem::new(format!("{path}.name"), message).at(name));
+            }
+        }
+        route_target(&path, route)?;
+        for cluster in route.clusters() {
+            if !names.contains(cluster.value.as_str()) {
+                let at = if route.cluster.is_some() {
+                    "cluster"
+                } else {
+                    "split"
+                };
+                return Err(Problem::new(
+                    format!("{path}.{at}"),
+                    format!("no cluster is named {:?}", cluster.value),
+                )
+                .at(cluster));
+            }
+        }
+        if let Some(rule) = &route.match_ {
+            route_match(&path, rule)?;
+        }
+        if let Some(limit) = &route.rate_limit {
+            if limit.fleet_wide && config.fleet.is_none() {
+                let message = "`fleet_wide` divides the rate by the live instances, which needs the top-level `fleet: { etcd_prefix }`";
+                return Err(Problem::new(format!("{path}.rate_limit"), message).at(&limit.rate));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Exactly one of `cluster` and `split`; a split names each cluster once, with some weight;
+/// `hash_on` only with a split.
+fn route_target(path: &str, route: &super::RouteConfig) -> Result<(), Problem> {
+    let split = match (&route.cluster, &route.split) {
+        (Some(_), None) => {
+            if route.hash_on.is_some() {
+                let message = "`hash_on` makes a split sticky; this route has one `cluster`";
+                return Err(Problem::new(format!("{path}.hash_on"), message));
+            }
+            return Ok(());
+        }
+        (None, Some(split)) => split,
+        (Some(cluster), Some(_)) => {
+            let message = "give `cluster` or `split`, not both";
+            return Err(Problem::new(path.to_string(), message).at(cluster));
+        }
+        (None, None) => {
+            let message = "needs `cluster: NAME` or `split: [{ cluster, weight }, ...]`";
+            return Err(Problem::new(path.to_string(), message));
+        }
+    };
+    let mut seen = HashSet::new();
+    for (j, arm) in split.value.iter().enumerate() {
+        if !seen.insert(arm.cluster.value.as_str()) {
+            let message = format!("cluster {:?} is in the split twice", arm.cluster.value);
+            return Err(Problem::new(format!("{path}.split[{j}]"), message).at(&arm.cluster));
+        }
+    }
+    if split.value.is_empty() || split.value.iter().all(|arm| arm.weight.0 == 0) {
+        let message = "a split needs at least one cluster with a weight above 0";
+        return Err(Problem::new(format!("{path}.split"), message).at(split));
+    }
+    Ok(())
+}
+
+/// `service` or `prefix`, not both; each header entry says exactly one thing of its value,
+/// and names no binary (`-bin`) key.
+fn route_match(path: &str, rule: &super::RouteMatch) -> Result<(), Problem> {
+    if let (Some(service), Some(_)) = (&rule.service, &rule.prefix) {
+        let message = "choose `service` or `prefix`, not both";
+        return Err(Problem::new(format!("{path}.match"), message).at(service));
+    }
+    for (j, header) in rule.headers.iter().enumerate() {
+        let at = format!("{path}.match.headers[{j}]");
+        let name = header.name.value.0.as_str();
+        if name.ends_with("-bin") {
+            let message = format!("{name:?} is binary metadata, which routes cannot match");
+            return Err(Problem::new(at, message).at(&header.name));
+        }
+        let given = [
+            header.exact.is_some(),
+            header.prefix.is_some(),
+            header.present.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() != 1 {
+            let message = "give exactly one of `exact`, `prefix` or `present`";
+            return Err(Problem::new(at, message).at(&header.name));
         }
     }
     Ok(())

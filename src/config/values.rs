@@ -200,7 +200,7 @@ impl EtcdEndpoint {
 parse_from_string!(EtcdEndpoint, EtcdEndpoint::parse);
 
 /// An etcd key prefix, kept without its trailing slash (sluice watches `PREFIX/`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EtcdPrefix(pub String);
 
 parse_from_string!(EtcdPrefix, |t: &str| {

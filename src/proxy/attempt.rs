@@ -140,6 +140,12 @@ impl Call {
         if !self.keep_request {
             *answered.request = None;
         }
+        let mut response = response;
+        if let Some(header) = &self.cluster_header {
+            if let Ok(value) = http::HeaderValue::from_str(&self.cluster.name) {
+                response.headers_mut().insert(header.clone(), value);
+            }
+        }
         exchange.send_head(response)
     }
 

@@ -33,6 +33,8 @@ pub(super) struct Call {
     /// it, the request is freed once the backend has answered (no retry can need it then),
     /// which a long-lived stream would otherwise hold for its whole life.
     pub(super) keep_request: bool,
+    /// The route's `cluster_header`: the backend's answer names the cluster in it.
+    pub(super) cluster_header: Option<http::HeaderName>,
 }
 
 /// The client's side of a call. Built before the call's task starts and used in place, never
@@ -120,6 +122,7 @@ impl Call {
             deadline,
             summary: Summary::default(),
             keep_request: true,
+            cluster_header: None,
         }
     }
 
@@ -195,7 +198,10 @@ impl Call {
                     Err(ending) => return ending,
                 },
                 Pick::Empty => {
-                    let message = format!("sluice: cluster {} has no backends", self.cluster.name);
+                    let message = format!(
+                        "sluice: cluster {} has no backends (none discovered, or all drained)",
+                        self.cluster.name
+                    );
                     let status = ProxyStatus::unavailable(message);
                     return self.reject(down, Reject::NoBackend, status);
                 }

@@ -9,7 +9,7 @@ use rustc_hash::FxHasher;
 
 use super::Peer;
 use crate::balance::ClientId;
-use crate::config::ClientKeyConfig;
+use crate::config::{ClientKeyConfig, RateKey};
 
 /// The client a call belongs to, under `key`.
 pub(super) fn client_id(key: &ClientKeyConfig, peer: &Peer, headers: &HeaderMap) -> ClientId {
@@ -26,6 +26,26 @@ pub(super) fn client_id(key: &ClientKeyConfig, peer: &Peer, headers: &HeaderMap)
         },
     }
     hasher.finish()
+}
+
+/// The bucket a call takes a rate-limit token from: its client's, its client's for its
+/// method, or the route's one.
+pub(super) fn rate_key(
+    per: RateKey,
+    key: &ClientKeyConfig,
+    peer: &Peer,
+    request: &http::request::Parts,
+) -> u64 {
+    match per {
+        RateKey::Route => 0,
+        RateKey::Client => client_id(key, peer, &request.headers),
+        RateKey::ClientMethod => {
+            let mut hasher = FxHasher::default();
+            client_id(key, peer, &request.headers).hash(&mut hasher);
+            request.uri.path().hash(&mut hasher);
+            hasher.finish()
+        }
+    }
 }
 
 fn peer_ip(peer: &Peer, hasher: &mut FxHasher) {

@@ -42,12 +42,18 @@ impl FuzzListener {
     /// If the fixed config above does not parse, or no runtime can start: a broken build.
     pub fn new() -> FuzzListener {
         let config = Config::parse(CONFIG, "fuzz listener").expect("the fuzz config parses");
-        let cluster = Cluster::new(&config.clusters[0], None, &config.client_key);
+        let overrides = crate::overrides::Overrides::new();
+        let cluster = Cluster::new(&config.clusters[0], None, &config.client_key, overrides);
         let clusters = Clusters::new(vec![Arc::new(cluster)]);
         let listener = &config.listeners[0];
         let proxy = Proxy {
             listener: "fuzz".into(),
-            router: Arc::new(ArcSwap::from_pointee(Router::new(&config, &clusters))),
+            router: Arc::new(ArcSwap::from_pointee(Router::new(
+                &config,
+                &clusters,
+                &Default::default(),
+                &Default::default(),
+            ))),
             lifecycle: Lifecycle::new(),
             h2: H2Settings::default(),
             access_log: None,

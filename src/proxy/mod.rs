@@ -22,6 +22,7 @@ pub mod listener_tls;
 mod outcome;
 pub mod ping_watch;
 mod queue;
+pub mod rate_limit;
 mod reply;
 pub mod route;
 
@@ -300,7 +301,9 @@ impl Proxy {
             request_id::ensure(&mut parts.headers);
         }
         // Not the router guard: it is not meant to be held for a call's whole life.
-        let Some(cluster) = self.router.load().route(parts.uri.path()).map(Arc::clone) else {
+        let router = self.router.load();
+        let Some(route) = router.route(parts.uri.path(), &parts.headers) else {
+            drop(router);
             let message = format!("sluice: no route for {}", parts.uri.path());
             reply::status(
                 &mut down.respond,
@@ -316,7 +319,37 @@ impl Proxy {
             self.log(parts, None, &Summary::default(), ending, started, peer);
             return None;
         };
+        let cluster = Arc::clone(route.cluster(&parts.headers));
+        let cluster_header = route.cluster_header.clone();
+        let limited = (route.rate_limit.as_ref()).and_then(|limit| {
+            let key = client::rate_key(limit.per, &cluster.settings.client_key, peer, parts);
+            limit.take(key, started).err()
+        });
+        drop(router);
         let method = cluster.stats.method(parts.uri.path());
+        if let Some(pushback) = limited {
+            let message = format!(
+                "sluice: rate limited; a token for this client is due in {}ms",
+                pushback.as_millis()
+            );
+            let status = ProxyStatus::resource_exhausted(message, pushback);
+            cluster.stats.rejected(Reject::RateLimited);
+            let ending = Ending {
+                rejected: Some(Reject::RateLimited),
+                ..Ending::proxy(status.code)
+            };
+            reply::status(&mut down.respond, status);
+            method.record(ending.code, ending.origin, started.elapsed());
+            self.log(
+                parts,
+                Some(&cluster),
+                &Summary::default(),
+                ending,
+                started,
+                peer,
+            );
+            return None;
+        }
         match deadline_budget(parts, &cluster) {
             Err(status) => {
                 let ending = Ending::proxy(status.code);
@@ -330,6 +363,7 @@ impl Proxy {
                 let deadline = started + budget;
                 let mut call = Call::new(Arc::clone(&cluster), method, self.h2, deadline);
                 call.keep_request = self.access_log.is_some();
+                call.cluster_header = cluster_header;
                 Some((cluster, call))
             }
         }

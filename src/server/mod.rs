@@ -15,6 +15,7 @@ pub mod takeover;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +33,10 @@ use crate::config::{ClientKeyConfig, ClusterConfig, Config};
 use crate::discovery::{self, Watchers};
 use crate::health;
 use crate::lifecycle::Lifecycle;
+use crate::overrides::Overrides;
 use crate::proxy::{ConnectionPolicy, Proxy, Router};
+use crate::steering::fleet::{self, Fleet};
+use crate::steering::Steering;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::{metrics, ClusterCertificate};
 use crate::transport::tls::ClientTls;
@@ -119,7 +123,9 @@ fn build_generation(
     config: &Config,
     previous: Option<&Clusters>,
     runtime: &Handle,
+    steering: (&Arc<Overrides>, &Arc<AtomicUsize>),
 ) -> Result<Generation, BoxError> {
+    let (overrides, instances) = steering;
     // Everything that can fail comes first: a cluster built from `previous` takes over its
     // queue and limits at once, which a rejected config must not have touched.
     let mut tls_of = Vec::with_capacity(config.clusters.len());
@@ -140,7 +146,7 @@ fn build_generation(
             }
             client
         });
-        clusters.push(new_cluster(c, tls, &config.client_key, previous));
+        clusters.push(new_cluster(c, tls, &config.client_key, previous, overrides));
     }
     metrics().set_cluster_certificates(&certificates);
     let feeds = Feeds {
@@ -148,7 +154,7 @@ fn build_generation(
         _checkers: health::start(&clusters, runtime),
     };
     let clusters = Clusters::new(clusters.into_iter().map(|(c, _)| c).collect());
-    let router = Router::new(config, &clusters);
+    let router = Router::new(config, &clusters, &overrides.current(), instances);
     Ok(Generation {
         clusters,
         router,
@@ -163,11 +169,12 @@ fn new_cluster<'c>(
     tls: Option<Arc<ClientTls>>,
     client_key: &ClientKeyConfig,
     previous: Option<&Clusters>,
+    overrides: &Arc<Overrides>,
 ) -> (Arc<Cluster>, &'c ClusterConfig) {
     let old = previous.and_then(|p| p.by_name(&c.name.value));
     let cluster = Arc::new(match old {
         Some(old) => Cluster::after(c, tls, client_key, old),
-        None => Cluster::new(c, tls, client_key),
+        None => Cluster::new(c, tls, client_key, Arc::clone(overrides)),
     });
     // A changed source starts from nothing: an etcd set is not the new prefix's.
     if let Some(old) = old.filter(|old| old.source.same_source(&cluster.source)) {
@@ -204,6 +211,61 @@ struct Shared {
     router: Arc<ArcSwap<Router>>,
     lifecycle: Arc<Lifecycle>,
     access_log: Option<AccessLog>,
+    steering: Arc<Steering>,
+}
+
+/// The overrides and what they apply to; with `overrides.etcd_prefix`, shared through etcd.
+fn steering(
+    config: &Config,
+    clusters: &Arc<ArcSwap<Clusters>>,
+    router: &Arc<ArcSwap<Router>>,
+    overrides: Arc<Overrides>,
+    instances: Arc<AtomicUsize>,
+) -> Arc<Steering> {
+    let mut steering = Steering::new(Arc::clone(clusters), Arc::clone(router));
+    steering.overrides = overrides;
+    steering.instances = instances;
+    if let (Some(shared), Some(etcd)) = (&config.overrides, &config.etcd) {
+        let client = discovery::etcd::ClientConfig::new(etcd, config.files.etcd_tls.as_ref());
+        steering = steering.with_store(fleet::Store::new(client, &shared.etcd_prefix.0));
+    }
+    Arc::new(steering)
+}
+
+/// The fleet member's background work, when the config shares overrides or registers.
+fn fleet_service(
+    config: &Config,
+    steering: &Arc<Steering>,
+    admin: Option<SocketAddr>,
+) -> Option<Fleet> {
+    let etcd = config.etcd.as_ref()?;
+    if config.overrides.is_none() && config.fleet.is_none() {
+        return None;
+    }
+    let registry = config.fleet.as_ref().map(|f| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let id = f.instance_id.clone().unwrap_or_else(|| match admin {
+            Some(admin) => format!("{host}:{}", admin.port()),
+            None => format!("{host}:pid{}", std::process::id()),
+        });
+        let me = fleet::Registration {
+            id,
+            admin: admin.map(|a| a.to_string()),
+            config_hash: format!("{:016x}", config.source_hash),
+            override_revision: 0,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+        };
+        (f.etcd_prefix.0.clone(), me)
+    });
+    Some(Fleet {
+        steering: Arc::clone(steering),
+        etcd: discovery::etcd::ClientConfig::new(etcd, config.files.etcd_tls.as_ref()),
+        overrides_prefix: config.overrides.as_ref().map(|o| o.etcd_prefix.0.clone()),
+        registry,
+    })
 }
 
 /// Runs the proxy until a shutdown signal; returns once it has drained.
@@ -219,18 +281,26 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
     let (certificates, listener_tls) = Certificates::build(&config)?;
     let certificates = Arc::new(certificates);
     let discovery = discovery_runtime()?;
-    let generation = build_generation(&config, None, discovery.handle())?;
+    let (overrides, instances) = (Overrides::new(), Arc::new(AtomicUsize::new(1)));
+    let generation = build_generation(&config, None, discovery.handle(), (&overrides, &instances))?;
     certificates.watch_clusters(&config, &generation.clusters);
+    let clusters = Arc::new(ArcSwap::from_pointee(generation.clusters));
+    let router = Arc::new(ArcSwap::from_pointee(generation.router));
+    let steering = steering(&config, &clusters, &router, overrides, instances);
     let shared = Shared {
-        clusters: Arc::new(ArcSwap::from_pointee(generation.clusters)),
-        router: Arc::new(ArcSwap::from_pointee(generation.router)),
+        clusters,
+        router,
         lifecycle: Lifecycle::new(),
         access_log: start_access_log(&config)?,
+        steering,
     };
     let mut server = pingora_server(&config, options.upgrade);
     let listeners = add_listeners(&mut server, &config, &shared, listener_tls, options.upgrade)?;
     let admin = add_admin(&mut server, &config, &shared, options.upgrade)?;
     let restart_only = RestartOnly::running(&config, &listeners, admin);
+    if let Some(fleet) = fleet_service(&config, &shared.steering, admin) {
+        server.add_service(background_service("fleet", fleet));
+    }
     server.add_service(background_service(
         "readiness",
         Readiness {
@@ -265,6 +335,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
             path: options.config_path,
             clusters: Arc::clone(&shared.clusters),
             router: Arc::clone(&shared.router),
+            steering: Arc::clone(&shared.steering),
             feeds: Mutex::new(generation.feeds),
             restart_only,
             discovery: discovery.handle().clone(),
@@ -430,11 +501,14 @@ fn add_admin(
     let Some(admin) = &config.admin else {
         return Ok(None);
     };
+    let address = admin.address.0;
     let app = Admin {
         clusters: Arc::clone(&shared.clusters),
         lifecycle: Arc::clone(&shared.lifecycle),
+        steering: Arc::clone(&shared.steering),
+        token_file: admin.token_file.as_ref().map(|f| PathBuf::from(&f.value)),
+        loopback: address.ip().is_loopback(),
     };
-    let address = admin.address.0;
     let (mut service, bound) = Listening::bind(
         "admin".into(),
         app,

@@ -20,10 +20,11 @@ use super::{build_generation, check_files, Feeds};
 use crate::balance::Clusters;
 use crate::config::values::{NonEmpty, ThreadCount};
 use crate::config::{
-    AccessLogConfig, AdminConfig, Config, ListenerConfig, LogConfig, RequestIdConfig,
-    ShutdownConfig,
+    AccessLogConfig, AdminConfig, Config, FleetConfig, ListenerConfig, LogConfig, OverridesConfig,
+    RequestIdConfig, ShutdownConfig,
 };
 use crate::proxy::Router;
+use crate::steering::Steering;
 use crate::sync::lock;
 
 pub(super) struct Reload {
@@ -34,6 +35,9 @@ pub(super) struct Reload {
     /// The live clusters, and the routes to them: swapped together.
     pub(super) clusters: Arc<ArcSwap<Clusters>>,
     pub(super) router: Arc<ArcSwap<Router>>,
+    /// The operator's overrides: the new generation is built with them, and they are applied
+    /// once more after the swap (a change made meanwhile reached only the old one).
+    pub(super) steering: Arc<Steering>,
     /// The etcd watches and health checkers of the current clusters; replaced on each
     /// reload.
     pub(super) feeds: Mutex<Feeds>,
@@ -67,6 +71,8 @@ struct RestartOnlyKeys<'a> {
     access_log: &'a Option<AccessLogConfig>,
     request_id: &'a RequestIdConfig,
     upgrade_sock: &'a String,
+    overrides: &'a Option<OverridesConfig>,
+    fleet: &'a Option<FleetConfig>,
 }
 
 impl RestartOnly {
@@ -114,6 +120,8 @@ impl RestartOnly {
             access_log,
             request_id,
             upgrade_sock,
+            overrides,
+            fleet,
             // Reloadable.
             clusters: _,
             routes: _,
@@ -122,6 +130,7 @@ impl RestartOnly {
             // Derived from the others.
             files: _,
             expansions: _,
+            source_hash: _,
         } = config;
         let keys = RestartOnlyKeys {
             listeners,
@@ -132,6 +141,8 @@ impl RestartOnly {
             access_log,
             request_id,
             upgrade_sock,
+            overrides,
+            fleet,
         };
         // Plain data of our own types: serialising cannot fail.
         let mut rest = serde_json::to_value(&keys).unwrap_or_default();
@@ -201,12 +212,13 @@ impl Reload {
         if !self.restart_only.unchanged_by(&RestartOnly::of(&config)) {
             warn!(
                 "SIGHUP: changes to listeners (their TLS files' names included), admin, \
-                 threads, shutdown, log, access_log, request_id or upgrade_sock need a restart \
-                 (or an upgrade); they are ignored"
+                 threads, shutdown, log, access_log, request_id, upgrade_sock, overrides or \
+                 fleet need a restart (or an upgrade); they are ignored"
             );
         }
         let previous = self.clusters.load_full();
-        let next = match build_generation(&config, Some(&previous), &self.discovery) {
+        let steering = (&self.steering.overrides, &self.steering.instances);
+        let next = match build_generation(&config, Some(&previous), &self.discovery, steering) {
             Ok(built) => built,
             Err(error) => {
                 error!(%error, "SIGHUP: config rejected; the running config stays");
@@ -217,6 +229,7 @@ impl Reload {
         // The clusters first: a call routed by the new table finds its cluster in `/backends`.
         self.clusters.store(Arc::new(next.clusters));
         self.router.store(Arc::new(next.router));
+        self.steering.apply();
         // The new watches and checkers run; the old ones stop (their clusters are no longer
         // routed to).
         *lock(&self.feeds) = next.feeds;

@@ -369,6 +369,11 @@ pub struct Metrics {
     tls_handshake_errors: IntCounterVec,
     /// `sluice_downstream_connections_refused_total{listener}`.
     connections_refused: IntCounterVec,
+    /// `sluice_rate_limit_keys_evicted_total{route}`.
+    rate_limit_evictions: IntCounterVec,
+    /// `sluice_overrides_revision`, `sluice_overrides_stale`.
+    overrides_revision: prometheus::IntGauge,
+    overrides_stale: prometheus::IntGauge,
     /// `sluice_tls_certificate_expiry_timestamp_seconds{listener, cluster, name}`: one of
     /// `listener` and `cluster` is empty (Prometheus reads an empty label as absent).
     tls_expiry: IntGaugeVec,
@@ -453,6 +458,22 @@ impl Metrics {
             &["listener"],
         )?;
         registry.register(Box::new(connections_refused.clone()))?;
+        let rate_limit_evictions = counter(
+            "sluice_rate_limit_keys_evicted_total",
+            "Rate-limit buckets evicted because a route's rate_limit.max_keys keys were held; an evicted client starts again with a full bucket.",
+            &["route"],
+        )?;
+        registry.register(Box::new(rate_limit_evictions.clone()))?;
+        let overrides_revision = prometheus::IntGauge::new(
+            "sluice_overrides_revision",
+            "The revision of the runtime overrides this instance applies: a count of local changes, or the etcd revision of the fleet's overrides.",
+        )?;
+        registry.register(Box::new(overrides_revision.clone()))?;
+        let overrides_stale = prometheus::IntGauge::new(
+            "sluice_overrides_stale",
+            "Runtime overrides that name a cluster or route the running config does not have.",
+        )?;
+        registry.register(Box::new(overrides_stale.clone()))?;
         let tls_expiry = gauge(
             "sluice_tls_certificate_expiry_timestamp_seconds",
             "When a certificate sluice serves or presents expires (notAfter), in seconds since the Unix epoch; name is its file.",
@@ -470,6 +491,9 @@ impl Metrics {
             access_log_dropped,
             tls_handshake_errors,
             connections_refused,
+            rate_limit_evictions,
+            overrides_revision,
+            overrides_stale,
             tls_expiry,
             cluster_certificates: Default::default(),
         })
@@ -496,6 +520,17 @@ impl Metrics {
         self.connections_refused
             .with_label_values(&[listener])
             .inc();
+    }
+
+    /// The counter of rate-limit buckets evicted on `route`, resolved once per route.
+    pub fn rate_limit_evictions(&self, route: &str) -> prometheus::IntCounter {
+        self.rate_limit_evictions.with_label_values(&[route])
+    }
+
+    /// Publishes the revision of the overrides in force, and how many name nothing running.
+    pub fn overrides_applied(&self, revision: u64, stale: usize) {
+        self.overrides_revision.set(revision as i64);
+        self.overrides_stale.set(stale as i64);
     }
 
     /// Counts a failed TLS handshake on `listener`.

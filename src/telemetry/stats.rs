@@ -83,10 +83,12 @@ pub enum Reject {
     /// The remaining deadline was shorter than the expected wait plus the method's usual
     /// latency: never sent.
     UnmeetableDeadline = 6,
+    /// The route's rate limit had no token for the call's client.
+    RateLimited = 7,
 }
 
 impl Reject {
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 8;
 
     pub const ALL: [Reject; Reject::COUNT] = [
         Reject::NoBackend,
@@ -96,6 +98,7 @@ impl Reject {
         Reject::Deadline,
         Reject::NoRoute,
         Reject::UnmeetableDeadline,
+        Reject::RateLimited,
     ];
 
     /// The metric's reason: every kind of shedding for overload is `overloaded`.
@@ -106,6 +109,7 @@ impl Reject {
             Reject::Deadline => "deadline",
             Reject::NoRoute => "no_route",
             Reject::UnmeetableDeadline => "unmeetable_deadline",
+            Reject::RateLimited => "rate_limited",
         }
     }
 

@@ -394,6 +394,8 @@ pub struct Sluice {
     listener_extra: String,
     /// The config's `threads`.
     threads: usize,
+    /// Keys added to the admin block (`token_file: ...`), indented for it.
+    admin_extra: String,
 }
 
 /// Where an instance's files live, and the addresses its config names.
@@ -403,6 +405,7 @@ struct Layout {
     dir: Arc<tempfile::TempDir>,
     listener_extra: String,
     threads: usize,
+    admin_extra: String,
 }
 
 impl Layout {
@@ -417,11 +420,12 @@ impl Layout {
     /// The config: this instance's listener and admin, then `rest`.
     fn write_config(&self, rest: &str) {
         let config = format!(
-            "listeners:\n  - name: grpc\n    address: \"{}\"\n{}admin:\n  address: \"{}\"\nthreads: {}\n\
+            "listeners:\n  - name: grpc\n    address: \"{}\"\n{}admin:\n  address: \"{}\"\n{}threads: {}\n\
              upgrade_sock: \"{}\"\nshutdown:\n  drain_timeout: 5s\n{rest}",
             self.addr,
             self.listener_extra,
             self.admin,
+            self.admin_extra,
             self.threads,
             self.upgrade_sock().display()
         );
@@ -457,6 +461,7 @@ impl Layout {
             dir: self.dir,
             listener_extra: self.listener_extra,
             threads: self.threads,
+            admin_extra: self.admin_extra,
         }
     }
 }
@@ -492,15 +497,36 @@ impl Sluice {
         sluice
     }
 
+    /// Like [`Sluice::start`], with the admin endpoint on `admin` (such as `0.0.0.0:0`, which
+    /// is not a loopback address) instead of `127.0.0.1:0`, and `admin_extra` (lines indented
+    /// by two spaces) added to its block.
+    pub async fn start_with_admin(admin: SocketAddr, admin_extra: &str, rest: &str) -> Sluice {
+        let mut sluice =
+            Sluice::start_unready_on("", rest, DEFAULT_THREADS, (admin, admin_extra)).await;
+        sluice.wait_ready().await;
+        sluice
+    }
+
     async fn start_unready_with_listener(
         listener_extra: &str,
         rest: &str,
         threads: usize,
     ) -> Sluice {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Sluice::start_unready_on(listener_extra, rest, threads, (loopback, "")).await
+    }
+
+    async fn start_unready_on(
+        listener_extra: &str,
+        rest: &str,
+        threads: usize,
+        (admin, admin_extra): (SocketAddr, &str),
+    ) -> Sluice {
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let layout = Layout {
             addr: any,
-            admin: any,
+            admin,
+            admin_extra: admin_extra.to_string(),
             dir: Arc::new(tempfile::tempdir().expect("tempdir")),
             listener_extra: listener_extra.to_string(),
             threads,
@@ -530,6 +556,7 @@ impl Sluice {
             dir: Arc::clone(&self.dir),
             listener_extra: self.listener_extra.clone(),
             threads: self.threads,
+            admin_extra: self.admin_extra.clone(),
         }
     }
 
@@ -756,6 +783,20 @@ impl Drop for Sluice {
             eprintln!("--- sluice log {} ---\n{}", self.log.display(), self.log());
         }
     }
+}
+
+/// Runs `sluice ARGS...`; returns whether it exited 0, and its stdout and stderr.
+pub fn sluice_command(args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .output()
+        .expect("run sluice");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
 }
 
 /// A plain HTTP/1.1 GET; returns the status code and body.

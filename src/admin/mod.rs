@@ -1,7 +1,12 @@
 //! The admin endpoint: `/metrics`, `/healthz`, `/readyz`, `/backends`, `/backends/history`
-//! and a plain status page at `/`.
+//! and a plain status page at `/`; the runtime overrides (`mutate.rs`).
 //! Served over HTTP/1.1 by pingora's small `ServeHttp` app; none of it is on the call path.
 
+mod mutate;
+
+pub use mutate::ACTOR_HEADER;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -14,11 +19,17 @@ use serde::Serialize;
 use crate::balance::Clusters;
 use crate::balance::{BackendSnapshot, SourceView};
 use crate::lifecycle::Lifecycle;
+use crate::steering::Steering;
 use crate::telemetry::{history, metrics, HistoryView};
 
 pub struct Admin {
     pub clusters: Arc<ArcSwap<Clusters>>,
     pub lifecycle: Arc<Lifecycle>,
+    pub steering: Arc<Steering>,
+    /// `admin.token_file`: mutations need the bearer token it holds (read at each one).
+    pub token_file: Option<PathBuf>,
+    /// The admin address is loopback: without a token file, mutations are allowed.
+    pub loopback: bool,
 }
 
 /// `/backends`: every cluster in config order, each with its backends.
@@ -65,6 +76,9 @@ struct BackendHistory {
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        if let Some(answer) = self.mutation(session, &path).await {
+            return answer;
+        }
         match path.as_str() {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/metrics" => respond(
@@ -91,7 +105,7 @@ impl ServeHttp for Admin {
             ),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /metrics /healthz /readyz /backends /backends/history or /\n",
+                "not found; try /metrics /healthz /readyz /backends /backends/history /overrides or /\n",
             ),
         }
     }
@@ -106,6 +120,9 @@ impl Admin {
         }
         if !self.lifecycle.listeners_bound() {
             return Some("listeners not bound yet".into());
+        }
+        if !self.steering.is_loaded() {
+            return Some("waiting for the fleet's overrides from etcd".into());
         }
         let clusters = self.clusters.load();
         let waiting: Vec<&str> = clusters
@@ -156,7 +173,7 @@ impl Admin {
 
 /// The status page: static HTML whose script draws `/backends` and `/backends/history` every
 /// 2 s (src/status_page.html).
-const STATUS_PAGE: &str = include_str!("status_page.html");
+const STATUS_PAGE: &str = include_str!("../status_page.html");
 
 fn text(status: StatusCode, body: &str) -> Response<Vec<u8>> {
     respond(
