@@ -361,3 +361,163 @@ async fn mutations_on_a_non_loopback_admin_need_the_token() {
     assert!(ok, "{out}");
     assert_eq!(state_of(&guarded, echo.addr).await, "drained");
 }
+
+/// Two rate-limited routes over one backend: `tenants` (40/s, burst 4, per client, the
+/// default key room) and, for calls with `x-limit: small`, `small` (room for 50 keys).
+async fn rate_limited() -> (Echo, Sluice) {
+    let echo = Echo::start("b1").await;
+    let rest = format!(
+        "client_key: {{ header: x-tenant }}\n{}routes:\n  - name: small\n    match: {{ headers: [{{ name: x-limit, exact: small }}] }}\n    cluster: echo\n    rate_limit: {{ rate: 100/s, max_keys: 50 }}\n  - name: tenants\n    cluster: echo\n    rate_limit: {{ rate: 40/s, burst: 4, per: client }}\n",
+        Sluice::cluster(&[echo.addr], "")
+    );
+    (echo, Sluice::start(&rest).await)
+}
+
+#[tokio::test]
+async fn at_twice_its_limit_a_client_gets_its_rate_and_every_refusal_says_when_to_retry() {
+    let (_echo, sluice) = rate_limited().await;
+    let mut client = sluice.client().await;
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / 80));
+    let (mut accepted, mut refused) = (0u32, 0u32);
+    let start = Instant::now();
+    let mut last = start;
+    while start.elapsed() < Duration::from_secs(5) {
+        tick.tick().await;
+        last = Instant::now();
+        match client.unary(with_metadata("r", &[("x-tenant", "heavy")])).await {
+            Ok(_) => accepted += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                let pushback = status.metadata().get("grpc-retry-pushback-ms");
+                let ms: u64 = pushback
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or_else(|| panic!("no pushback on {status:?}"));
+                assert!((1..=50).contains(&ms), "pushback {ms} ms");
+                refused += 1;
+            }
+        }
+    }
+    // The bucket starts full (4), then gains 40 a second.
+    let elapsed = last.duration_since(start).as_secs_f64();
+    let rate = f64::from(accepted - 4) / elapsed;
+    assert!((38.0..=42.0).contains(&rate), "accepted {rate:.1}/s ({accepted} in {elapsed:.2}s)");
+    assert!(refused > 150, "{refused}");
+    // Another client is not limited by the heavy one.
+    client
+        .unary(with_metadata("r", &[("x-tenant", "quiet")]))
+        .await
+        .expect("another client");
+    let metrics = sluice.metrics().await;
+    let counted = format!("sluice_rejected_total{{cluster=\"echo\",reason=\"rate_limited\"}} {refused}");
+    assert!(metrics.contains(&counted), "{counted} not in\n{metrics}");
+}
+
+#[tokio::test]
+async fn ten_thousand_clients_fit_the_default_key_room_and_a_small_room_evicts() {
+    let (_echo, sluice) = rate_limited().await;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut callers = Vec::new();
+    for _ in 0..16 {
+        let mut client = sluice.client().await;
+        let next = Arc::clone(&next);
+        callers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= 10_000 {
+                    return;
+                }
+                let tenant = format!("tenant-{n}");
+                let call = with_metadata("k", &[("x-tenant", &tenant)]);
+                client.unary(call).await.expect("a client's first call is never limited");
+            }
+        }));
+    }
+    for caller in callers {
+        caller.await.expect("caller");
+    }
+    let mut client = sluice.client().await;
+    for n in 0..100 {
+        let tenant = format!("small-{n}");
+        let call = with_metadata("k", &[("x-tenant", &tenant), ("x-limit", "small")]);
+        client.unary(call).await.expect("first call of a key");
+    }
+    let metrics = sluice.metrics().await;
+    let none = "sluice_rate_limit_keys_evicted_total{route=\"tenants\"} 0";
+    assert!(metrics.contains(none), "{none} not in\n{metrics}");
+    let fifty = "sluice_rate_limit_keys_evicted_total{route=\"small\"} 50";
+    assert!(metrics.contains(fifty), "{fifty} not in\n{metrics}");
+}
+
+/// `sluice ctl --etcd URL --prefix t/overrides --fleet-prefix t/fleet ACTION...`.
+fn fleet_ctl(etcd: &support::etcd::Etcd, action: &[&str]) -> (bool, String) {
+    let url = etcd.url();
+    let mut args = vec!["ctl", "--etcd", url.as_str(), "--prefix", "t/overrides"];
+    args.extend_from_slice(&["--fleet-prefix", "t/fleet"]);
+    args.extend_from_slice(action);
+    sluice_command(&args)
+}
+
+#[tokio::test]
+async fn one_ctl_drain_through_etcd_reaches_three_instances_and_one_restarted() {
+    let etcd = support::etcd::Etcd::start().await;
+    let delay = Duration::from_millis(5);
+    let [b1, b2, b3] = [
+        Echo::start_with_delay("b1", delay).await,
+        Echo::start_with_delay("b2", delay).await,
+        Echo::start_with_delay("b3", delay).await,
+    ];
+    let rest = format!(
+        "etcd:\n  endpoints: [\"{}\"]\n  dial_timeout: 1s\noverrides: {{ etcd_prefix: t/overrides }}\nfleet: {{ etcd_prefix: t/fleet }}\n{}",
+        etcd.url(),
+        Sluice::cluster(&[b1.addr, b2.addr, b3.addr], "    balancer: round_robin\n")
+    );
+    let mut fleet = Vec::new();
+    for _ in 0..3 {
+        fleet.push(Sluice::start(&rest).await);
+    }
+    let listed = wait_until(Duration::from_secs(10), || {
+        fleet_ctl(&etcd, &["status"]).1.contains("3 instance(s)")
+    })
+    .await;
+    assert!(listed, "{}", fleet_ctl(&etcd, &["status"]).1);
+    let (ok, out) = fleet_ctl(&etcd, &["drain", "echo", &b1.addr.to_string()]);
+    assert!(ok && out.contains("written for the fleet"), "{out}");
+    let written = Instant::now();
+    for sluice in &fleet {
+        while state_of(sluice, b1.addr).await != "drained" {
+            assert!(written.elapsed() < Duration::from_secs(2), "{}", sluice.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let before = b1.calls();
+    for sluice in &fleet {
+        let mut client = sluice.client().await;
+        for _ in 0..30 {
+            client.unary(request("f")).await.expect("call");
+        }
+    }
+    assert_eq!(b1.calls(), before, "a drained backend took calls");
+    assert!(fleet[0].log().contains("fleet override applied"), "{}", fleet[0].log());
+    // A restarted instance starts with the drain applied.
+    let mut old = fleet.remove(0);
+    old.signal("TERM");
+    assert!(old.wait_exit(Duration::from_secs(10)).await.is_some());
+    drop(old);
+    let restarted = Sluice::start(&rest).await;
+    assert_eq!(state_of(&restarted, b1.addr).await, "drained");
+    let mut client = restarted.client().await;
+    for _ in 0..30 {
+        client.unary(request("f")).await.expect("call");
+    }
+    assert_eq!(b1.calls(), before);
+    fleet.push(restarted);
+    // Every instance at the same revision.
+    let current = wait_until(Duration::from_secs(10), || {
+        let (ok, out) = fleet_ctl(&etcd, &["status"]);
+        ok && out.contains("3 instance(s)") && out.matches(" current").count() == 3
+    })
+    .await;
+    assert!(current, "{}", fleet_ctl(&etcd, &["status"]).1);
+    let (ok, out) = fleet_ctl(&etcd, &["overrides"]);
+    assert!(ok && out.contains("\"drained\": true"), "{out}");
+}
