@@ -787,3 +787,25 @@ async fn the_status_page_marks_the_slow_backend_and_only_it() {
         task.abort();
     }
 }
+
+#[tokio::test]
+async fn the_status_page_shows_a_backend_the_operator_drained() {
+    let backends = [Echo::start("b1").await, Echo::start("b2").await];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let sluice = Sluice::start(&Sluice::cluster(&addrs, "")).await;
+    let admin = sluice.admin.to_string();
+    let backend = addrs[0].to_string();
+    let drain = ["ctl", "--admin", &admin, "drain", "echo", &backend];
+    let (ok, out) = support::sluice_command(&drain);
+    assert!(ok, "{out}");
+    let admin = sluice.admin;
+    let dom = tokio::task::spawn_blocking(move || render(admin, None))
+        .await
+        .unwrap();
+    let row = table_row(&dom, addrs[0]).unwrap_or_else(|| panic!("no row:\n{dom}"));
+    assert!(row.contains("data-state=\"drained\""), "{row}");
+    assert!(row.contains(">drained<"), "{row}");
+    assert!(row.contains("an operator drained it"), "{row}");
+    let other = table_row(&dom, addrs[1]).expect("the other row");
+    assert!(other.contains("data-state=\"healthy\""), "{other}");
+}
