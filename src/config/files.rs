@@ -75,11 +75,31 @@ impl Files {
             let files = cluster.tls.as_ref().map(|tls| read_upstream_tls(i, tls));
             cluster_tls.push(files.transpose()?);
         }
+        if let Some(token_file) = config.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
+            check_token_file(token_file)?;
+        }
         Ok(Files {
             etcd_tls,
             listener_tls,
             cluster_tls,
         })
+    }
+}
+
+/// `admin.token_file` can be read and holds a token. It is not kept: the admin endpoint reads
+/// it at each mutation, so a new token takes effect without a reload.
+fn check_token_file(path: &Spanned<String>) -> Result<(), Problem> {
+    let at = "admin.token_file";
+    match std::fs::read_to_string(&path.value) {
+        Err(e) => {
+            let message = format!("cannot read {:?}: {e}", path.value);
+            Err(Problem::new(at, message).at(path))
+        }
+        Ok(token) if token.trim().is_empty() => {
+            let message = format!("{:?} is empty: it must hold the bearer token", path.value);
+            Err(Problem::new(at, message).at(path))
+        }
+        Ok(_) => Ok(()),
     }
 }
 

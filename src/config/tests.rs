@@ -557,3 +557,109 @@ fn client_key_names_ip_header_or_identity() {
         assert!(e.contains("line 9"), "{e}");
     }
 }
+
+#[test]
+fn steering_mistakes_are_named_with_their_place() {
+    let two =
+        format!("{MINIMAL}  - name: canary\n    discovery:\n      static: [\"127.0.0.1:50072\"]\n");
+    let cases = [
+        (
+            "routes:\n  - cluster: echo\n    split: [{ cluster: canary, weight: 1 }]\n",
+            "routes[0]: give `cluster` or `split`, not both at line",
+        ),
+        ("routes:\n  - name: r\n", "routes[0]: needs `cluster: NAME` or `split"),
+        (
+            "routes:\n  - split: [{ cluster: echo, weight: 0 }, { cluster: canary, weight: 0 }]\n",
+            "routes[0].split: a split needs at least one cluster with a weight above 0",
+        ),
+        (
+            "routes:\n  - split: [{ cluster: echo, weight: 1 }, { cluster: echo, weight: 2 }]\n",
+            "routes[0].split[1]: cluster \"echo\" is in the split twice",
+        ),
+        (
+            "routes:\n  - split: [{ cluster: nosuch, weight: 1 }]\n",
+            "routes[0].split: no cluster is named \"nosuch\"",
+        ),
+        (
+            "routes:\n  - split: [{ cluster: echo, weight: 10001 }]\n",
+            "weight 10001 is above 10000",
+        ),
+        (
+            "routes:\n  - cluster: echo\n    hash_on: { header: x-user }\n",
+            "routes[0].hash_on: `hash_on` makes a split sticky",
+        ),
+        (
+            "routes:\n  - match: { headers: [{ name: x-t, exact: a, prefix: b }] }\n    cluster: echo\n",
+            "routes[0].match.headers[0]: give exactly one of `exact`, `prefix` or `present`",
+        ),
+        (
+            "routes:\n  - match: { headers: [{ name: x-id-bin, present: true }] }\n    cluster: echo\n",
+            "is binary metadata",
+        ),
+        (
+            "routes:\n  - name: a\n    cluster: echo\n  - name: a\n    cluster: canary\n",
+            "routes[1].name: duplicate route name \"a\"",
+        ),
+        (
+            "routes:\n  - cluster: echo\n    rate_limit: { rate: 10/h }\n",
+            "invalid rate \"10/h\"",
+        ),
+        (
+            "routes:\n  - cluster: echo\n    rate_limit: { rate: 10/s, fleet_wide: true }\n",
+            "`fleet_wide` divides the rate by the live instances",
+        ),
+        (
+            "overrides: { etcd_prefix: sluice/overrides }\nroutes:\n  - cluster: echo\n",
+            "overrides: `overrides` lives in etcd",
+        ),
+    ];
+    for (rest, expected) in cases {
+        let e = err(&format!("{two}{rest}"));
+        assert!(e.contains(expected), "{rest}\n=> {e}");
+    }
+}
+
+#[test]
+fn a_full_steering_route_parses() {
+    let config = Config::parse(
+        &format!(
+            "{MINIMAL}  - name: canary\n    discovery:\n      static: [\"127.0.0.1:50072\"]\n\
+             etcd: {{ endpoints: [\"http://127.0.0.1:2379\"] }}\n\
+             overrides: {{ etcd_prefix: sluice/overrides/ }}\n\
+             fleet: {{ etcd_prefix: sluice/fleet }}\n\
+             routes:\n  - name: echo\n    match: {{ service: echo.v1.Echo, headers: [{{ name: x-tenant, prefix: a }}] }}\n\
+             \x20   split: [{{ cluster: echo, weight: 95 }}, {{ cluster: canary, weight: 5 }}]\n\
+             \x20   hash_on: {{ header: x-user }}\n    cluster_header: x-sluice-cluster\n\
+             \x20   rate_limit: {{ rate: 600/m, burst: 20, per: client_method, fleet_wide: true }}\n"
+        ),
+        "t.yaml",
+    )
+    .unwrap();
+    let route = &config.routes.as_ref().unwrap()[0];
+    assert_eq!(route.clusters().len(), 2);
+    let limit = route.rate_limit.as_ref().unwrap();
+    assert_eq!(
+        (limit.rate.value.0, limit.per),
+        (10.0, RateKey::ClientMethod)
+    );
+    assert_eq!(config.overrides.unwrap().etcd_prefix.0, "sluice/overrides");
+}
+
+#[test]
+fn an_unreadable_or_empty_token_file_is_named_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.yaml");
+    let token = dir.path().join("token");
+    let yaml = format!(
+        "{MINIMAL}admin:\n  address: 127.0.0.1:9901\n  token_file: {}\n",
+        token.display()
+    );
+    std::fs::write(&config, &yaml).unwrap();
+    let e = Config::load(&config).unwrap_err().to_string();
+    assert!(e.contains("admin.token_file: cannot read"), "{e}");
+    std::fs::write(&token, "\n").unwrap();
+    let e = Config::load(&config).unwrap_err().to_string();
+    assert!(e.contains("is empty"), "{e}");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    assert!(Config::load(&config).is_ok());
+}
