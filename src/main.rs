@@ -92,8 +92,8 @@ enum Command {
     after_help = "ACTIONS:\n  drain CLUSTER BACKEND        no new calls; calls in flight finish\n  undrain CLUSTER BACKEND\n  weight CLUSTER BACKEND N     1 to 100, or `default` for discovery's weight\n  split ROUTE CLUSTER=W ...    a split's weights (or `split ROUTE default`)\n  overrides                    what is overridden now\n  status                       the fleet's instances and their revisions (--etcd); exit 1 if one lags"
 )]
 struct CtlArgs {
-    /// One instance's admin endpoint, HOST:PORT.
-    #[arg(long, env = "SLUICE_ADMIN", conflicts_with = "etcd")]
+    /// One instance's admin endpoint, HOST:PORT (unused with --etcd).
+    #[arg(long, env = "SLUICE_ADMIN")]
     admin: Option<String>,
     /// The fleet's etcd, http://HOST:PORT (comma-separated for several).
     #[arg(long)]

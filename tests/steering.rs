@@ -384,7 +384,10 @@ async fn at_twice_its_limit_a_client_gets_its_rate_and_every_refusal_says_when_t
     while start.elapsed() < Duration::from_secs(5) {
         tick.tick().await;
         last = Instant::now();
-        match client.unary(with_metadata("r", &[("x-tenant", "heavy")])).await {
+        match client
+            .unary(with_metadata("r", &[("x-tenant", "heavy")]))
+            .await
+        {
             Ok(_) => accepted += 1,
             Err(status) => {
                 assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
@@ -400,7 +403,10 @@ async fn at_twice_its_limit_a_client_gets_its_rate_and_every_refusal_says_when_t
     // The bucket starts full (4), then gains 40 a second.
     let elapsed = last.duration_since(start).as_secs_f64();
     let rate = f64::from(accepted - 4) / elapsed;
-    assert!((38.0..=42.0).contains(&rate), "accepted {rate:.1}/s ({accepted} in {elapsed:.2}s)");
+    assert!(
+        (38.0..=42.0).contains(&rate),
+        "accepted {rate:.1}/s ({accepted} in {elapsed:.2}s)"
+    );
     assert!(refused > 150, "{refused}");
     // Another client is not limited by the heavy one.
     client
@@ -408,7 +414,8 @@ async fn at_twice_its_limit_a_client_gets_its_rate_and_every_refusal_says_when_t
         .await
         .expect("another client");
     let metrics = sluice.metrics().await;
-    let counted = format!("sluice_rejected_total{{cluster=\"echo\",reason=\"rate_limited\"}} {refused}");
+    let counted =
+        format!("sluice_rejected_total{{cluster=\"echo\",reason=\"rate_limited\"}} {refused}");
     assert!(metrics.contains(&counted), "{counted} not in\n{metrics}");
 }
 
@@ -428,7 +435,10 @@ async fn ten_thousand_clients_fit_the_default_key_room_and_a_small_room_evicts()
                 }
                 let tenant = format!("tenant-{n}");
                 let call = with_metadata("k", &[("x-tenant", &tenant)]);
-                client.unary(call).await.expect("a client's first call is never limited");
+                client
+                    .unary(call)
+                    .await
+                    .expect("a client's first call is never limited");
             }
         }));
     }
@@ -485,7 +495,11 @@ async fn one_ctl_drain_through_etcd_reaches_three_instances_and_one_restarted() 
     let written = Instant::now();
     for sluice in &fleet {
         while state_of(sluice, b1.addr).await != "drained" {
-            assert!(written.elapsed() < Duration::from_secs(2), "{}", sluice.log());
+            assert!(
+                written.elapsed() < Duration::from_secs(2),
+                "{}",
+                sluice.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -497,7 +511,11 @@ async fn one_ctl_drain_through_etcd_reaches_three_instances_and_one_restarted() 
         }
     }
     assert_eq!(b1.calls(), before, "a drained backend took calls");
-    assert!(fleet[0].log().contains("fleet override applied"), "{}", fleet[0].log());
+    assert!(
+        fleet[0].log().contains("fleet override applied"),
+        "{}",
+        fleet[0].log()
+    );
     // A restarted instance starts with the drain applied.
     let mut old = fleet.remove(0);
     old.signal("TERM");

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use super::{respond, text, Admin};
 use crate::overrides::{Change, OverrideSet};
-use crate::steering::Changed;
+use crate::steering::{Changed, Refused};
 
 /// The largest request body a mutation reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -92,10 +92,14 @@ impl Admin {
                 )
             }
             Ok(Changed::Nothing) => text(StatusCode::OK, &format!("{change}: already in force\n")),
-            Err(message) if message.starts_with("no ") || message.contains("not in") => {
-                text(StatusCode::NOT_FOUND, &format!("{change}: {message}\n"))
+            Err(refused) => {
+                let status = match refused {
+                    Refused::Invalid(_) => StatusCode::BAD_REQUEST,
+                    Refused::Unknown(_) => StatusCode::NOT_FOUND,
+                    Refused::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                text(status, &format!("{change}: {refused}\n"))
             }
-            Err(message) => text(StatusCode::BAD_REQUEST, &format!("{change}: {message}\n")),
         }
     }
 

@@ -463,7 +463,9 @@ impl Backend {
             concurrency_limit: self.concurrency_limit(),
             up: self.state() == BackendState::Healthy,
             connections: self.transport.connections(),
-            weight: self.weight(),
+            // The weight picks use: none while drained, so a drained backend's missing
+            // traffic is not a skewed share (SluiceBackendTrafficShareSkewed).
+            weight: if self.is_drained() { 0 } else { self.weight() },
         }
     }
 

@@ -225,6 +225,7 @@ fn steering(
     let mut steering = Steering::new(Arc::clone(clusters), Arc::clone(router));
     steering.overrides = overrides;
     steering.instances = instances;
+    steering.config_hash = config.source_hash.into();
     if let (Some(shared), Some(etcd)) = (&config.overrides, &config.etcd) {
         let client = discovery::etcd::ClientConfig::new(etcd, config.files.etcd_tls.as_ref());
         steering = steering.with_store(fleet::Store::new(client, &shared.etcd_prefix.0));
@@ -253,7 +254,8 @@ fn fleet_service(
         let me = fleet::Registration {
             id,
             admin: admin.map(|a| a.to_string()),
-            config_hash: format!("{:016x}", config.source_hash),
+            // Written from `Steering::config_hash`, which a reload updates.
+            config_hash: String::new(),
             override_revision: 0,
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),

@@ -230,6 +230,7 @@ impl Reload {
         self.clusters.store(Arc::new(next.clusters));
         self.router.store(Arc::new(next.router));
         self.steering.apply();
+        (self.steering.config_hash).store(config.source_hash, std::sync::atomic::Ordering::Relaxed);
         // The new watches and checkers run; the old ones stop (their clusters are no longer
         // routed to).
         *lock(&self.feeds) = next.feeds;

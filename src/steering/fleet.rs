@@ -10,6 +10,7 @@
 //!   admin address, config hash, and the overrides revision it applied. `sluice ctl status`
 //!   reads them, and `fleet_wide` rate limits divide by how many there are.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,7 +116,8 @@ pub struct Registration {
     pub id: String,
     /// The admin endpoint's address, if it has one.
     pub admin: Option<String>,
-    /// FNV-1a of its expanded config, in hex: instances with the same hash run the same file.
+    /// FNV-1a of its expanded config as last loaded (start or reload), in hex: instances with
+    /// the same hash run the same file.
     pub config_hash: String,
     /// The overrides revision it has applied.
     pub override_revision: u64,
@@ -260,9 +262,11 @@ impl Fleet {
         let mut written = None;
         loop {
             let revision = self.steering.overrides.revision();
-            if written != Some(revision) {
+            let config_hash = self.steering.config_hash.load(Ordering::Relaxed);
+            if written != Some((revision, config_hash)) {
                 let registration = Registration {
                     override_revision: revision,
+                    config_hash: format!("{config_hash:016x}"),
                     ..me.clone()
                 };
                 let value = serde_json::to_string(&registration).unwrap_or_default();
@@ -280,7 +284,7 @@ impl Fleet {
                     Ok(Err(error)) => return format!("put {key}: {error}"),
                     Err(_) => return format!("put {key} timed out"),
                 }
-                written = Some(revision);
+                written = Some((revision, config_hash));
             }
             if let Err(error) = keeper.keep_alive().await {
                 return format!("keep-alive: {error}");

@@ -8,7 +8,7 @@
 
 pub mod fleet;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -31,9 +31,33 @@ pub struct Steering {
     pub router: Arc<ArcSwap<Router>>,
     /// With `overrides.etcd_prefix`: where changes are written, for every instance to read.
     pub store: Option<fleet::Store>,
+    /// FNV-1a of the running config's text (set at start and by each reload), which the
+    /// fleet registration shows.
+    pub config_hash: AtomicU64,
     /// The overrides in force are known: at once for local ones, after the first read from
     /// etcd for a fleet's (`/readyz` waits for it).
     loaded: AtomicBool,
+}
+
+/// Why a change was not made.
+#[derive(Debug)]
+pub enum Refused {
+    /// A value out of range (a weight of 0, a split of all zeros).
+    Invalid(String),
+    /// It names a cluster or a split route the running config does not have.
+    Unknown(String),
+    /// The fleet's etcd could not be reached or kept changing: try again.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Invalid(why) | Refused::Unknown(why) | Refused::Unavailable(why) => {
+                f.write_str(why)
+            }
+        }
+    }
 }
 
 /// What a change did.
@@ -55,6 +79,7 @@ impl Steering {
             clusters,
             router,
             store: None,
+            config_hash: AtomicU64::new(0),
             loaded: AtomicBool::new(true),
         }
     }
@@ -76,28 +101,30 @@ impl Steering {
 
     /// Checks a change against the running config: the cluster exists (a backend need not be
     /// discovered yet: a drain may come first), the route has a split over these clusters.
-    pub fn check(&self, change: &Change) -> Result<(), String> {
-        change.check()?;
+    pub fn check(&self, change: &Change) -> Result<(), Refused> {
+        change.check().map_err(Refused::Invalid)?;
         match change {
             Change::Drain { cluster, .. }
             | Change::Undrain { cluster, .. }
             | Change::Weight { cluster, .. } => {
                 let clusters = self.clusters.load();
                 if clusters.by_name(cluster).is_none() {
-                    return Err(format!("no cluster is named {cluster:?}"));
+                    return Err(Refused::Unknown(format!("no cluster is named {cluster:?}")));
                 }
             }
             Change::Split { route, weights } => {
                 let router = self.router.load();
                 let Some(arms) = router.split_clusters(route) else {
-                    return Err(format!("no route named {route:?} has a split"));
+                    return Err(Refused::Unknown(format!(
+                        "no route named {route:?} has a split"
+                    )));
                 };
                 let named = weights.iter().flat_map(|w| w.keys());
                 if let Some(stranger) = named.into_iter().find(|c| !arms.contains(c)) {
-                    return Err(format!(
+                    return Err(Refused::Unknown(format!(
                         "cluster {stranger:?} is not in route {route:?}'s split ({})",
                         arms.join(", ")
-                    ));
+                    )));
                 }
             }
         }
@@ -105,7 +132,7 @@ impl Steering {
     }
 
     /// Makes a checked change, by `by` (who asked, for the log and the record).
-    pub async fn change(&self, change: &Change, by: &str) -> Result<Changed, String> {
+    pub async fn change(&self, change: &Change, by: &str) -> Result<Changed, Refused> {
         self.check(change)?;
         let record = ChangeRecord {
             by: by.to_string(),
@@ -113,7 +140,10 @@ impl Steering {
             at: now_rfc3339(),
         };
         if let Some(store) = &self.store {
-            return store.change(change, record).await;
+            return store
+                .change(change, record)
+                .await
+                .map_err(Refused::Unavailable);
         }
         if !self.overrides.change(change, record) {
             return Ok(Changed::Nothing);
