@@ -93,6 +93,7 @@ async fn a_95_5_split_over_100000_calls_lands_within_half_a_point() {
     let (to_stable, to_canary) = (stable.calls(), canary.calls());
     assert_eq!(to_stable + to_canary, CALLS);
     let share = to_canary as f64 / CALLS as f64 * 100.0;
+    eprintln!("canary share: {share:.2}% of {CALLS} calls");
     assert!((4.5..=5.5).contains(&share), "canary share {share:.2}%");
 }
 
@@ -403,6 +404,10 @@ async fn at_twice_its_limit_a_client_gets_its_rate_and_every_refusal_says_when_t
     // The bucket starts full (4), then gains 40 a second.
     let elapsed = last.duration_since(start).as_secs_f64();
     let rate = f64::from(accepted - 4) / elapsed;
+    eprintln!(
+        "accepted {rate:.2}/s against a 40/s limit ({accepted} of {} in {elapsed:.2}s)",
+        accepted + refused
+    );
     assert!(
         (38.0..=42.0).contains(&rate),
         "accepted {rate:.1}/s ({accepted} in {elapsed:.2}s)"
