@@ -544,3 +544,41 @@ async fn one_ctl_drain_through_etcd_reaches_three_instances_and_one_restarted() 
     let (ok, out) = fleet_ctl(&etcd, &["overrides"]);
     assert!(ok && out.contains("\"drained\": true"), "{out}");
 }
+
+#[tokio::test]
+async fn a_fleet_wide_limit_is_divided_by_the_live_instances() {
+    let etcd = support::etcd::Etcd::start().await;
+    let echo = Echo::start("b1").await;
+    let rest = format!(
+        "etcd:\n  endpoints: [\"{}\"]\n  dial_timeout: 1s\nfleet: {{ etcd_prefix: t/fleet }}\n{}routes:\n  - name: shared\n    cluster: echo\n    rate_limit: {{ rate: 40/s, burst: 20, per: route, fleet_wide: true }}\n",
+        etcd.url(),
+        Sluice::cluster(&[echo.addr], "")
+    );
+    let fleet = [Sluice::start(&rest).await, Sluice::start(&rest).await];
+    // Both registered, and each has counted the other.
+    let counted = wait_until(Duration::from_secs(10), || {
+        fleet_ctl(&etcd, &["status"]).1.contains("2 instance(s)")
+    })
+    .await;
+    assert!(counted, "{}", fleet_ctl(&etcd, &["status"]).1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Each instance, asked at 40/s, takes its half of the fleet's 40/s, after its half of
+    // the burst (10).
+    let mut client = fleet[0].client().await;
+    let mut tick = tokio::time::interval(Duration::from_millis(25));
+    let (start, mut accepted, mut last) = (Instant::now(), 0u32, Instant::now());
+    while start.elapsed() < Duration::from_secs(4) {
+        tick.tick().await;
+        last = Instant::now();
+        if client.unary(request("f")).await.is_ok() {
+            accepted += 1;
+        }
+    }
+    let elapsed = last.duration_since(start).as_secs_f64();
+    let rate = f64::from(accepted.saturating_sub(10)) / elapsed;
+    eprintln!("one of two instances accepted {rate:.2}/s of a fleet-wide 40/s");
+    assert!(
+        (18.0..=22.0).contains(&rate),
+        "{rate:.2}/s ({accepted} in {elapsed:.2}s)"
+    );
+}
