@@ -130,42 +130,7 @@ impl Admin {
                 "mutations on a non-loopback admin address need admin.token_file\n",
             )));
         };
-        let expected = match std::fs::read_to_string(file) {
-            Ok(token) => token.trim().to_string(),
-            Err(e) => {
-                error!(file = %file.display(), error = %e, "admin: cannot read the token file; mutation refused");
-                return Err(Box::new(text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the admin token file cannot be read\n",
-                )));
-            }
-        };
-        let given = (headers.get(http::header::AUTHORIZATION))
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        match given {
-            Some(token) if !expected.is_empty() && same_token(token, &expected) => Ok(by),
-            Some(_) => {
-                warn!(%path, %by, "admin: mutation refused: wrong bearer token");
-                Err(Box::new(text(
-                    StatusCode::UNAUTHORIZED,
-                    "wrong bearer token\n",
-                )))
-            }
-            None => {
-                warn!(%path, %by, "admin: mutation refused: no bearer token");
-                let mut refused = text(
-                    StatusCode::UNAUTHORIZED,
-                    "mutations need `Authorization: Bearer TOKEN` (sluice ctl --token-file)\n",
-                );
-                refused.headers_mut().insert(
-                    http::header::WWW_AUTHENTICATE,
-                    http::HeaderValue::from_static("Bearer"),
-                );
-                Err(Box::new(refused))
-            }
-        }
+        check_token(file, headers, path, &by).map(|()| by)
     }
 
     fn overrides_view(&self) -> http::Response<Vec<u8>> {
@@ -189,6 +154,51 @@ impl Admin {
 fn same_token(given: &str, expected: &str) -> bool {
     let (a, b) = (given.as_bytes(), expected.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// The request carries the bearer token in `file` (read now, so a new token needs no reload).
+fn check_token(
+    file: &std::path::Path,
+    headers: &http::HeaderMap,
+    path: &str,
+    by: &str,
+) -> Result<(), Box<http::Response<Vec<u8>>>> {
+    let expected = match std::fs::read_to_string(file) {
+        Ok(token) => token.trim().to_string(),
+        Err(e) => {
+            error!(file = %file.display(), error = %e, "admin: cannot read the token file; mutation refused");
+            return Err(Box::new(text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the admin token file cannot be read\n",
+            )));
+        }
+    };
+    let given = (headers.get(http::header::AUTHORIZATION))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(token) if !expected.is_empty() && same_token(token, &expected) => Ok(()),
+        Some(_) => {
+            warn!(%path, %by, "admin: mutation refused: wrong bearer token");
+            Err(Box::new(text(
+                StatusCode::UNAUTHORIZED,
+                "wrong bearer token\n",
+            )))
+        }
+        None => {
+            warn!(%path, %by, "admin: mutation refused: no bearer token");
+            let mut refused = text(
+                StatusCode::UNAUTHORIZED,
+                "mutations need `Authorization: Bearer TOKEN` (sluice ctl --token-file)\n",
+            );
+            refused.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            Err(Box::new(refused))
+        }
+    }
 }
 
 async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, String> {

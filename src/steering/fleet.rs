@@ -261,30 +261,18 @@ impl Fleet {
         let key = format!("{prefix}/{}", me.id);
         let mut written = None;
         loop {
-            let revision = self.steering.overrides.revision();
-            let config_hash = self.steering.config_hash.load(Ordering::Relaxed);
-            if written != Some((revision, config_hash)) {
-                let registration = Registration {
-                    override_revision: revision,
-                    config_hash: format!("{config_hash:016x}"),
-                    ..me.clone()
-                };
-                let value = serde_json::to_string(&registration).unwrap_or_default();
-                let options = PutOptions::new().with_lease(lease);
-                match timeout(
-                    REQUEST_TIMEOUT,
-                    client.put(key.as_str(), value, Some(options)),
-                )
-                .await
-                {
-                    Ok(Ok(_)) if written.is_none() => {
-                        info!(%key, "registered in the fleet");
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(error)) => return format!("put {key}: {error}"),
-                    Err(_) => return format!("put {key} timed out"),
+            let now = (
+                self.steering.overrides.revision(),
+                self.steering.config_hash.load(Ordering::Relaxed),
+            );
+            if written != Some(now) {
+                if let Err(error) = write(&mut client, &key, me, now, lease).await {
+                    return error;
                 }
-                written = Some((revision, config_hash));
+                if written.is_none() {
+                    info!(%key, "registered in the fleet");
+                }
+                written = Some(now);
             }
             if let Err(error) = keeper.keep_alive().await {
                 return format!("keep-alive: {error}");
@@ -296,16 +284,8 @@ impl Fleet {
                 Ok(Err(error)) => return format!("keep-alive: {error}"),
                 Err(_) => return "no keep-alive answer in time".into(),
             }
-            let counted = timeout(
-                REQUEST_TIMEOUT,
-                client.get(
-                    format!("{prefix}/"),
-                    Some(GetOptions::new().with_prefix().with_count_only()),
-                ),
-            )
-            .await;
-            if let Ok(Ok(counted)) = counted {
-                self.steering.set_instances(counted.count().max(1) as usize);
+            if let Some(live) = count(&mut client, prefix).await {
+                self.steering.set_instances(live);
             }
             tokio::time::sleep(TICK).await;
         }
@@ -319,6 +299,41 @@ impl Fleet {
             info!(%key, "left the fleet");
         }
     }
+}
+
+/// Writes this instance's registration, at `(override revision, config hash)`, under `lease`.
+async fn write(
+    client: &mut Client,
+    key: &str,
+    me: &Registration,
+    (revision, config_hash): (u64, u64),
+    lease: i64,
+) -> Result<(), String> {
+    let registration = Registration {
+        override_revision: revision,
+        config_hash: format!("{config_hash:016x}"),
+        ..me.clone()
+    };
+    let value = serde_json::to_string(&registration).unwrap_or_default();
+    let options = PutOptions::new().with_lease(lease);
+    match timeout(REQUEST_TIMEOUT, client.put(key, value, Some(options))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(format!("put {key}: {error}")),
+        Err(_) => Err(format!("put {key} timed out")),
+    }
+}
+
+/// The instances registered under `prefix` now (at least 1: this one), or `None` if etcd did
+/// not answer.
+async fn count(client: &mut Client, prefix: &str) -> Option<usize> {
+    let options = GetOptions::new().with_prefix().with_count_only();
+    let counted = timeout(
+        REQUEST_TIMEOUT,
+        client.get(format!("{prefix}/"), Some(options)),
+    )
+    .await;
+    let counted = counted.ok()?.ok()?;
+    Some(counted.count().max(1) as usize)
 }
 
 /// The fleet's instances, as `sluice ctl status` lists them: each registration, and the
