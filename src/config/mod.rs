@@ -17,6 +17,7 @@ pub mod files;
 pub mod steering;
 mod validate;
 pub mod values;
+pub mod web;
 
 use std::cell::RefCell;
 use std::path::Path;
@@ -37,6 +38,7 @@ pub use values::{
     ForwardHeader, ListenAddr, MaxAttempts, NonEmpty, PathPrefix, Percent, PositiveDuration, Ratio,
     RequestHeader, ServiceName, ThreadCount, TlsServerName, Tolerance,
 };
+pub use web::{AllowedOrigin, GrpcWebConfig};
 
 /// A config problem, already formatted for an operator: file, key path, what is wrong, where.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +125,9 @@ pub struct ListenerConfig {
     /// The largest request header block accepted, in bytes (SETTINGS_MAX_HEADER_LIST_SIZE).
     #[serde(default = "default_max_header_list_size")]
     pub max_header_list_size: AtLeastOne,
+    /// Also serve gRPC-Web (HTTP/1.1 and HTTP/2) here, with this CORS policy.
+    #[serde(default)]
+    pub grpc_web: Option<GrpcWebConfig>,
 }
 
 /// `listeners[].max_concurrent_streams` by default (also what `H2Settings` starts from).

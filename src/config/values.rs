@@ -112,6 +112,12 @@ parse_from_string!(ForwardHeader, |t: &str| {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHeader(pub http::HeaderName);
 
+impl Serialize for RequestHeader {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0.as_str())
+    }
+}
+
 parse_from_string!(RequestHeader, |t: &str| {
     if t != t.to_ascii_lowercase() || t.starts_with(':') {
         return Err(format!(

@@ -60,6 +60,7 @@ impl Call {
                 body,
                 respond,
                 bytes_in,
+                web: _,
             } = &mut *down;
             // Boxed, and dropped as soon as it ends: a long-lived stream (a server stream, a
             // watch) does not keep an upload that finished long ago.

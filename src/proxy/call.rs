@@ -49,6 +49,9 @@ pub(super) struct Downstream {
     pub(super) respond: SendResponse<Bytes>,
     /// Request DATA bytes read from the client (the upload counts them as they pass).
     pub(super) bytes_in: AtomicU64,
+    /// A gRPC-Web call or preflight on an HTTP/2 stream: answered by `web`, not as a native
+    /// call.
+    pub(super) web: bool,
 }
 
 impl Downstream {
@@ -59,6 +62,7 @@ impl Downstream {
             body,
             respond,
             bytes_in: AtomicU64::new(0),
+            web: false,
         }
     }
 }

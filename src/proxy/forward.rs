@@ -277,7 +277,7 @@ async fn end_arrived(
 }
 
 /// Sends one chunk as the peer's flow-control window allows, END_STREAM on its last piece.
-async fn send_all(
+pub(super) async fn send_all(
     sink: &mut SendStream<Bytes>,
     mut chunk: Bytes,
     end: bool,

@@ -65,6 +65,7 @@ impl FuzzListener {
             policy: ConnectionPolicy::of(listener),
             max_connections: None,
             open: Default::default(),
+            grpc_web: None,
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

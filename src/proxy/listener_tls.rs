@@ -28,6 +28,8 @@ pub struct ServerTlsPem<'a> {
 /// one, which new handshakes use while established connections keep theirs.
 pub struct ServerTls {
     config: ArcSwap<ServerConfig>,
+    /// ALPN offers `http/1.1` after `h2`: the listener serves gRPC-Web over HTTP/1.1 too.
+    http1: bool,
 }
 
 /// Why a handshake failed, from what rustls said.
@@ -46,17 +48,22 @@ fn failure_of(error: &std::io::Error) -> HandshakeFailure {
 impl ServerTls {
     /// Builds the server config; returns it with each certificate's leaf (for the expiry
     /// metric), or why the files cannot serve.
-    pub fn new(pem: &ServerTlsPem<'_>) -> Result<(ServerTls, Vec<certs::Described>), String> {
-        let (config, leaves) = server_config(pem)?;
+    /// `http1`: offer `http/1.1` in ALPN after `h2` (a listener with `grpc_web`).
+    pub fn new(
+        pem: &ServerTlsPem<'_>,
+        http1: bool,
+    ) -> Result<(ServerTls, Vec<certs::Described>), String> {
+        let (config, leaves) = server_config(pem, http1)?;
         let tls = ServerTls {
             config: ArcSwap::from_pointee(config),
+            http1,
         };
         Ok((tls, leaves))
     }
 
     /// Serves new handshakes with new files; on error, the old ones stay.
     pub fn replace(&self, pem: &ServerTlsPem<'_>) -> Result<Vec<certs::Described>, String> {
-        let (config, leaves) = server_config(pem)?;
+        let (config, leaves) = server_config(pem, self.http1)?;
         self.config.store(Arc::new(config));
         Ok(leaves)
     }
@@ -82,7 +89,10 @@ impl ServerTls {
     }
 }
 
-fn server_config(pem: &ServerTlsPem<'_>) -> Result<(ServerConfig, Vec<certs::Described>), String> {
+fn server_config(
+    pem: &ServerTlsPem<'_>,
+    http1: bool,
+) -> Result<(ServerConfig, Vec<certs::Described>), String> {
     let mut identities = Vec::new();
     for (k, (cert, key)) in pem.certificates.iter().enumerate() {
         identities.push(certs::identity(cert, key).map_err(|e| format!("certificate {k}: {e}"))?);
@@ -104,8 +114,12 @@ fn server_config(pem: &ServerTlsPem<'_>) -> Result<(ServerConfig, Vec<certs::Des
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
-    // Only HTTP/2: a client that offers only http/1.1 gets a no_application_protocol alert.
+    // Only HTTP/2, unless gRPC-Web is served: a client that offers only http/1.1 then gets a
+    // no_application_protocol alert.
     config.alpn_protocols = vec![b"h2".to_vec()];
+    if http1 {
+        config.alpn_protocols.push(b"http/1.1".to_vec());
+    }
     Ok((config, leaves))
 }
 

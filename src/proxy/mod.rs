@@ -25,6 +25,7 @@ mod queue;
 pub mod rate_limit;
 mod reply;
 pub mod route;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,6 +87,8 @@ pub struct Proxy {
     pub max_connections: Option<usize>,
     /// Connections open on this listener, and when reaching the limit was last logged.
     pub open: ConnectionCount,
+    /// `grpc_web`: gRPC-Web is served here too, under this CORS policy.
+    pub grpc_web: Option<web::Cors>,
 }
 
 /// The connections open on a listener, for `max_connections`.
@@ -136,6 +139,22 @@ pub struct Peer {
     /// The connection in the process's count of open connections, until the connection and
     /// every call on it are done (`Lifecycle::drain` waits for it).
     _open: Option<OpenConnection>,
+    /// The in-memory connection of one gRPC-Web call, and its format (the access log's
+    /// `protocol`); `None` for every native connection.
+    pub web: Option<web::Mode>,
+}
+
+impl Peer {
+    /// The same client, for the in-memory connection that carries one gRPC-Web call.
+    fn for_web(&self, mode: web::Mode) -> Peer {
+        Peer {
+            addr: self.addr,
+            cert: self.cert.clone(),
+            xfcc: self.xfcc.clone(),
+            _open: None,
+            web: Some(mode),
+        }
+    }
 }
 
 #[async_trait]
@@ -165,20 +184,25 @@ impl Proxy {
         // One deadline for the first bytes, the TLS handshake and the HTTP/2 preface.
         let deadline = tokio::time::Instant::now() + PREFACE_TIMEOUT;
         let Some(tls) = &self.tls else {
-            // Anything but the HTTP/2 preface is a client speaking HTTP/1: tell it plainly.
+            // Anything but the HTTP/2 preface is a client speaking HTTP/1: gRPC-Web where the
+            // listener serves it, else told plainly that gRPC needs HTTP/2.
             let mut first = [0u8; 4];
-            match tokio::time::timeout_at(deadline, io.try_peek(&mut first)).await {
-                Ok(Ok(true)) if &first != b"PRI " => return reply::not_http2(&mut io).await,
-                Ok(Ok(_)) => {}
+            let http1 = match tokio::time::timeout_at(deadline, io.try_peek(&mut first)).await {
+                Ok(Ok(true)) => &first != b"PRI ",
+                Ok(Ok(false)) => false,
                 // Closed or silent before sending anything: nothing to answer.
                 Ok(Err(_)) | Err(_) => return,
-            }
+            };
             let peer = Peer {
                 addr,
                 _open: Some(open),
                 ..Peer::default()
             };
-            return self.serve_h2(io, Arc::new(peer), deadline, shutdown).await;
+            return match (http1, &self.grpc_web) {
+                (false, _) => self.serve_h2(io, Arc::new(peer), deadline, shutdown).await,
+                (true, Some(_)) => self.serve_http1(io, Arc::new(peer), shutdown).await,
+                (true, None) => reply::not_http2(&mut io).await,
+            };
         };
         // A connection closed before its first byte is a TCP health check, not a failed
         // handshake; one that does not start with a TLS record speaks cleartext.
@@ -199,8 +223,15 @@ impl Proxy {
                     _open: Some(open),
                     ..self.peer_with(addr, cert)
                 };
-                self.serve_h2(stream, Arc::new(peer), deadline, shutdown)
-                    .await;
+                // ALPN offers http/1.1 only on a listener with grpc_web.
+                let http1 = stream.get_ref().1.alpn_protocol() == Some(b"http/1.1");
+                match http1 {
+                    false => {
+                        self.serve_h2(stream, Arc::new(peer), deadline, shutdown)
+                            .await
+                    }
+                    true => self.serve_http1(stream, Arc::new(peer), shutdown).await,
+                }
             }
             Err(failure) => {
                 // A bad client, not a proxy fault: counted, and logged at debug only.
@@ -239,6 +270,7 @@ impl Proxy {
             cert,
             xfcc,
             _open: None,
+            web: None,
         }
     }
 
@@ -257,6 +289,9 @@ impl Proxy {
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         async move {
             self.serve_call_in_place(&mut down, &peer).await;
+            if down.web {
+                self.serve_web_h2(&mut down, &peer).await;
+            }
             drop(open);
         }
     }
@@ -286,6 +321,10 @@ impl Proxy {
         if parts.method != Method::POST
             || !wire::is_grpc_content_type(parts.headers.get(http::header::CONTENT_TYPE))
         {
+            if self.grpc_web.is_some() && web::is_web_request(parts) {
+                down.web = true;
+                return None;
+            }
             reply::not_grpc(&mut down.respond, parts);
             return None;
         }
@@ -398,6 +437,7 @@ impl Proxy {
             rejected: ending.rejected.map(Reject::cause),
             client_subject: peer.cert.as_ref().map(|c| c.subject.as_str()),
             client_sans: peer.cert.as_ref().map(ClientCert::sans),
+            protocol: peer.web.map_or("grpc", web::Mode::label),
         });
     }
 }

@@ -91,7 +91,8 @@ impl Certificates {
                 continue;
             };
             let name = listener.name.value.clone();
-            let (tls, leaves) = ServerTls::new(&listener_pem(&files))
+            let http1 = listener.grpc_web.is_some();
+            let (tls, leaves) = ServerTls::new(&listener_pem(&files), http1)
                 .map_err(|e| format!("listeners[{index}].tls ({name}): {e}"))?;
             publish_listener_expiry(&name, &files, &leaves);
             let tls = Arc::new(tls);

@@ -34,6 +34,7 @@ use crate::discovery::{self, Watchers};
 use crate::health;
 use crate::lifecycle::Lifecycle;
 use crate::overrides::Overrides;
+use crate::proxy::web::Cors;
 use crate::proxy::{ConnectionPolicy, Proxy, Router};
 use crate::steering::fleet::{self, Fleet};
 use crate::steering::Steering;
@@ -457,6 +458,8 @@ fn add_listeners(
             },
             max_connections: listener.max_connections.map(|n| n.0 as usize),
             open: Default::default(),
+            grpc_web: (listener.grpc_web.as_ref())
+                .map(|web| Cors::new(web, metrics().grpc_web_origin_refused(name))),
             access_log: shared.access_log.clone(),
             generate_request_id: config.request_id.generate,
             connections_gauge: metrics().downstream_connections(name),

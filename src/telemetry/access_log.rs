@@ -58,6 +58,8 @@ pub struct Entry<'a> {
     pub client_subject: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_sans: Option<Vec<String>>,
+    /// `grpc`, `grpc-web` or `grpc-web-text`.
+    pub protocol: &'static str,
 }
 
 impl AccessLog {

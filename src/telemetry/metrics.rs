@@ -369,6 +369,8 @@ pub struct Metrics {
     tls_handshake_errors: IntCounterVec,
     /// `sluice_downstream_connections_refused_total{listener}`.
     connections_refused: IntCounterVec,
+    /// `sluice_grpc_web_origin_refused_total{listener}`.
+    grpc_web_origin_refused: IntCounterVec,
     /// `sluice_rate_limit_keys_evicted_total{route}`.
     rate_limit_evictions: IntCounterVec,
     /// `sluice_overrides_revision`, `sluice_overrides_stale`.
@@ -458,6 +460,12 @@ impl Metrics {
             &["listener"],
         )?;
         registry.register(Box::new(connections_refused.clone()))?;
+        let grpc_web_origin_refused = counter(
+            "sluice_grpc_web_origin_refused_total",
+            "gRPC-Web requests (calls and preflights) from an origin not in the listener's grpc_web.allowed_origins: answered without CORS headers, so the browser keeps the answer from the page.",
+            &["listener"],
+        )?;
+        registry.register(Box::new(grpc_web_origin_refused.clone()))?;
         let rate_limit_evictions = counter(
             "sluice_rate_limit_keys_evicted_total",
             "Rate-limit buckets evicted because a route's rate_limit.max_keys keys were held; an evicted client starts again with a full bucket.",
@@ -491,6 +499,7 @@ impl Metrics {
             access_log_dropped,
             tls_handshake_errors,
             connections_refused,
+            grpc_web_origin_refused,
             rate_limit_evictions,
             overrides_revision,
             overrides_stale,
@@ -520,6 +529,11 @@ impl Metrics {
         self.connections_refused
             .with_label_values(&[listener])
             .inc();
+    }
+
+    /// The counter of gRPC-Web requests refused for their origin on `listener`.
+    pub fn grpc_web_origin_refused(&self, listener: &str) -> prometheus::IntCounter {
+        self.grpc_web_origin_refused.with_label_values(&[listener])
     }
 
     /// The counter of rate-limit buckets evicted on `route`, resolved once per route.
