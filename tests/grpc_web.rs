@@ -596,3 +596,173 @@ async fn a_tls_listener_offers_http1_in_alpn_for_grpc_web() {
     .await;
     assert_eq!(answer.frames(false).0[0].message, "tls");
 }
+
+/// Serves `tests/web/dist` (the bundled page) on a loopback port: the page's origin.
+async fn serve_page() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/web/dist");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let dist = dist.clone();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                let n = tcp.read(&mut head).await.unwrap_or(0);
+                let line = String::from_utf8_lossy(&head[..n]).into_owned();
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let file = path
+                    .split('?')
+                    .next()
+                    .unwrap_or("/")
+                    .trim_start_matches('/');
+                let (status, kind, body) = match file {
+                    "index.html" | "grpc-web-test.js" => {
+                        let kind = if file.ends_with(".js") {
+                            "text/javascript"
+                        } else {
+                            "text/html"
+                        };
+                        (
+                            "200 OK",
+                            kind,
+                            std::fs::read(dist.join(file)).unwrap_or_default(),
+                        )
+                    }
+                    _ => ("404 Not Found", "text/plain", b"not here".to_vec()),
+                };
+                let head = format!("HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                let _ = tcp.write_all(head.as_bytes()).await;
+                let _ = tcp.write_all(&body).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Opens the page in headless Chromium (at most 90 s of real time) and returns its results.
+fn run_page(page: SocketAddr, target: SocketAddr, suite: &str) -> serde_json::Value {
+    let url = format!("http://{page}/index.html?target=http://{target}&suite={suite}");
+    let output = std::process::Command::new("timeout")
+        .args([
+            "90",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+        ])
+        .args(["--virtual-time-budget=60000", "--dump-dom", &url])
+        .output()
+        .expect("run chromium (Debian package chromium; scripts/setup installs it)");
+    let dom = String::from_utf8_lossy(&output.stdout).into_owned();
+    let start = dom
+        .find("<pre id=\"results\">")
+        .map(|i| i + "<pre id=\"results\">".len());
+    let text = start.and_then(|s| dom[s..].find("</pre>").map(|e| &dom[s..s + e]));
+    let text = text.unwrap_or_else(|| {
+        panic!(
+            "no results in:\n{dom}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    let text = text
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_browser_calls_through_sluice_with_real_grpc_web_libraries() {
+    let echo = Echo::start("b1").await;
+    let (page, elsewhere) = (serve_page().await, serve_page().await);
+    let listener = format!(
+        "    grpc_web:\n      allowed_origins: [\"http://{page}\"]\n      allowed_headers: [x-custom]\n      exposed_headers: [x-backend-id, x-custom]\n"
+    );
+    // echo.v1.Echo and its package route to the backend; /nowhere/... routes nowhere.
+    let rest = format!(
+        "{}routes:\n  - match: {{ service: echo.v1.Echo }}\n    cluster: echo\n  - match: {{ prefix: /echo.v1. }}\n    cluster: echo\n",
+        Sluice::cluster(&[echo.addr], "")
+    );
+    let sluice = Sluice::start_with_listener(&listener, &rest).await;
+    let target = sluice.addr;
+    let results = tokio::task::spawn_blocking(move || run_page(page, target, "full"))
+        .await
+        .unwrap();
+    let cases = &results["cases"];
+    let case = |name: &str| cases[name].clone();
+    for mode in ["binary", "text"] {
+        let name = |n: &str| format!("{n}_{mode}");
+        let unary = case(&name("unary"));
+        assert_eq!(unary["ok"], true, "{unary}");
+        assert!(
+            unary["detail"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("hello"),
+            "{unary}"
+        );
+        let stream = case(&name("server_stream"));
+        assert_eq!(
+            (stream["ok"].clone(), stream["detail"]["count"].clone()),
+            (true.into(), 100.into()),
+            "{stream}"
+        );
+        let failed = case(&name("backend_error"));
+        assert_eq!(
+            (failed["code"].clone(), failed["message"].clone()),
+            (5.into(), "no such thing".into()),
+            "{failed}"
+        );
+        assert_eq!(
+            case(&name("no_route"))["code"],
+            12,
+            "{}",
+            case(&name("no_route"))
+        );
+        let metadata = case(&name("metadata"));
+        assert_eq!(metadata["detail"]["echoed"], "from-browser", "{metadata}");
+        assert_eq!(metadata["detail"]["backend"], "b1", "{metadata}");
+        assert_eq!(
+            case(&name("empty_unary"))["ok"],
+            true,
+            "{}",
+            case(&name("empty_unary"))
+        );
+        let large = case(&name("large_unary"));
+        assert_eq!(large["detail"]["same"], true, "{large}");
+        let special = case(&name("special_message"));
+        assert_eq!(
+            (special["code"].clone(), special["detail"]["equal"].clone()),
+            (2.into(), true.into()),
+            "{special}"
+        );
+        assert_eq!(
+            case(&name("unimplemented_method"))["code"],
+            12,
+            "{}",
+            case(&name("unimplemented_method"))
+        );
+        assert_eq!(
+            case(&name("unimplemented_service"))["code"],
+            12,
+            "{}",
+            case(&name("unimplemented_service"))
+        );
+    }
+    // From an origin not on the list: the browser blocks the call; the preflight is answered
+    // by sluice (403) and never reaches the backend.
+    let before = echo.calls();
+    let blocked = tokio::task::spawn_blocking(move || run_page(elsewhere, target, "blocked"))
+        .await
+        .unwrap();
+    let blocked = &blocked["cases"]["blocked"];
+    assert_eq!(blocked["ok"], false, "{blocked}");
+    assert_eq!(echo.calls(), before);
+    let metrics = sluice.metrics().await;
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_grpc_web_origin_refused_total{listener=\"grpc\"} "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(refused >= 1, "{metrics}");
+}

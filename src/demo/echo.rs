@@ -185,6 +185,15 @@ impl EchoService {
     }
 }
 
+/// The `grpc-status-details-bin` of a failure: a `google.rpc.Status` with the same code and
+/// message, as real services send it; gRPC-Web clients decode it and prefer its message.
+pub fn status_details(code: i32, message: &str) -> Vec<u8> {
+    let mut details = Vec::new();
+    prost::encoding::int32::encode(1, &code, &mut details);
+    prost::encoding::string::encode(2, &message.to_string(), &mut details);
+    details
+}
+
 /// The status a request asks to fail with, with a custom trailer and details attached.
 fn failure(request: &EchoRequest) -> Option<Status> {
     if request.fail_code == 0 {
@@ -195,7 +204,7 @@ fn failure(request: &EchoRequest) -> Option<Status> {
     Some(Status::with_details_and_metadata(
         tonic::Code::from(request.fail_code),
         request.fail_message.clone(),
-        bytes::Bytes::from_static(b"\x01details\xff"),
+        status_details(request.fail_code, &request.fail_message).into(),
         trailers,
     ))
 }

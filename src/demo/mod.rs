@@ -11,8 +11,8 @@ use crate::BoxError;
 
 pub use client::{run_demo_client, ClientTls};
 pub use echo::{
-    run_echo_backend, serve_echo, serve_echo_with, EchoService, EchoStats, WorkerPool,
-    MAX_MESSAGE_SIZE,
+    run_echo_backend, serve_echo, serve_echo_with, status_details, EchoService, EchoStats,
+    WorkerPool, MAX_MESSAGE_SIZE,
 };
 pub use pem::PemPair;
 
