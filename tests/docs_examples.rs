@@ -201,6 +201,35 @@ async fn the_tls_example_runs_as_printed() {
     assert!(log.contains(sans), "{log}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_web_example_runs_as_printed() {
+    let mut scratch = Scratch::new();
+    let mut outputs = Vec::new();
+    for step in steps("docs/configuration.md", "grpc-web") {
+        match step {
+            Step::Run(script) => outputs.push(scratch.run(&script)),
+            Step::Config(file, body) => {
+                std::fs::write(scratch.path(&file), scratch.localise(&body)).unwrap()
+            }
+            Step::Start(script) => {
+                scratch.start(&script, "started.log");
+                scratch.wait_ready("started.log").await;
+            }
+            Step::Parses(_) => panic!("the gRPC-Web example has no parse-only step"),
+        }
+    }
+    let preflight = String::from_utf8_lossy(&outputs.last().unwrap().stdout).into_owned();
+    assert!(preflight.starts_with("HTTP/1.1 204"), "{preflight}");
+    assert!(
+        preflight.contains("access-control-allow-origin: http://localhost:3000"),
+        "{preflight}"
+    );
+    assert!(
+        preflight.contains("access-control-max-age: 600"),
+        "{preflight}"
+    );
+}
+
 #[test]
 fn the_smallest_config_passes_check_and_the_complete_one_parses() {
     let scratch = Scratch::new();

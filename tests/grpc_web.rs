@@ -766,3 +766,71 @@ async fn a_real_browser_calls_through_sluice_with_real_grpc_web_libraries() {
         .unwrap_or(0);
     assert!(refused >= 1, "{metrics}");
 }
+
+#[tokio::test]
+async fn no_backend_and_rate_limits_are_grpc_web_answers_too() {
+    let refused = support::RefusedAddrs::new(1);
+    let echo = Echo::start("b1").await;
+    let rest = format!(
+        "clusters:\n  - name: gone\n    discovery:\n      static: [\"{}\"]\n  - name: echo\n    discovery:\n      static: [\"{}\"]\nroutes:\n  - match: {{ headers: [{{ name: x-to, exact: gone }}] }}\n    cluster: gone\n  - cluster: echo\n    rate_limit: {{ rate: 1/m, burst: 1, per: route }}\n",
+        refused.addrs[0], echo.addr
+    );
+    let sluice = Sluice::start_with_listener(GRPC_WEB, &rest).await;
+    let status_of = |answer: &Answer| answer.header("grpc-status").map(str::to_string);
+    let mut to_gone = web_headers("application/grpc-web-text");
+    to_gone.push(("x-to", "gone"));
+    let body = STANDARD.encode(framed(&request("x")));
+    let gone = http1(
+        sluice.addr,
+        "POST",
+        "/echo.v1.Echo/Unary",
+        &to_gone,
+        body.as_bytes(),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (gone.status, status_of(&gone).as_deref()),
+        (200, Some("14")),
+        "{:?}",
+        gone.headers
+    );
+    assert_eq!(
+        gone.header("content-type"),
+        Some("application/grpc-web-text")
+    );
+    assert_eq!(gone.header("access-control-allow-origin"), Some(ORIGIN));
+    let headers = web_headers("application/grpc-web");
+    let first = http1(
+        sluice.addr,
+        "POST",
+        "/echo.v1.Echo/Unary",
+        &headers,
+        &framed(&request("a")),
+        None,
+    )
+    .await;
+    assert_eq!(first.frames(false).0.len(), 1);
+    let limited = http1(
+        sluice.addr,
+        "POST",
+        "/echo.v1.Echo/Unary",
+        &headers,
+        &framed(&request("b")),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status_of(&limited).as_deref(),
+        Some("8"),
+        "{:?}",
+        limited.headers
+    );
+    assert!(
+        limited.header("grpc-retry-pushback-ms").is_some(),
+        "{:?}",
+        limited.headers
+    );
+    let exposed = limited.header("access-control-expose-headers").unwrap();
+    assert!(exposed.contains("grpc-retry-pushback-ms"), "{exposed}");
+}

@@ -25,8 +25,14 @@ const CLIENT_HEADERS: &[&str] = &[
     "tracestate",
 ];
 
-/// Response headers and trailers a page must be able to read.
-const STATUS_HEADERS: &[&str] = &["grpc-status", "grpc-message", "grpc-status-details-bin"];
+/// Response headers and trailers a page must be able to read: the status, and when to retry
+/// after a shed or rate-limited call.
+const STATUS_HEADERS: &[&str] = &[
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    "grpc-retry-pushback-ms",
+];
 
 /// A listener's CORS policy.
 #[derive(Debug)]
