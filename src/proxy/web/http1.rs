@@ -10,7 +10,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -38,7 +38,10 @@ impl Proxy {
             let (proxy, peer) = (Arc::clone(&proxy), Arc::clone(&peer));
             async move { Ok::<_, Infallible>(proxy.http1_request(&peer, request).await) }
         });
+        // The timer gives hyper's header read timeout (30 s) its clock: a client that sends a
+        // request head slowly, or idles between requests, is closed.
         let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
             .keep_alive(true)
             .serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection);
