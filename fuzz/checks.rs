@@ -210,3 +210,36 @@ pub fn listener(data: &[u8]) {
         assert_eq!(listener.call().as_deref(), Some("14"), "after {data:?}");
     });
 }
+
+/// gRPC-Web's decoders: a content type never panics; the text mode's base64 decoder takes
+/// any bytes in any pieces and answers bytes or an error; and what sluice's own encoder
+/// writes, split anywhere, decodes back to the same bytes.
+pub fn grpc_web(data: &[u8]) {
+    use sluice::proxy::web::frames::{of_content_type, TextDecoder, TextEncoder};
+    if let Ok(value) = HeaderValue::from_bytes(data) {
+        let _ = of_content_type(Some(&value));
+    }
+    let cut = usize::from(data.first().copied().unwrap_or(0) % 7) + 1;
+    let mut decoder = TextDecoder::default();
+    for piece in data.chunks(cut) {
+        if decoder.push(piece).is_err() {
+            break;
+        }
+    }
+    let _ = decoder.finish();
+    let mut encoder = TextEncoder::default();
+    let mut text = Vec::new();
+    for piece in data.chunks(cut) {
+        text.extend_from_slice(&encoder.push(piece));
+    }
+    text.extend_from_slice(&encoder.finish());
+    let mut decoder = TextDecoder::default();
+    let mut back = Vec::new();
+    for piece in text.chunks(cut + 2) {
+        back.extend_from_slice(&decoder.push(piece).expect("sluice's own base64 decodes"));
+    }
+    decoder
+        .finish()
+        .expect("sluice's own base64 ends on a whole group");
+    assert_eq!(back, data);
+}

@@ -86,6 +86,11 @@ fn etcd_value() {
 }
 
 #[test]
+fn grpc_web() {
+    replay_and_mutate("grpc_web", checks::grpc_web);
+}
+
+#[test]
 fn grpc_timeout() {
     replay_and_mutate("grpc_timeout", checks::grpc_timeout);
 }

@@ -106,7 +106,10 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     chunk: Option<usize>,
 ) -> Answer {
     let started = Instant::now();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\n");
+    if !headers.iter().any(|(name, _)| *name == "host") {
+        head.push_str(&format!("host: {addr}\r\n"));
+    }
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -516,8 +519,14 @@ async fn grpc_web_calls_are_balanced_counted_and_logged_like_native_ones() {
     for backend in &backends {
         assert_eq!(backend.calls(), 10);
     }
-    let metrics = sluice.metrics().await;
+    // Counted once the call ends, a moment after its last bytes reached the client.
     let counted = "sluice_requests_total{cluster=\"echo\",grpc_code=\"OK\",grpc_method=\"Unary\",grpc_service=\"echo.v1.Echo\",origin=\"upstream\"} 30";
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut metrics = sluice.metrics().await;
+    while !metrics.contains(counted) && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        metrics = sluice.metrics().await;
+    }
     assert!(metrics.contains(counted), "{metrics}");
     let logged = support::wait_until(Duration::from_secs(5), || {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -833,4 +842,67 @@ async fn no_backend_and_rate_limits_are_grpc_web_answers_too() {
     );
     let exposed = limited.header("access-control-expose-headers").unwrap();
     assert!(exposed.contains("grpc-retry-pushback-ms"), "{exposed}");
+}
+
+#[tokio::test]
+async fn the_backend_sees_the_authority_the_page_asked_for_and_no_length_it_cannot_keep() {
+    // A backend that reports each call's :authority and answers with a content-length, which
+    // the text mode's re-framing would make wrong.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let backend = support::ScriptedListener::start(move |tcp| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                return;
+            };
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let authority = request.uri().authority().map(|a| a.to_string());
+                let _ = seen_tx.send(authority.unwrap_or_default());
+                let message = framed(&request_reply());
+                let head = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("content-length", message.len())
+                    .body(())
+                    .unwrap();
+                let Ok(mut body) = respond.send_response(head, false) else {
+                    return;
+                };
+                let _ = body.send_data(message.into(), false);
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let _ = body.send_trailers(trailers);
+            }
+        }
+    })
+    .await;
+    let sluice = web_sluice(&[backend.addr], "").await;
+    let mut headers = web_headers("application/grpc-web-text");
+    headers.push(("host", "api.example.test:8443"));
+    let body = STANDARD.encode(framed(&request("a")));
+    let answer = http1(
+        sluice.addr,
+        "POST",
+        "/echo.v1.Echo/Unary",
+        &headers[..],
+        body.as_bytes(),
+        None,
+    )
+    .await;
+    assert_eq!(
+        answer.header("content-length"),
+        None,
+        "{:?}",
+        answer.headers
+    );
+    assert_eq!(answer.frames(true).0.len(), 1);
+    let authority = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+        .await
+        .unwrap();
+    assert_eq!(authority.as_deref(), Some("api.example.test:8443"));
+}
+
+/// The bytes of an `EchoRequest` message, framed like an answer (the client decodes it as
+/// an `EchoResponse`: the same first field).
+fn request_reply() -> EchoRequest {
+    request("reply")
 }

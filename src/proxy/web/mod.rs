@@ -107,6 +107,9 @@ impl Proxy {
         parts
             .headers
             .insert(http::header::CONTENT_TYPE, answer_type);
+        // The body is re-framed (the trailers added, base64 in text mode): a length the
+        // backend gave no longer holds.
+        parts.headers.remove(http::header::CONTENT_LENGTH);
         let trailers_only = recv.is_end_stream();
         let body = (!trailers_only).then(|| {
             let (pieces, body) = mpsc::channel(PIECES);
@@ -166,6 +169,14 @@ impl Drop for Loopback {
 /// The native request for a gRPC-Web one: same path and metadata, the native content type,
 /// `te: trailers`, and nothing that belongs to the HTTP/1.1 connection.
 fn native_request(head: http::request::Parts, native: &'static str) -> Request<()> {
+    // The authority the client asked for goes upstream, as for a native call: HTTP/2's, or
+    // HTTP/1.1's `host`.
+    let host = (head.headers.get(http::header::HOST))
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok());
+    let authority = (head.uri.authority().cloned())
+        .or(host)
+        .unwrap_or(http::uri::Authority::from_static("localhost"));
     let mut headers = head.headers;
     for name in HOP_HEADERS {
         headers.remove(*name);
@@ -175,7 +186,7 @@ fn native_request(head: http::request::Parts, native: &'static str) -> Request<(
     let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = http::Uri::builder()
         .scheme("http")
-        .authority("sluice.grpc-web")
+        .authority(authority)
         .path_and_query(path)
         .build()
         .unwrap_or_default();
