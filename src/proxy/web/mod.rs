@@ -77,7 +77,7 @@ impl Proxy {
         let accepted = head.headers.get(http::header::CONTENT_TYPE).cloned();
         let answer_type =
             mode.answer_content_type(&accepted.unwrap_or(HeaderValue::from_static("")));
-        let (mut sender, _inner) = match self.loopback(peer, mode).await {
+        let (mut sender, loopback) = match self.loopback(peer, mode).await {
             Some(opened) => opened,
             None => {
                 return status_answer(
@@ -113,7 +113,7 @@ impl Proxy {
         let trailers_only = recv.is_end_stream();
         let body = (!trailers_only).then(|| {
             let (pieces, body) = mpsc::channel(PIECES);
-            tokio::spawn(download_body(recv, pieces, mode, _inner));
+            tokio::spawn(download_body(recv, pieces, mode, loopback));
             body
         });
         WebAnswer {
