@@ -124,10 +124,7 @@ pub fn run(target: Target, action: Action) -> Result<bool, BoxError> {
 /// `USER@HOST`, for the logs of whoever applies the change.
 fn actor() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
-    format!("{user}@{host}")
+    format!("{user}@{}", fleet::hostname())
 }
 
 async fn by_admin(

@@ -163,11 +163,14 @@ impl Drop for Scratch {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_tls_example_runs_as_printed() {
+/// Runs example `name` of docs/configuration.md step by step in a scratch folder: its
+/// commands, configs and background processes (waiting until sluice is ready after each
+/// start). Returns the folder, which stops the processes when dropped, and the outputs of the
+/// `run` steps.
+async fn run_example(name: &str) -> (Scratch, Vec<Output>) {
     let mut scratch = Scratch::new();
     let mut outputs = Vec::new();
-    for step in steps("docs/configuration.md", "tls") {
+    for step in steps("docs/configuration.md", name) {
         match step {
             Step::Run(script) => outputs.push(scratch.run(&script)),
             Step::Config(file, body) => {
@@ -177,9 +180,15 @@ async fn the_tls_example_runs_as_printed() {
                 scratch.start(&script, "started.log");
                 scratch.wait_ready("started.log").await;
             }
-            Step::Parses(_) => panic!("the TLS example has no parse-only step"),
+            Step::Parses(_) => panic!("example {name} runs; it has no parse-only step"),
         }
     }
+    (scratch, outputs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_example_runs_as_printed() {
+    let (scratch, outputs) = run_example("tls").await;
     let log = scratch.read("started.log");
     // The config, with the certificates the commands made, passes `sluice check`.
     assert!(log.contains("tls.yaml: valid"), "{log}");
@@ -203,21 +212,7 @@ async fn the_tls_example_runs_as_printed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grpc_web_example_runs_as_printed() {
-    let mut scratch = Scratch::new();
-    let mut outputs = Vec::new();
-    for step in steps("docs/configuration.md", "grpc-web") {
-        match step {
-            Step::Run(script) => outputs.push(scratch.run(&script)),
-            Step::Config(file, body) => {
-                std::fs::write(scratch.path(&file), scratch.localise(&body)).unwrap()
-            }
-            Step::Start(script) => {
-                scratch.start(&script, "started.log");
-                scratch.wait_ready("started.log").await;
-            }
-            Step::Parses(_) => panic!("the gRPC-Web example has no parse-only step"),
-        }
-    }
+    let (_scratch, outputs) = run_example("grpc-web").await;
     let preflight = String::from_utf8_lossy(&outputs.last().unwrap().stdout).into_owned();
     assert!(preflight.starts_with("HTTP/1.1 204"), "{preflight}");
     assert!(

@@ -245,9 +245,7 @@ fn fleet_service(
         return None;
     }
     let registry = config.fleet.as_ref().map(|f| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into());
+        let host = fleet::hostname();
         let id = f.instance_id.clone().unwrap_or_else(|| match admin {
             Some(admin) => format!("{host}:{}", admin.port()),
             None => format!("{host}:pid{}", std::process::id()),

@@ -39,6 +39,14 @@ const TICK: Duration = Duration::from_secs(1);
 /// Attempts at a change that keeps meeting another writer's.
 const CHANGE_ATTEMPTS: usize = 10;
 
+/// This machine's name: the default instance id's first part, and who made a change with
+/// `sluice ctl`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
 /// The key holding a fleet's overrides under `prefix`.
 pub fn overrides_key(prefix: &str) -> String {
     format!("{prefix}/current")
