@@ -344,18 +344,13 @@ impl Proxy {
         let Some(route) = router.route(parts.uri.path(), &parts.headers) else {
             drop(router);
             let message = format!("sluice: no route for {}", parts.uri.path());
-            reply::status(
-                &mut down.respond,
-                ProxyStatus::new(Code::Unimplemented, message),
-            );
-            unrouted().rejected(Reject::NoRoute);
-            let ending = Ending {
+            let at_once = AtOnce {
+                cluster: None,
+                method: &unrouted().method(parts.uri.path()),
+                status: ProxyStatus::new(Code::Unimplemented, message),
                 rejected: Some(Reject::NoRoute),
-                ..Ending::proxy(Code::Unimplemented)
             };
-            let method = unrouted().method(parts.uri.path());
-            method.record(ending.code, ending.origin, started.elapsed());
-            self.log(parts, None, &Summary::default(), ending, started, peer);
+            self.answer_at_once(&mut down.respond, parts, at_once, started, peer);
             return None;
         };
         let cluster = Arc::clone(route.cluster(&parts.headers));
@@ -366,46 +361,64 @@ impl Proxy {
         });
         drop(router);
         let method = cluster.stats.method(parts.uri.path());
-        if let Some(pushback) = limited {
-            let message = format!(
-                "sluice: rate limited; a token for this client is due in {}ms",
-                pushback.as_millis()
-            );
-            let status = ProxyStatus::resource_exhausted(message, pushback);
-            cluster.stats.rejected(Reject::RateLimited);
-            let ending = Ending {
-                rejected: Some(Reject::RateLimited),
-                ..Ending::proxy(status.code)
-            };
-            reply::status(&mut down.respond, status);
-            method.record(ending.code, ending.origin, started.elapsed());
-            self.log(
-                parts,
-                Some(&cluster),
-                &Summary::default(),
-                ending,
-                started,
-                peer,
-            );
-            return None;
-        }
-        match deadline_budget(parts, &cluster) {
-            Err(status) => {
-                let ending = Ending::proxy(status.code);
-                reply::status(&mut down.respond, status);
-                method.record(ending.code, ending.origin, started.elapsed());
-                let summary = Summary::default();
-                self.log(parts, Some(&cluster), &summary, ending, started, peer);
-                None
+        let refused = match (limited, deadline_budget(parts, &cluster)) {
+            (Some(pushback), _) => {
+                let message = format!(
+                    "sluice: rate limited; a token for this client is due in {}ms",
+                    pushback.as_millis()
+                );
+                let status = ProxyStatus::resource_exhausted(message, pushback);
+                (status, Some(Reject::RateLimited))
             }
-            Ok(budget) => {
+            (None, Err(status)) => (status, None),
+            (None, Ok(budget)) => {
                 let deadline = started + budget;
                 let mut call = Call::new(Arc::clone(&cluster), method, self.h2, deadline);
                 call.keep_request = self.access_log.is_some();
                 call.cluster_header = cluster_header;
-                Some((cluster, call))
+                return Some((cluster, call));
+            }
+        };
+        let at_once = AtOnce {
+            cluster: Some(&cluster),
+            method: &method,
+            status: refused.0,
+            rejected: refused.1,
+        };
+        self.answer_at_once(&mut down.respond, parts, at_once, started, peer);
+        None
+    }
+
+    /// Answers a call with sluice's own status before any attempt: counts why (before the
+    /// answer, so a client that reads the metrics next sees it), answers, and records and
+    /// logs the call.
+    fn answer_at_once(
+        &self,
+        respond: &mut h2::server::SendResponse<bytes::Bytes>,
+        request: &http::request::Parts,
+        at_once: AtOnce<'_>,
+        started: Instant,
+        peer: &Peer,
+    ) {
+        let AtOnce {
+            cluster,
+            method,
+            status,
+            rejected,
+        } = at_once;
+        if let Some(reason) = rejected {
+            match cluster {
+                Some(cluster) => cluster.stats.rejected(reason),
+                None => unrouted().rejected(reason),
             }
         }
+        let ending = Ending {
+            rejected,
+            ..Ending::proxy(status.code)
+        };
+        reply::status(respond, status);
+        method.record(ending.code, ending.origin, started.elapsed());
+        self.log(request, cluster, &Summary::default(), ending, started, peer);
     }
 
     /// Writes the call's access log line, when the log is on.
@@ -440,6 +453,15 @@ impl Proxy {
             protocol: peer.web.map_or("grpc", web::Mode::label),
         });
     }
+}
+
+/// A call sluice answers itself before any attempt (no route, rate limited, a malformed
+/// `grpc-timeout`): its cluster if routed, its method's counters, the status, and why.
+struct AtOnce<'a> {
+    cluster: Option<&'a Arc<Cluster>>,
+    method: &'a crate::telemetry::MethodStats,
+    status: ProxyStatus,
+    rejected: Option<Reject>,
 }
 
 /// The call's budget: the client's `grpc-timeout`, capped by the cluster's `max_deadline`,
