@@ -177,6 +177,11 @@ struct EchoBackendArgs {
     /// With --workers: drop queued calls whose caller has gone or whose deadline passed.
     #[arg(long)]
     checks_context: bool,
+    /// A slow tail: this share of unary calls (0 to 1), at random, waits --tail-delay more.
+    #[arg(long, default_value_t = 0.0)]
+    tail_fraction: f64,
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    tail_delay: std::time::Duration,
     /// Serve TLS with this certificate chain (PEM); with --tls-key.
     #[arg(long)]
     tls_cert: Option<PathBuf>,
@@ -345,7 +350,11 @@ fn echo_backend(args: EchoBackendArgs) -> Result<(), BoxError> {
     let pool =
         (args.workers).map(|n| sluice::demo::WorkerPool::new(n, args.work, args.checks_context));
     let tls = PemPair::from_flags(args.tls_cert, args.tls_key, "--tls-cert and --tls-key")?;
-    sluice::demo::run_echo_backend(args.listen, args.id, args.delay, pool, tls)
+    let tail = (args.tail_fraction > 0.0).then_some(sluice::demo::Tail {
+        fraction: args.tail_fraction,
+        delay: args.tail_delay,
+    });
+    sluice::demo::run_echo_backend(args.listen, args.id, (args.delay, tail), pool, tls)
 }
 
 /// `sluice ctl`: exit 0 when done, 1 on an error or an instance lagging behind.

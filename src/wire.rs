@@ -12,6 +12,9 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+/// Attempts made before this one (gRFC A6), on a retried or hedged request.
+pub const GRPC_PREVIOUS_RPC_ATTEMPTS: HeaderName =
+    HeaderName::from_static("grpc-previous-rpc-attempts");
 /// How long a client should wait before retrying (gRFC A6), on RESOURCE_EXHAUSTED answers.
 pub const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 

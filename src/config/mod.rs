@@ -15,6 +15,7 @@
 pub mod env;
 pub mod files;
 pub mod steering;
+pub mod traces;
 mod validate;
 pub mod values;
 pub mod web;
@@ -32,6 +33,10 @@ pub use files::{
 pub use steering::{
     FleetConfig, HashOn, HeaderMatch, OverridesConfig, Rate, RateKey, RateLimitConfig, RouteConfig,
     RouteMatch, SplitArm, SplitWeight,
+};
+pub use traces::{
+    HedgeDelay, HedgingConfig, OtlpConfig, OtlpEndpoint, OtlpProtocol, SamplingConfig,
+    TracingConfig,
 };
 pub use values::{
     parse_duration, AtLeastOne, BackendAddr, DurationValue, EtcdEndpoint, EtcdPrefix,
@@ -80,6 +85,9 @@ pub struct Config {
     /// Where this instance registers itself for `sluice ctl status`; absent: it does not.
     #[serde(default)]
     pub fleet: Option<FleetConfig>,
+    /// Spans to an OTLP collector; absent: none, and trace headers pass through unchanged.
+    #[serde(default)]
+    pub tracing: Option<Spanned<TracingConfig>>,
     /// The Unix socket a graceful upgrade hands the listening sockets over (SIGQUIT to the
     /// old process, `sluice run --upgrade` for the new one).
     #[serde(default = "default_upgrade_sock")]

@@ -28,6 +28,9 @@ pub struct RouteConfig {
     pub cluster_header: Option<RequestHeader>,
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// A second attempt on another backend when the first is slow; absent: none.
+    #[serde(default)]
+    pub hedging: Option<super::HedgingConfig>,
 }
 
 impl RouteConfig {

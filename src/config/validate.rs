@@ -53,6 +53,7 @@ pub(super) fn check(config: &Config) -> Result<(), Problem> {
         }
     }
     routes(config)?;
+    tracing_built_in(config)?;
     if let Some(etcd) = &config.etcd {
         check_etcd(etcd)?;
     }
@@ -289,4 +290,16 @@ fn check_etcd(etcd: &EtcdConfig) -> Result<(), Problem> {
         }
     }
     Ok(())
+}
+
+/// `tracing` needs a build with the `otlp` feature (release builds and the image have it).
+fn tracing_built_in(config: &Config) -> Result<(), Problem> {
+    match &config.tracing {
+        Some(tracing) if !cfg!(feature = "otlp") => Err(Problem::new(
+            "tracing",
+            "this sluice was built without the `otlp` feature, so it cannot export spans; build it with `--features otlp` (the default) or remove `tracing`",
+        )
+        .at(tracing)),
+        _ => Ok(()),
+    }
 }

@@ -259,7 +259,7 @@ impl<'de> Deserialize<'de> for Percent {
 }
 
 /// A share between 0 and 1 (`retry.budget_ratio`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Ratio(pub f64);
 
 impl<'de> Deserialize<'de> for Ratio {

@@ -50,11 +50,21 @@ pub struct EchoStats {
 pub struct EchoService {
     pub id: String,
     pub delay: Duration,
+    /// A slow tail: this share of unary calls, drawn at random, waits this much longer.
+    pub tail: Option<Tail>,
     /// Answer every unary call with this status, at once: a backend whose dependency broke.
     pub fail_all: Option<tonic::Code>,
     /// Unary calls wait for one of a few workers, then work (`sluice echo-backend --workers`).
     pub pool: Option<WorkerPool>,
     pub stats: Arc<EchoStats>,
+}
+
+/// A slow tail (`sluice echo-backend --tail-fraction --tail-delay`): a share of calls that
+/// take longer, as a GC pause or a cache miss makes them.
+#[derive(Debug, Clone, Copy)]
+pub struct Tail {
+    pub fraction: f64,
+    pub delay: Duration,
 }
 
 /// A bounded pool of workers, as a server with a fixed thread or connection pool has: calls
@@ -108,6 +118,7 @@ impl EchoService {
         EchoService {
             id: id.into(),
             delay: Duration::ZERO,
+            tail: None,
             fail_all: None,
             pool: None,
             stats: Arc::default(),
@@ -158,11 +169,18 @@ impl EchoService {
     }
 
     /// The response headers: `x-backend-id`, and every `x-*` request header echoed back
-    /// (`-bin` ones included) so tests can check metadata both ways.
+    /// (`-bin` ones included) so tests can check metadata both ways; the trace and retry
+    /// headers come back as `x-echo-traceparent` and `x-echo-previous-attempts`.
     fn headers(&self, request: &MetadataMap) -> MetadataMap {
         let mut headers = MetadataMap::new();
         if let Ok(id) = MetadataValue::try_from(self.id.as_str()) {
             headers.insert("x-backend-id", id);
+        }
+        if let Some(value) = request.get("traceparent") {
+            headers.insert("x-echo-traceparent", value.clone());
+        }
+        if let Some(value) = request.get("grpc-previous-rpc-attempts") {
+            headers.insert("x-echo-previous-attempts", value.clone());
         }
         for entry in request.iter() {
             match entry {
@@ -249,7 +267,9 @@ impl Echo for EchoService {
             return Err(Status::new(code, format!("{} fails every call", self.id)));
         }
         self.work(request.metadata()).await?;
-        tokio::time::sleep(self.delay + Duration::from_millis(body.sleep_ms.into())).await;
+        let tail = (self.tail).filter(|t| fastrand::f64() < t.fraction);
+        let delay = self.delay + tail.map_or(Duration::ZERO, |t| t.delay);
+        tokio::time::sleep(delay + Duration::from_millis(body.sleep_ms.into())).await;
         guard.finished = true;
         if let Some(status) = failure(body) {
             return Err(status);
@@ -377,7 +397,7 @@ pub async fn serve_echo_with(
 pub fn run_echo_backend(
     listen: SocketAddr,
     id: String,
-    delay: Duration,
+    (delay, tail): (Duration, Option<Tail>),
     pool: Option<WorkerPool>,
     tls: Option<PemPair>,
 ) -> Result<(), BoxError> {
@@ -392,6 +412,7 @@ pub fn run_echo_backend(
         tracing::info!(address = %listener.local_addr()?, %id, scheme, "echo backend listening");
         let mut service = EchoService::new(id);
         service.delay = delay;
+        service.tail = tail;
         if pool.is_some() {
             tokio::spawn(report_work(Arc::clone(&service.stats)));
         }

@@ -11,7 +11,7 @@ use crate::BoxError;
 
 pub use client::{run_demo_client, ClientTls};
 pub use echo::{
-    run_echo_backend, serve_echo, serve_echo_with, status_details, EchoService, EchoStats,
+    run_echo_backend, serve_echo, serve_echo_with, status_details, EchoService, EchoStats, Tail,
     WorkerPool, MAX_MESSAGE_SIZE,
 };
 pub use pem::PemPair;

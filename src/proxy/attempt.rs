@@ -21,6 +21,7 @@ use super::call::{AttemptEnd, Call, Downstream};
 use super::forward::{self, PipeError, Replay, Seen};
 use super::outcome::{self, Legs, Outcome, RetryReason};
 use crate::balance::{Backend, InFlight};
+use crate::telemetry::trace::TRACEPARENT;
 use crate::transport::StreamSlot;
 use crate::wire::{self, Code, ProxyStatus};
 
@@ -239,9 +240,15 @@ fn send_headers(
     };
     let mut upstream = Request::from_parts(request.clone(), ());
     let remaining = call.deadline.saturating_duration_since(Instant::now());
-    upstream
-        .headers_mut()
-        .insert(wire::GRPC_TIMEOUT, wire::encode_timeout(remaining));
+    let headers = upstream.headers_mut();
+    headers.insert(wire::GRPC_TIMEOUT, wire::encode_timeout(remaining));
+    if let Some(traceparent) = &call.traceparent {
+        headers.insert(TRACEPARENT, traceparent.clone());
+    }
+    // gRPC's retry header (gRFC A6): attempts made before this one, for a retry or a hedge.
+    if let Some(before) = call.summary.attempts.checked_sub(1).filter(|n| *n > 0) {
+        headers.insert(wire::GRPC_PREVIOUS_RPC_ATTEMPTS, before.into());
+    }
     let request_ended = replay.is_empty() && down.body.is_end_stream();
     match sender.send_request(upstream, request_ended) {
         Ok((response, up_send)) => Ok((response, up_send, request_ended)),

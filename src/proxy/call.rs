@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -17,6 +18,7 @@ use super::outcome::RetryReason;
 use super::queue::Queued;
 use super::{reply, Peer};
 use crate::balance::{Backend, Cluster, Pick};
+use crate::telemetry::trace::{AttemptKind, CallTrace};
 use crate::telemetry::{MethodStats, Reject};
 use crate::transport::H2Settings;
 use crate::wire::{Code, Origin, ProxyStatus};
@@ -35,6 +37,8 @@ pub(super) struct Call {
     pub(super) keep_request: bool,
     /// The route's `cluster_header`: the backend's answer names the cluster in it.
     pub(super) cluster_header: Option<http::HeaderName>,
+    /// The `traceparent` of the attempt about to go out, when the call is traced.
+    pub(super) traceparent: Option<http::HeaderValue>,
 }
 
 /// The client's side of a call. Built before the call's task starts and used in place, never
@@ -75,6 +79,8 @@ pub(super) struct Summary {
     pub(super) backend: Option<Arc<Backend>>,
     pub(super) bytes_in: u64,
     pub(super) bytes_out: u64,
+    /// The call's spans, when `tracing` is on.
+    pub(super) trace: Option<Box<CallTrace>>,
 }
 
 /// How a call ended: its gRPC status, who decided it, and why sluice did when it answered
@@ -112,6 +118,18 @@ pub(super) enum AttemptEnd {
     Retry(RetryReason),
 }
 
+impl AttemptEnd {
+    /// The attempt's own status, for its span: what a retried attempt ended with counts as
+    /// UNAVAILABLE unless the backend answered a status.
+    fn code(&self) -> Code {
+        match self {
+            AttemptEnd::Done(ending) => ending.code,
+            AttemptEnd::Retry(RetryReason::Answered { code, .. }) => *code,
+            AttemptEnd::Retry(_) => Code::Unavailable,
+        }
+    }
+}
+
 impl Call {
     pub(super) fn new(
         cluster: Arc<Cluster>,
@@ -127,6 +145,7 @@ impl Call {
             summary: Summary::default(),
             keep_request: true,
             cluster_header: None,
+            traceparent: None,
         }
     }
 
@@ -211,13 +230,12 @@ impl Call {
                 }
             };
             queued = false;
-            if let Some(wait) = waited.take() {
-                wait.served(&self.cluster);
-            }
+            let queue_wait = waited.take().map(|wait| wait.served(&self.cluster));
             tried.push(Arc::clone(&backend));
             self.summary.attempts = tried.len() as u32;
             self.summary.backend = Some(Arc::clone(&backend));
-            let reason = match self.attempt(down, &backend, in_flight, &mut replay).await {
+            let attempt = self.traced_attempt(down, &backend, in_flight, &mut replay, queue_wait);
+            let reason = match attempt.await {
                 AttemptEnd::Done(ending) => return ending,
                 AttemptEnd::Retry(reason) => reason,
             };
@@ -232,6 +250,32 @@ impl Call {
             }
             return self.give_up(down, reason, attempts);
         }
+    }
+
+    /// One attempt, in its span when the call is traced: the span opens before the request
+    /// goes out (its id goes upstream in `traceparent`) and closes with the attempt's status.
+    async fn traced_attempt(
+        &mut self,
+        down: &mut Downstream,
+        backend: &Arc<Backend>,
+        in_flight: crate::balance::InFlight,
+        replay: &mut Replay,
+        queue_wait: Option<Duration>,
+    ) -> AttemptEnd {
+        let address = &backend.address.0;
+        if let Some(trace) = self.summary.trace.as_mut() {
+            let kind = match self.summary.attempts {
+                1 => AttemptKind::First,
+                _ => AttemptKind::Retry,
+            };
+            let header = trace.begin_attempt(address, kind, queue_wait.unwrap_or_default());
+            self.traceparent = Some(header);
+        }
+        let end = self.attempt(down, backend, in_flight, replay).await;
+        if let Some(trace) = self.summary.trace.as_mut() {
+            trace.end_attempt(address, end.code(), false);
+        }
+        end
     }
 
     /// Another attempt is allowed: attempts left, the whole request still held for replay,

@@ -57,6 +57,7 @@ impl FuzzListener {
             lifecycle: Lifecycle::new(),
             h2: H2Settings::default(),
             access_log: None,
+            tracer: None,
             generate_request_id: true,
             connections_gauge: metrics().downstream_connections("fuzz"),
             tls: None,

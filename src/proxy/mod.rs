@@ -46,6 +46,7 @@ use crate::lifecycle::{Lifecycle, OpenConnection};
 use crate::sync::lock;
 use crate::telemetry::access_log::{self, AccessLog, Entry};
 use crate::telemetry::metrics;
+use crate::telemetry::trace::{CallTrace, FinishedCall, Tracer};
 use crate::telemetry::HandshakeFailure;
 use crate::telemetry::{request_id, unrouted, Reject};
 use crate::transport::H2Settings;
@@ -69,6 +70,8 @@ pub struct Proxy {
     pub lifecycle: Arc<Lifecycle>,
     pub h2: H2Settings,
     pub access_log: Option<AccessLog>,
+    /// `tracing`: each call's spans, to the OTLP exporter.
+    pub tracer: Option<Arc<Tracer>>,
     /// Add an `x-request-id` to calls that carry no trace id (`request_id.generate`).
     pub generate_request_id: bool,
     /// `sluice_downstream_connections{listener}`, resolved once.
@@ -305,7 +308,7 @@ impl Proxy {
         };
         let (ending, summary) = call.run(down, peer, started).await;
         if let Some(request) = down.request.as_deref() {
-            self.log(request, Some(&cluster), &summary, ending, started, peer);
+            self.ended(request, Some(&cluster), summary, ending, started, peer);
         }
     }
 
@@ -335,6 +338,9 @@ impl Proxy {
         if let (Some(header), Some(xfcc)) = (&self.forward_client_cert, &peer.xfcc) {
             parts.headers.insert(header.clone(), xfcc.clone());
         }
+        // A call that starts a trace gets its `traceparent` here, before the trace id is
+        // looked for.
+        let trace = self.tracer.as_ref().map(|t| t.begin(&mut parts.headers));
         // Before the first attempt, so a generated id goes upstream.
         if self.generate_request_id {
             request_id::ensure(&mut parts.headers);
@@ -349,6 +355,7 @@ impl Proxy {
                 method: &unrouted().method(parts.uri.path()),
                 status: ProxyStatus::new(Code::Unimplemented, message),
                 rejected: Some(Reject::NoRoute),
+                trace,
             };
             self.answer_at_once(&mut down.respond, parts, at_once, started, peer);
             return None;
@@ -374,8 +381,9 @@ impl Proxy {
             (None, Ok(budget)) => {
                 let deadline = started + budget;
                 let mut call = Call::new(Arc::clone(&cluster), method, self.h2, deadline);
-                call.keep_request = self.access_log.is_some();
+                call.keep_request = self.access_log.is_some() || trace.is_some();
                 call.cluster_header = cluster_header;
+                call.summary.trace = trace;
                 return Some((cluster, call));
             }
         };
@@ -384,6 +392,7 @@ impl Proxy {
             method: &method,
             status: refused.0,
             rejected: refused.1,
+            trace,
         };
         self.answer_at_once(&mut down.respond, parts, at_once, started, peer);
         None
@@ -405,6 +414,7 @@ impl Proxy {
             method,
             status,
             rejected,
+            trace,
         } = at_once;
         if let Some(reason) = rejected {
             match cluster {
@@ -418,7 +428,37 @@ impl Proxy {
         };
         reply::status(respond, status);
         method.record(ending.code, ending.origin, started.elapsed());
-        self.log(request, cluster, &Summary::default(), ending, started, peer);
+        let summary = Summary {
+            trace,
+            ..Summary::default()
+        };
+        self.ended(request, cluster, summary, ending, started, peer);
+    }
+
+    /// A call has ended: its access log line, and its spans.
+    fn ended(
+        &self,
+        request: &http::request::Parts,
+        cluster: Option<&Arc<Cluster>>,
+        mut summary: Summary,
+        ending: Ending,
+        started: Instant,
+        peer: &Peer,
+    ) {
+        self.log(request, cluster, &summary, ending, started, peer);
+        if let (Some(tracer), Some(trace)) = (&self.tracer, summary.trace.take()) {
+            tracer.finish(FinishedCall {
+                trace,
+                path: request.uri.path().to_string(),
+                code: ending.code,
+                origin: ending.origin,
+                listener: self.listener.clone(),
+                cluster: cluster.map(|c| c.name.clone()),
+                peer: peer.addr,
+                rejected: ending.rejected.map(Reject::cause),
+                ended: std::time::Instant::now(),
+            });
+        }
     }
 
     /// Writes the call's access log line, when the log is on.
@@ -462,6 +502,7 @@ struct AtOnce<'a> {
     method: &'a crate::telemetry::MethodStats,
     status: ProxyStatus,
     rejected: Option<Reject>,
+    trace: Option<Box<CallTrace>>,
 }
 
 /// The call's budget: the client's `grpc-timeout`, capped by the cluster's `max_deadline`,

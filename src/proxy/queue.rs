@@ -31,10 +31,12 @@ pub(super) struct Queued {
 
 impl Queued {
     /// The call got its slot: its wait is counted, and teaches the queue's expected wait.
-    pub(super) fn served(self, cluster: &Cluster) {
+    /// Returns how long it waited.
+    pub(super) fn served(self, cluster: &Cluster) -> Duration {
         let waited = self.since.elapsed();
         cluster.stats.queued(waited);
         cluster.queue.served(waited, self.ahead);
+        waited
     }
 }
 

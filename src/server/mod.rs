@@ -39,6 +39,7 @@ use crate::proxy::{ConnectionPolicy, Proxy, Router};
 use crate::steering::fleet::{self, Fleet};
 use crate::steering::Steering;
 use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::trace::Tracer;
 use crate::telemetry::{metrics, ClusterCertificate};
 use crate::transport::tls::ClientTls;
 use crate::transport::H2Settings;
@@ -212,6 +213,8 @@ struct Shared {
     router: Arc<ArcSwap<Router>>,
     lifecycle: Arc<Lifecycle>,
     access_log: Option<AccessLog>,
+    /// Spans to the OTLP collector (`tracing`).
+    tracer: Option<Arc<Tracer>>,
     steering: Arc<Steering>,
 }
 
@@ -293,6 +296,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), BoxError> {
         router,
         lifecycle: Lifecycle::new(),
         access_log: start_access_log(&config)?,
+        tracer: start_tracer(&config)?,
         steering,
     };
     let mut server = pingora_server(&config, options.upgrade);
@@ -429,6 +433,19 @@ fn start_access_log(config: &Config) -> Result<Option<AccessLog>, BoxError> {
     Ok(Some(started))
 }
 
+/// Starts the OTLP export thread when `tracing` is set (config validation refused it already
+/// in a build without the `otlp` feature).
+fn start_tracer(config: &Config) -> Result<Option<Arc<Tracer>>, BoxError> {
+    #[cfg(feature = "otlp")]
+    if let Some(tracing) = &config.tracing {
+        let tracer = crate::telemetry::otlp::start(&tracing.value)
+            .map_err(|e| format!("tracing: cannot start the OTLP exporter: {e}"))?;
+        return Ok(Some(Arc::new(tracer)));
+    }
+    let _ = config;
+    Ok(None)
+}
+
 /// Adds a data-plane service per listener; returns the addresses bound, in config order.
 fn add_listeners(
     server: &mut Server,
@@ -459,6 +476,7 @@ fn add_listeners(
             grpc_web: (listener.grpc_web.as_ref())
                 .map(|web| Cors::new(web, metrics().grpc_web_origin_refused(name))),
             access_log: shared.access_log.clone(),
+            tracer: shared.tracer.clone(),
             generate_request_id: config.request_id.generate,
             connections_gauge: metrics().downstream_connections(name),
             tls,

@@ -21,7 +21,7 @@ use crate::balance::Clusters;
 use crate::config::values::{NonEmpty, ThreadCount};
 use crate::config::{
     AccessLogConfig, AdminConfig, Config, FleetConfig, ListenerConfig, LogConfig, OverridesConfig,
-    RequestIdConfig, ShutdownConfig,
+    RequestIdConfig, ShutdownConfig, TracingConfig,
 };
 use crate::proxy::Router;
 use crate::steering::Steering;
@@ -73,6 +73,7 @@ struct RestartOnlyKeys<'a> {
     upgrade_sock: &'a String,
     overrides: &'a Option<OverridesConfig>,
     fleet: &'a Option<FleetConfig>,
+    tracing: Option<&'a TracingConfig>,
 }
 
 impl RestartOnly {
@@ -122,6 +123,7 @@ impl RestartOnly {
             upgrade_sock,
             overrides,
             fleet,
+            tracing,
             // Reloadable.
             clusters: _,
             routes: _,
@@ -143,6 +145,7 @@ impl RestartOnly {
             upgrade_sock,
             overrides,
             fleet,
+            tracing: tracing.as_ref().map(|t| &t.value),
         };
         // Plain data of our own types: serialising cannot fail.
         let mut rest = serde_json::to_value(&keys).unwrap_or_default();
@@ -212,7 +215,7 @@ impl Reload {
         if !self.restart_only.unchanged_by(&RestartOnly::of(&config)) {
             warn!(
                 "SIGHUP: changes to listeners (their TLS files' names included), admin, \
-                 threads, shutdown, log, access_log, request_id, upgrade_sock, overrides or \
+                 threads, shutdown, log, access_log, request_id, upgrade_sock, overrides, tracing or \
                  fleet need a restart (or an upgrade); they are ignored"
             );
         }

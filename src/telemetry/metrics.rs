@@ -373,6 +373,9 @@ pub struct Metrics {
     grpc_web_origin_refused: IntCounterVec,
     /// `sluice_rate_limit_keys_evicted_total{route}`.
     rate_limit_evictions: IntCounterVec,
+    /// `sluice_trace_spans_exported_total`, `sluice_trace_spans_dropped_total{reason}`.
+    trace_spans_exported: IntCounter,
+    trace_spans_dropped: IntCounterVec,
     /// `sluice_overrides_revision`, `sluice_overrides_stale`.
     overrides_revision: prometheus::IntGauge,
     overrides_stale: prometheus::IntGauge,
@@ -472,6 +475,17 @@ impl Metrics {
             &["route"],
         )?;
         registry.register(Box::new(rate_limit_evictions.clone()))?;
+        let trace_spans_exported = IntCounter::new(
+            "sluice_trace_spans_exported_total",
+            "Spans the OTLP collector accepted (tracing.otlp).",
+        )?;
+        registry.register(Box::new(trace_spans_exported.clone()))?;
+        let trace_spans_dropped = counter(
+            "sluice_trace_spans_dropped_total",
+            "Spans dropped instead of exported, by reason: queue_full (the export fell behind), export_failed (the collector refused them, failed, or did not answer in time).",
+            &["reason"],
+        )?;
+        registry.register(Box::new(trace_spans_dropped.clone()))?;
         let overrides_revision = prometheus::IntGauge::new(
             "sluice_overrides_revision",
             "The revision of the runtime overrides this instance applies: a count of local changes, or the etcd revision of the fleet's overrides.",
@@ -501,6 +515,8 @@ impl Metrics {
             connections_refused,
             grpc_web_origin_refused,
             rate_limit_evictions,
+            trace_spans_exported,
+            trace_spans_dropped,
             overrides_revision,
             overrides_stale,
             tls_expiry,
@@ -539,6 +555,16 @@ impl Metrics {
     /// The counter of rate-limit buckets evicted on `route`, resolved once per route.
     pub fn rate_limit_evictions(&self, route: &str) -> prometheus::IntCounter {
         self.rate_limit_evictions.with_label_values(&[route])
+    }
+
+    /// Counts spans the collector accepted.
+    pub fn trace_spans_exported(&self, spans: u64) {
+        self.trace_spans_exported.inc_by(spans);
+    }
+
+    /// The counter of spans dropped for `reason` (`queue_full`, `export_failed`).
+    pub fn trace_spans_dropped(&self, reason: &str) -> prometheus::IntCounter {
+        self.trace_spans_dropped.with_label_values(&[reason])
     }
 
     /// Publishes the revision of the overrides in force, and how many name nothing running.
