@@ -310,6 +310,17 @@ pub fn status_of(headers: &HeaderMap) -> Option<u32> {
         .and_then(|s| s.parse().ok())
 }
 
+/// A backend's `grpc-retry-pushback-ms` (gRFC A6): `Some(Some(wait))`; `Some(None)` for a
+/// negative or malformed value, which means "do not retry"; `None` when absent.
+pub fn retry_pushback(headers: &HeaderMap) -> Option<Option<Duration>> {
+    let value = headers.get(GRPC_RETRY_PUSHBACK_MS)?;
+    let ms = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    Some(ms.map(Duration::from_millis))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,11 @@ impl RetryBudget {
         }
     }
 
+    /// Gives back a retry taken but not used.
+    pub fn refund(&self) {
+        self.balance.fetch_add(1000, Ordering::Relaxed);
+    }
+
     /// Takes one retry from the budget; false when it is spent.
     pub fn try_withdraw(&self) -> bool {
         self.balance

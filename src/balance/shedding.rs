@@ -70,6 +70,12 @@ impl Cluster {
         }
     }
 
+    /// Calls wait for a backend slot, or the cluster shed calls within the last
+    /// `QUIET_SECONDS`: no room for extra attempts (hedging stops).
+    pub fn is_overloaded(&self) -> bool {
+        !self.queue.is_empty() || self.shedding.active.load(Ordering::Relaxed)
+    }
+
     /// Each backend's `unanswered/limit`, for the log.
     fn limits(&self) -> String {
         let set = self.backends();

@@ -8,6 +8,7 @@ use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
@@ -18,15 +19,17 @@ use tokio::time::{sleep_until, Instant, Sleep};
 use tracing::{debug, info};
 
 use super::call::{AttemptEnd, Call, Downstream};
-use super::forward::{self, PipeError, Replay, Seen};
+use super::forward::{self, HeldBody, PipeError, Replay, Seen};
+use super::hedge::{Hedger, Launched};
 use super::outcome::{self, Legs, Outcome, RetryReason};
-use crate::balance::{Backend, InFlight};
+use crate::balance::{Backend, Cluster, InFlight};
 use crate::telemetry::trace::TRACEPARENT;
-use crate::transport::StreamSlot;
+use crate::transport::{H2Settings, StreamSlot};
 use crate::wire::{self, Code, ProxyStatus};
 
 impl Call {
-    /// Sends the call to one backend and forwards it to the end, unless it must be retried.
+    /// Sends the call to one backend and forwards it to the end, unless it must be retried
+    /// (or a hedge answered first: the attempts loop carries on with it).
     pub(super) async fn attempt(
         &mut self,
         down: &mut Downstream,
@@ -45,11 +48,74 @@ impl Call {
         legs.slot = Some(&slot);
         let sent_at = Instant::now();
         in_flight.sent(&self.method.latency);
-        let sent = send_headers(self, down, backend, sender, replay);
-        let (response, mut up_send, request_ended) = match sent {
+        let sent = match send_headers(self, down, backend, sender, replay) {
             Ok(sent) => sent,
             Err(outcome) => return self.settle(down, legs, outcome),
         };
+        let sent = Sent {
+            answered_after: None,
+            sent_at,
+            ..sent
+        };
+        self.exchange(down, (legs, in_flight), sent, replay, deadline.as_mut())
+            .await
+    }
+
+    /// A hedge answered first: it becomes the call's attempt, from its response headers on.
+    /// It sent the whole request, and an answer came: no retry can need the replay now.
+    pub(super) async fn hedge_attempt(
+        &mut self,
+        down: &mut Downstream,
+        launched: Launched,
+        replay: &mut Replay,
+    ) -> AttemptEnd {
+        let Launched {
+            backend,
+            in_flight,
+            slot,
+            response,
+            up_send,
+            picked_at,
+            answered_after,
+        } = launched;
+        replay.release();
+        let mut deadline = pin!(sleep_until(self.deadline));
+        let mut legs = Legs::new(&backend, picked_at, in_flight.load());
+        legs.slot = Some(&slot);
+        let sent = Sent {
+            response: std::future::ready(Ok(response)),
+            up_send,
+            request_ended: true,
+            sent_at: picked_at,
+            answered_after: Some(answered_after),
+            hedger: None,
+        };
+        self.exchange(down, (legs, in_flight), sent, replay, deadline.as_mut())
+            .await
+    }
+
+    /// The rest of an attempt once its request went out: waits for the response headers
+    /// while the upload runs (and hedges, if due), then streams the response.
+    async fn exchange<R>(
+        &mut self,
+        down: &mut Downstream,
+        (mut legs, mut in_flight): (Legs<'_>, InFlight),
+        sent: Sent<R>,
+        replay: &mut Replay,
+        deadline: Pin<&mut Sleep>,
+    ) -> AttemptEnd
+    where
+        R: Future<Output = Result<Response<RecvStream>, h2::Error>>,
+    {
+        let backend = legs.backend;
+        let Sent {
+            response,
+            mut up_send,
+            request_ended,
+            sent_at,
+            answered_after,
+            hedger,
+        } = sent;
         let mut down_send = None;
         // Time to the response headers: how the backend's latency is judged, once the
         // attempt's outcome says whether it failed (outcome.rs).
@@ -78,12 +144,16 @@ impl Call {
                 respond,
                 upload,
                 uploaded: None,
-                deadline: deadline.as_mut(),
+                request_ended,
+                hedger,
+                deadline,
                 deadline_at: self.deadline,
             };
             // Decided without holding the response across the streaming below: what an
             // await spans stays in every call's future for its whole life.
-            let streaming = match exchange.await_headers(response).await {
+            let headers = exchange.await_headers(response).await;
+            self.hedges_done(exchange.hedger.take(), &headers);
+            let streaming = match headers {
                 Err(outcome) => Err(outcome),
                 Ok(Err(error)) => {
                     // Lost at once: the backend was gone before the request reached it.
@@ -96,9 +166,15 @@ impl Call {
                     ))
                 }
                 Ok(Ok(response)) => {
-                    let after_send = sent_at.elapsed();
+                    let after_send = answered_after.unwrap_or_else(|| {
+                        let after_send = sent_at.elapsed();
+                        in_flight.answered(sent_at - legs.picked_at + after_send);
+                        if self.hedging.is_some() {
+                            self.method.latency.percentiles.record(after_send);
+                        }
+                        after_send
+                    });
                     headers_after = Some(after_send);
-                    in_flight.answered(sent_at - picked_at + after_send);
                     let answered = Answered {
                         request,
                         flag: &answered,
@@ -122,6 +198,26 @@ impl Call {
         legs.downstream = down_send.as_mut();
         legs.headers_after = headers_after;
         self.settle(down, legs, outcome)
+    }
+
+    /// The first attempt's wait is over: hedges still in flight are cancelled, and counted
+    /// with the call's attempts and spans. A hedge that answered first stays, as the attempt
+    /// the call carries on with.
+    fn hedges_done(
+        &mut self,
+        hedger: Option<Hedger>,
+        headers: &Result<Result<Response<RecvStream>, h2::Error>, Outcome>,
+    ) {
+        let Some(hedger) = hedger else { return };
+        self.summary.attempts += hedger.sent();
+        let winner = match headers {
+            Err(Outcome::HedgeWon(launched)) => Some(&launched.backend),
+            _ => None,
+        };
+        let spans = hedger.finish(winner);
+        if let Some(trace) = self.summary.trace.as_mut() {
+            trace.attempts.extend(spans);
+        }
     }
 
     /// The backend's response headers: kept for a retry if `retryable_answer` says so;
@@ -182,27 +278,7 @@ impl Call {
         backend: &Backend,
         deadline: Pin<&mut Sleep>,
     ) -> Result<(SendRequest<Bytes>, StreamSlot), Outcome> {
-        let policy = &self.cluster.settings.upstream;
-        let lend = async {
-            let address = &backend.address.0;
-            // Opening a connection (TCP, TLS and HTTP/2 handshakes) is a large future: boxed,
-            // so that a call does not carry its size for its whole life, only when it opens.
-            let acquired = match backend.transport.try_lend() {
-                Some(lent) => Ok(lent),
-                None => Box::pin(backend.transport.acquire(address, policy, &self.h2)).await,
-            };
-            let (sender, slot) = acquired.map_err(Outcome::ConnectFailed)?;
-            if backend.connect_succeeded() {
-                info!(cluster = %self.cluster.name, backend = %address, "backend healthy again");
-            }
-            match sender.ready().await {
-                Ok(sender) => Ok((sender, slot)),
-                Err(_) => {
-                    slot.mark_broken();
-                    Err(Outcome::Retry(RetryReason::GoAway(address.clone())))
-                }
-            }
-        };
+        let lend = lend(backend, &self.cluster, &self.h2);
         tokio::select! {
             // The deadline first: when it and a connect timeout fire together, the deadline
             // is the answer.
@@ -217,18 +293,58 @@ impl Call {
     }
 }
 
+/// Lends a ready stream on a pooled connection to `backend`, opening one if needed.
+pub(super) async fn lend(
+    backend: &Backend,
+    cluster: &Cluster,
+    h2: &H2Settings,
+) -> Result<(SendRequest<Bytes>, StreamSlot), Outcome> {
+    let address = &backend.address.0;
+    let policy = &cluster.settings.upstream;
+    // Opening a connection (TCP, TLS and HTTP/2 handshakes) is a large future: boxed, so that
+    // a call does not carry its size for its whole life, only when it opens.
+    let acquired = match backend.transport.try_lend() {
+        Some(lent) => Ok(lent),
+        None => Box::pin(backend.transport.acquire(address, policy, h2)).await,
+    };
+    let (sender, slot) = acquired.map_err(Outcome::ConnectFailed)?;
+    if backend.connect_succeeded() {
+        info!(cluster = %cluster.name, backend = %address, "backend healthy again");
+    }
+    match sender.ready().await {
+        Ok(sender) => Ok((sender, slot)),
+        Err(_) => {
+            slot.mark_broken();
+            Err(Outcome::Retry(RetryReason::GoAway(address.clone())))
+        }
+    }
+}
+
+/// An attempt's request, sent: the response to wait for, the stream to upload on, whether
+/// the request has ended, and the hedges that may follow it.
+struct Sent<R> {
+    response: R,
+    up_send: SendStream<Bytes>,
+    request_ended: bool,
+    sent_at: Instant,
+    /// A hedge that answered first: how long its answer took (already counted).
+    answered_after: Option<Duration>,
+    hedger: Option<Hedger>,
+}
+
 /// Sends the request headers upstream: the client's, with the remaining budget as
 /// `grpc-timeout`. Hop-by-hop headers (connection, upgrade, te other than trailers, ...) need
 /// no stripping: h2 rejects a header block that carries them as malformed before we see it.
-/// Returns the response future, the upstream send stream, and whether the request has ended
-/// (only if no earlier attempt read part of the body: that part is replayed first).
+/// Returns the response future, the upstream send stream, whether the request has ended
+/// (only if no earlier attempt read part of the body: that part is replayed first), and, on
+/// a route that hedges, the first attempt's hedger.
 fn send_headers(
     call: &Call,
     down: &Downstream,
-    backend: &Backend,
+    backend: &Arc<Backend>,
     mut sender: SendRequest<Bytes>,
     replay: &Replay,
-) -> Result<(ResponseFuture, SendStream<Bytes>, bool), Outcome> {
+) -> Result<Sent<ResponseFuture>, Outcome> {
     let Some(request) = down.request.as_deref() else {
         // Not reached: the request is freed only after an answer, and no attempt follows one.
         // Should it be, the call fails with INTERNAL and the connection stays in the pool.
@@ -238,9 +354,9 @@ fn send_headers(
             broken: false,
         });
     };
-    let mut upstream = Request::from_parts(request.clone(), ());
+    let mut upstream = request.clone();
     let remaining = call.deadline.saturating_duration_since(Instant::now());
-    let headers = upstream.headers_mut();
+    let headers = &mut upstream.headers;
     headers.insert(wire::GRPC_TIMEOUT, wire::encode_timeout(remaining));
     if let Some(traceparent) = &call.traceparent {
         headers.insert(TRACEPARENT, traceparent.clone());
@@ -249,9 +365,17 @@ fn send_headers(
     if let Some(before) = call.summary.attempts.checked_sub(1).filter(|n| *n > 0) {
         headers.insert(wire::GRPC_PREVIOUS_RPC_ATTEMPTS, before.into());
     }
+    let hedger = call.hedger(&upstream, backend);
     let request_ended = replay.is_empty() && down.body.is_end_stream();
-    match sender.send_request(upstream, request_ended) {
-        Ok((response, up_send)) => Ok((response, up_send, request_ended)),
+    match sender.send_request(Request::from_parts(upstream, ()), request_ended) {
+        Ok((response, up_send)) => Ok(Sent {
+            response,
+            up_send,
+            request_ended,
+            sent_at: Instant::now(),
+            answered_after: None,
+            hedger,
+        }),
         Err(error) => {
             debug!(%error, backend = %backend.address, "send_request failed");
             Err(Outcome::Retry(RetryReason::GoAway(
@@ -273,6 +397,25 @@ fn uploading<U: Future>(upload: &mut Option<Pin<Box<U>>>) -> impl Future<Output 
     })
 }
 
+/// What a hedger has to say: a hedge is due, or one answered first.
+enum HedgeEvent {
+    Due,
+    Answered(Box<Launched>),
+}
+
+/// The hedger's next event (never, when there is none).
+fn hedging(hedger: &mut Option<Hedger>) -> impl Future<Output = HedgeEvent> + '_ {
+    poll_fn(move |cx| {
+        let Some(hedger) = hedger else {
+            return Poll::Pending;
+        };
+        if let Poll::Ready(launched) = hedger.poll_answer(cx) {
+            return Poll::Ready(HedgeEvent::Answered(Box::new(launched)));
+        }
+        hedger.poll_due(cx).map(|()| HedgeEvent::Due)
+    })
+}
+
 /// What changes once the backend has answered: the flag the upload reads, and the request.
 struct Answered<'a> {
     request: &'a mut Option<Box<http::request::Parts>>,
@@ -289,6 +432,10 @@ struct Exchange<'a, U> {
     /// The replay of a request that ended before the answer: kept for a retry until the
     /// answer, then freed (`accept_answer`).
     uploaded: Option<&'a mut Replay>,
+    /// The request ended with its headers: there is no body to upload.
+    request_ended: bool,
+    /// The hedges of a first attempt on a route that hedges.
+    hedger: Option<Hedger>,
     deadline: Pin<&'a mut Sleep>,
     /// When `deadline` fires. The timer has millisecond resolution, so it can fire after an
     /// answer the backend gave on its own expiry of the `grpc-timeout` sluice sent (tonic
@@ -297,11 +444,14 @@ struct Exchange<'a, U> {
 }
 
 impl<'a, U: Future<Output = Uploaded<'a>>> Exchange<'a, U> {
-    /// Waits for the backend's response headers while the upload runs.
-    async fn await_headers(
+    /// Waits for the backend's response headers while the upload runs, and hedges when due.
+    async fn await_headers<R>(
         &mut self,
-        response: ResponseFuture,
-    ) -> Result<Result<Response<RecvStream>, h2::Error>, Outcome> {
+        response: R,
+    ) -> Result<Result<Response<RecvStream>, h2::Error>, Outcome>
+    where
+        R: Future<Output = Result<Response<RecvStream>, h2::Error>>,
+    {
         let mut response = pin!(response);
         loop {
             tokio::select! {
@@ -317,6 +467,19 @@ impl<'a, U: Future<Output = Uploaded<'a>>> Exchange<'a, U> {
                         return Err(outcome);
                     }
                 }
+                // A hedge is due, or one answered first.
+                event = hedging(&mut self.hedger), if self.hedger.is_some() => match event {
+                    HedgeEvent::Due => {
+                        let body = self.held_body();
+                        let upload_running = self.upload.is_some();
+                        if let Some(hedger) = self.hedger.as_mut() {
+                            hedger.on_due(body, upload_running);
+                        }
+                    }
+                    HedgeEvent::Answered(launched) => {
+                        return Err(Outcome::HedgeWon(launched));
+                    }
+                },
                 // The backend's response headers, or its failure.
                 result = &mut response => {
                     // The client's deadline has passed, whatever the timer says: that is
@@ -327,6 +490,19 @@ impl<'a, U: Future<Output = Uploaded<'a>>> Exchange<'a, U> {
                     return Ok(result);
                 }
             }
+        }
+    }
+
+    /// The whole request, once it has arrived and the replay holds all of it: what a hedge
+    /// sends.
+    fn held_body(&self) -> Option<HeldBody> {
+        if self.upload.is_some() {
+            return None;
+        }
+        match &self.uploaded {
+            Some(replay) => replay.whole_body(),
+            None if self.request_ended => Some(HeldBody::default()),
+            None => None,
         }
     }
 

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::forward::Replay;
+use super::hedge::{HedgeBase, Hedger, Hedging, Launched};
 use super::outcome::RetryReason;
 use super::queue::Queued;
 use super::{reply, Peer};
@@ -39,6 +40,8 @@ pub(super) struct Call {
     pub(super) cluster_header: Option<http::HeaderName>,
     /// The `traceparent` of the attempt about to go out, when the call is traced.
     pub(super) traceparent: Option<http::HeaderValue>,
+    /// The route's hedging, when it hedges.
+    pub(super) hedging: Option<Arc<Hedging>>,
 }
 
 /// The client's side of a call. Built before the call's task starts and used in place, never
@@ -116,6 +119,8 @@ pub(super) enum AttemptEnd {
     Done(Ending),
     /// The request never reached the backend's application: another backend may take it.
     Retry(RetryReason),
+    /// A hedge answered first: the call carries on with it.
+    Hedged(Box<Launched>),
 }
 
 impl AttemptEnd {
@@ -126,6 +131,7 @@ impl AttemptEnd {
             AttemptEnd::Done(ending) => ending.code,
             AttemptEnd::Retry(RetryReason::Answered { code, .. }) => *code,
             AttemptEnd::Retry(_) => Code::Unavailable,
+            AttemptEnd::Hedged(_) => Code::Cancelled,
         }
     }
 }
@@ -146,6 +152,7 @@ impl Call {
             keep_request: true,
             cluster_header: None,
             traceparent: None,
+            hedging: None,
         }
     }
 
@@ -235,9 +242,15 @@ impl Call {
             self.summary.attempts = tried.len() as u32;
             self.summary.backend = Some(Arc::clone(&backend));
             let attempt = self.traced_attempt(down, &backend, in_flight, &mut replay, queue_wait);
-            let reason = match attempt.await {
+            let mut end = attempt.await;
+            while let AttemptEnd::Hedged(launched) = end {
+                tried.push(Arc::clone(&launched.backend));
+                end = Box::pin(self.hedge_won(down, *launched, &mut replay)).await;
+            }
+            let reason = match end {
                 AttemptEnd::Done(ending) => return ending,
                 AttemptEnd::Retry(reason) => reason,
+                AttemptEnd::Hedged(_) => unreachable!("the loop above takes every hedge"),
             };
             let attempts = tried.len() as u32;
             if self.may_retry(attempts, &replay) {
@@ -273,9 +286,49 @@ impl Call {
         }
         let end = self.attempt(down, backend, in_flight, replay).await;
         if let Some(trace) = self.summary.trace.as_mut() {
-            trace.end_attempt(address, end.code(), false);
+            let hedged = matches!(end, AttemptEnd::Hedged(_));
+            trace.end_attempt(address, end.code(), hedged);
         }
         end
+    }
+
+    /// A hedge answered first and carries on as the call's attempt (its span, opened when it
+    /// went out, closes with its status).
+    async fn hedge_won(
+        &mut self,
+        down: &mut Downstream,
+        launched: Launched,
+        replay: &mut Replay,
+    ) -> AttemptEnd {
+        let backend = Arc::clone(&launched.backend);
+        self.summary.backend = Some(Arc::clone(&backend));
+        let end = self.hedge_attempt(down, launched, replay).await;
+        if let Some(trace) = self.summary.trace.as_mut() {
+            trace.end_attempt(&backend.address.0, end.code(), false);
+        }
+        end
+    }
+
+    /// The first attempt's hedger, on a route that hedges once the delay is known.
+    pub(super) fn hedger(
+        &self,
+        upstream: &http::request::Parts,
+        first: &Arc<Backend>,
+    ) -> Option<Hedger> {
+        let policy = self
+            .hedging
+            .as_ref()
+            .filter(|_| self.summary.attempts == 1)?;
+        let delay = policy.delay(&self.method)?;
+        let base = HedgeBase {
+            cluster: Arc::clone(&self.cluster),
+            method: Arc::clone(&self.method),
+            h2: self.h2,
+            deadline: self.deadline,
+            head: upstream.clone(),
+            trace: (self.summary.trace.as_ref()).map(|t| (t.trace_id, t.sampled)),
+        };
+        Some(Hedger::new(policy, base, first, delay))
     }
 
     /// Another attempt is allowed: attempts left, the whole request still held for replay,

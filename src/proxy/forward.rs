@@ -109,6 +109,46 @@ impl Replay {
     }
 }
 
+/// A whole request body, shared with the replay that holds it: what a hedge sends.
+#[derive(Debug, Default)]
+pub struct HeldBody {
+    chunks: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl HeldBody {
+    /// True when the request had no body at all: its headers end the stream.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.trailers.is_none()
+    }
+}
+
+impl Replay {
+    /// The whole body, once the request has ended and every byte of it is held.
+    pub fn whole_body(&self) -> Option<HeldBody> {
+        let trailers = match (&self.end, self.overflowed) {
+            (Some(End::Data), false) => None,
+            (Some(End::Trailers(trailers)), false) => Some((**trailers).clone()),
+            _ => return None,
+        };
+        Some(HeldBody {
+            chunks: self.chunks.clone(),
+            trailers,
+        })
+    }
+}
+
+/// Sends a held body and ends the stream.
+pub async fn send_held(sink: &mut SendStream<Bytes>, body: HeldBody) -> Result<(), PipeError> {
+    for chunk in body.chunks {
+        send_all(sink, chunk, false).await?;
+    }
+    match body.trailers {
+        Some(trailers) => sink.send_trailers(trailers).map_err(sink_error),
+        None => send_end(sink),
+    }
+}
+
 impl Drop for Replay {
     fn drop(&mut self) {
         REPLAY_HELD.fetch_sub(self.held, Ordering::Relaxed);

@@ -18,6 +18,7 @@ mod connection;
 pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
+mod hedge;
 pub mod listener_tls;
 mod outcome;
 pub mod ping_watch;
@@ -362,6 +363,7 @@ impl Proxy {
         };
         let cluster = Arc::clone(route.cluster(&parts.headers));
         let cluster_header = route.cluster_header.clone();
+        let hedging = route.hedging.clone();
         let limited = (route.rate_limit.as_ref()).and_then(|limit| {
             let key = client::rate_key(limit.per, &cluster.settings.client_key, peer, parts);
             limit.take(key, started).err()
@@ -383,6 +385,10 @@ impl Proxy {
                 let mut call = Call::new(Arc::clone(&cluster), method, self.h2, deadline);
                 call.keep_request = self.access_log.is_some() || trace.is_some();
                 call.cluster_header = cluster_header;
+                if let Some(hedging) = &hedging {
+                    hedging.on_call();
+                }
+                call.hedging = hedging;
                 call.summary.trace = trace;
                 return Some((cluster, call));
             }

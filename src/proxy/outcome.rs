@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 
 use super::call::{AttemptEnd, Call, Downstream, Ending};
 use super::forward::PipeError;
+use super::hedge::Launched;
 use super::reply;
 use crate::balance::{clock_ns, Backend, Sample};
 use crate::config::BackendAddr;
@@ -61,6 +62,8 @@ pub(super) enum Outcome {
     UpstreamReset(Reason),
     /// The backend's connection broke after its response headers.
     UpstreamLost(String),
+    /// A hedge answered before this attempt: cancel it and carry on with the hedge.
+    HedgeWon(Box<Launched>),
 }
 
 /// The pieces of an attempt that its outcome acts on; each is there once its step was reached.
@@ -129,6 +132,13 @@ impl Call {
                 return AttemptEnd::Retry(RetryReason::Connect(error));
             }
             Outcome::Retry(reason) => return self.retry(&legs, reason),
+            Outcome::HedgeWon(launched) => {
+                // Not a failure of this backend: only slower than another, this once.
+                if let Some(upstream) = legs.upstream.as_deref_mut() {
+                    upstream.send_reset(Reason::CANCEL);
+                }
+                return AttemptEnd::Hedged(launched);
+            }
             Outcome::ClientGone(reason) => {
                 debug!(?reason, backend = %address, "client left; resetting upstream");
                 if let Some(upstream) = legs.upstream.as_deref_mut() {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName};
 use smallvec::SmallVec;
 
+use super::hedge::Hedging;
 use super::rate_limit::RateLimiter;
 use crate::balance::{Cluster, Clusters};
 use crate::config::{Config, HeaderMatch, RouteConfig, RouteMatch};
@@ -33,6 +34,8 @@ pub struct Route {
     /// The response header that names the chosen cluster (`cluster_header`).
     pub cluster_header: Option<HeaderName>,
     pub rate_limit: Option<RateLimiter>,
+    /// `hedging`: a second attempt when the first is slow.
+    pub(super) hedging: Option<Arc<Hedging>>,
 }
 
 #[derive(Debug, Default)]
@@ -188,6 +191,7 @@ impl Route {
             target,
             cluster_header: config.cluster_header.as_ref().map(|h| h.0.clone()),
             rate_limit,
+            hedging: (config.hedging.as_ref()).map(|h| Arc::new(Hedging::new(h))),
         })
     }
 
@@ -200,6 +204,7 @@ impl Route {
             target: Target::One(cluster),
             cluster_header: None,
             rate_limit: None,
+            hedging: None,
         }
     }
 

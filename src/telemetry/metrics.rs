@@ -18,7 +18,7 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use super::stats::{unrouted, BackendStats, ClusterStats, HealthResult, Reject, NO_CLUSTER};
+use super::stats::{unrouted, BackendStats, ClusterStats, HealthResult, Hedge, Reject, NO_CLUSTER};
 use crate::sync::lock;
 use crate::wire::{Code, Origin};
 
@@ -63,6 +63,7 @@ pub struct Scrape {
     queue_waits: Vec<MetricFamily>,
     rejected: IntCounterVec,
     retries: IntCounterVec,
+    hedges: IntCounterVec,
     in_flight: IntGaugeVec,
     concurrency_limit: IntGaugeVec,
     up: IntGaugeVec,
@@ -136,6 +137,11 @@ impl Scrape {
                 "sluice_retries_total",
                 "Transparent retries on another backend.",
                 &["cluster"],
+            )?,
+            hedges: counter(
+                "sluice_hedges_total",
+                "Hedged attempts (a route's hedging), by result: won (answered first), lost (cancelled when the first attempt answered), failed (failed before answering).",
+                &["cluster", "result"],
             )?,
             in_flight: gauge(
                 "sluice_upstream_in_flight",
@@ -213,6 +219,14 @@ impl Scrape {
         self.retries
             .with_label_values(&[name])
             .inc_by(stats.retries());
+        for result in Hedge::ALL {
+            let count = stats.hedges(result);
+            if count > 0 {
+                self.hedges
+                    .with_label_values(&[name, result.label()])
+                    .inc_by(count);
+            }
+        }
         let source = [name, discovery.source];
         self.discovery_updates
             .with_label_values(&source)
@@ -317,7 +331,7 @@ impl Scrape {
     }
 
     fn into_families(self) -> Vec<MetricFamily> {
-        let collectors: [&dyn Collector; 19] = [
+        let collectors: [&dyn Collector; 20] = [
             &self.health_checks,
             &self.queue_depth,
             &self.requests,
@@ -327,6 +341,7 @@ impl Scrape {
             &self.panic_mode,
             &self.rejected,
             &self.retries,
+            &self.hedges,
             &self.in_flight,
             &self.concurrency_limit,
             &self.up,

@@ -10,6 +10,7 @@ pub mod history;
 pub mod metrics;
 #[cfg(feature = "otlp")]
 pub mod otlp;
+pub mod percentile;
 pub mod request_id;
 pub mod stats;
 pub mod trace;
@@ -20,6 +21,6 @@ pub use metrics::{
     HandshakeFailure, Scrape,
 };
 pub use stats::{
-    unrouted, BackendStats, ClusterStats, HealthResult, LightLoad, MethodLatency, MethodStats,
-    RecentRates, Reject,
+    unrouted, BackendStats, ClusterStats, HealthResult, Hedge, LightLoad, MethodLatency,
+    MethodStats, RecentRates, Reject,
 };

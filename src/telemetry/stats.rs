@@ -333,6 +333,9 @@ pub struct MethodLatency {
     /// Latency to response headers when the backend answering was lightly loaded (in
     /// nanoseconds), which the concurrency limits compare each answer with.
     pub light_load: LightLoad,
+    /// Recent latencies to response headers, for hedging's adaptive delay (recorded only on
+    /// routes that hedge).
+    pub percentiles: super::percentile::LatencyPercentiles,
 }
 
 /// A mean learned from answers given under light load (balance/limit.rs learns it): plain
@@ -443,8 +446,32 @@ pub struct ClusterStats {
     pub(super) queue_wait: Histogram,
     rejected: [AtomicU64; Reject::COUNT],
     retries: AtomicU64,
+    hedges: [AtomicU64; Hedge::ALL.len()],
     discovery_updates: AtomicU64,
     discovery_errors: AtomicU64,
+}
+
+/// How a hedge ended (`sluice_hedges_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hedge {
+    /// It answered first: its answer went to the client, and the first attempt was cancelled.
+    Won,
+    /// The first attempt answered first: the hedge was cancelled.
+    Lost,
+    /// It failed before answering (connect, refused, a `retry_on` status).
+    Failed,
+}
+
+impl Hedge {
+    pub const ALL: [Hedge; 3] = [Hedge::Won, Hedge::Lost, Hedge::Failed];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Hedge::Won => "won",
+            Hedge::Lost => "lost",
+            Hedge::Failed => "failed",
+        }
+    }
 }
 
 impl ClusterStats {
@@ -458,6 +485,7 @@ impl ClusterStats {
             ),
             rejected: Default::default(),
             retries: AtomicU64::new(0),
+            hedges: Default::default(),
             discovery_updates: AtomicU64::new(0),
             discovery_errors: AtomicU64::new(0),
         }
@@ -505,6 +533,14 @@ impl ClusterStats {
 
     pub(super) fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
+    }
+
+    pub fn hedged(&self, result: Hedge) {
+        self.hedges[result as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn hedges(&self, result: Hedge) -> u64 {
+        self.hedges[result as usize].load(Ordering::Relaxed)
     }
 
     /// Discovery changed the backend set.
