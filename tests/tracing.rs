@@ -357,10 +357,16 @@ async fn http_receiver() -> (SocketAddr, Arc<Mutex<Vec<(String, Span)>>>) {
                         let path = request.uri().path().to_string();
                         let body = request.into_body().collect().await?.to_bytes();
                         let export = <ExportTraceServiceRequest as prost::Message>::decode(body);
-                        let spans = export.map(|e| e.resource_spans).unwrap_or_default();
-                        let spans = spans.into_iter().flat_map(|r| r.scope_spans);
                         let mut kept = kept.lock().unwrap();
-                        kept.extend(spans.flat_map(|s| s.spans).map(|s| (path.clone(), s)));
+                        for sent in export.map(|e| e.resource_spans).unwrap_or_default() {
+                            let resource = sent.resource.unwrap_or_default();
+                            let service = (resource.attributes.iter())
+                                .find(|a| a.key == "service.name")
+                                .and_then(|a| a.value.clone()?.value);
+                            let label = format!("{path} {service:?}");
+                            let spans = sent.scope_spans.into_iter().flat_map(|s| s.spans);
+                            kept.extend(spans.map(|s| (label.clone(), s)));
+                        }
                         Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Empty::<
                             bytes::Bytes,
                         >::new(
@@ -387,9 +393,68 @@ async fn spans_go_over_otlp_http_too() {
     let arrived = wait_until(Duration::from_secs(10), || spans.lock().unwrap().len() >= 2).await;
     assert!(arrived, "{}", sluice.log());
     let spans = spans.lock().unwrap().clone();
-    assert!(spans.iter().all(|(path, _)| path == "/v1/traces"));
+    let sent_as = "/v1/traces Some(StringValue(\"edge\"))";
+    assert!(
+        spans.iter().all(|(label, _)| label == sent_as),
+        "{spans:#?}"
+    );
     let kinds: Vec<i32> = spans.iter().map(|(_, s)| s.kind).collect();
     assert!(
         kinds.contains(&(SpanKind::Server as i32)) && kinds.contains(&(SpanKind::Client as i32))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_call_exports_the_cancelled_first_attempt_and_the_winning_hedge() {
+    let receiver = Receiver::start().await;
+    let slow = Echo::start_with_delay("slow", Duration::from_secs(2)).await;
+    let fast = Echo::start("fast").await;
+    let cluster = Sluice::cluster(
+        &[slow.addr, fast.addr],
+        "    balancer: round_robin\n    retry: { budget_ratio: 1.0 }\n",
+    );
+    let routes = "routes:\n  - cluster: echo\n    hedging: { delay: 30ms, budget_ratio: 1.0 }\n";
+    let config = cluster + routes + &tracing_config(receiver.addr, 0.0);
+    let sluice = Sluice::start(&config).await;
+    let mut client = sluice.client().await;
+    let mut hedged = false;
+    for i in 0..4 {
+        let reply = client
+            .unary(traced(&format!("call {i}"), "01"))
+            .await
+            .unwrap();
+        if reply.metadata().get("x-echo-previous-attempts").is_some() {
+            hedged = true;
+            break;
+        }
+    }
+    assert!(hedged, "no call was hedged");
+    let spans = receiver.wait_trace(&hex(TRACE_ID), 3).await;
+    let hedge = (spans.iter())
+        .find(|s| {
+            attribute(s, "sluice.attempt.kind").is_some()
+                && text(s, "sluice.attempt.kind") == "hedge"
+        })
+        .unwrap_or_else(|| panic!("no hedge span: {spans:#?}"));
+    assert_eq!(int(hedge, "server.port"), i64::from(fast.addr.port()));
+    assert_eq!(int(hedge, "rpc.grpc.status_code"), 0);
+    let server = (spans.iter())
+        .find(|s| s.span_id == hedge.parent_span_id)
+        .unwrap();
+    assert_eq!(server.kind, SpanKind::Server as i32);
+    assert_eq!(int(server, "sluice.attempts"), 2);
+    let first = (spans.iter())
+        .find(|s| s.parent_span_id == server.span_id && s.span_id != hedge.span_id)
+        .unwrap();
+    assert_eq!(text(first, "sluice.attempt.kind"), "first");
+    assert_eq!(int(first, "server.port"), i64::from(slow.addr.port()));
+    assert!(matches!(
+        attribute(first, "sluice.hedge.lost"),
+        Some(Value::BoolValue(true))
+    ));
+    assert_eq!(
+        first.status.as_ref().map_or(0, |s| s.code),
+        0,
+        "not an error: it lost a race"
     );
 }

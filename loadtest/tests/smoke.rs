@@ -41,6 +41,7 @@ fn smoke_with(script: &str, args: &[&str]) {
         .env("B1_PORT", free_port().to_string())
         .env("B2_PORT", free_port().to_string())
         .env("B3_PORT", free_port().to_string())
+        .env("ADMIN_PORT", free_port().to_string())
         .output()
         .expect("run bash");
     let out = String::from_utf8_lossy(&output.stdout);
@@ -52,6 +53,11 @@ fn smoke_with(script: &str, args: &[&str]) {
 #[test]
 fn bench_smoke() {
     smoke("bench.sh");
+}
+
+#[test]
+fn hedging_smoke() {
+    smoke("hedging.sh");
 }
 
 #[test]

@@ -27,87 +27,69 @@ use crate::telemetry::trace::TRACEPARENT;
 use crate::transport::{H2Settings, StreamSlot};
 use crate::wire::{self, Code, ProxyStatus};
 
+/// What an attempt starts from: a backend the balancer picked (with its slot), or a hedge
+/// that answered first, which carries on from its response headers.
+pub(super) enum Start<'b> {
+    Picked(&'b Arc<Backend>, InFlight),
+    Hedge(Box<Launched>),
+}
+
 impl Call {
     /// Sends the call to one backend and forwards it to the end, unless it must be retried
     /// (or a hedge answered first: the attempts loop carries on with it).
     pub(super) async fn attempt(
         &mut self,
         down: &mut Downstream,
-        backend: &Arc<Backend>,
-        mut in_flight: InFlight,
+        start: Start<'_>,
         replay: &mut Replay,
     ) -> AttemptEnd {
-        let picked_at = Instant::now();
         // One timer for the whole attempt: connecting, waiting, streaming.
         let mut deadline = pin!(sleep_until(self.deadline));
+        let (hedge_backend, slot);
+        let (backend, mut in_flight, picked_at, sent) = match start {
+            Start::Picked(backend, mut in_flight) => {
+                let picked_at = Instant::now();
+                let mut legs = Legs::new(backend, picked_at, in_flight.load());
+                let sender = match self.connect(down, backend, deadline.as_mut()).await {
+                    Ok((sender, lent)) => {
+                        slot = lent;
+                        sender
+                    }
+                    Err(outcome) => return self.settle(down, legs, outcome),
+                };
+                legs.slot = Some(&slot);
+                in_flight.sent(&self.method.latency);
+                match send_headers(self, down, backend, sender, replay) {
+                    Ok(sent) => (backend, in_flight, picked_at, sent),
+                    Err(outcome) => return self.settle(down, legs, outcome),
+                }
+            }
+            Start::Hedge(launched) => {
+                let Launched {
+                    backend,
+                    in_flight,
+                    slot: lent,
+                    response,
+                    up_send,
+                    picked_at,
+                    answered_after,
+                } = *launched;
+                // It sent the whole request, and answered: no retry can need the replay now.
+                replay.release();
+                (hedge_backend, slot) = (backend, lent);
+                let sent = Sent {
+                    response: Answer::Ready(Some(response)),
+                    up_send,
+                    request_ended: true,
+                    sent_at: picked_at,
+                    answered_after: Some(answered_after),
+                    hedger: None,
+                };
+                (&hedge_backend, in_flight, picked_at, sent)
+            }
+        };
         let mut legs = Legs::new(backend, picked_at, in_flight.load());
-        let (sender, slot) = match self.connect(down, backend, deadline.as_mut()).await {
-            Ok(lent) => lent,
-            Err(outcome) => return self.settle(down, legs, outcome),
-        };
         legs.slot = Some(&slot);
-        let sent_at = Instant::now();
-        in_flight.sent(&self.method.latency);
-        let sent = match send_headers(self, down, backend, sender, replay) {
-            Ok(sent) => sent,
-            Err(outcome) => return self.settle(down, legs, outcome),
-        };
-        let sent = Sent {
-            answered_after: None,
-            sent_at,
-            ..sent
-        };
-        self.exchange(down, (legs, in_flight), sent, replay, deadline.as_mut())
-            .await
-    }
-
-    /// A hedge answered first: it becomes the call's attempt, from its response headers on.
-    /// It sent the whole request, and an answer came: no retry can need the replay now.
-    pub(super) async fn hedge_attempt(
-        &mut self,
-        down: &mut Downstream,
-        launched: Launched,
-        replay: &mut Replay,
-    ) -> AttemptEnd {
-        let Launched {
-            backend,
-            in_flight,
-            slot,
-            response,
-            up_send,
-            picked_at,
-            answered_after,
-        } = launched;
-        replay.release();
-        let mut deadline = pin!(sleep_until(self.deadline));
-        let mut legs = Legs::new(&backend, picked_at, in_flight.load());
-        legs.slot = Some(&slot);
-        let sent = Sent {
-            response: std::future::ready(Ok(response)),
-            up_send,
-            request_ended: true,
-            sent_at: picked_at,
-            answered_after: Some(answered_after),
-            hedger: None,
-        };
-        self.exchange(down, (legs, in_flight), sent, replay, deadline.as_mut())
-            .await
-    }
-
-    /// The rest of an attempt once its request went out: waits for the response headers
-    /// while the upload runs (and hedges, if due), then streams the response.
-    async fn exchange<R>(
-        &mut self,
-        down: &mut Downstream,
-        (mut legs, mut in_flight): (Legs<'_>, InFlight),
-        sent: Sent<R>,
-        replay: &mut Replay,
-        deadline: Pin<&mut Sleep>,
-    ) -> AttemptEnd
-    where
-        R: Future<Output = Result<Response<RecvStream>, h2::Error>>,
-    {
-        let backend = legs.backend;
         let Sent {
             response,
             mut up_send,
@@ -146,7 +128,7 @@ impl Call {
                 uploaded: None,
                 request_ended,
                 hedger,
-                deadline,
+                deadline: deadline.as_mut(),
                 deadline_at: self.deadline,
             };
             // Decided without holding the response across the streaming below: what an
@@ -168,7 +150,7 @@ impl Call {
                 Ok(Ok(response)) => {
                     let after_send = answered_after.unwrap_or_else(|| {
                         let after_send = sent_at.elapsed();
-                        in_flight.answered(sent_at - legs.picked_at + after_send);
+                        in_flight.answered(sent_at - picked_at + after_send);
                         if self.hedging.is_some() {
                             self.method.latency.percentiles.record(after_send);
                         }
@@ -205,7 +187,7 @@ impl Call {
     /// the call carries on with.
     fn hedges_done(
         &mut self,
-        hedger: Option<Hedger>,
+        hedger: Option<Box<Hedger>>,
         headers: &Result<Result<Response<RecvStream>, h2::Error>, Outcome>,
     ) {
         let Some(hedger) = hedger else { return };
@@ -322,14 +304,14 @@ pub(super) async fn lend(
 
 /// An attempt's request, sent: the response to wait for, the stream to upload on, whether
 /// the request has ended, and the hedges that may follow it.
-struct Sent<R> {
-    response: R,
+struct Sent {
+    response: Answer,
     up_send: SendStream<Bytes>,
     request_ended: bool,
     sent_at: Instant,
     /// A hedge that answered first: how long its answer took (already counted).
     answered_after: Option<Duration>,
-    hedger: Option<Hedger>,
+    hedger: Option<Box<Hedger>>,
 }
 
 /// Sends the request headers upstream: the client's, with the remaining budget as
@@ -344,7 +326,7 @@ fn send_headers(
     backend: &Arc<Backend>,
     mut sender: SendRequest<Bytes>,
     replay: &Replay,
-) -> Result<Sent<ResponseFuture>, Outcome> {
+) -> Result<Sent, Outcome> {
     let Some(request) = down.request.as_deref() else {
         // Not reached: the request is freed only after an answer, and no attempt follows one.
         // Should it be, the call fails with INTERNAL and the connection stays in the pool.
@@ -358,8 +340,8 @@ fn send_headers(
     let remaining = call.deadline.saturating_duration_since(Instant::now());
     let headers = &mut upstream.headers;
     headers.insert(wire::GRPC_TIMEOUT, wire::encode_timeout(remaining));
-    if let Some(traceparent) = &call.traceparent {
-        headers.insert(TRACEPARENT, traceparent.clone());
+    if let Some(traceparent) = (call.summary.trace.as_ref()).and_then(|t| t.latest_traceparent()) {
+        headers.insert(TRACEPARENT, traceparent);
     }
     // gRPC's retry header (gRFC A6): attempts made before this one, for a retry or a hedge.
     if let Some(before) = call.summary.attempts.checked_sub(1).filter(|n| *n > 0) {
@@ -369,7 +351,7 @@ fn send_headers(
     let request_ended = replay.is_empty() && down.body.is_end_stream();
     match sender.send_request(Request::from_parts(upstream, ()), request_ended) {
         Ok((response, up_send)) => Ok(Sent {
-            response,
+            response: Answer::Pending(response),
             up_send,
             request_ended,
             sent_at: Instant::now(),
@@ -397,6 +379,26 @@ fn uploading<U: Future>(upload: &mut Option<Pin<Box<U>>>) -> impl Future<Output 
     })
 }
 
+/// The backend's response headers: awaited, or already here (a hedge that answered first).
+enum Answer {
+    Pending(ResponseFuture),
+    Ready(Option<Response<RecvStream>>),
+}
+
+impl Future for Answer {
+    type Output = Result<Response<RecvStream>, h2::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Answer::Pending(response) => Pin::new(response).poll(cx),
+            Answer::Ready(response) => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
 /// What a hedger has to say: a hedge is due, or one answered first.
 enum HedgeEvent {
     Due,
@@ -404,7 +406,7 @@ enum HedgeEvent {
 }
 
 /// The hedger's next event (never, when there is none).
-fn hedging(hedger: &mut Option<Hedger>) -> impl Future<Output = HedgeEvent> + '_ {
+fn hedging(hedger: &mut Option<Box<Hedger>>) -> impl Future<Output = HedgeEvent> + '_ {
     poll_fn(move |cx| {
         let Some(hedger) = hedger else {
             return Poll::Pending;
@@ -435,7 +437,7 @@ struct Exchange<'a, U> {
     /// The request ended with its headers: there is no body to upload.
     request_ended: bool,
     /// The hedges of a first attempt on a route that hedges.
-    hedger: Option<Hedger>,
+    hedger: Option<Box<Hedger>>,
     deadline: Pin<&'a mut Sleep>,
     /// When `deadline` fires. The timer has millisecond resolution, so it can fire after an
     /// answer the backend gave on its own expiry of the `grpc-timeout` sluice sent (tonic
@@ -445,13 +447,10 @@ struct Exchange<'a, U> {
 
 impl<'a, U: Future<Output = Uploaded<'a>>> Exchange<'a, U> {
     /// Waits for the backend's response headers while the upload runs, and hedges when due.
-    async fn await_headers<R>(
+    async fn await_headers(
         &mut self,
-        response: R,
-    ) -> Result<Result<Response<RecvStream>, h2::Error>, Outcome>
-    where
-        R: Future<Output = Result<Response<RecvStream>, h2::Error>>,
-    {
+        response: Answer,
+    ) -> Result<Result<Response<RecvStream>, h2::Error>, Outcome> {
         let mut response = pin!(response);
         loop {
             tokio::select! {

@@ -13,6 +13,7 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::attempt::Start;
 use super::forward::Replay;
 use super::hedge::{HedgeBase, Hedger, Hedging, Launched};
 use super::outcome::RetryReason;
@@ -38,8 +39,6 @@ pub(super) struct Call {
     pub(super) keep_request: bool,
     /// The route's `cluster_header`: the backend's answer names the cluster in it.
     pub(super) cluster_header: Option<http::HeaderName>,
-    /// The `traceparent` of the attempt about to go out, when the call is traced.
-    pub(super) traceparent: Option<http::HeaderValue>,
     /// The route's hedging, when it hedges.
     pub(super) hedging: Option<Arc<Hedging>>,
 }
@@ -151,7 +150,6 @@ impl Call {
             summary: Summary::default(),
             keep_request: true,
             cluster_header: None,
-            traceparent: None,
             hedging: None,
         }
     }
@@ -241,11 +239,17 @@ impl Call {
             tried.push(Arc::clone(&backend));
             self.summary.attempts = tried.len() as u32;
             self.summary.backend = Some(Arc::clone(&backend));
-            let attempt = self.traced_attempt(down, &backend, in_flight, &mut replay, queue_wait);
-            let mut end = attempt.await;
+            self.attempt_began(&backend, queue_wait);
+            let start = Start::Picked(&backend, in_flight);
+            let mut end = self.attempt(down, start, &mut replay).await;
+            self.attempt_ended(&backend, &end);
             while let AttemptEnd::Hedged(launched) = end {
-                tried.push(Arc::clone(&launched.backend));
-                end = Box::pin(self.hedge_won(down, *launched, &mut replay)).await;
+                let backend = Arc::clone(&launched.backend);
+                tried.push(Arc::clone(&backend));
+                self.summary.backend = Some(Arc::clone(&backend));
+                // Boxed: a rare path, kept out of every call's future.
+                end = Box::pin(self.attempt(down, Start::Hedge(launched), &mut replay)).await;
+                self.attempt_ended(&backend, &end);
             }
             let reason = match end {
                 AttemptEnd::Done(ending) => return ending,
@@ -265,48 +269,26 @@ impl Call {
         }
     }
 
-    /// One attempt, in its span when the call is traced: the span opens before the request
-    /// goes out (its id goes upstream in `traceparent`) and closes with the attempt's status.
-    async fn traced_attempt(
-        &mut self,
-        down: &mut Downstream,
-        backend: &Arc<Backend>,
-        in_flight: crate::balance::InFlight,
-        replay: &mut Replay,
-        queue_wait: Option<Duration>,
-    ) -> AttemptEnd {
-        let address = &backend.address.0;
+    /// A traced call's attempt is about to go out: its span opens, and its id goes upstream
+    /// in `traceparent`.
+    fn attempt_began(&mut self, backend: &Backend, queue_wait: Option<Duration>) {
         if let Some(trace) = self.summary.trace.as_mut() {
             let kind = match self.summary.attempts {
                 1 => AttemptKind::First,
                 _ => AttemptKind::Retry,
             };
-            let header = trace.begin_attempt(address, kind, queue_wait.unwrap_or_default());
-            self.traceparent = Some(header);
+            let queue_wait = queue_wait.unwrap_or_default();
+            trace.begin_attempt(&backend.address.0, kind, queue_wait);
         }
-        let end = self.attempt(down, backend, in_flight, replay).await;
-        if let Some(trace) = self.summary.trace.as_mut() {
-            let hedged = matches!(end, AttemptEnd::Hedged(_));
-            trace.end_attempt(address, end.code(), hedged);
-        }
-        end
     }
 
-    /// A hedge answered first and carries on as the call's attempt (its span, opened when it
-    /// went out, closes with its status).
-    async fn hedge_won(
-        &mut self,
-        down: &mut Downstream,
-        launched: Launched,
-        replay: &mut Replay,
-    ) -> AttemptEnd {
-        let backend = Arc::clone(&launched.backend);
-        self.summary.backend = Some(Arc::clone(&backend));
-        let end = self.hedge_attempt(down, launched, replay).await;
+    /// A traced call's attempt ended: its span closes with its status (a first attempt that
+    /// a hedge beat, as cancelled by it; a winning hedge's span opened when it went out).
+    fn attempt_ended(&mut self, backend: &Backend, end: &AttemptEnd) {
         if let Some(trace) = self.summary.trace.as_mut() {
-            trace.end_attempt(&backend.address.0, end.code(), false);
+            let hedged = matches!(end, AttemptEnd::Hedged(_));
+            trace.end_attempt(&backend.address.0, end.code(), hedged);
         }
-        end
     }
 
     /// The first attempt's hedger, on a route that hedges once the delay is known.
@@ -314,7 +296,7 @@ impl Call {
         &self,
         upstream: &http::request::Parts,
         first: &Arc<Backend>,
-    ) -> Option<Hedger> {
+    ) -> Option<Box<Hedger>> {
         let policy = self
             .hedging
             .as_ref()
@@ -328,7 +310,7 @@ impl Call {
             head: upstream.clone(),
             trace: (self.summary.trace.as_ref()).map(|t| (t.trace_id, t.sampled)),
         };
-        Some(Hedger::new(policy, base, first, delay))
+        Some(Box::new(Hedger::new(policy, base, first, delay)))
     }
 
     /// Another attempt is allowed: attempts left, the whole request still held for replay,

@@ -47,7 +47,7 @@ use crate::lifecycle::{Lifecycle, OpenConnection};
 use crate::sync::lock;
 use crate::telemetry::access_log::{self, AccessLog, Entry};
 use crate::telemetry::metrics;
-use crate::telemetry::trace::{CallTrace, FinishedCall, Tracer};
+use crate::telemetry::trace::{trace_id_hex, CallTrace, FinishedCall, Tracer};
 use crate::telemetry::HandshakeFailure;
 use crate::telemetry::{request_id, unrouted, Reject};
 use crate::transport::H2Settings;
@@ -341,9 +341,10 @@ impl Proxy {
         }
         // A call that starts a trace gets its `traceparent` here, before the trace id is
         // looked for.
-        let trace = self.tracer.as_ref().map(|t| t.begin(&mut parts.headers));
-        // Before the first attempt, so a generated id goes upstream.
-        if self.generate_request_id {
+        let trace = self.tracer.as_ref().map(|t| t.begin(&parts.headers));
+        // Before the first attempt, so a generated id goes upstream. A traced call needs
+        // none: each attempt carries a `traceparent`.
+        if self.generate_request_id && trace.is_none() {
             request_id::ensure(&mut parts.headers);
         }
         // Not the router guard: it is not meant to be held for a call's whole life.
@@ -452,7 +453,9 @@ impl Proxy {
         peer: &Peer,
     ) {
         self.log(request, cluster, &summary, ending, started, peer);
-        if let (Some(tracer), Some(trace)) = (&self.tracer, summary.trace.take()) {
+        let trace = summary.trace.take();
+        let kept = trace.filter(|t| Tracer::keeps(t, ending.code));
+        if let (Some(tracer), Some(trace)) = (&self.tracer, kept) {
             tracer.finish(FinishedCall {
                 trace,
                 path: request.uri.path().to_string(),
@@ -478,6 +481,12 @@ impl Proxy {
         peer: &Peer,
     ) {
         let Some(log) = &self.access_log else { return };
+        // A traced call without a trace header: the id of the trace sluice started for it.
+        let found = request_id::find(&request.headers);
+        let started_trace = match (found, &summary.trace) {
+            (None, Some(trace)) => trace_id_hex(&trace.trace_id),
+            _ => String::new(),
+        };
         log.write(&Entry {
             time: access_log::now_rfc3339(),
             listener: &self.listener,
@@ -492,7 +501,7 @@ impl Proxy {
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             bytes_in: summary.bytes_in,
             bytes_out: summary.bytes_out,
-            trace_id: request_id::find(&request.headers).unwrap_or_default(),
+            trace_id: found.unwrap_or(&started_trace),
             rejected: ending.rejected.map(Reject::cause),
             client_subject: peer.cert.as_ref().map(|c| c.subject.as_str()),
             client_sans: peer.cert.as_ref().map(ClientCert::sans),

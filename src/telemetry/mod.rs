@@ -12,6 +12,8 @@ pub mod metrics;
 pub mod otlp;
 pub mod percentile;
 pub mod request_id;
+#[cfg(feature = "otlp")]
+mod span_proto;
 pub mod stats;
 pub mod trace;
 

@@ -7,24 +7,16 @@
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
-use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tracing::{info, warn};
 
 use super::metrics::metrics;
-use super::trace::{AttemptSpan, FinishedCall, Tracer};
+use super::span_proto::export_request;
+use super::trace::{FinishedCall, Tracer};
 use crate::config::{OtlpConfig, OtlpProtocol, TracingConfig};
-use crate::wire::Code;
 
 /// Calls per export request.
 const BATCH_CALLS: usize = 512;
@@ -37,7 +29,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub fn start(config: &TracingConfig) -> Result<Tracer, BoxError> {
     let (queue, finished) = sync_channel(config.otlp.max_queue.max(1));
     let exporter = Exporter {
-        resource: resource(&config.service_name),
+        service_name: config.service_name.clone(),
         otlp: config.otlp.clone(),
         failing: false,
     };
@@ -49,7 +41,7 @@ pub fn start(config: &TracingConfig) -> Result<Tracer, BoxError> {
 }
 
 struct Exporter {
-    resource: Resource,
+    service_name: String,
     otlp: OtlpConfig,
     /// The last export failed: the next success is logged.
     failing: bool,
@@ -66,33 +58,16 @@ impl Exporter {
         };
         let mut client = runtime.block_on(Client::new(&self.otlp));
         while let Some(batch) = next_batch(&finished) {
-            let spans: Vec<Span> = batch.iter().flat_map(spans_of).collect();
-            let count = spans.len() as u64;
-            let request = self.request(spans);
+            let count: u64 = batch
+                .iter()
+                .map(|c| 1 + c.trace.attempts.len() as u64)
+                .sum();
+            let request = Bytes::from(export_request(&batch, &self.service_name));
             let timeout = self.otlp.timeout.0;
             let sent = runtime
                 .block_on(async { tokio::time::timeout(timeout, client.export(request)).await });
             let sent = sent.unwrap_or_else(|_| Err(format!("no answer within {timeout:?}").into()));
             self.account(sent, count);
-        }
-    }
-
-    fn request(&self, spans: Vec<Span>) -> ExportTraceServiceRequest {
-        let scope = InstrumentationScope {
-            name: "sluice".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            ..Default::default()
-        };
-        ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(self.resource.clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(scope),
-                    spans,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            }],
         }
     }
 
@@ -133,7 +108,7 @@ fn next_batch(finished: &Receiver<FinishedCall>) -> Option<Vec<FinishedCall>> {
 
 /// How spans reach the collector.
 enum Client {
-    Grpc(TraceServiceClient<tonic::transport::Channel>),
+    Grpc(tonic::client::Grpc<tonic::transport::Channel>),
     Http {
         authority: String,
         sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
@@ -147,7 +122,7 @@ impl Client {
         let endpoint = &otlp.endpoint.0;
         match otlp.protocol {
             OtlpProtocol::Grpc => match grpc_channel(otlp) {
-                Ok(channel) => Client::Grpc(TraceServiceClient::new(channel)),
+                Ok(channel) => Client::Grpc(tonic::client::Grpc::new(channel)),
                 Err(error) => Client::Broken(format!("{endpoint}: {error}")),
             },
             OtlpProtocol::Http => Client::Http {
@@ -157,10 +132,14 @@ impl Client {
         }
     }
 
-    async fn export(&mut self, request: ExportTraceServiceRequest) -> Result<(), BoxError> {
+    async fn export(&mut self, request: Bytes) -> Result<(), BoxError> {
         match self {
             Client::Grpc(client) => {
-                client.export(request).await?;
+                client.ready().await?;
+                let path = http::uri::PathAndQuery::from_static(EXPORT_PATH);
+                client
+                    .unary(tonic::Request::new(request), path, Encoded)
+                    .await?;
                 Ok(())
             }
             Client::Http { authority, sender } => http_export(authority, sender, request).await,
@@ -186,7 +165,7 @@ fn grpc_channel(otlp: &OtlpConfig) -> Result<tonic::transport::Channel, BoxError
 async fn http_export(
     authority: &str,
     sender: &mut Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
-    request: ExportTraceServiceRequest,
+    request: Bytes,
 ) -> Result<(), BoxError> {
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
         let stream = tokio::net::TcpStream::connect(authority).await?;
@@ -202,7 +181,7 @@ async fn http_export(
     let post = http::Request::post("/v1/traces")
         .header(http::header::HOST, authority)
         .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-        .body(Full::new(Bytes::from(request.encode_to_vec())))?;
+        .body(Full::new(request))?;
     let answer = send.send_request(post).await?;
     match answer.status() {
         status if status.is_success() => Ok(()),
@@ -210,141 +189,45 @@ async fn http_export(
     }
 }
 
-fn resource(service_name: &str) -> Resource {
-    Resource {
-        attributes: vec![
-            text("service.name", service_name),
-            text("service.version", env!("CARGO_PKG_VERSION")),
-        ],
-        ..Default::default()
+/// The OTLP/gRPC method that takes spans.
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// A gRPC codec for a request already encoded (`span_proto.rs`); the answer, an
+/// `ExportTraceServiceResponse`, is read and ignored: its status says enough.
+#[derive(Debug, Clone, Copy)]
+struct Encoded;
+
+impl Codec for Encoded {
+    type Encode = Bytes;
+    type Decode = ();
+    type Encoder = Encoded;
+    type Decoder = Encoded;
+
+    fn encoder(&mut self) -> Encoded {
+        Encoded
+    }
+
+    fn decoder(&mut self) -> Encoded {
+        Encoded
     }
 }
 
-/// A finished call's server span, then one client span per attempt.
-fn spans_of(call: &FinishedCall) -> Vec<Span> {
-    let trace = &call.trace;
-    let name = call.path.trim_start_matches('/').to_string();
-    let (service, method) = name.split_once('/').unwrap_or((&name, ""));
-    let rpc = [
-        text("rpc.system", "grpc"),
-        text("rpc.service", service),
-        text("rpc.method", method),
-    ];
-    let mut attributes = rpc.to_vec();
-    attributes.push(int("rpc.grpc.status_code", call.code as i64));
-    attributes.push(text("sluice.origin", call.origin.label()));
-    attributes.push(text("sluice.listener", &call.listener));
-    attributes.push(int("sluice.attempts", trace.attempts.len() as i64));
-    if let Some(cluster) = &call.cluster {
-        attributes.push(text("sluice.cluster", cluster));
-    }
-    if let Some(peer) = call.peer {
-        attributes.push(text("client.address", &peer.ip().to_string()));
-        attributes.push(int("client.port", i64::from(peer.port())));
-    }
-    if let Some(rejected) = call.rejected {
-        attributes.push(text("sluice.rejected", rejected));
-    }
-    let server = Span {
-        trace_id: trace.trace_id.to_vec(),
-        span_id: trace.span_id.to_vec(),
-        parent_span_id: trace.parent.map(|p| p.to_vec()).unwrap_or_default(),
-        flags: u32::from(trace.sampled),
-        name: name.clone(),
-        kind: SpanKind::Server as i32,
-        start_time_unix_nano: trace.started_unix_ns,
-        end_time_unix_nano: trace.unix_ns(call.ended),
-        attributes,
-        status: Some(status(call.code, server_error(call.code))),
-        ..Default::default()
-    };
-    let mut spans = vec![server];
-    for (number, attempt) in trace.attempts.iter().enumerate() {
-        spans.push(attempt_span(call, attempt, number + 1, &rpc, &name));
-    }
-    spans
-}
+impl Encoder for Encoded {
+    type Item = Bytes;
+    type Error = tonic::Status;
 
-fn attempt_span(
-    call: &FinishedCall,
-    attempt: &AttemptSpan,
-    number: usize,
-    rpc: &[KeyValue],
-    name: &str,
-) -> Span {
-    let trace = &call.trace;
-    let code = attempt.code.unwrap_or(Code::Cancelled);
-    let mut attributes = rpc.to_vec();
-    let (host, port) = attempt
-        .backend
-        .rsplit_once(':')
-        .unwrap_or((&attempt.backend, ""));
-    attributes.push(text("server.address", host.trim_matches(['[', ']'])));
-    if let Ok(port) = port.parse::<i64>() {
-        attributes.push(int("server.port", port));
-    }
-    attributes.push(int("rpc.grpc.status_code", code as i64));
-    attributes.push(text("sluice.attempt.kind", attempt.kind.label()));
-    attributes.push(int("sluice.attempt.number", number as i64));
-    let queue_ms = attempt.queue_wait.as_secs_f64() * 1000.0;
-    attributes.push(attribute(
-        "sluice.queue_wait_ms",
-        Value::DoubleValue(queue_ms),
-    ));
-    if attempt.cancelled_by_hedge {
-        attributes.push(attribute("sluice.hedge.lost", Value::BoolValue(true)));
-    }
-    let failed = code != Code::Ok && !attempt.cancelled_by_hedge;
-    Span {
-        trace_id: trace.trace_id.to_vec(),
-        span_id: attempt.span_id.to_vec(),
-        parent_span_id: trace.span_id.to_vec(),
-        flags: u32::from(trace.sampled),
-        name: name.to_string(),
-        kind: SpanKind::Client as i32,
-        start_time_unix_nano: trace.unix_ns(attempt.started),
-        end_time_unix_nano: trace.unix_ns(attempt.ended.unwrap_or(call.ended)),
-        attributes,
-        status: Some(status(code, failed)),
-        ..Default::default()
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
     }
 }
 
-/// The codes OpenTelemetry's RPC conventions call a server span's error.
-fn server_error(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unknown
-            | Code::DeadlineExceeded
-            | Code::Unimplemented
-            | Code::Internal
-            | Code::Unavailable
-            | Code::DataLoss
-    )
-}
+impl Decoder for Encoded {
+    type Item = ();
+    type Error = tonic::Status;
 
-fn status(code: Code, error: bool) -> Status {
-    match error {
-        true => Status {
-            code: StatusCode::Error as i32,
-            message: code.go_name().to_string(),
-        },
-        false => Status::default(),
-    }
-}
-
-fn text(key: &str, value: &str) -> KeyValue {
-    attribute(key, Value::StringValue(value.into()))
-}
-
-fn int(key: &str, value: i64) -> KeyValue {
-    attribute(key, Value::IntValue(value))
-}
-
-fn attribute(key: &str, value: Value) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue { value: Some(value) }),
-        ..Default::default()
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+        src.advance(src.remaining());
+        Ok(Some(()))
     }
 }
