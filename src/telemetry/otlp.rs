@@ -4,7 +4,7 @@
 //! `sluice_trace_spans_dropped_total{reason="export_failed"}`; the call path never waits on
 //! it (`trace.rs` queues without blocking).
 
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
@@ -22,6 +22,8 @@ use crate::config::{OtlpConfig, OtlpProtocol, TracingConfig};
 const BATCH_CALLS: usize = 512;
 /// The longest a finished call waits for its batch to fill.
 const BATCH_WAIT: Duration = Duration::from_secs(1);
+/// How often the queue is looked at: `max_queue` calls must fit in what arrives meanwhile.
+const POLL: Duration = Duration::from_millis(50);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -91,19 +93,32 @@ impl Exporter {
     }
 }
 
-/// Waits for a finished call, then gathers more until the batch is full or `BATCH_WAIT` has
-/// passed. `None` once the tracer is gone.
+/// Gathers finished calls until a batch is full or its first call has waited `BATCH_WAIT`.
+/// The queue is looked at every `POLL`, never waited on: a wait would wake this thread for
+/// each call that arrives, which cost more than encoding the call's spans. `None` once the
+/// tracer is gone and nothing is left.
 fn next_batch(finished: &Receiver<FinishedCall>) -> Option<Vec<FinishedCall>> {
-    let first = finished.recv().ok()?;
-    let until = Instant::now() + BATCH_WAIT;
-    let mut batch = vec![first];
-    while batch.len() < BATCH_CALLS {
-        match finished.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            Ok(call) => batch.push(call),
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+    let mut batch = Vec::new();
+    let mut first_at = None;
+    loop {
+        loop {
+            match finished.try_recv() {
+                Ok(call) => {
+                    first_at.get_or_insert_with(Instant::now);
+                    batch.push(call);
+                    if batch.len() >= BATCH_CALLS {
+                        return Some(batch);
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return (!batch.is_empty()).then_some(batch),
+            }
         }
+        if first_at.is_some_and(|at: Instant| at.elapsed() >= BATCH_WAIT) {
+            return Some(batch);
+        }
+        std::thread::sleep(POLL);
     }
-    Some(batch)
 }
 
 /// How spans reach the collector.

@@ -64,13 +64,10 @@ pub fn export_request(calls: &[FinishedCall], service_name: &str) -> Vec<u8> {
             message(field::SCOPE_SPANS_SPANS, &scratch, &mut spans);
         }
     }
+    // The envelope's lengths are known once the spans are: write it, then the spans once.
     let mut scope = Vec::new();
     text(field::SCOPE_NAME, "sluice", &mut scope);
     text(field::SCOPE_VERSION, env!("CARGO_PKG_VERSION"), &mut scope);
-    let mut scope_spans = Vec::with_capacity(spans.len() + 32);
-    message(field::SCOPE_SPANS_SCOPE, &scope, &mut scope_spans);
-    scope_spans.extend_from_slice(&spans);
-    drop(spans);
     let mut resource = Vec::new();
     let service = [
         ("service.name", Value::Text(service_name)),
@@ -79,21 +76,30 @@ pub fn export_request(calls: &[FinishedCall], service_name: &str) -> Vec<u8> {
     for (key, value) in service {
         attribute(field::RESOURCE_ATTRIBUTES, key, value, &mut resource);
     }
-    let mut resource_spans = Vec::with_capacity(scope_spans.len() + 96);
-    message(
-        field::RESOURCE_SPANS_RESOURCE,
-        &resource,
-        &mut resource_spans,
+    let scope_spans_len = field_len(scope.len()) + spans.len();
+    let resource_spans_len = field_len(resource.len()) + field_len(scope_spans_len);
+    let mut request = Vec::with_capacity(field_len(resource_spans_len));
+    key(
+        field::REQUEST_RESOURCE_SPANS,
+        WireType::LengthDelimited,
+        &mut request,
     );
-    message(
+    varint(resource_spans_len as u64, &mut request);
+    message(field::RESOURCE_SPANS_RESOURCE, &resource, &mut request);
+    key(
         field::RESOURCE_SPANS_SCOPE_SPANS,
-        &scope_spans,
-        &mut resource_spans,
+        WireType::LengthDelimited,
+        &mut request,
     );
-    drop(scope_spans);
-    let mut request = Vec::with_capacity(resource_spans.len() + 8);
-    message(field::REQUEST_RESOURCE_SPANS, &resource_spans, &mut request);
+    varint(scope_spans_len as u64, &mut request);
+    message(field::SCOPE_SPANS_SCOPE, &scope, &mut request);
+    request.extend_from_slice(&spans);
     request
+}
+
+/// The length of a length-delimited field (tag below 16) whose body is `body` bytes.
+fn field_len(body: usize) -> usize {
+    1 + encoded_len_varint(body as u64) + body
 }
 
 /// The call's server span, into `out` (cleared first).
@@ -215,10 +221,10 @@ fn span_head(
     if let Some(parent) = parent {
         bytes(field::SPAN_PARENT_SPAN_ID, parent, out);
     }
-    encode_key(field::SPAN_FLAGS, WireType::ThirtyTwoBit, out);
+    key(field::SPAN_FLAGS, WireType::ThirtyTwoBit, out);
     out.extend_from_slice(&u32::from(trace.sampled).to_le_bytes());
-    encode_key(field::SPAN_KIND, WireType::Varint, out);
-    encode_varint(kind, out);
+    key(field::SPAN_KIND, WireType::Varint, out);
+    varint(kind, out);
 }
 
 /// `rpc.system`, `rpc.service`, `rpc.method` of `package.Service/Method`.
@@ -241,8 +247,8 @@ fn status(code: Code, error: bool, out: &mut Vec<u8>) {
     }
     let mut status = Vec::with_capacity(32);
     text(field::STATUS_MESSAGE, code.go_name(), &mut status);
-    encode_key(field::STATUS_CODE, WireType::Varint, &mut status);
-    encode_varint(STATUS_CODE_ERROR, &mut status);
+    key(field::STATUS_CODE, WireType::Varint, &mut status);
+    varint(STATUS_CODE_ERROR, &mut status);
     message(field::SPAN_STATUS, &status, out);
 }
 
@@ -260,7 +266,7 @@ fn server_error(code: Code) -> bool {
 }
 
 /// A `KeyValue` in field `tag`: its length is summed, not measured from a copy.
-fn attribute(tag: u32, key: &str, value: Value<'_>, out: &mut Vec<u8>) {
+fn attribute(tag: u32, name: &str, value: Value<'_>, out: &mut Vec<u8>) {
     let value_len = match value {
         Value::Text(text) => 1 + encoded_len_varint(text.len() as u64) + text.len(),
         Value::Int(n) => 1 + encoded_len_varint(n as u64),
@@ -268,28 +274,28 @@ fn attribute(tag: u32, key: &str, value: Value<'_>, out: &mut Vec<u8>) {
         Value::Double(_) => 9,
     };
     let key_value_len = 1
-        + encoded_len_varint(key.len() as u64)
-        + key.len()
+        + encoded_len_varint(name.len() as u64)
+        + name.len()
         + 1
         + encoded_len_varint(value_len as u64)
         + value_len;
-    encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(key_value_len as u64, out);
-    text(field::KEY_VALUE_KEY, key, out);
-    encode_key(field::KEY_VALUE_VALUE, WireType::LengthDelimited, out);
-    encode_varint(value_len as u64, out);
+    key(tag, WireType::LengthDelimited, out);
+    varint(key_value_len as u64, out);
+    text(field::KEY_VALUE_KEY, name, out);
+    key(field::KEY_VALUE_VALUE, WireType::LengthDelimited, out);
+    varint(value_len as u64, out);
     match value {
         Value::Text(value) => text(field::ANY_STRING, value, out),
         Value::Int(n) => {
-            encode_key(field::ANY_INT, WireType::Varint, out);
-            encode_varint(n as u64, out);
+            key(field::ANY_INT, WireType::Varint, out);
+            varint(n as u64, out);
         }
         Value::Bool(b) => {
-            encode_key(field::ANY_BOOL, WireType::Varint, out);
-            encode_varint(u64::from(b), out);
+            key(field::ANY_BOOL, WireType::Varint, out);
+            varint(u64::from(b), out);
         }
         Value::Double(x) => {
-            encode_key(field::ANY_DOUBLE, WireType::SixtyFourBit, out);
+            key(field::ANY_DOUBLE, WireType::SixtyFourBit, out);
             out.extend_from_slice(&x.to_le_bytes());
         }
     }
@@ -300,8 +306,8 @@ fn message(tag: u32, body: &[u8], out: &mut Vec<u8>) {
 }
 
 fn bytes(tag: u32, data: &[u8], out: &mut Vec<u8>) {
-    encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(data.len() as u64, out);
+    key(tag, WireType::LengthDelimited, out);
+    varint(data.len() as u64, out);
     out.extend_from_slice(data);
 }
 
@@ -310,6 +316,22 @@ fn text(tag: u32, data: &str, out: &mut Vec<u8>) {
 }
 
 fn fixed64(tag: u32, value: u64, out: &mut Vec<u8>) {
-    encode_key(tag, WireType::SixtyFourBit, out);
+    key(tag, WireType::SixtyFourBit, out);
     out.extend_from_slice(&value.to_le_bytes());
+}
+
+/// A field's key: one byte for the tags below 16 that most fields have.
+fn key(tag: u32, wire_type: WireType, out: &mut Vec<u8>) {
+    match tag {
+        1..=15 => out.push((tag << 3) as u8 | wire_type as u8),
+        _ => encode_key(tag, wire_type, out),
+    }
+}
+
+/// A varint: one byte below 128, as most lengths and small numbers are.
+fn varint(value: u64, out: &mut Vec<u8>) {
+    match value {
+        0..=127 => out.push(value as u8),
+        _ => encode_varint(value, out),
+    }
 }

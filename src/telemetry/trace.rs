@@ -112,6 +112,20 @@ pub fn trace_id_hex(trace_id: &TraceId) -> String {
     String::from_utf8_lossy(&text).into_owned()
 }
 
+/// Nanoseconds since the Unix epoch at `at`, from the wall clock read once per process and
+/// the monotonic clock since: one clock read per call, not two.
+fn unix_ns(at: Instant) -> u64 {
+    static BASE: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+    let (base, base_unix_ns) = BASE.get_or_init(|| {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        (Instant::now(), unix.as_nanos() as u64)
+    });
+    let since = at.saturating_duration_since(*base).as_nanos() as u64;
+    base_unix_ns.saturating_add(since)
+}
+
 fn new_span_id() -> SpanId {
     fastrand::u64(1..).to_be_bytes()
 }
@@ -253,20 +267,29 @@ impl Tracer {
         let span_id = new_span_id();
         let (trace_id, parent_span, sampled) = match parent {
             Some(p) => (p.trace_id, Some(p.span_id), p.sampled),
-            None => (new_trace_id(), None, fastrand::f64() < self.ratio),
+            None => {
+                let trace_id = new_trace_id();
+                (trace_id, None, self.samples(&trace_id))
+            }
         };
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let started = Instant::now();
         Box::new(CallTrace {
             trace_id,
             span_id,
             parent: parent_span,
             sampled,
-            started: Instant::now(),
-            started_unix_ns: unix.as_nanos() as u64,
+            started,
+            started_unix_ns: unix_ns(started),
             attempts: Vec::new(),
         })
+    }
+
+    /// The ratio sampler's decision for a new trace, from its id's random low 64 bits (as
+    /// OpenTelemetry's trace-id ratio sampler decides): no second random draw per call.
+    fn samples(&self, trace_id: &TraceId) -> bool {
+        let mut low = [0u8; 8];
+        low.copy_from_slice(&trace_id[8..]);
+        self.ratio >= 1.0 || (u64::from_be_bytes(low) as f64) < self.ratio * (u64::MAX as f64)
     }
 
     /// Whether a call that ended with `code` is exported: it was sampled, or it failed.
@@ -286,6 +309,27 @@ impl Tracer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_traces_are_sampled_at_the_ratio_and_parents_decide_for_theirs() {
+        let (queue, _finished) = std::sync::mpsc::sync_channel(1);
+        let counter = prometheus::IntCounter::new("dropped", "dropped").unwrap();
+        let tracer = Tracer::new(0.1, queue, counter);
+        let mut headers = HeaderMap::new();
+        let sampled = (0..10_000)
+            .filter(|_| tracer.begin(&headers).sampled)
+            .count();
+        assert!((800..1200).contains(&sampled), "{sampled} of 10,000");
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        headers.insert(TRACEPARENT, HeaderValue::from_static(parent));
+        assert!((0..100).all(|_| tracer.begin(&headers).sampled));
+        let all = Tracer::new(
+            1.0,
+            std::sync::mpsc::sync_channel(1).0,
+            tracer.dropped.clone(),
+        );
+        assert!((0..1000).all(|_| all.begin(&HeaderMap::new()).sampled));
+    }
 
     #[test]
     fn traceparent_round_trips_and_rejects_what_w3c_rejects() {
