@@ -12,8 +12,9 @@
 # 2. `podman build -f docker/Dockerfile` (chroot isolation: no container runtime needed), both
 #    targets: sluice and loadgen.
 # 3. The image's filesystem as a container sees it (`podman image mount`, then chroot, as the
-#    image's user and with its environment): `sluice --version`, `sluice check` of both default
-#    configs, then sluice run there and its HEALTHCHECK command asked against it.
+#    image's user and with its environment): `sluice --version`, `sluice check` of sluice.yaml,
+#    etcd.yaml and etcd-tracing.yaml, then sluice run there and its HEALTHCHECK command asked
+#    against it.
 # 4. docker/compose.yaml validated by `podman-compose config` and `docker-compose config`, both
 #    installed from PyPI into a venv under the work folder (or named by PODMAN_COMPOSE and
 #    DOCKER_COMPOSE).
@@ -134,6 +135,7 @@ check_image() {
   "${in_image[@]}" sluice --version
   "${in_image[@]}" sluice check --config /etc/sluice/sluice.yaml
   "${in_image[@]}" sluice check --config /etc/sluice/etcd.yaml
+  "${in_image[@]}" sluice check --config /etc/sluice/etcd-tracing.yaml
   [ -s "$root/etc/ssl/certs/ca-certificates.crt" ] || fail "no CA certificates in the image"
 
   # The image's HEALTHCHECK, asked of a sluice running from the image's files. The host's
@@ -191,10 +193,12 @@ check_compose() {
   compose_tools
   "$podman_compose" -f docker/compose.yaml config >/dev/null
   "$podman_compose" -f docker/compose.yaml --profile loadgen config >/dev/null
+  "$podman_compose" -f docker/compose.yaml --profile tracing config >/dev/null
   echo "podman-compose config: valid"
   # docker-compose 1.29 predates the top-level `name`, so it gets the file without that line.
   sed '/^name: /d' docker/compose.yaml >docker/.compose-v1.yaml
   "$docker_compose" -f docker/.compose-v1.yaml --profile loadgen config --quiet
+  "$docker_compose" -f docker/.compose-v1.yaml --profile tracing config --quiet
   rm -f docker/.compose-v1.yaml
   echo "docker-compose config: valid"
 }

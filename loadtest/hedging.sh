@@ -125,11 +125,12 @@ for r in runs:
           f"{rep['p999_ms']:.2f} | {rep['errors']} | {100 * r['hedges'] / calls:.2f}% |")
 def median(name, key):
     return statistics.median(r["report"][key] for r in runs if r["name"] == name)
-off, on = median("off", "p99_ms"), median("on", "p99_ms")
 extra = [100 * r["hedges"] / max(r["report"]["calls"], 1) for r in runs if r["name"] == "on"]
 print()
-print(f"Median p99: {off:.2f} ms without hedging, {on:.2f} ms with it ({100 * (1 - on / off):.0f}% lower); "
-      f"hedges per call with hedging on: {', '.join(f'{e:.2f}%' for e in extra)}.")
+for key, label in (("p99_ms", "p99"), ("p999_ms", "p99.9")):
+    off, on = median("off", key), median("on", key)
+    print(f"Median {label}: {off:.2f} ms without hedging, {on:.2f} ms with it ({100 * (1 - on / off):.0f}% lower).")
+print(f"Hedges per call with hedging on: {', '.join(f'{e:.2f}%' for e in extra)}.")
 errors = sum(r["report"]["errors"] for r in runs if r["name"] in ("on", "off"))
 if errors:
     print(f"hedging: {errors} calls failed without overload", file=sys.stderr); sys.exit(3)
@@ -137,7 +138,7 @@ PY
 cat "$WORK/table.md"
 if [ "$SMOKE" != 1 ]; then
   {
-    echo "### The latest hedging run"
+    echo "### The latest hedging run: $TAIL of calls $TAIL_DELAY slower"
     echo
     echo "\`loadtest/hedging.sh\` on $(machine_line), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
     echo "Three \`sluice echo-backend\`s, each delaying $TAIL of its calls by $TAIL_DELAY at random;"
@@ -147,6 +148,6 @@ if [ "$SMOKE" != 1 ]; then
     echo
     cat "$WORK/table.md"
   } >"$WORK/section.md"
-  write_section hedging "$WORK/section.md"
+  write_section "${RESULTS_SECTION:-hedging}" "$WORK/section.md"
   log "wrote $RESULTS_MD"
 fi

@@ -663,3 +663,33 @@ fn an_unreadable_or_empty_token_file_is_named_at_load() {
     std::fs::write(&token, "s3cret\n").unwrap();
     assert!(Config::load(&config).is_ok());
 }
+
+#[test]
+fn tracing_and_hedging_parse_with_defaults_and_refuse_what_cannot_work() {
+    let tracing = "tracing:\n  otlp: { endpoint: \"http://127.0.0.1:4317\" }\n";
+    let routes = "routes:\n  - cluster: echo\n    hedging: { delay: 30ms }\n";
+    let config = Config::parse(&format!("{MINIMAL}{tracing}{routes}"), "t.yaml").unwrap();
+    let tracing_config = &config.tracing.as_ref().unwrap().value;
+    assert_eq!(tracing_config.otlp.protocol, OtlpProtocol::Grpc);
+    assert_eq!(tracing_config.sampling.ratio.0, 0.1);
+    assert_eq!(tracing_config.service_name, "sluice");
+    let hedging = config.routes.as_ref().unwrap()[0].hedging.unwrap();
+    assert_eq!(hedging.delay, HedgeDelay::Fixed(Duration::from_millis(30)));
+    assert_eq!(hedging.max_attempts.0, 2);
+    assert_eq!(hedging.budget_ratio.0, 0.02);
+    let https_over_http = "tracing:\n  otlp: { endpoint: \"https://otel:4318\", protocol: http }\n";
+    let e = err(&format!("{MINIMAL}{https_over_http}"));
+    assert!(
+        e.contains("tracing.otlp: `protocol: http` exports over plain HTTP only"),
+        "{e}"
+    );
+    let no_queue = "tracing:\n  otlp: { endpoint: \"http://otel:4317\", max_queue: 0 }\n";
+    let e = err(&format!("{MINIMAL}{no_queue}"));
+    assert!(e.contains("`max_queue` must be at least 1"), "{e}");
+    let one_attempt = "routes:\n  - cluster: echo\n    hedging: { max_attempts: 1 }\n";
+    let e = err(&format!("{MINIMAL}{one_attempt}"));
+    assert!(
+        e.contains("routes[0].hedging.max_attempts: must be between 2 and 5"),
+        "{e}"
+    );
+}

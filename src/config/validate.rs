@@ -4,7 +4,8 @@
 use std::collections::HashSet;
 
 use super::{
-    AdaptiveConcurrency, Config, DiscoveryConfig, EtcdConfig, ListenerTls, Problem, Spanned,
+    AdaptiveConcurrency, Config, DiscoveryConfig, EtcdConfig, ListenerTls, OtlpProtocol, Problem,
+    Spanned,
 };
 
 pub(super) fn check(config: &Config) -> Result<(), Problem> {
@@ -294,12 +295,18 @@ fn check_etcd(etcd: &EtcdConfig) -> Result<(), Problem> {
 
 /// `tracing` needs a build with the `otlp` feature (release builds and the image have it).
 fn tracing_built_in(config: &Config) -> Result<(), Problem> {
-    match &config.tracing {
-        Some(tracing) if !cfg!(feature = "otlp") => Err(Problem::new(
-            "tracing",
-            "this sluice was built without the `otlp` feature, so it cannot export spans; build it with `--features otlp` (the default) or remove `tracing`",
-        )
-        .at(tracing)),
-        _ => Ok(()),
-    }
+    let Some(tracing) = &config.tracing else {
+        return Ok(());
+    };
+    let otlp = &tracing.value.otlp;
+    let problem = if !cfg!(feature = "otlp") {
+        "this sluice was built without the `otlp` feature, so it cannot export spans; build it with `--features otlp` (the default) or remove `tracing`"
+    } else if otlp.protocol == OtlpProtocol::Http && otlp.endpoint.is_https() {
+        "`protocol: http` exports over plain HTTP only; use an http:// endpoint, or `protocol: grpc` for https://"
+    } else if otlp.max_queue == 0 {
+        "`max_queue` must be at least 1"
+    } else {
+        return Ok(());
+    };
+    Err(Problem::new("tracing.otlp", problem).at(tracing))
 }

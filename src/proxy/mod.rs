@@ -339,8 +339,7 @@ impl Proxy {
         if let (Some(header), Some(xfcc)) = (&self.forward_client_cert, &peer.xfcc) {
             parts.headers.insert(header.clone(), xfcc.clone());
         }
-        // A call that starts a trace gets its `traceparent` here, before the trace id is
-        // looked for.
+        // The call's trace: its client's, or a new one (sent upstream by each attempt).
         let trace = self.tracer.as_ref().map(|t| t.begin(&parts.headers));
         // Before the first attempt, so a generated id goes upstream. A traced call needs
         // none: each attempt carries a `traceparent`.

@@ -140,7 +140,7 @@ impl Scrape {
             )?,
             hedges: counter(
                 "sluice_hedges_total",
-                "Hedged attempts (a route's hedging), by result: won (answered first), lost (cancelled when the first attempt answered), failed (failed before answering).",
+                "Hedged attempts (a route's hedging), by result: won (answered first), lost (cancelled: the first attempt answered first, or the call ended), failed (failed before answering).",
                 &["cluster", "result"],
             )?,
             in_flight: gauge(
