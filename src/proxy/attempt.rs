@@ -65,26 +65,8 @@ impl Call {
                 }
             }
             Start::Hedge(launched) => {
-                let Launched {
-                    backend,
-                    in_flight,
-                    slot: lent,
-                    response,
-                    up_send,
-                    picked_at,
-                    answered_after,
-                } = *launched;
-                // It sent the whole request, and answered: no retry can need the replay now.
-                replay.release();
+                let (backend, in_flight, picked_at, lent, sent) = resume(*launched, replay);
                 (hedge_backend, slot) = (backend, lent);
-                let sent = Sent {
-                    response: Answer::Ready(Some(response)),
-                    up_send,
-                    request_ended: true,
-                    sent_at: picked_at,
-                    answered_after: Some(answered_after),
-                    hedger: None,
-                };
                 (&hedge_backend, in_flight, picked_at, sent)
             }
         };
@@ -148,14 +130,8 @@ impl Call {
                     ))
                 }
                 Ok(Ok(response)) => {
-                    let after_send = answered_after.unwrap_or_else(|| {
-                        let after_send = sent_at.elapsed();
-                        in_flight.answered(sent_at - picked_at + after_send);
-                        if self.hedging.is_some() {
-                            self.method.latency.percentiles.record(after_send);
-                        }
-                        after_send
-                    });
+                    let after_send = answered_after
+                        .unwrap_or_else(|| self.answered(&mut in_flight, picked_at, sent_at));
                     headers_after = Some(after_send);
                     let answered = Answered {
                         request,
@@ -180,6 +156,17 @@ impl Call {
         legs.downstream = down_send.as_mut();
         legs.headers_after = headers_after;
         self.settle(down, legs, outcome)
+    }
+
+    /// The backend's response headers came: the call no longer counts against its limit, and
+    /// the time they took teaches the balancer (and, on a hedging route, the delay).
+    fn answered(&self, in_flight: &mut InFlight, picked_at: Instant, sent_at: Instant) -> Duration {
+        let after_send = sent_at.elapsed();
+        in_flight.answered(sent_at - picked_at + after_send);
+        if self.hedging.is_some() {
+            self.method.latency.percentiles.record(after_send);
+        }
+        after_send
     }
 
     /// The first attempt's wait is over: hedges still in flight are cancelled, and counted
@@ -273,6 +260,31 @@ impl Call {
             lent = lend => lent,
         }
     }
+}
+
+/// A hedge that answered first, as an attempt whose request went out and was answered. It
+/// sent the whole request, and an answer came: no retry can need the replay now.
+fn resume(
+    launched: Launched,
+    replay: &mut Replay,
+) -> (Arc<Backend>, InFlight, Instant, StreamSlot, Sent) {
+    replay.release();
+    let sent = Sent {
+        response: Answer::Ready(Some(launched.response)),
+        up_send: launched.up_send,
+        request_ended: true,
+        sent_at: launched.picked_at,
+        answered_after: Some(launched.answered_after),
+        hedger: None,
+    };
+    let Launched {
+        backend,
+        in_flight,
+        slot,
+        picked_at,
+        ..
+    } = launched;
+    (backend, in_flight, picked_at, slot, sent)
 }
 
 /// Lends a ready stream on a pooled connection to `backend`, opening one if needed.
