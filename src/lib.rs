@@ -9,14 +9,15 @@
 //!   jitter.
 //! - [`config`]: the YAML config, parsed with spans, validated once; files read as a separate
 //!   step. [`overrides`]: the operator's runtime overrides (drains, weights, splits).
-//! - [`telemetry`]: counters and histograms, the `/metrics` exporter, the access log, trace ids.
+//! - [`telemetry`]: counters and histograms, the `/metrics` exporter, the access log, trace ids,
+//!   and each call's spans, exported over OTLP.
 //! - [`transport`]: upstream HTTP/2 connections per backend (pool, write coalescing, settings).
 //! - [`balance`]: clusters, a backend's load and state, the pick algorithms, the retry budget.
 //! - [`discovery`]: sources that push backend sets into clusters: static lists, etcd watches.
 //! - [`health`]: active grpc.health.v1 checks that take failing backends out of rotation.
 //! - [`lifecycle`]: draining, open connections, readiness, shared by proxy and admin.
 //! - [`proxy`]: one call's life: accept, route (header matches, splits, rate limits), pick,
-//!   forward, answer.
+//!   forward (with hedged attempts on routes that ask for them), answer.
 //! - [`steering`]: overrides applied to the live clusters and routes; a fleet's through etcd.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/backends` and the status page.
 //! - [`server`]: the wiring: pingora, listeners, signals, reload, drain.
