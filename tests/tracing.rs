@@ -18,8 +18,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
+use sluice::demo::pb::echo_client::EchoClient;
+use sluice::demo::pb::EchoResponse;
 use support::{request, unused_port, wait_until, Echo, EchoRequest, RefusingBackend, Sluice};
 use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
 
 /// An OTLP trace receiver on loopback that keeps every span it is sent.
 struct Receiver {
@@ -133,6 +136,23 @@ fn hex(text: &str) -> Vec<u8> {
         .collect()
 }
 
+/// Up to four traced calls (sampled); the first that a second attempt (a retry or a hedge)
+/// answered: its backend saw `grpc-previous-rpc-attempts`.
+async fn second_attempt_answered(
+    client: &mut EchoClient<Channel>,
+) -> Option<tonic::Response<EchoResponse>> {
+    for i in 0..4 {
+        let reply = client
+            .unary(traced(&format!("call {i}"), "01"))
+            .await
+            .unwrap();
+        if reply.metadata().get("x-echo-previous-attempts").is_some() {
+            return Some(reply);
+        }
+    }
+    None
+}
+
 fn traced(message: &str, flags: &str) -> tonic::Request<EchoRequest> {
     let mut call = tonic::Request::new(request(message));
     let parent = format!("00-{TRACE_ID}-{CLIENT_SPAN}-{flags}");
@@ -153,21 +173,12 @@ async fn a_retried_call_exports_one_server_span_with_two_attempt_children() {
     let sluice = Sluice::start(&config).await;
     let mut client = sluice.client().await;
     // Round robin: one of two calls starts on the refusing backend and is retried.
-    let mut retried = None;
-    for i in 0..4 {
-        let reply = client
-            .unary(traced(&format!("call {i}"), "01"))
-            .await
-            .unwrap();
-        let seen = reply.metadata().get("x-echo-previous-attempts").cloned();
-        let upstream_parent = reply.metadata().get("x-echo-traceparent").cloned();
-        if let Some(seen) = seen {
-            assert_eq!(seen, "1", "the retry names the attempt before it");
-            retried = upstream_parent;
-            break;
-        }
-    }
-    let upstream_parent = retried.expect("a call was retried");
+    let retried = second_attempt_answered(&mut client)
+        .await
+        .expect("a call was retried");
+    let seen = retried.metadata().get("x-echo-previous-attempts").unwrap();
+    assert_eq!(seen, "1", "the retry names the attempt before it");
+    let upstream_parent = retried.metadata().get("x-echo-traceparent").unwrap();
     let upstream_parent = upstream_parent.to_str().unwrap().to_string();
     let spans = receiver.wait_trace(&hex(TRACE_ID), 3).await;
     // The retried call's spans: its attempts carry the server span as parent.
@@ -417,18 +428,8 @@ async fn a_hedged_call_exports_the_cancelled_first_attempt_and_the_winning_hedge
     let config = cluster + routes + &tracing_config(receiver.addr, 0.0);
     let sluice = Sluice::start(&config).await;
     let mut client = sluice.client().await;
-    let mut hedged = false;
-    for i in 0..4 {
-        let reply = client
-            .unary(traced(&format!("call {i}"), "01"))
-            .await
-            .unwrap();
-        if reply.metadata().get("x-echo-previous-attempts").is_some() {
-            hedged = true;
-            break;
-        }
-    }
-    assert!(hedged, "no call was hedged");
+    let hedged = second_attempt_answered(&mut client).await;
+    assert!(hedged.is_some(), "no call was hedged");
     let spans = receiver.wait_trace(&hex(TRACE_ID), 3).await;
     let hedge = (spans.iter())
         .find(|s| {

@@ -25,7 +25,9 @@ use super::attempt::lend;
 use super::forward::{self, HeldBody};
 use crate::balance::{Backend, Cluster, InFlight, Pick, RetryBudget};
 use crate::config::{HedgeDelay, HedgingConfig};
-use crate::telemetry::trace::{traceparent, AttemptKind, AttemptSpan, TraceId, TRACEPARENT};
+use crate::telemetry::trace::{
+    close_open, traceparent, AttemptKind, AttemptSpan, TraceId, TRACEPARENT,
+};
 use crate::telemetry::{Hedge, MethodStats};
 use crate::transport::{H2Settings, StreamSlot};
 use crate::wire::{self, Code};
@@ -207,18 +209,9 @@ impl Hedger {
         headers.insert(wire::GRPC_TIMEOUT, wire::encode_timeout(remaining));
         headers.insert(wire::GRPC_PREVIOUS_RPC_ATTEMPTS, self.tried.len().into());
         if let Some((trace_id, sampled)) = &self.base.trace {
-            let span_id = fastrand::u64(1..).to_be_bytes();
-            headers.insert(TRACEPARENT, traceparent(trace_id, &span_id, *sampled));
-            self.spans.push(AttemptSpan {
-                span_id,
-                backend: backend.address.0.clone(),
-                kind: AttemptKind::Hedge,
-                queue_wait: Duration::ZERO,
-                started: std::time::Instant::now(),
-                ended: None,
-                code: None,
-                cancelled_by_hedge: false,
-            });
+            let span = AttemptSpan::open(&backend.address.0, AttemptKind::Hedge, Duration::ZERO);
+            headers.insert(TRACEPARENT, traceparent(trace_id, &span.span_id, *sampled));
+            self.spans.push(span);
         }
         debug!(backend = %backend.address, after = ?self.delay, "hedging");
         self.tried.push(Arc::clone(&backend));
@@ -252,7 +245,12 @@ impl Hedger {
 
     fn failed(&mut self, failed: Failed) {
         self.base.cluster.stats.hedged(Hedge::Failed);
-        self.close_span(&failed.backend, failed.code, false);
+        close_open(
+            &mut self.spans,
+            &failed.backend.address.0,
+            failed.code,
+            false,
+        );
         match failed.pushback {
             Some(None) => self.due = None,
             Some(Some(wait)) => {
@@ -278,26 +276,12 @@ impl Hedger {
         if winner.is_some() {
             stats.hedged(Hedge::Won);
         }
-        let now = std::time::Instant::now();
         for span in self.spans.iter_mut().filter(|s| s.ended.is_none()) {
-            let won = winner.is_some_and(|w| w.address.0 == span.backend);
-            if !won {
-                span.ended = Some(now);
-                span.code = Some(Code::Cancelled);
-                span.cancelled_by_hedge = true;
+            if winner.is_none_or(|w| w.address.0 != span.backend) {
+                span.close(Code::Cancelled, true);
             }
         }
         self.spans
-    }
-
-    fn close_span(&mut self, backend: &Backend, code: Code, cancelled: bool) {
-        let open =
-            (self.spans.iter_mut()).find(|s| s.ended.is_none() && s.backend == backend.address.0);
-        if let Some(span) = open {
-            span.ended = Some(std::time::Instant::now());
-            span.code = Some(code);
-            span.cancelled_by_hedge = cancelled;
-        }
     }
 }
 

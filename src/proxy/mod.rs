@@ -47,7 +47,7 @@ use crate::lifecycle::{Lifecycle, OpenConnection};
 use crate::sync::lock;
 use crate::telemetry::access_log::{self, AccessLog, Entry};
 use crate::telemetry::metrics;
-use crate::telemetry::trace::{trace_id_hex, CallTrace, FinishedCall, Tracer};
+use crate::telemetry::trace::{CallTrace, FinishedCall, Tracer};
 use crate::telemetry::HandshakeFailure;
 use crate::telemetry::{request_id, unrouted, Reject};
 use crate::transport::H2Settings;
@@ -483,7 +483,7 @@ impl Proxy {
         // A traced call without a trace header: the id of the trace sluice started for it.
         let found = request_id::find(&request.headers);
         let started_trace = match (found, &summary.trace) {
-            (None, Some(trace)) => trace_id_hex(&trace.trace_id),
+            (None, Some(trace)) => crate::certs::hex(&trace.trace_id),
             _ => String::new(),
         };
         log.write(&Entry {

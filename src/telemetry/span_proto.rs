@@ -252,17 +252,10 @@ fn status(code: Code, error: bool, out: &mut Vec<u8>) {
     message(field::SPAN_STATUS, &status, out);
 }
 
-/// The codes OpenTelemetry's RPC conventions call a server span's error.
+/// The codes OpenTelemetry's RPC conventions call a server span's error: the server-side
+/// failures, and UNIMPLEMENTED.
 fn server_error(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unknown
-            | Code::DeadlineExceeded
-            | Code::Unimplemented
-            | Code::Internal
-            | Code::Unavailable
-            | Code::DataLoss
-    )
+    code.is_server_error() || code == Code::Unimplemented
 }
 
 /// A `KeyValue` in field `tag`: its length is summed, not measured from a copy.

@@ -105,13 +105,6 @@ fn hex_into(bytes: &[u8], out: &mut [u8]) {
     }
 }
 
-/// A trace id as lowercase hex, for the access log.
-pub fn trace_id_hex(trace_id: &TraceId) -> String {
-    let mut text = [0u8; 32];
-    hex_into(trace_id, &mut text);
-    String::from_utf8_lossy(&text).into_owned()
-}
-
 /// Nanoseconds since the Unix epoch at `at`, from the wall clock read once per process and
 /// the monotonic clock since: one clock read per call, not two.
 fn unix_ns(at: Instant) -> u64 {
@@ -170,6 +163,37 @@ pub struct AttemptSpan {
     pub cancelled_by_hedge: bool,
 }
 
+impl AttemptSpan {
+    /// A new attempt's span, open from now, with a fresh id.
+    pub fn open(backend: &str, kind: AttemptKind, queue_wait: Duration) -> AttemptSpan {
+        AttemptSpan {
+            span_id: new_span_id(),
+            backend: backend.to_string(),
+            kind,
+            queue_wait,
+            started: Instant::now(),
+            ended: None,
+            code: None,
+            cancelled_by_hedge: false,
+        }
+    }
+
+    /// Ends the span now, with `code`.
+    pub fn close(&mut self, code: Code, cancelled_by_hedge: bool) {
+        self.ended = Some(Instant::now());
+        self.code = Some(code);
+        self.cancelled_by_hedge = cancelled_by_hedge;
+    }
+}
+
+/// Closes the last span in `spans` still open on `backend`, with `code`.
+pub fn close_open(spans: &mut [AttemptSpan], backend: &str, code: Code, cancelled_by_hedge: bool) {
+    let open = (spans.iter_mut().rev()).find(|s| s.ended.is_none() && s.backend == backend);
+    if let Some(span) = open {
+        span.close(code, cancelled_by_hedge);
+    }
+}
+
 /// A call's trace while it runs: its ids, the sampling decision, and its attempts.
 #[derive(Debug)]
 pub struct CallTrace {
@@ -187,17 +211,8 @@ pub struct CallTrace {
 impl CallTrace {
     /// Opens the span of a new attempt (its `traceparent` is `latest_traceparent`).
     pub fn begin_attempt(&mut self, backend: &str, kind: AttemptKind, queue_wait: Duration) {
-        let span_id = new_span_id();
-        self.attempts.push(AttemptSpan {
-            span_id,
-            backend: backend.to_string(),
-            kind,
-            queue_wait,
-            started: Instant::now(),
-            ended: None,
-            code: None,
-            cancelled_by_hedge: false,
-        });
+        self.attempts
+            .push(AttemptSpan::open(backend, kind, queue_wait));
     }
 
     /// The `traceparent` of the latest attempt: its span is the backend's parent.
@@ -208,13 +223,7 @@ impl CallTrace {
 
     /// Closes the span of the attempt on `backend` still open (the last such), with `code`.
     pub fn end_attempt(&mut self, backend: &str, code: Code, cancelled_by_hedge: bool) {
-        let open =
-            (self.attempts.iter_mut().rev()).find(|a| a.ended.is_none() && a.backend == backend);
-        if let Some(attempt) = open {
-            attempt.ended = Some(Instant::now());
-            attempt.code = Some(code);
-            attempt.cancelled_by_hedge = cancelled_by_hedge;
-        }
+        close_open(&mut self.attempts, backend, code, cancelled_by_hedge);
     }
 
     /// Nanoseconds since the Unix epoch at `at`, on the clock read when the call began.
