@@ -11,6 +11,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
+use std::future::poll_fn;
 use std::sync::Arc;
 use tokio::runtime::Handle;
 use tokio::task::JoinSet;
@@ -23,6 +24,7 @@ use crate::config::{ClusterConfig, HealthCheck};
 use crate::pace;
 use crate::sync::AbortOnDrop;
 use crate::telemetry::HealthResult;
+use crate::transport::leg;
 use crate::transport::{ConnectError, H2Settings, Pool, UpstreamPolicy};
 use crate::wire::Code;
 
@@ -158,7 +160,8 @@ async fn ask(
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
         .body(())?;
-    let (response, mut body) = sender.send_request(request, false)?;
+    let (head, ()) = request.into_parts();
+    let (response, mut body) = leg::send_request(&mut sender, &head, &[], false)?;
     let message = HealthCheckRequest {
         service: service.to_string(),
     };
@@ -169,15 +172,17 @@ async fn ask(
         return no_answer(Code::of_headers(&head.headers));
     }
     let mut bytes = BytesMut::new();
-    while let Some(chunk) = answer.data().await {
+    while let Some(chunk) = poll_fn(|cx| answer.poll_data(cx)).await {
         let chunk = chunk?;
-        let _ = answer.flow_control().release_capacity(chunk.len());
+        leg::Source::release_capacity(&mut answer, chunk.len());
         bytes.extend_from_slice(&chunk);
         if bytes.len() > MAX_ANSWER {
             return Err(CheckError::TooLong);
         }
     }
-    let trailers = answer.trailers().await?.unwrap_or_default();
+    let trailers = poll_fn(|cx| answer.poll_trailers(cx))
+        .await?
+        .unwrap_or_default();
     match Code::of_headers(&trailers) {
         Code::Ok => serving(&bytes),
         code => no_answer(code),

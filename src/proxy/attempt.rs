@@ -11,10 +11,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::client::{ResponseFuture, SendRequest};
 use h2::server::SendResponse;
-use h2::{Reason, RecvStream, SendStream};
-use http::{Request, Response};
+use h2::{Reason, SendStream};
+use http::Response;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tracing::{debug, info};
 
@@ -24,6 +23,9 @@ use super::hedge::{Hedger, Launched};
 use super::outcome::{self, Legs, Outcome, RetryReason};
 use crate::balance::{Backend, Cluster, InFlight};
 use crate::telemetry::trace::TRACEPARENT;
+use crate::transport::leg::{
+    self, RecvStream as UpRecv, ResponseFuture, SendStream as UpSend, Sender,
+};
 use crate::transport::{H2Settings, StreamSlot};
 use crate::wire::{self, Code, ProxyStatus};
 
@@ -175,7 +177,7 @@ impl Call {
     fn hedges_done(
         &mut self,
         hedger: Option<Box<Hedger>>,
-        headers: &Result<Result<Response<RecvStream>, h2::Error>, Outcome>,
+        headers: &Result<Result<Response<UpRecv>, h2::Error>, Outcome>,
     ) {
         let Some(hedger) = hedger else { return };
         self.summary.attempts += hedger.sent();
@@ -194,11 +196,11 @@ impl Call {
     /// stops holding the body and the request goes (unless the access log needs it).
     fn accept_answer<'a, U: Future<Output = Uploaded<'a>>>(
         &self,
-        response: Response<RecvStream>,
+        response: Response<UpRecv>,
         backend: &Backend,
         answered: Answered<'_>,
         exchange: &mut Exchange<'a, U>,
-    ) -> Result<(RecvStream, SendStream<Bytes>), Outcome> {
+    ) -> Result<(UpRecv, SendStream<Bytes>), Outcome> {
         let response = self.retryable_answer(response, &backend.address)?;
         answered.flag.store(true, Ordering::Relaxed);
         if let Some(replay) = exchange.uploaded.take() {
@@ -220,9 +222,9 @@ impl Call {
     /// the client, is kept for a retry (`Err`); any other response goes on (`Ok`).
     fn retryable_answer(
         &self,
-        response: Response<RecvStream>,
+        response: Response<UpRecv>,
         address: &crate::config::BackendAddr,
-    ) -> Result<Response<RecvStream>, Outcome> {
+    ) -> Result<Response<UpRecv>, Outcome> {
         if self.cluster.settings.retry_on == 0 || !response.body().is_end_stream() {
             return Ok(response);
         }
@@ -246,7 +248,7 @@ impl Call {
         down: &mut Downstream,
         backend: &Backend,
         deadline: Pin<&mut Sleep>,
-    ) -> Result<(SendRequest<Bytes>, StreamSlot), Outcome> {
+    ) -> Result<(Sender, StreamSlot), Outcome> {
         let lend = lend(backend, &self.cluster, &self.h2);
         tokio::select! {
             // The deadline first: when it and a connect timeout fire together, the deadline
@@ -292,7 +294,7 @@ pub(super) async fn lend(
     backend: &Backend,
     cluster: &Cluster,
     h2: &H2Settings,
-) -> Result<(SendRequest<Bytes>, StreamSlot), Outcome> {
+) -> Result<(Sender, StreamSlot), Outcome> {
     let address = &backend.address.0;
     let policy = &cluster.settings.upstream;
     // Opening a connection (TCP, TLS and HTTP/2 handshakes) is a large future: boxed, so that
@@ -318,7 +320,7 @@ pub(super) async fn lend(
 /// the request has ended, and the hedges that may follow it.
 struct Sent {
     response: Answer,
-    up_send: SendStream<Bytes>,
+    up_send: UpSend,
     request_ended: bool,
     sent_at: Instant,
     /// A hedge that answered first: how long its answer took (already counted).
@@ -336,7 +338,7 @@ fn send_headers(
     call: &Call,
     down: &Downstream,
     backend: &Arc<Backend>,
-    mut sender: SendRequest<Bytes>,
+    mut sender: Sender,
     replay: &Replay,
 ) -> Result<Sent, Outcome> {
     let Some(request) = down.request.as_deref() else {
@@ -348,20 +350,21 @@ fn send_headers(
             broken: false,
         });
     };
-    let mut upstream = request.clone();
     let remaining = call.deadline.saturating_duration_since(Instant::now());
-    let headers = &mut upstream.headers;
-    headers.insert(wire::GRPC_TIMEOUT, wire::encode_timeout(remaining));
-    if let Some(traceparent) = (call.summary.trace.as_ref()).and_then(|t| t.latest_traceparent()) {
-        headers.insert(TRACEPARENT, traceparent);
-    }
-    // gRPC's retry header (gRFC A6): attempts made before this one, for a retry or a hedge.
-    if let Some(before) = call.summary.attempts.checked_sub(1).filter(|n| *n > 0) {
-        headers.insert(wire::GRPC_PREVIOUS_RPC_ATTEMPTS, before.into());
-    }
-    let hedger = call.hedger(&upstream, backend);
+    let trace = call.summary.trace.as_ref();
+    // Sent in place of the client's fields of the same names.
+    let extra = [
+        Some((wire::GRPC_TIMEOUT, wire::encode_timeout(remaining))),
+        trace
+            .and_then(|t| t.latest_traceparent())
+            .map(|traceparent| (TRACEPARENT, traceparent)),
+        // gRPC's retry header (gRFC A6): attempts made before this one, for a retry.
+        (call.summary.attempts.checked_sub(1).filter(|n| *n > 0))
+            .map(|before| (wire::GRPC_PREVIOUS_RPC_ATTEMPTS, before.into())),
+    ];
+    let hedger = call.hedger(request, backend);
     let request_ended = replay.is_empty() && down.body.is_end_stream();
-    match sender.send_request(Request::from_parts(upstream, ()), request_ended) {
+    match leg::send_request(&mut sender, request, &extra, request_ended) {
         Ok((response, up_send)) => Ok(Sent {
             response: Answer::Pending(response),
             up_send,
@@ -394,11 +397,11 @@ fn uploading<U: Future>(upload: &mut Option<Pin<Box<U>>>) -> impl Future<Output 
 /// The backend's response headers: awaited, or already here (a hedge that answered first).
 enum Answer {
     Pending(ResponseFuture),
-    Ready(Option<Response<RecvStream>>),
+    Ready(Option<Response<UpRecv>>),
 }
 
 impl Future for Answer {
-    type Output = Result<Response<RecvStream>, h2::Error>;
+    type Output = Result<Response<UpRecv>, h2::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
@@ -462,7 +465,7 @@ impl<'a, U: Future<Output = Uploaded<'a>>> Exchange<'a, U> {
     async fn await_headers(
         &mut self,
         response: Answer,
-    ) -> Result<Result<Response<RecvStream>, h2::Error>, Outcome> {
+    ) -> Result<Result<Response<UpRecv>, h2::Error>, Outcome> {
         let mut response = pin!(response);
         loop {
             tokio::select! {
@@ -534,8 +537,8 @@ impl<'a, U: Future<Output = Uploaded<'a>>> Exchange<'a, U> {
     /// (then, or on failure, the outcome).
     fn send_head(
         &mut self,
-        response: Response<RecvStream>,
-    ) -> Result<(RecvStream, SendStream<Bytes>), Outcome> {
+        response: Response<UpRecv>,
+    ) -> Result<(UpRecv, SendStream<Bytes>), Outcome> {
         let (parts, up_recv) = response.into_parts();
         let trailers_only = up_recv.is_end_stream();
         // A trailers-only response carries its status in the headers.
@@ -554,7 +557,7 @@ impl<'a, U: Future<Output = Uploaded<'a>>> Exchange<'a, U> {
     /// Pipes the response to the client until its trailers, the deadline, or a failure.
     async fn stream_response(
         &mut self,
-        source: &mut RecvStream,
+        source: &mut UpRecv,
         sink: &mut SendStream<Bytes>,
         bytes_out: &mut u64,
     ) -> Outcome {

@@ -294,7 +294,7 @@ impl Call {
     /// The first attempt's hedger, on a route that hedges once the delay is known.
     pub(super) fn hedger(
         &self,
-        upstream: &http::request::Parts,
+        request: &http::request::Parts,
         first: &Arc<Backend>,
     ) -> Option<Box<Hedger>> {
         let policy = self
@@ -307,7 +307,7 @@ impl Call {
             method: Arc::clone(&self.method),
             h2: self.h2,
             deadline: self.deadline,
-            head: upstream.clone(),
+            head: request.clone(),
             trace: (self.summary.trace.as_ref()).map(|t| (t.trace_id, t.sampled)),
         };
         Some(Box::new(Hedger::new(policy, base, first, delay)))

@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 
 use bytes::Bytes;
-use h2::{Reason, RecvStream, SendStream};
+use h2::{Reason, RecvStream};
 use http::HeaderMap;
 
+use crate::transport::leg::{self, Sink, Source};
 use crate::wire::Code;
 
 /// Why a pipe stopped early.
@@ -139,7 +140,7 @@ impl Replay {
 }
 
 /// Sends a held body and ends the stream.
-pub async fn send_held(sink: &mut SendStream<Bytes>, body: HeldBody) -> Result<(), PipeError> {
+pub async fn send_held(sink: &mut leg::SendStream, body: HeldBody) -> Result<(), PipeError> {
     for chunk in body.chunks {
         send_all(sink, chunk, false).await?;
     }
@@ -164,7 +165,7 @@ impl Drop for Replay {
 /// stream's request) is not held for the call's whole life.
 pub async fn upload<'r>(
     source: &mut RecvStream,
-    sink: &mut SendStream<Bytes>,
+    sink: &mut leg::SendStream,
     replay: &'r mut Replay,
     answered: &AtomicBool,
     received: &AtomicU64,
@@ -175,7 +176,7 @@ pub async fn upload<'r>(
 
 async fn send_body(
     source: &mut RecvStream,
-    sink: &mut SendStream<Bytes>,
+    sink: &mut leg::SendStream,
     replay: &mut Replay,
     answered: &AtomicBool,
     received: &AtomicU64,
@@ -222,9 +223,9 @@ async fn send_body(
 /// `observe` first. Notices a reset of the sink while it waits on the source. Returns the
 /// `grpc-status` of the trailers: `None` when the stream ended without trailers (END_STREAM on
 /// DATA), `Some(Unknown)` for trailers without a valid status.
-pub async fn pipe(
-    source: &mut RecvStream,
-    sink: &mut SendStream<Bytes>,
+pub async fn pipe<S: Source, K: Sink>(
+    source: &mut S,
+    sink: &mut K,
     mut observe: impl FnMut(Seen<'_>),
 ) -> Result<Option<Code>, PipeError> {
     enum Event {
@@ -265,7 +266,7 @@ pub async fn pipe(
                 let end = end || end_arrived(source, &mut read_ahead, &mut observe).await;
                 send_all(sink, chunk, end).await?;
                 // Forwarded: now the source may send that much more.
-                let _ = source.flow_control().release_capacity(len);
+                source.release_capacity(len);
                 if end {
                     return Ok(None);
                 }
@@ -296,8 +297,8 @@ pub async fn pipe(
 /// Never waits: whatever else is ready is kept in `read_ahead` for the next turn, and data is
 /// shown to `observe` at once, so a replay holds it even if the pipe stops before its turn
 /// (the sink reset, or the attempt ended and a retry follows).
-async fn end_arrived(
-    source: &mut RecvStream,
+async fn end_arrived<S: Source>(
+    source: &mut S,
     read_ahead: &mut Option<Option<Result<Bytes, h2::Error>>>,
     observe: &mut impl FnMut(Seen<'_>),
 ) -> bool {
@@ -317,8 +318,8 @@ async fn end_arrived(
 }
 
 /// Sends one chunk as the peer's flow-control window allows, END_STREAM on its last piece.
-pub(super) async fn send_all(
-    sink: &mut SendStream<Bytes>,
+pub(super) async fn send_all<K: Sink>(
+    sink: &mut K,
     mut chunk: Bytes,
     end: bool,
 ) -> Result<(), PipeError> {
@@ -341,7 +342,7 @@ pub(super) async fn send_all(
     }
 }
 
-fn send_end(sink: &mut SendStream<Bytes>) -> Result<(), PipeError> {
+fn send_end<K: Sink>(sink: &mut K) -> Result<(), PipeError> {
     sink.send_data(Bytes::new(), true).map_err(sink_error)
 }
 

@@ -15,8 +15,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use h2::{RecvStream, SendStream};
 use http::Response;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tracing::debug;
@@ -29,7 +27,7 @@ use crate::telemetry::trace::{
     close_open, traceparent, AttemptKind, AttemptSpan, TraceId, TRACEPARENT,
 };
 use crate::telemetry::{Hedge, MethodStats};
-use crate::transport::{H2Settings, StreamSlot};
+use crate::transport::{leg, H2Settings, StreamSlot};
 use crate::wire::{self, Code};
 
 /// A route's hedging policy, and its budget.
@@ -70,8 +68,8 @@ pub(super) struct Launched {
     pub(super) backend: Arc<Backend>,
     pub(super) in_flight: InFlight,
     pub(super) slot: StreamSlot,
-    pub(super) response: Response<RecvStream>,
-    pub(super) up_send: SendStream<Bytes>,
+    pub(super) response: Response<leg::RecvStream>,
+    pub(super) up_send: leg::SendStream,
     pub(super) picked_at: Instant,
     /// How long its answer took once its request went out.
     pub(super) answered_after: Duration,
@@ -306,9 +304,8 @@ async fn fly(
     };
     let sent_at = Instant::now();
     in_flight.sent(&method.latency);
-    let request = http::Request::from_parts(head, ());
     let end = body.is_empty();
-    let Ok((response, mut up_send)) = sender.send_request(request, end) else {
+    let Ok((response, mut up_send)) = leg::send_request(&mut sender, &head, &[], end) else {
         slot.mark_broken();
         return Err(failed(&backend, Code::Unavailable));
     };

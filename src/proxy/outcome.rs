@@ -74,7 +74,7 @@ pub(super) struct Legs<'a> {
     pub(super) load: u64,
     pub(super) slot: Option<&'a StreamSlot>,
     /// The upstream stream: the request headers went to the backend.
-    pub(super) upstream: Option<&'a mut SendStream<Bytes>>,
+    pub(super) upstream: Option<&'a mut crate::transport::leg::SendStream>,
     /// The downstream response stream: the response headers went to the client.
     pub(super) downstream: Option<&'a mut SendStream<Bytes>>,
     /// How long the backend took to its response headers, when they came.

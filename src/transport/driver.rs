@@ -91,7 +91,7 @@ pub(super) async fn drive(
 /// The PING and idle bookkeeping of one connection, checked on a one-second tick (or the
 /// keepalive interval, if shorter).
 struct Keepalive {
-    ping: Option<h2::PingPong>,
+    ping: Option<super::leg::PingPong>,
     tick: tokio::time::Interval,
     policy: UpstreamPolicy,
     /// When the PING in flight went out.

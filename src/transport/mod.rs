@@ -6,6 +6,9 @@
 
 pub mod coalesce;
 mod driver;
+#[cfg(feature = "lean-upstream")]
+mod lean;
+pub mod leg;
 pub mod pool;
 pub mod tls;
 mod upstream_io;

@@ -12,12 +12,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use h2::client::SendRequest;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use tokio::net::TcpStream;
 
-use super::coalesce::CoalescingIo;
+use super::leg::Sender;
 use super::upstream_io::UpstreamIo;
 use super::{driver, H2Settings, UpstreamPolicy};
 
@@ -61,7 +59,7 @@ pub(super) struct PoolInner {
 
 #[derive(Debug)]
 pub(super) struct Connection {
-    sender: SendRequest<Bytes>,
+    sender: Sender,
     /// Streams open on it, counted by us: h2 does not say when the peer's limit is reached.
     /// Shared with the connection's `CoalescingIo` and its driver.
     streams: Arc<AtomicUsize>,
@@ -93,7 +91,7 @@ impl Connection {
     }
 
     /// A sender and the slot it holds; the caller has already counted the slot in `streams`.
-    fn lend(self: &Arc<Self>) -> (SendRequest<Bytes>, StreamSlot) {
+    fn lend(self: &Arc<Self>) -> (Sender, StreamSlot) {
         self.lends.fetch_add(1, Ordering::Relaxed);
         (
             self.sender.clone(),
@@ -149,7 +147,7 @@ impl Pool {
 
     /// A stream slot on an open connection, if one has room: the common case, and
     /// synchronous. [`Pool::acquire`] also opens a connection when none has.
-    pub fn try_lend(&self) -> Option<(SendRequest<Bytes>, StreamSlot)> {
+    pub fn try_lend(&self) -> Option<(Sender, StreamSlot)> {
         self.inner.try_reserve()
     }
 
@@ -162,7 +160,7 @@ impl Pool {
         addr: &str,
         policy: &UpstreamPolicy,
         settings: &H2Settings,
-    ) -> Result<(SendRequest<Bytes>, StreamSlot), ConnectError> {
+    ) -> Result<(Sender, StreamSlot), ConnectError> {
         let connect_timeout = policy.connect_timeout;
         if let Some(lent) = self.inner.try_reserve() {
             return Ok(lent);
@@ -223,7 +221,7 @@ impl Pool {
 }
 
 impl PoolInner {
-    fn try_reserve(&self) -> Option<(SendRequest<Bytes>, StreamSlot)> {
+    fn try_reserve(&self) -> Option<(Sender, StreamSlot)> {
         let connections = self.connections.load();
         for connection in connections.iter() {
             if connection.closed.load(Ordering::Relaxed) {
@@ -261,12 +259,16 @@ impl PoolInner {
     }
 }
 
-pub(super) type Upstream = h2::client::Connection<CoalescingIo<UpstreamIo>, Bytes>;
+#[cfg(not(feature = "lean-upstream"))]
+pub(super) type Upstream =
+    h2::client::Connection<super::coalesce::CoalescingIo<UpstreamIo>, bytes::Bytes>;
+#[cfg(feature = "lean-upstream")]
+pub(super) type Upstream = super::lean::Connection<UpstreamIo>;
 
 /// A new connection: what calls send on, what the driver task polls, the stream count they
 /// share, and the probe.
 struct Connected {
-    sender: SendRequest<Bytes>,
+    sender: Sender,
     upstream: Upstream,
     streams: Arc<AtomicUsize>,
     probe: std::net::TcpStream,
@@ -298,16 +300,13 @@ async fn connect(
     };
     // One: the stream slot lent to the caller that opens the connection.
     let streams = Arc::new(AtomicUsize::new(1));
-    let (sender, upstream) = h2::client::Builder::new()
-        .initial_window_size(settings.stream_window)
-        .initial_connection_window_size(settings.upstream_connection_window)
-        .max_frame_size(settings.max_frame_size)
-        .handshake::<_, Bytes>(CoalescingIo::new(io, Arc::clone(&streams)))
-        .await
-        .map_err(|source| ConnectError::Handshake {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let (sender, upstream) =
+        handshake(io, settings, &streams)
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: addr.to_string(),
+                source,
+            })?;
     Ok(Connected {
         sender,
         upstream,
@@ -316,13 +315,44 @@ async fn connect(
     })
 }
 
+/// The HTTP/2 client handshake on a new connection, with sluice's windows and frame size.
+#[cfg(not(feature = "lean-upstream"))]
+async fn handshake(
+    io: UpstreamIo,
+    settings: &H2Settings,
+    streams: &Arc<AtomicUsize>,
+) -> Result<(Sender, Upstream), h2::Error> {
+    h2::client::Builder::new()
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.upstream_connection_window)
+        .max_frame_size(settings.max_frame_size)
+        .handshake::<_, bytes::Bytes>(super::coalesce::CoalescingIo::new(io, Arc::clone(streams)))
+        .await
+}
+
+/// The lean leg writes its preface on the connection task's first poll: nothing to await,
+/// and no coalescing layer, as its task writes every stream's frames in one go.
+#[cfg(feature = "lean-upstream")]
+async fn handshake(
+    io: UpstreamIo,
+    settings: &H2Settings,
+    _streams: &Arc<AtomicUsize>,
+) -> Result<(Sender, Upstream), h2::Error> {
+    let local = super::lean::Local {
+        stream_window: settings.stream_window,
+        connection_window: settings.upstream_connection_window,
+        max_frame_size: settings.max_frame_size,
+    };
+    Ok(super::lean::handshake(io, local))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
 
-    type Accepted = h2::server::Connection<TcpStream, Bytes>;
+    type Accepted = h2::server::Connection<TcpStream, bytes::Bytes>;
 
     /// A cluster's policy with the config's defaults.
     fn policy() -> UpstreamPolicy {
