@@ -4,20 +4,18 @@
 //! own stream's events.
 
 use std::future::Future;
-use std::io::{Cursor, IoSlice};
-use std::ops::ControlFlow;
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use h2::proxying::{Decoder, Header};
 use h2::Reason;
-use http::header::{HeaderName, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::decode::Decoder;
 use super::frame::{self, Head};
-use super::state::{Decoded, Failure, State};
+use super::state::{Failure, State};
 use super::Shared;
 use crate::sync::lock;
 
@@ -55,7 +53,7 @@ impl<T> Connection<T> {
             shared,
             io,
             read_buf: BytesMut::new(),
-            decoder: Decoder::new(4096),
+            decoder: Decoder::default(),
             partial: None,
             closing: false,
         }
@@ -325,37 +323,8 @@ fn continuation(
 /// A whole header block: decoded (always, to keep the decoder's table in step with the
 /// backend's encoder), then handed to its stream.
 fn block_done(state: &mut State, decoder: &mut Decoder, id: u32, end: bool, mut block: BytesMut) {
-    match decode(decoder, &mut block) {
+    match decoder.decode(&mut block) {
         Some(decoded) => state.on_headers(id, end, decoded),
         None => state.connection_error(Reason::COMPRESSION_ERROR),
     }
-}
-
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-fn decode(decoder: &mut Decoder, block: &mut BytesMut) -> Option<Decoded> {
-    let mut decoded = Decoded::default();
-    let mut fields = 0;
-    let result = decoder.decode(&mut Cursor::new(block), |header| {
-        match header {
-            Header::Field { name, value } => {
-                let connection_specific = name == CONNECTION
-                    || name == TRANSFER_ENCODING
-                    || name == UPGRADE
-                    || name == KEEP_ALIVE
-                    || name == PROXY_CONNECTION
-                    || (name == TE && value != "trailers");
-                decoded.malformed |= connection_specific;
-                decoded.headers.append(name, value);
-                fields += 1;
-            }
-            Header::Status(status) if fields == 0 && decoded.status.is_none() => {
-                decoded.status = Some(status);
-            }
-            _ => decoded.malformed = true,
-        }
-        ControlFlow::Continue(())
-    });
-    result.ok().map(|()| decoded)
 }

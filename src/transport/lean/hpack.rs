@@ -14,39 +14,59 @@ const SCHEME_HTTP: u8 = 6;
 const SCHEME_HTTPS: u8 = 7;
 
 /// The static index of a regular header name, for the names requests commonly carry.
+/// Compared as `HeaderName`s: a standard name is an enum value, so a miss costs little.
 fn static_name(name: &HeaderName) -> Option<usize> {
-    Some(match name.as_str() {
-        "content-type" => 31,
-        "user-agent" => 58,
-        "accept-encoding" => 16,
-        "authorization" => 23,
-        "content-length" => 28,
-        "cookie" => 32,
-        "accept" => 19,
-        _ => return None,
-    })
+    use http::header::*;
+    let index = if *name == CONTENT_TYPE {
+        31
+    } else if *name == USER_AGENT {
+        58
+    } else if *name == ACCEPT_ENCODING {
+        16
+    } else if *name == AUTHORIZATION {
+        23
+    } else if *name == CONTENT_LENGTH {
+        28
+    } else if *name == COOKIE {
+        32
+    } else if *name == ACCEPT {
+        19
+    } else {
+        return None;
+    };
+    Some(index)
 }
 
-/// An integer with an `n`-bit prefix whose first byte's high bits are `flags`.
-fn put_int(out: &mut BytesMut, flags: u8, n: u32, mut value: usize) {
+/// An integer with an `n`-bit prefix whose first byte's high bits are `flags`, into `buf`;
+/// returns the bytes written (at most 6 for a `u32`-sized value).
+fn int_bytes(buf: &mut [u8; 8], flags: u8, n: u32, mut value: usize) -> usize {
     let max = (1usize << n) - 1;
     if value < max {
-        out.put_u8(flags | value as u8);
-        return;
+        buf[0] = flags | value as u8;
+        return 1;
     }
-    out.put_u8(flags | max as u8);
+    buf[0] = flags | max as u8;
     value -= max;
-    while value >= 128 {
-        out.put_u8(0x80 | (value & 0x7f) as u8);
+    let mut len = 1;
+    while value >= 128 && len < 7 {
+        buf[len] = 0x80 | (value & 0x7f) as u8;
         value >>= 7;
+        len += 1;
     }
-    out.put_u8(value as u8);
+    buf[len] = value as u8;
+    len + 1
+}
+
+fn put_int(out: &mut BytesMut, flags: u8, n: u32, value: usize) {
+    let mut buf = [0; 8];
+    let len = int_bytes(&mut buf, flags, n, value);
+    out.extend_from_slice(&buf[..len]);
 }
 
 /// A string literal, not Huffman-coded.
 fn put_str(out: &mut BytesMut, bytes: &[u8]) {
     put_int(out, 0, 7, bytes.len());
-    out.put_slice(bytes);
+    out.extend_from_slice(bytes);
 }
 
 /// A field whose name is at `index` in the static table. Never-indexed (0x10) for a value
@@ -59,12 +79,18 @@ fn put_indexed_name(out: &mut BytesMut, index: usize, value: &[u8], sensitive: b
 /// One regular field.
 pub fn put_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
     let sensitive = value.is_sensitive();
+    let value = value.as_bytes();
     match static_name(name) {
-        Some(index) => put_indexed_name(out, index, value.as_bytes(), sensitive),
+        Some(index) => {
+            out.reserve(value.len() + 8);
+            put_indexed_name(out, index, value, sensitive);
+        }
         None => {
+            let name = name.as_str().as_bytes();
+            out.reserve(name.len() + value.len() + 12);
             out.put_u8(if sensitive { 0x10 } else { 0x00 });
-            put_str(out, name.as_str().as_bytes());
-            put_str(out, value.as_bytes());
+            put_str(out, name);
+            put_str(out, value);
         }
     }
 }

@@ -11,9 +11,12 @@
 //! `h2::Error` values, so the proxy reads both legs' failures the same way.
 
 mod conn;
+mod decode;
 mod frame;
 mod hpack;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -83,6 +86,12 @@ impl Sender {
         }
         drop(state);
         Ok(self)
+    }
+
+    /// The connection failed, or the backend sent GOAWAY: no new stream can start on it.
+    pub fn is_closed(&self) -> bool {
+        let state = lock(&self.inner.shared.state);
+        state.failure.is_some() || state.going_away.is_some()
     }
 
     /// Opens a stream with `head`'s method, URI and headers, except those named in `extra`,

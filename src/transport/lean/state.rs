@@ -801,7 +801,7 @@ impl State {
 }
 
 /// A decoded header block.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Decoded {
     pub status: Option<http::StatusCode>,
     pub headers: HeaderMap,
