@@ -11,6 +11,9 @@
 #   SCENARIOS="tls-small-c16 tls-churn" loadtest/bench.sh   # TLS on the client leg, sluice and
 #                                          # HAProxy only; written to its own section, bench-tls
 #   PROFILE=release loadtest/bench.sh      # measure a `cargo build --release` binary instead
+#   SCENARIOS="h2load-small-c1 h2load-small-c16 h2load-stream100" loadtest/bench.sh
+#                                          # the small-call scenarios driven by h2load (Debian
+#                                          # package nghttp2-client) instead of the tonic client
 #   BIN_DIR=/tmp/old loadtest/bench.sh     # binaries already built (sluice, sluice-loadtest)
 #
 # sluice is built with the `dist` profile by default: the binary scripts/release and the container
@@ -29,10 +32,15 @@ source loadtest/lib.sh
 ROUNDS=${ROUNDS:-3}
 SCALE=${SCALE:-1}
 SMOKE=${SMOKE:-0}
-SCENARIOS=${SCENARIOS:-"small-c1 small-c16 stream100 large-64k rate2k idle10k"}
+DEFAULT_SCENARIOS="small-c1 small-c16 stream100 large-64k rate2k idle10k"
+# The same small calls framed by another client, so no result rests on one client's framing.
+command -v h2load >/dev/null && DEFAULT_SCENARIOS="$DEFAULT_SCENARIOS h2load-small-c1 h2load-small-c16 h2load-stream100"
+SCENARIOS=${SCENARIOS:-$DEFAULT_SCENARIOS}
 RESULTS_MD=${RESULTS_MD:-$ROOT/loadtest/RESULTS.md}
 if [ "$SMOKE" = 1 ]; then
-  ROUNDS=1; SCALE=0.02; SCENARIOS=${SMOKE_SCENARIOS:-"small-c16 stream100 tls-churn"}; TARGETS=${TARGETS:-"direct sluice"}
+  SMOKE_DEFAULT="small-c16 stream100 tls-churn"
+  command -v h2load >/dev/null && SMOKE_DEFAULT="$SMOKE_DEFAULT h2load-small-c16"
+  ROUNDS=1; SCALE=0.02; SCENARIOS=${SMOKE_SCENARIOS:-$SMOKE_DEFAULT}; TARGETS=${TARGETS:-"direct sluice"}
   PROFILE=${PROFILE:-release}  # a smoke run checks the script, not the numbers: skip the LTO build
 fi
 PROFILE=${PROFILE:-dist}
@@ -65,6 +73,46 @@ scenario_args() {  # the load of each scenario; calls scale with SCALE
     *) log "unknown scenario $1"; exit 2 ;;
   esac
 }
+# h2load's shape for the h2load-* scenarios: connections, streams per connection, calls.
+h2load_args() {
+  case "$1" in
+    h2load-small-c1)  echo "-c 1 -m 16 -n $(n 40000)" ;;
+    h2load-small-c16) echo "-c 16 -m 16 -n $(n 60000)" ;;
+    h2load-stream100) echo "-c 1 -m 100 -n $(n 40000)" ;;
+    *) log "unknown scenario $1"; exit 2 ;;
+  esac
+}
+# One unary echo call's body for h2load: EchoRequest { message: "bench", payload: 100 bytes }
+# in a gRPC frame (h2load sends the same bytes on every call).
+h2load_body() {
+  python3 - "$1" <<'PY'
+import sys
+msg = b"\x0a\x05bench" + b"\x12\x64" + b"x" * 100
+open(sys.argv[1], "wb").write(b"\x00" + len(msg).to_bytes(4, "big") + msg)
+PY
+}
+# Runs h2load against $1 (host:port) for scenario $2, and prints a report in the tonic client's
+# JSON shape. h2load sees HTTP statuses, not gRPC ones, and measures no percentiles: its rows
+# have no latency, and its errors are failed or non-2xx requests.
+run_h2load() {
+  local out; out=$WORK/h2load.log
+  # shellcheck disable=SC2046
+  timeout 300 $PIN_LOAD h2load -t 1 $(h2load_args "$2") -d "$WORK/h2load-body.bin" \
+    -H 'content-type: application/grpc' -H 'te: trailers' \
+    "http://$1/echo.v1.Echo/Unary" >"$out" 2>&1 || { tail -5 "$out" >&2; return 1; }
+  python3 - "$out" <<'PY'
+import json, re, sys
+text = open(sys.argv[1]).read()
+done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
+rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
+status = re.search(r"status codes: (\d+) 2xx", text)
+if not (done and rate and status):
+    sys.exit("h2load output not understood")
+total, finished, ok2xx = int(done.group(1)), int(done.group(2)), int(status.group(1))
+print(json.dumps({"calls": finished, "calls_per_second": float(rate.group(1)),
+                  "p50_ms": None, "p99_ms": None, "errors": total - ok2xx, "backends": {}}))
+PY
+}
 target_addr() {
   if [ "$1" = direct ]; then echo "$BACKEND1,$BACKEND2"; else echo "127.0.0.1:$PROXY_PORT"; fi
 }
@@ -82,6 +130,11 @@ $PIN_LOAD "$LOADTEST" backend --port "${BACKEND2##*:}" --id b2 >>"$WORK/backends
 STARTED_PIDS+=($!)
 wait_port "${BACKEND1##*:}"; wait_port "${BACKEND2##*:}"
 
+case " $SCENARIOS " in *" h2load-"*)
+  command -v h2load >/dev/null || { log "h2load missing: apt-get install nghttp2-client"; exit 2; }
+  h2load_body "$WORK/h2load-body.bin" ;;
+esac
+
 RUNS=$WORK/runs.jsonl
 TICK=$(getconf CLK_TCK)
 for round in $(seq 1 "$ROUNDS"); do
@@ -94,9 +147,14 @@ for round in $(seq 1 "$ROUNDS"); do
       start_proxy "$target"
       [ -n "$PROXY_PID" ] && before=$(cpu_ticks "$PROXY_PID") || before=0
       log "round $round  $scenario  $target"
-      # shellcheck disable=SC2046
-      if ! report=$(timeout 300 $PIN_LOAD "$LOADTEST" run --target "$(target_addr "$target")" \
-                      $(scenario_args "$scenario") --json 2>>"$WORK/load.log"); then
+      case "$scenario" in
+        # h2load takes one address: direct is the first backend.
+        h2load-*) load() { run_h2load "$(target_addr "$target" | cut -d, -f1)" "$scenario" 2>>"$WORK/load.log"; } ;;
+        # shellcheck disable=SC2046
+        *) load() { timeout 300 $PIN_LOAD "$LOADTEST" run --target "$(target_addr "$target")" \
+                      $(scenario_args "$scenario") --json 2>>"$WORK/load.log"; } ;;
+      esac
+      if ! report=$(load); then
         log "load failed for $target $scenario:"; tail -5 "$WORK/load.log" >&2; tail -5 "$WORK/proxy.log" >&2 || true
         exit 1
       fi
@@ -140,14 +198,14 @@ for s in scenarios:
             p99=med([r["report"]["p99_ms"] for r in rs]),
             cpu=med([r["cpu_us"] / r["report"]["calls"] if r["cpu_us"] is not None and r["report"]["calls"] else None for r in rs]),
             rss=med([r["rss_kib"] / 1024 if r["rss_kib"] else None for r in rs]),
-            share=med([r["report"]["backends"].get("b1", 0) / max(1, sum(r["report"]["backends"].values())) for r in rs]),
+            share=med([r["report"]["backends"].get("b1", 0) / max(1, sum(r["report"]["backends"].values())) if r["report"]["backends"] else None for r in rs]),
             errors=sum(r["report"]["errors"] for r in rs),
         )
     d = row.get("direct"); h = row.get("haproxy")
     for t, v in row.items():
         f = lambda x, p=2: "–" if x is None else f"{x:,.{p}f}"
-        add50 = None if d is None or t == "direct" else v["p50"] - d["p50"]
-        add99 = None if d is None or t == "direct" else v["p99"] - d["p99"]
+        add50 = None if d is None or t == "direct" or v["p50"] is None else v["p50"] - d["p50"]
+        add99 = None if d is None or t == "direct" or v["p99"] is None else v["p99"] - d["p99"]
         ratio = None if h is None or v["cpu"] is None or h["cpu"] is None else v["cpu"] / h["cpu"]
         print(f"| {s} | {t} | {f(v['rps'],0)} | {f(v['p50'],3)} | {f(v['p99'],3)} | {f(add50,3)} | {f(add99,3)} | {f(v['cpu'],1)} | {f(ratio)} | {f(v['rss'],1)} | {f(v['share'])} | {v['errors']} |")
 if bad:
@@ -155,6 +213,7 @@ if bad:
     sys.exit(3)
 # Through a proxy, round robin over two backends: each must get about half.
 lopsided = [r for r in runs if r["target"] != "direct" and r["scenario"] != "idle10k"
+            and not r["scenario"].startswith("h2load-")
             and not 0.3 <= r["report"]["backends"].get("b1", 0) / max(1, sum(r["report"]["backends"].values())) <= 0.7]
 if lopsided:
     print(f"\nLOPSIDED share in {len(lopsided)} runs", file=sys.stderr)
@@ -179,7 +238,8 @@ if [ "$SMOKE" != 1 ]; then
     echo "Medians over rounds. The proxy is pinned to core 1, the client and backends to core 0; +p50/+p99"
     echo "are what the proxy adds over direct (direct spreads connections over both backends, so its"
     echo "1-connection scenarios use one backend). idle10k holds 10,000 silent server streams for 5 s;"
-    echo "its column of interest is peak RSS."
+    echo "its column of interest is peak RSS. h2load-* rows are the small-call scenarios driven by h2load"
+    echo "(direct: to one backend); h2load measures no percentiles, so those rows show none."
     echo
     cat "$SUMMARY"
   } >"$WORK/section.md"
