@@ -21,8 +21,8 @@ use crate::sync::lock;
 
 /// Reads per poll before the task yields to others (it wakes itself to go on).
 const READS_PER_POLL: usize = 16;
-/// The read buffer grows by this much at a time.
-const READ_CHUNK: usize = 32 * 1024;
+/// The read buffer grows by this much at a time: one full frame and its header.
+const READ_CHUNK: usize = 16 * 1024 + 9;
 /// The largest header block (HEADERS plus CONTINUATIONs) a backend may send.
 const MAX_HEADER_BLOCK: usize = 1 << 20;
 /// The most buffers one `writev` takes.

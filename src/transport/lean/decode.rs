@@ -55,7 +55,10 @@ impl Decoder {
             self.recent.clear();
         }
         let bytes = reusable.then(|| Bytes::copy_from_slice(block));
-        let decoded = decode(&mut self.hpack, block)?;
+        // Decoded values are slices of the block they came from, and the table keeps some:
+        // a copy of its own keeps them from pinning the connection's whole read buffer.
+        let mut own = BytesMut::from(&block[..]);
+        let decoded = decode(&mut self.hpack, &mut own)?;
         if let Some(bytes) = bytes {
             if self.recent.len() == RECENT {
                 self.recent.remove(0);
@@ -122,10 +125,16 @@ mod tests {
         let first = decode_bytes(&mut decoder, &reference);
         assert_eq!(first.status, Some(http::StatusCode::OK));
         assert_eq!(first.headers["x-answer"], "first");
-        assert_eq!(decode_bytes(&mut decoder, &reference).headers["x-answer"], "first");
+        assert_eq!(
+            decode_bytes(&mut decoder, &reference).headers["x-answer"],
+            "first"
+        );
         // A new entry takes index 62: the same bytes now name it.
         decode_bytes(&mut decoder, &indexed_literal("x-answer", "second"));
-        assert_eq!(decode_bytes(&mut decoder, &reference).headers["x-answer"], "second");
+        assert_eq!(
+            decode_bytes(&mut decoder, &reference).headers["x-answer"],
+            "second"
+        );
     }
 
     #[test]
@@ -136,6 +145,9 @@ mod tests {
         assert!(decode_bytes(&mut decoder, &late_status).malformed);
         let connection = [&[0x88][..], &indexed_literal("connection", "close")].concat();
         assert!(decode_bytes(&mut decoder, &connection).malformed);
-        assert!(decoder.decode(&mut BytesMut::from(&[0x80][..])).is_none(), "index 0");
+        assert!(
+            decoder.decode(&mut BytesMut::from(&[0x80][..])).is_none(),
+            "index 0"
+        );
     }
 }

@@ -167,7 +167,9 @@ impl Future for ResponseFuture {
         if let Some(parts) = entry.response.take() {
             drop(state);
             return match this.0.take() {
-                Some(stream) => Poll::Ready(Ok(Response::from_parts(parts, RecvStream { stream }))),
+                Some(stream) => {
+                    Poll::Ready(Ok(Response::from_parts(*parts, RecvStream { stream })))
+                }
                 None => Poll::Pending,
             };
         }
@@ -217,7 +219,7 @@ impl RecvStream {
             return Poll::Ready(Ok(None));
         };
         if let Some(trailers) = entry.trailers.take() {
-            return Poll::Ready(Ok(Some(trailers)));
+            return Poll::Ready(Ok(Some(*trailers)));
         }
         if entry.recv_ended {
             return Poll::Ready(Ok(None));

@@ -39,7 +39,12 @@ impl Failure {
             Failure::RemoteGoAway(reason) => proxying::remote_go_away(reason),
             Failure::LocalGoAway(reason) => proxying::library_go_away(reason),
             Failure::Io(kind) => {
-                proxying::io(std::io::Error::new(kind, "the backend connection closed"))
+                let what = match kind {
+                    std::io::ErrorKind::UnexpectedEof => "the backend closed the connection",
+                    std::io::ErrorKind::BrokenPipe => "the connection to the backend was closed",
+                    _ => "the connection to the backend failed",
+                };
+                proxying::io(std::io::Error::new(kind, what))
             }
         }
     }
@@ -65,13 +70,15 @@ pub struct Stream {
     recv_window: i64,
     /// Bytes the caller has consumed and we have not yet given back in a WINDOW_UPDATE.
     unreleased: i64,
-    pub response: Option<http::response::Parts>,
+    /// The response head, until its future takes it. Boxed, like `trailers`: held only
+    /// briefly, and a held stream (a long server stream) should not carry their size.
+    pub response: Option<Box<http::response::Parts>>,
     got_headers: bool,
     pub data: VecDeque<Bytes>,
     /// Bytes received and not yet released by the caller (queued in `data`, or taken and
     /// not yet forwarded): given back to the connection window when the stream goes.
     pub unreleased_data: usize,
-    pub trailers: Option<HeaderMap>,
+    pub trailers: Option<Box<HeaderMap>>,
     /// END_STREAM came from the backend (on DATA or trailers).
     pub recv_ended: bool,
     /// We sent END_STREAM.
@@ -248,6 +255,12 @@ impl State {
         }
     }
 
+    /// Skips ahead to stream id `id`, for a test of what happens when ids run out.
+    #[cfg(test)]
+    pub fn skip_to_id(&mut self, id: u32) {
+        self.next_id = id;
+    }
+
     pub fn max_frame(&self) -> usize {
         self.local.max_frame_size as usize
     }
@@ -291,6 +304,9 @@ impl State {
         }
         let id = self.next_id;
         if id > MAX_WINDOW as u32 {
+            // Stream ids are used up (2^30 streams): no new stream here, and the connection
+            // closes once its last stream ends, as after a GOAWAY.
+            self.going_away.get_or_insert((id - 2, Reason::NO_ERROR));
             return Err(Failure::LocalGoAway(Reason::NO_ERROR).error(0));
         }
         self.next_id += 2;
@@ -648,7 +664,7 @@ impl State {
             _ if malformed => Some(Reason::PROTOCOL_ERROR),
             // Trailers: no status, and they end the stream.
             (true, None) if end_stream => {
-                stream.trailers = Some(headers);
+                stream.trailers = Some(Box::new(headers));
                 None
             }
             (true, _) => Some(Reason::PROTOCOL_ERROR),
@@ -660,7 +676,7 @@ impl State {
                 let mut response = http::Response::new(());
                 *response.status_mut() = status;
                 *response.headers_mut() = headers;
-                stream.response = Some(response.into_parts().0);
+                stream.response = Some(Box::new(response.into_parts().0));
                 stream.got_headers = true;
                 None
             }

@@ -324,3 +324,22 @@ async fn pings_and_settings_are_acknowledged_and_a_dropped_stream_is_cancelled()
         Reason::CANCEL
     );
 }
+
+#[tokio::test]
+async fn a_connection_whose_stream_ids_ran_out_takes_no_new_stream() {
+    let (listener, addr) = raw_server().await;
+    let mut sender = connect(&addr).await;
+    let _raw = Raw::accept(&listener).await;
+    lock(&sender.inner.shared.state).skip_to_id((1 << 31) - 1);
+    let (_last, _send) = sender.send_request(&request(), &[], true).unwrap();
+    assert!(!sender.is_closed());
+    let error = sender.send_request(&request(), &[], true).unwrap_err();
+    assert!(error.is_go_away() && !error.is_remote(), "{error:?}");
+    assert!(sender.is_closed(), "the pool lends it no more");
+}
+
+/// A held stream (a long server stream) keeps its state for hours: it stays small.
+#[test]
+fn a_stream_holds_little() {
+    assert!(std::mem::size_of::<super::state::Stream>() <= 160);
+}

@@ -130,6 +130,7 @@ pub mod frame;
 
 pub mod client;
 pub mod ext;
+// sluice fork: the HPACK decoder and error constructors for sluice's own client leg.
 pub mod proxying;
 pub mod server;
 mod share;
