@@ -59,8 +59,11 @@ fn int_bytes(buf: &mut [u8; 8], flags: u8, n: u32, mut value: usize) -> usize {
 
 fn put_int(out: &mut BytesMut, flags: u8, n: u32, value: usize) {
     let mut buf = [0; 8];
-    let len = int_bytes(&mut buf, flags, n, value);
-    out.extend_from_slice(&buf[..len]);
+    match int_bytes(&mut buf, flags, n, value) {
+        // Almost always: one byte, written in place rather than by a `memcpy` call.
+        1 => out.put_u8(buf[0]),
+        len => out.extend_from_slice(&buf[..len]),
+    }
 }
 
 /// A string literal, not Huffman-coded.
