@@ -11,7 +11,8 @@
 //!   step. [`overrides`]: the operator's runtime overrides (drains, weights, splits).
 //! - [`telemetry`]: counters and histograms, the `/metrics` exporter, the access log, trace ids,
 //!   and each call's spans, exported over OTLP.
-//! - [`transport`]: upstream HTTP/2 connections per backend (pool, write coalescing, settings).
+//! - [`transport`]: upstream HTTP/2 connections per backend (pool, sluice's own HTTP/2 client for
+//!   that leg, write coalescing, settings).
 //! - [`balance`]: clusters, a backend's load and state, the pick algorithms, the retry budget.
 //! - [`discovery`]: sources that push backend sets into clusters: static lists, etcd watches.
 //! - [`health`]: active grpc.health.v1 checks that take failing backends out of rotation.

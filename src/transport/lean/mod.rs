@@ -14,6 +14,7 @@ mod conn;
 mod decode;
 mod frame;
 mod hpack;
+mod output;
 mod state;
 #[cfg(test)]
 mod tests;

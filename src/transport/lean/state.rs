@@ -5,7 +5,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io::IoSlice;
 use std::task::Waker;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -13,6 +12,7 @@ use h2::{proxying, Reason};
 use http::HeaderMap;
 
 use super::frame::{self, DEFAULT_WINDOW, MAX_WINDOW};
+use super::output::Output;
 
 /// Why a stream (or the whole connection) failed. Kept as a value, because `h2::Error` is not
 /// `Clone` and every poll after the failure must report it again.
@@ -105,72 +105,6 @@ impl Hasher for IdHasher {
     }
     fn write_u32(&mut self, id: u32) {
         self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-/// Bytes to write, in order: frame headers and small payloads in `pending`, large DATA
-/// payloads as their own `Bytes` (no copy), each behind the bytes that precede it.
-#[derive(Debug, Default)]
-pub struct Output {
-    chunks: VecDeque<Bytes>,
-    pending: BytesMut,
-}
-
-/// A DATA payload up to this size is copied behind its frame header: one iovec instead of
-/// two, for less than the cost of tracking a second buffer.
-const COPY_BELOW: usize = 1024;
-
-impl Output {
-    pub fn buf(&mut self) -> &mut BytesMut {
-        &mut self.pending
-    }
-
-    fn push_payload(&mut self, payload: Bytes) {
-        if payload.len() < COPY_BELOW {
-            self.pending.put_slice(&payload);
-            return;
-        }
-        if !self.pending.is_empty() {
-            self.chunks.push_back(self.pending.split().freeze());
-        }
-        self.chunks.push_back(payload);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty() && self.pending.is_empty()
-    }
-
-    /// Fills `slices` with what is queued, in order; returns how many.
-    pub fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
-        let mut n = 0;
-        for chunk in &self.chunks {
-            if n == slices.len() {
-                return n;
-            }
-            slices[n] = IoSlice::new(chunk);
-            n += 1;
-        }
-        if n < slices.len() && !self.pending.is_empty() {
-            slices[n] = IoSlice::new(&self.pending);
-            n += 1;
-        }
-        n
-    }
-
-    /// `written` bytes went out.
-    pub fn advance(&mut self, mut written: usize) {
-        while written > 0 {
-            let Some(front) = self.chunks.front_mut() else {
-                self.pending.advance(written);
-                return;
-            };
-            if front.len() > written {
-                front.advance(written);
-                return;
-            }
-            written -= front.len();
-            self.chunks.pop_front();
-        }
     }
 }
 
