@@ -47,8 +47,8 @@ pub fn send_request(
     }
 }
 
-/// Where a pipe (`proxy::forward`) reads: a stream's DATA and trailers, with receive flow control. The client's
-/// request body (h2) or the backend's response body (the upstream leg).
+/// Where a pipe (`proxy::forward`) reads: a stream's DATA and trailers, with receive flow
+/// control. The client's request body (h2) or the backend's response body (the upstream leg).
 pub trait Source {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, h2::Error>>>;
     fn poll_trailers(&mut self, cx: &mut Context<'_>)
