@@ -69,29 +69,25 @@ pub(super) struct Connection {
     /// Set by the driver task when the connection ended, or by a caller that saw it fail.
     pub(super) closed: AtomicBool,
     /// A second handle on the socket (a dup), to look for the peer's FIN or RST before an idle
-    /// connection is lent: the driver task may not have run since the peer closed it. The
-    /// lean leg needs none: its state knows.
-    #[cfg(not(feature = "lean-upstream"))]
+    /// connection is lent: the driver task may not have run since the peer closed it.
     probe: std::net::TcpStream,
 }
 
 impl Connection {
-    /// True when the peer closed the connection: known to the lean leg's state without a
-    /// system call. The lean leg's task reads the FIN as soon as the runtime sees it, before
-    /// any call spawned after that; a FIN that arrives while the runtime is busy can still be
-    /// missed, and the call that lands on it is lost at once, which `retry.on_lost_connection`
-    /// retries (docs/architecture.md, "An HTTP/2 path built for proxying").
-    #[cfg(feature = "lean-upstream")]
-    fn peer_closed(&self) -> bool {
-        self.sender.is_closed()
-    }
-
     /// True when the peer has shut the socket (FIN or RST), even with bytes still unread
-    /// before it. One `poll` with a zero timeout, taken only when lending a connection that
-    /// had no stream in flight, so a busy connection pays nothing.
-    #[cfg(not(feature = "lean-upstream"))]
+    /// before it. The lean leg's state knows once its task has read the FIN; otherwise one
+    /// `poll` with a zero timeout, taken only when lending a connection that had no stream in
+    /// flight, so a busy connection pays nothing. Without the `poll`, a call could land on a
+    /// connection whose FIN the runtime had not seen yet: it is then lost and retried, but the
+    /// loss counts against the backend, and with the failed connects of a restart it can eject
+    /// the backend for `base_ejection_time` (docs/architecture.md, "An HTTP/2 path built for
+    /// proxying").
     fn peer_closed(&self) -> bool {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        #[cfg(feature = "lean-upstream")]
+        if self.sender.is_closed() {
+            return true;
+        }
         let gone = PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR;
         let mut probe = [PollFd::new(&self.probe, gone)];
         match poll(&mut probe, Some(&Timespec::default())) {
@@ -207,7 +203,6 @@ impl Pool {
             lends: Arc::clone(&lends),
             max_streams: AtomicUsize::new(STREAMS_PER_CONNECTION_CAP),
             closed: AtomicBool::new(false),
-            #[cfg(not(feature = "lean-upstream"))]
             probe: connected.probe,
         });
         // The driver holds the connection weakly: once the pool and every lent slot let go
@@ -284,7 +279,6 @@ struct Connected {
     sender: Sender,
     upstream: Upstream,
     streams: Arc<AtomicUsize>,
-    #[cfg(not(feature = "lean-upstream"))]
     probe: std::net::TcpStream,
 }
 
@@ -300,7 +294,6 @@ async fn connect(
     let tcp = TcpStream::connect(addr).await.map_err(refused)?;
     // Small frames (HEADERS, WINDOW_UPDATE) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
-    #[cfg(not(feature = "lean-upstream"))]
     let probe = std::os::fd::AsFd::as_fd(&tcp)
         .try_clone_to_owned()
         .map_err(refused)?;
@@ -328,7 +321,6 @@ async fn connect(
         sender,
         upstream,
         streams,
-        #[cfg(not(feature = "lean-upstream"))]
         probe: probe.into(),
     })
 }
@@ -399,9 +391,7 @@ mod tests {
     }
 
     /// One thread, and no await between the peer's close and the next acquire: the
-    /// connection's driver task cannot have read the EOF, only the probe can see it. (The
-    /// lean leg has no probe: the test below is its version.)
-    #[cfg(not(feature = "lean-upstream"))]
+    /// connection's driver task cannot have read the EOF, only the probe can see it.
     #[tokio::test(flavor = "current_thread")]
     async fn a_connection_the_peer_closed_is_not_lent_again() {
         let (addr, mut connections) = server().await;
@@ -420,30 +410,6 @@ mod tests {
             connections.recv().await.is_some(),
             "a second connection was opened"
         );
-    }
-
-    /// The lean leg: once the runtime has run the connection's task after the peer's close,
-    /// the connection is not lent; its state says so (`peer_closed`) without a system call.
-    #[cfg(feature = "lean-upstream")]
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_connection_the_peer_closed_is_not_lent_once_its_task_saw_the_close() {
-        let (addr, mut connections) = server().await;
-        let pool = Pool::new();
-        let (policy, settings) = (policy(), H2Settings::default());
-        let (_, slot) = pool.acquire(&addr, &policy, &settings).await.unwrap();
-        let first = Arc::clone(&slot.connection);
-        let peer = connections.recv().await.unwrap();
-        drop(slot);
-        assert!(!first.peer_closed());
-        drop(peer);
-        // Bounded: the close reaches the task within a few turns of the scheduler.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !first.peer_closed() && tokio::time::Instant::now() < deadline {
-            tokio::task::yield_now().await;
-        }
-        assert!(first.peer_closed(), "the connection's task saw the close");
-        let (_, slot) = pool.acquire(&addr, &policy, &settings).await.unwrap();
-        assert!(!Arc::ptr_eq(&first, &slot.connection));
     }
 
     #[tokio::test(flavor = "current_thread")]
